@@ -1,0 +1,334 @@
+//! The gRPC surface: the only code that touches tonic and prost types. Each handler decodes the
+//! request into domain types, calls the [`Broker`], and maps errors with [`crate::error::to_status`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::broker::{self, Broker};
+use crate::error::to_status;
+use crate::model::{self, CredentialRecord, SpiffeId, Task, UnixMillis};
+
+/// Generated protobuf and gRPC code for `jitbroker.v1`.
+pub mod pb {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("jitbroker.v1");
+
+    /// Descriptor set for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("jitbroker_descriptor");
+}
+
+/// What the transport learnt about the caller: set by the TLS acceptor for each connection.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    /// The SPIFFE ID of the verified client certificate, if one was presented.
+    pub spiffe_id: Option<SpiffeId>,
+    pub remote_addr: Option<SocketAddr>,
+}
+
+/// Static facts for `Admin.Status`.
+#[derive(Clone, Debug)]
+pub struct ServerFacts {
+    pub version: &'static str,
+    pub trust_domain: String,
+    pub identity_source: &'static str,
+    pub started_at: UnixMillis,
+    pub identity: Option<crate::identity::Identity>,
+}
+
+fn ts(ms: UnixMillis) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+/// The caller's verified SPIFFE ID, or `UNAUTHENTICATED`.
+fn caller<T>(req: &Request<T>, metrics: &crate::telemetry::Metrics) -> Result<SpiffeId, Status> {
+    match req.extensions().get::<PeerInfo>() {
+        Some(PeerInfo {
+            spiffe_id: Some(id),
+            ..
+        }) => Ok(id.clone()),
+        other => {
+            metrics.auth_failure();
+            let addr = other.and_then(|p| p.remote_addr);
+            tracing::warn!(event = "authentication_failed", remote = ?addr, reason = "no X.509-SVID on the connection");
+            Err(Status::unauthenticated(
+                "no verified SPIFFE identity: connect with mTLS using an X.509-SVID",
+            ))
+        }
+    }
+}
+
+fn decision(d: model::Decision) -> i32 {
+    (match d {
+        model::Decision::Allowed => pb::Decision::Allowed,
+        model::Decision::NeedsApproval => pb::Decision::NeedsApproval,
+        model::Decision::Denied => pb::Decision::Denied,
+    }) as i32
+}
+
+fn task_state(s: model::TaskState) -> i32 {
+    (match s {
+        model::TaskState::Active => pb::TaskState::Active,
+        model::TaskState::Completed => pb::TaskState::Completed,
+        model::TaskState::Expired => pb::TaskState::Expired,
+        model::TaskState::Revoked => pb::TaskState::Revoked,
+    }) as i32
+}
+
+fn task_pb(t: Task, now: UnixMillis) -> pb::Task {
+    let state = task_state(t.effective_state(now));
+    pb::Task {
+        task_id: t.id.to_string(),
+        spiffe_id: t.owner.to_string(),
+        purpose: t.purpose,
+        grants: t
+            .grants
+            .into_iter()
+            .map(|g| pb::GrantDecision {
+                grant: Some(pb::Grant {
+                    resource: g.grant.resource,
+                    action: g.grant.action,
+                }),
+                decision: decision(g.decision),
+                reason: g.reason,
+                approval_id: g.approval_id.map(|a| a.to_string()).unwrap_or_default(),
+            })
+            .collect(),
+        labels: t.labels.into_iter().collect(),
+        state,
+        created_at: Some(ts(t.created_at)),
+        expires_at: Some(ts(t.expires_at)),
+        parent_task_id: t.parent.map(|p| p.to_string()).unwrap_or_default(),
+        delegation_chain: t.delegation_chain.into_iter().map(String::from).collect(),
+    }
+}
+
+fn credential_pb(r: CredentialRecord, secret: &model::Secret) -> pb::Credential {
+    pb::Credential {
+        credential_id: r.id.to_string(),
+        task_id: r.task_id.to_string(),
+        resource: r.resource,
+        action: r.action,
+        kind: r.kind,
+        secret: secret.expose().to_owned(),
+        issued_at: Some(ts(r.issued_at)),
+        expires_at: Some(ts(r.expires_at)),
+        attributes: r.attributes.into_iter().collect(),
+    }
+}
+
+fn grants(v: Vec<pb::Grant>) -> Vec<model::Grant> {
+    v.into_iter()
+        .map(|g| model::Grant {
+            resource: g.resource,
+            action: g.action,
+        })
+        .collect()
+}
+
+/// `jitbroker.v1.Broker`.
+#[derive(Clone)]
+pub struct BrokerApi {
+    pub broker: Arc<Broker>,
+    pub metrics: Arc<crate::telemetry::Metrics>,
+}
+
+#[tonic::async_trait]
+impl pb::broker_server::Broker for BrokerApi {
+    async fn start_task(
+        &self,
+        request: Request<pb::StartTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        let who = caller(&request, &self.metrics)?;
+        let r = request.into_inner();
+        let task = self
+            .broker
+            .start_task(
+                &who,
+                broker::StartTask {
+                    purpose: r.purpose,
+                    grants: grants(r.grants),
+                    ttl_seconds: r.ttl_seconds,
+                    labels: r.labels,
+                    idempotency_key: r.idempotency_key,
+                },
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(task_pb(task, self.broker.now())))
+    }
+
+    async fn issue_credential(
+        &self,
+        request: Request<pb::IssueCredentialRequest>,
+    ) -> Result<Response<pb::Credential>, Status> {
+        let who = caller(&request, &self.metrics)?;
+        let r = request.into_inner();
+        let issued = self
+            .broker
+            .issue_credential(
+                &who,
+                broker::IssueCredential {
+                    task_id: r.task_id,
+                    resource: r.resource,
+                    action: r.action,
+                    ttl_seconds: r.ttl_seconds,
+                    idempotency_key: r.idempotency_key,
+                },
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(credential_pb(issued.record, &issued.secret)))
+    }
+
+    async fn complete_task(
+        &self,
+        request: Request<pb::CompleteTaskRequest>,
+    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        let who = caller(&request, &self.metrics)?;
+        let r = request.into_inner();
+        let done = self
+            .broker
+            .complete_task(&who, &r.task_id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::CompleteTaskResponse {
+            revoked_credential_ids: done
+                .revoked_credentials
+                .into_iter()
+                .map(|c| c.to_string())
+                .collect(),
+            revoked_tasks: done.ended_tasks.into_iter().map(|t| t.to_string()).collect(),
+        }))
+    }
+
+    async fn revoke_credential(
+        &self,
+        request: Request<pb::RevokeCredentialRequest>,
+    ) -> Result<Response<pb::RevokeCredentialResponse>, Status> {
+        let who = caller(&request, &self.metrics)?;
+        let r = request.into_inner();
+        self.broker
+            .revoke_credential(&who, &r.credential_id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::RevokeCredentialResponse {}))
+    }
+
+    async fn delegate_task(
+        &self,
+        request: Request<pb::DelegateTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        let _who = caller(&request, &self.metrics)?;
+        Err(Status::unimplemented(
+            "DelegateTask is not available in this version of the broker",
+        ))
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        let who = caller(&request, &self.metrics)?;
+        let r = request.into_inner();
+        let task = self.broker.get_task(&who, &r.task_id).map_err(to_status)?;
+        Ok(Response::new(task_pb(task, self.broker.now())))
+    }
+}
+
+/// `jitbroker.v1.Verifier`.
+#[derive(Clone)]
+pub struct VerifierApi {
+    pub broker: Arc<Broker>,
+    pub metrics: Arc<crate::telemetry::Metrics>,
+}
+
+#[tonic::async_trait]
+impl pb::verifier_server::Verifier for VerifierApi {
+    async fn introspect(
+        &self,
+        request: Request<pb::IntrospectRequest>,
+    ) -> Result<Response<pb::IntrospectResponse>, Status> {
+        let who = caller(&request, &self.metrics)?;
+        let r = request.into_inner();
+        let found = self
+            .broker
+            .introspect(&who, &r.secret, &r.resource)
+            .map_err(to_status)?;
+        Ok(Response::new(match found {
+            None => pb::IntrospectResponse::default(),
+            Some(i) => pb::IntrospectResponse {
+                active: true,
+                credential_id: i.record.id.to_string(),
+                spiffe_id: i.record.owner.to_string(),
+                task_id: i.record.task_id.to_string(),
+                resource: i.record.resource,
+                action: i.record.action,
+                expires_at: Some(ts(i.record.expires_at)),
+                delegation_chain: i
+                    .record
+                    .delegation_chain
+                    .into_iter()
+                    .map(String::from)
+                    .collect(),
+            },
+        }))
+    }
+
+    async fn get_jwks(
+        &self,
+        request: Request<pb::GetJwksRequest>,
+    ) -> Result<Response<pb::GetJwksResponse>, Status> {
+        let _who = caller(&request, &self.metrics)?;
+        Ok(Response::new(pb::GetJwksResponse {
+            jwks_json: self.broker.jwks_json(),
+        }))
+    }
+}
+
+/// `jitbroker.v1.Admin`.
+#[derive(Clone)]
+pub struct AdminApi {
+    pub broker: Arc<Broker>,
+    pub metrics: Arc<crate::telemetry::Metrics>,
+    pub facts: ServerFacts,
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminApi {
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let who = caller(&request, &self.metrics)?;
+        let s = self.broker.status(&who).map_err(to_status)?;
+        let f = &self.facts;
+        let (own_id, svid_exp) = match &f.identity {
+            Some(i) => (
+                i.own_spiffe_id().unwrap_or_default(),
+                i.svid_not_after().and_then(|t| {
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .ok()
+                        .map(|d| ts(d.as_millis() as i64))
+                }),
+            ),
+            None => (String::new(), None),
+        };
+        Ok(Response::new(pb::StatusResponse {
+            version: f.version.to_owned(),
+            trust_domain: f.trust_domain.clone(),
+            identity_source: f.identity_source.to_owned(),
+            started_at: Some(ts(f.started_at)),
+            active_tasks: s.active_tasks,
+            active_credentials: s.active_credentials,
+            policy_count: s.policy_count as u32,
+            policy_digest: s.policy_digest,
+            spiffe_id: own_id,
+            svid_expires_at: svid_exp,
+        }))
+    }
+}

@@ -1,0 +1,848 @@
+//! The broker's domain logic (DESIGN §1, §8): tasks, credentials, expiry and revocation. It sees
+//! neither tonic nor sled: callers arrive as verified [`SpiffeId`]s, state goes through [`Store`].
+
+pub mod clock;
+pub mod reaper;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use tokio::sync::{Mutex, Notify};
+
+use crate::config::{self, Config, ResourceKind};
+use crate::error::{Error, Result};
+use crate::issuers::jwt::JwtIssuer;
+use crate::issuers::{IssueRequest, Issued, token};
+use crate::model::{
+    CredentialId, CredentialRecord, CredentialState, Decision, Grant, GrantDecision, RevokeReason,
+    Secret, SpiffeId, Task, TaskId, TaskState, UnixMillis, preview,
+};
+use crate::policy::{PolicyEngine, PolicyRequest};
+use crate::store::Store;
+use crate::telemetry::Metrics;
+pub use clock::{Clock, ManualClock, SystemClock};
+
+pub const MAX_PURPOSE_LEN: usize = 1024;
+pub const MAX_GRANTS: usize = 32;
+pub const MAX_LABELS: usize = 32;
+pub const MAX_LABEL_KEY_LEN: usize = 63;
+pub const MAX_LABEL_VALUE_LEN: usize = 256;
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
+pub const MAX_SECRET_LEN: usize = 16 * 1024;
+const LOCK_STRIPES: usize = 64;
+/// JWT signing keys rotate daily.
+const JWT_ROTATE_MS: i64 = 24 * 3600 * 1000;
+
+/// Per-resource settings the broker enforces.
+#[derive(Clone, Debug)]
+pub struct ResourceSpec {
+    pub kind: ResourceKind,
+    pub actions: BTreeSet<String>,
+    pub verifiers: HashSet<SpiffeId>,
+    pub max_ttl_seconds: u64,
+}
+
+/// The limits and roles the broker enforces, taken from [`Config`].
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub resources: BTreeMap<String, ResourceSpec>,
+    pub max_ttl_seconds: u64,
+    pub default_ttl_seconds: u64,
+    pub max_active_tasks_per_identity: u64,
+    pub max_credentials_per_task: u64,
+    pub admin_ids: HashSet<SpiffeId>,
+    pub authorized_trust_domains: HashSet<String>,
+}
+
+impl Limits {
+    pub fn from_config(cfg: &Config) -> Result<Self> {
+        let ids = |field: &str, v: &[String]| -> Result<HashSet<SpiffeId>> {
+            v.iter().map(|s| SpiffeId::parse(field, s)).collect()
+        };
+        let mut resources = BTreeMap::new();
+        for (name, r) in &cfg.resources {
+            resources.insert(
+                name.clone(),
+                ResourceSpec {
+                    kind: r.kind,
+                    actions: r.actions.iter().cloned().collect(),
+                    verifiers: ids("verifiers", &r.verifiers)?,
+                    max_ttl_seconds: r.max_ttl_seconds.unwrap_or(cfg.max_ttl_seconds),
+                },
+            );
+        }
+        Ok(Self {
+            resources,
+            max_ttl_seconds: cfg.max_ttl_seconds,
+            default_ttl_seconds: cfg.default_ttl_seconds,
+            max_active_tasks_per_identity: cfg.max_active_tasks_per_identity,
+            max_credentials_per_task: cfg.max_credentials_per_task,
+            admin_ids: ids("admin_ids", &cfg.admin_ids)?,
+            authorized_trust_domains: cfg
+                .identity
+                .authorized_trust_domains
+                .iter()
+                .cloned()
+                .collect(),
+        })
+    }
+}
+
+/// A `StartTask` request, already decoded from the wire.
+#[derive(Clone, Debug, Default)]
+pub struct StartTask {
+    pub purpose: String,
+    pub grants: Vec<Grant>,
+    pub ttl_seconds: u32,
+    pub labels: HashMap<String, String>,
+    pub idempotency_key: String,
+}
+
+/// An `IssueCredential` request, already decoded from the wire.
+#[derive(Clone, Debug, Default)]
+pub struct IssueCredential {
+    pub task_id: String,
+    pub resource: String,
+    pub action: String,
+    pub ttl_seconds: u32,
+    pub idempotency_key: String,
+}
+
+/// A credential handed to its owner: the record and the secret.
+#[derive(Debug)]
+pub struct IssuedCredential {
+    pub record: CredentialRecord,
+    pub secret: Secret,
+}
+
+/// What `Introspect` tells a verifier about an active credential.
+#[derive(Clone, Debug)]
+pub struct Introspection {
+    pub record: CredentialRecord,
+}
+
+/// What `CompleteTask` ended.
+#[derive(Clone, Debug, Default)]
+pub struct Completed {
+    pub revoked_credentials: Vec<CredentialId>,
+    pub ended_tasks: Vec<TaskId>,
+}
+
+/// Broker-wide figures for `Admin.Status`.
+#[derive(Clone, Debug)]
+pub struct StatusInfo {
+    pub active_tasks: u64,
+    pub active_credentials: u64,
+    pub policy_count: usize,
+    pub policy_digest: String,
+}
+
+pub struct Broker {
+    store: Arc<dyn Store>,
+    policy: Arc<PolicyEngine>,
+    jwt: JwtIssuer,
+    clock: Arc<dyn Clock>,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    /// Serialises changes to one task (issue vs complete) and to one owner's task creation.
+    stripes: Vec<Mutex<()>>,
+    reaper_wake: Notify,
+}
+
+fn stripe_of(key: &str) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() as usize) % LOCK_STRIPES
+}
+
+fn secs_to_ms(s: u64) -> i64 {
+    (s as i64).saturating_mul(1000)
+}
+
+fn state_name(s: TaskState) -> &'static str {
+    match s {
+        TaskState::Active => "ACTIVE",
+        TaskState::Completed => "COMPLETED",
+        TaskState::Expired => "EXPIRED",
+        TaskState::Revoked => "REVOKED",
+    }
+}
+
+impl Broker {
+    pub fn new(
+        store: Arc<dyn Store>,
+        policy: Arc<PolicyEngine>,
+        clock: Arc<dyn Clock>,
+        limits: Limits,
+        jwt_issuer: String,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
+        let jwt = JwtIssuer::load(
+            store.as_ref(),
+            jwt_issuer,
+            JWT_ROTATE_MS,
+            secs_to_ms(limits.max_ttl_seconds),
+            clock.now(),
+        )?;
+        Ok(Self {
+            store,
+            policy,
+            jwt,
+            clock,
+            limits,
+            metrics,
+            stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            reaper_wake: Notify::new(),
+        })
+    }
+
+    pub fn policy(&self) -> &Arc<PolicyEngine> {
+        &self.policy
+    }
+
+    pub fn now(&self) -> UnixMillis {
+        self.clock.now()
+    }
+
+    /// Refuses callers from trust domains the configuration does not authorise. The TLS layer
+    /// checks this too; this keeps the rule where the domain can see it.
+    fn check_caller(&self, caller: &SpiffeId) -> Result<()> {
+        if self
+            .limits
+            .authorized_trust_domains
+            .contains(caller.trust_domain())
+        {
+            Ok(())
+        } else {
+            Err(Error::Unauthenticated(format!(
+                "trust domain {} is not authorised to call this broker",
+                caller.trust_domain()
+            )))
+        }
+    }
+
+    fn resource(&self, field: &str, name: &str) -> Result<&ResourceSpec> {
+        config::check_name(field, name)?;
+        self.limits.resources.get(name).ok_or_else(|| {
+            Error::invalid(
+                field,
+                format!("unknown resource {}", preview(name)),
+            )
+        })
+    }
+
+    fn check_action(&self, field: &str, spec: &ResourceSpec, resource: &str, action: &str) -> Result<()> {
+        config::check_name(field, action)?;
+        if spec.actions.contains(action) {
+            Ok(())
+        } else {
+            Err(Error::invalid(
+                field,
+                format!(
+                    "resource {resource} has no action {} (it has: {})",
+                    preview(action),
+                    spec.actions.iter().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ))
+        }
+    }
+
+    fn check_idempotency_key(key: &str) -> Result<Option<String>> {
+        if key.is_empty() {
+            return Ok(None);
+        }
+        if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+            return Err(Error::invalid(
+                "idempotency_key",
+                format!("is {} bytes; at most {MAX_IDEMPOTENCY_KEY_LEN}", key.len()),
+            ));
+        }
+        if key.chars().any(char::is_control) {
+            return Err(Error::invalid("idempotency_key", "holds control characters"));
+        }
+        Ok(Some(key.to_owned()))
+    }
+
+    fn validate_labels(labels: &HashMap<String, String>) -> Result<BTreeMap<String, String>> {
+        if labels.len() > MAX_LABELS {
+            return Err(Error::invalid(
+                "labels",
+                format!("has {} entries; at most {MAX_LABELS}", labels.len()),
+            ));
+        }
+        let mut out = BTreeMap::new();
+        for (k, v) in labels {
+            let ok_key = !k.is_empty()
+                && k.len() <= MAX_LABEL_KEY_LEN
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+            if !ok_key {
+                return Err(Error::invalid(
+                    "labels",
+                    format!(
+                        "key {} must be 1-{MAX_LABEL_KEY_LEN} of A-Z a-z 0-9 - _ . /",
+                        preview(k)
+                    ),
+                ));
+            }
+            if v.len() > MAX_LABEL_VALUE_LEN || v.chars().any(char::is_control) {
+                return Err(Error::invalid(
+                    "labels",
+                    format!(
+                        "value of {k} must be at most {MAX_LABEL_VALUE_LEN} bytes without control characters"
+                    ),
+                ));
+            }
+            out.insert(k.clone(), v.clone());
+        }
+        Ok(out)
+    }
+
+    fn task_ttl_ms(&self, ttl_seconds: u32) -> Result<i64> {
+        let ttl = u64::from(ttl_seconds);
+        if ttl == 0 {
+            return Ok(secs_to_ms(self.limits.default_ttl_seconds));
+        }
+        if ttl > self.limits.max_ttl_seconds {
+            return Err(Error::invalid(
+                "ttl_seconds",
+                format!(
+                    "{ttl} is above the maximum of {} seconds",
+                    self.limits.max_ttl_seconds
+                ),
+            ));
+        }
+        Ok(secs_to_ms(ttl))
+    }
+
+    fn decide(
+        &self,
+        principal: &SpiffeId,
+        grant: &Grant,
+        task: Option<&Task>,
+        purpose: &str,
+        labels: &BTreeMap<String, String>,
+        requested_ttl_ms: i64,
+        chain: &[SpiffeId],
+    ) -> crate::policy::Verdict {
+        let now = self.now();
+        let v = self.policy.decide(&PolicyRequest {
+            principal,
+            action: &grant.action,
+            resource: &grant.resource,
+            purpose,
+            task_age_seconds: task.map_or(0, |t| (now - t.created_at).max(0) / 1000),
+            requested_ttl_seconds: requested_ttl_ms / 1000,
+            delegation_chain: chain,
+            approved: false,
+            labels,
+            now_unix: now / 1000,
+        });
+        tracing::info!(
+            event = "decision",
+            spiffe_id = %principal,
+            resource = %grant.resource,
+            action = %grant.action,
+            task_id = task.map(|t| t.id.as_str()).unwrap_or(""),
+            decision = ?v.decision,
+            policies = ?v.policy_ids,
+            "policy decision"
+        );
+        self.metrics.decision(v.decision);
+        v
+    }
+
+    /// `Broker.StartTask`.
+    pub async fn start_task(&self, caller: &SpiffeId, req: StartTask) -> Result<Task> {
+        self.check_caller(caller)?;
+        if req.purpose.trim().is_empty() {
+            return Err(Error::invalid("purpose", "is required: say what the task is for"));
+        }
+        if req.purpose.len() > MAX_PURPOSE_LEN {
+            return Err(Error::invalid(
+                "purpose",
+                format!("is {} bytes; at most {MAX_PURPOSE_LEN}", req.purpose.len()),
+            ));
+        }
+        if req.grants.is_empty() {
+            return Err(Error::invalid("grants", "at least one grant is required"));
+        }
+        if req.grants.len() > MAX_GRANTS {
+            return Err(Error::invalid(
+                "grants",
+                format!("has {} entries; at most {MAX_GRANTS}", req.grants.len()),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, g) in req.grants.iter().enumerate() {
+            let spec = self.resource(&format!("grants[{i}].resource"), &g.resource)?;
+            self.check_action(&format!("grants[{i}].action"), spec, &g.resource, &g.action)?;
+            if !seen.insert(g) {
+                return Err(Error::invalid(
+                    format!("grants[{i}]"),
+                    format!("repeats ({}, {})", g.resource, g.action),
+                ));
+            }
+        }
+        let ttl_ms = self.task_ttl_ms(req.ttl_seconds)?;
+        let labels = Self::validate_labels(&req.labels)?;
+        let idem = Self::check_idempotency_key(&req.idempotency_key)?;
+
+        let _guard = self.stripes[stripe_of(caller.as_str())].lock().await;
+        if let Some(key) = &idem
+            && let Some(id) = self.store.task_by_idempotency_key(caller, key)?
+            && let Some(task) = self.store.get_task(&id)?
+        {
+            return Ok(task);
+        }
+        let now = self.now();
+        let live = self
+            .store
+            .tasks_of_identity(caller)?
+            .into_iter()
+            .filter_map(|id| self.store.get_task(&id).transpose())
+            .filter(|t| t.as_ref().map_or(true, |t| t.is_live(now)))
+            .count() as u64;
+        if live >= self.limits.max_active_tasks_per_identity {
+            return Err(Error::ResourceExhausted(format!(
+                "{caller} already has {live} active tasks (limit {}); complete some first",
+                self.limits.max_active_tasks_per_identity
+            )));
+        }
+        let chain = vec![caller.clone()];
+        let grants: Vec<GrantDecision> = req
+            .grants
+            .iter()
+            .map(|g| {
+                let v = self.decide(caller, g, None, &req.purpose, &labels, ttl_ms, &chain);
+                GrantDecision {
+                    grant: g.clone(),
+                    decision: v.decision,
+                    reason: v.reason,
+                    approval_id: None,
+                }
+            })
+            .collect();
+        if grants.iter().all(|g| g.decision == Decision::Denied) {
+            let reasons: Vec<String> = grants
+                .iter()
+                .map(|g| format!("({}, {}): {}", g.grant.resource, g.grant.action, g.reason))
+                .collect();
+            return Err(Error::PermissionDenied(format!(
+                "no grant was allowed: {}",
+                reasons.join("; ")
+            )));
+        }
+        let task = Task {
+            id: TaskId::generate(),
+            owner: caller.clone(),
+            purpose: req.purpose,
+            grants,
+            labels,
+            state: TaskState::Active,
+            created_at: now,
+            expires_at: now + ttl_ms,
+            ended_at: None,
+            parent: None,
+            delegation_chain: chain,
+            idempotency_key: idem,
+        };
+        self.store.create_task(&task)?;
+        self.store.durable().await?;
+        tracing::info!(event = "task_started", task_id = %task.id, spiffe_id = %caller, purpose = %preview(&task.purpose), "task started");
+        Ok(task)
+    }
+
+    /// Loads a task the caller owns; anyone else's reads as unknown (no probing).
+    fn owned_task(&self, caller: &SpiffeId, task_id: &TaskId) -> Result<Task> {
+        match self.store.get_task(task_id)? {
+            Some(t) if &t.owner == caller => Ok(t),
+            _ => Err(Error::NotFound(format!("task {task_id}"))),
+        }
+    }
+
+    /// `Broker.GetTask`.
+    pub fn get_task(&self, caller: &SpiffeId, task_id: &str) -> Result<Task> {
+        self.check_caller(caller)?;
+        let id = TaskId::parse(task_id)?;
+        let mut t = self.owned_task(caller, &id)?;
+        t.state = t.effective_state(self.now());
+        Ok(t)
+    }
+
+    /// `Broker.IssueCredential`.
+    pub async fn issue_credential(
+        &self,
+        caller: &SpiffeId,
+        req: IssueCredential,
+    ) -> Result<IssuedCredential> {
+        self.check_caller(caller)?;
+        let task_id = TaskId::parse(&req.task_id)?;
+        let spec = self.resource("resource", &req.resource)?.clone();
+        self.check_action("action", &spec, &req.resource, &req.action)?;
+        let idem = Self::check_idempotency_key(&req.idempotency_key)?;
+        let res_max = spec.max_ttl_seconds.min(self.limits.max_ttl_seconds);
+        let ttl_s = match u64::from(req.ttl_seconds) {
+            0 => self.limits.default_ttl_seconds.min(res_max),
+            t if t > res_max => {
+                return Err(Error::invalid(
+                    "ttl_seconds",
+                    format!(
+                        "{t} is above the maximum of {res_max} seconds for resource {}",
+                        req.resource
+                    ),
+                ));
+            }
+            t => t,
+        };
+
+        let _guard = self.stripes[stripe_of(task_id.as_str())].lock().await;
+        let task = self.owned_task(caller, &task_id)?;
+        if let Some(key) = &idem
+            && let Some(cid) = self.store.credential_by_idempotency_key(&task_id, key)?
+        {
+            return self.replay(&cid, &req);
+        }
+        let now = self.now();
+        if !task.is_live(now) {
+            return Err(Error::FailedPrecondition(format!(
+                "task {task_id} is {}",
+                state_name(task.effective_state(now))
+            )));
+        }
+        let grant = Grant {
+            resource: req.resource.clone(),
+            action: req.action.clone(),
+        };
+        let Some(granted) = task.grants.iter().find(|g| g.grant == grant) else {
+            return Err(Error::PermissionDenied(format!(
+                "task {task_id} did not ask for ({}, {}) when it started",
+                grant.resource, grant.action
+            )));
+        };
+        match granted.decision {
+            Decision::Allowed => {}
+            Decision::Denied => {
+                return Err(Error::PermissionDenied(format!(
+                    "({}, {}) was denied at task start: {}",
+                    grant.resource, grant.action, granted.reason
+                )));
+            }
+            Decision::NeedsApproval => {
+                return Err(Error::FailedPrecondition(format!(
+                    "({}, {}) needs approval: {}{}",
+                    grant.resource,
+                    grant.action,
+                    granted.reason,
+                    granted
+                        .approval_id
+                        .as_ref()
+                        .map(|a| format!(" approval_id={a}"))
+                        .unwrap_or_default()
+                )));
+            }
+        }
+        // Policy again, now: a reload or the passing of time may have changed the answer.
+        let expires_at = (now + secs_to_ms(ttl_s)).min(task.expires_at);
+        let v = self.decide(
+            caller,
+            &grant,
+            Some(&task),
+            &task.purpose,
+            &task.labels,
+            expires_at - now,
+            &task.delegation_chain,
+        );
+        if v.decision != Decision::Allowed {
+            return Err(Error::PermissionDenied(format!(
+                "({}, {}) is no longer allowed: {}",
+                grant.resource, grant.action, v.reason
+            )));
+        }
+        let issued_count = self.store.credentials_of_task(&task_id)?.len() as u64;
+        if issued_count >= self.limits.max_credentials_per_task {
+            return Err(Error::ResourceExhausted(format!(
+                "task {task_id} already has {issued_count} credentials (limit {})",
+                self.limits.max_credentials_per_task
+            )));
+        }
+        let id = CredentialId::generate();
+        let ireq = IssueRequest {
+            credential_id: &id,
+            task_id: &task_id,
+            owner: caller,
+            resource: &req.resource,
+            action: &req.action,
+            issued_at: now,
+            expires_at,
+            delegation_chain: &task.delegation_chain,
+        };
+        let Issued { secret, attributes } = match spec.kind {
+            ResourceKind::Token => token::issue(),
+            ResourceKind::Jwt => self.jwt.issue(&ireq)?,
+        };
+        let record = CredentialRecord {
+            id,
+            task_id,
+            owner: caller.clone(),
+            resource: req.resource,
+            action: req.action,
+            kind: spec.kind.as_str().to_owned(),
+            issued_at: now,
+            expires_at,
+            state: CredentialState::Active,
+            ended_at: None,
+            end_reason: None,
+            idempotency_key: idem,
+            attributes,
+            delegation_chain: task.delegation_chain.clone(),
+        };
+        self.store.create_credential(&record, &secret)?;
+        self.store.durable().await?;
+        self.metrics.issued(&record.kind);
+        tracing::info!(
+            event = "credential_issued",
+            credential_id = %record.id,
+            task_id = %record.task_id,
+            spiffe_id = %caller,
+            resource = %record.resource,
+            action = %record.action,
+            kind = %record.kind,
+            expires_at = record.expires_at,
+            "credential issued"
+        );
+        Ok(IssuedCredential { record, secret })
+    }
+
+    /// Returns the credential an earlier call with the same idempotency key made.
+    fn replay(&self, id: &CredentialId, req: &IssueCredential) -> Result<IssuedCredential> {
+        let record = self
+            .store
+            .get_credential(id)?
+            .ok_or_else(|| Error::Storage(format!("idempotency key points at missing {id}")))?;
+        if record.resource != req.resource || record.action != req.action {
+            return Err(Error::invalid(
+                "idempotency_key",
+                format!(
+                    "was used for ({}, {}) on this task; use a new key for a different request",
+                    record.resource, record.action
+                ),
+            ));
+        }
+        if !record.is_live(self.now()) {
+            return Err(Error::FailedPrecondition(format!(
+                "credential {id} issued for this idempotency key is no longer active"
+            )));
+        }
+        let secret = self.store.credential_secret(id)?.ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "credential {id} issued for this idempotency key is no longer active"
+            ))
+        })?;
+        Ok(IssuedCredential { record, secret })
+    }
+
+    /// Ends one credential if it is active. Returns whether it changed.
+    fn end_credential(
+        &self,
+        id: &CredentialId,
+        state: CredentialState,
+        reason: RevokeReason,
+        now: UnixMillis,
+    ) -> Result<bool> {
+        let Some(mut rec) = self.store.get_credential(id)? else {
+            return Ok(false);
+        };
+        if rec.state != CredentialState::Active {
+            return Ok(false);
+        }
+        // A credential past its expiry ends as expired, whatever ended it.
+        rec.state = if now >= rec.expires_at {
+            CredentialState::Expired
+        } else {
+            state
+        };
+        rec.ended_at = Some(now);
+        rec.end_reason = Some(if rec.state == CredentialState::Expired {
+            RevokeReason::Expired
+        } else {
+            reason
+        });
+        self.store.update_credential(&rec)?;
+        self.metrics.ended(rec.end_reason.unwrap_or(reason));
+        tracing::info!(
+            event = "credential_ended",
+            credential_id = %rec.id,
+            task_id = %rec.task_id,
+            reason = rec.end_reason.map(RevokeReason::as_str).unwrap_or(""),
+            "credential ended"
+        );
+        Ok(true)
+    }
+
+    /// Ends a task and every credential of it. Caller holds the task's stripe.
+    fn end_task(
+        &self,
+        task: &mut Task,
+        state: TaskState,
+        reason: RevokeReason,
+        now: UnixMillis,
+        out: &mut Completed,
+    ) -> Result<()> {
+        for cid in self.store.credentials_of_task(&task.id)? {
+            if self.end_credential(&cid, CredentialState::Revoked, reason, now)? {
+                out.revoked_credentials.push(cid);
+            }
+        }
+        task.state = state;
+        task.ended_at = Some(now);
+        self.store.update_task(task)?;
+        out.ended_tasks.push(task.id.clone());
+        tracing::info!(event = "task_ended", task_id = %task.id, spiffe_id = %task.owner, reason = reason.as_str(), "task ended");
+        Ok(())
+    }
+
+    /// `Broker.CompleteTask`: revokes every credential of the task. Completing a task that is
+    /// already completed succeeds with nothing to revoke, so retries are safe.
+    pub async fn complete_task(&self, caller: &SpiffeId, task_id: &str) -> Result<Completed> {
+        self.check_caller(caller)?;
+        let id = TaskId::parse(task_id)?;
+        let _guard = self.stripes[stripe_of(id.as_str())].lock().await;
+        let mut task = self.owned_task(caller, &id)?;
+        let now = self.now();
+        let mut out = Completed::default();
+        match task.effective_state(now) {
+            TaskState::Active => {
+                self.end_task(&mut task, TaskState::Completed, RevokeReason::Completed, now, &mut out)?
+            }
+            TaskState::Completed => return Ok(out),
+            TaskState::Expired if task.state == TaskState::Active => {
+                // Past its expiry but not yet reaped: end it now, as expired.
+                self.end_task(&mut task, TaskState::Expired, RevokeReason::Expired, now, &mut out)?;
+                self.store.durable().await?;
+                return Err(Error::FailedPrecondition(format!("task {id} is EXPIRED")));
+            }
+            s => {
+                return Err(Error::FailedPrecondition(format!(
+                    "task {id} is {}",
+                    state_name(s)
+                )));
+            }
+        }
+        self.store.durable().await?;
+        Ok(out)
+    }
+
+    /// `Broker.RevokeCredential`: only the owner of the credential's task may revoke it.
+    pub async fn revoke_credential(&self, caller: &SpiffeId, credential_id: &str) -> Result<()> {
+        self.check_caller(caller)?;
+        let id = CredentialId::parse(credential_id)?;
+        let not_found = || Error::NotFound(format!("credential {id}"));
+        let rec = self.store.get_credential(&id)?.ok_or_else(not_found)?;
+        if &rec.owner != caller {
+            return Err(not_found());
+        }
+        let _guard = self.stripes[stripe_of(rec.task_id.as_str())].lock().await;
+        self.end_credential(&id, CredentialState::Revoked, RevokeReason::Revoked, self.now())?;
+        self.store.durable().await
+    }
+
+    /// `Verifier.Introspect`: only verifiers configured for the resource may ask; unknown,
+    /// revoked, expired and other-resource credentials all read as inactive.
+    pub fn introspect(
+        &self,
+        caller: &SpiffeId,
+        secret: &str,
+        resource: &str,
+    ) -> Result<Option<Introspection>> {
+        self.check_caller(caller)?;
+        config::check_name("resource", resource)?;
+        let allowed = self
+            .limits
+            .resources
+            .get(resource)
+            .is_some_and(|r| r.verifiers.contains(caller));
+        if !allowed {
+            return Err(Error::PermissionDenied(format!(
+                "{caller} is not a verifier of resource {resource}"
+            )));
+        }
+        if secret.is_empty() {
+            return Err(Error::invalid("secret", "is required"));
+        }
+        if secret.len() > MAX_SECRET_LEN {
+            return Err(Error::invalid(
+                "secret",
+                format!("is {} bytes; at most {MAX_SECRET_LEN}", secret.len()),
+            ));
+        }
+        let now = self.now();
+        let Some(id) = self.store.credential_by_secret(secret)? else {
+            return Ok(None);
+        };
+        let Some(record) = self.store.get_credential(&id)? else {
+            return Ok(None);
+        };
+        if record.resource != resource || !record.is_live(now) {
+            return Ok(None);
+        }
+        // Belt and braces: the task must be live too (its end revokes credentials anyway).
+        match self.store.get_task(&record.task_id)? {
+            Some(t) if t.is_live(now) => Ok(Some(Introspection { record })),
+            _ => Ok(None),
+        }
+    }
+
+    /// `Verifier.GetJwks`.
+    pub fn jwks_json(&self) -> String {
+        self.jwt.jwks_json()
+    }
+
+    pub fn is_admin(&self, caller: &SpiffeId) -> bool {
+        self.limits.admin_ids.contains(caller)
+    }
+
+    fn require_admin(&self, caller: &SpiffeId) -> Result<()> {
+        if self.is_admin(caller) {
+            Ok(())
+        } else {
+            Err(Error::PermissionDenied(format!(
+                "{caller} is not an operator of this broker"
+            )))
+        }
+    }
+
+    /// `Admin.Status`.
+    pub fn status(&self, caller: &SpiffeId) -> Result<StatusInfo> {
+        self.require_admin(caller)?;
+        let c = self.store.counts()?;
+        let (policy_count, policy_digest) = self.policy.info();
+        Ok(StatusInfo {
+            active_tasks: c.tasks,
+            active_credentials: c.credentials,
+            policy_count,
+            policy_digest,
+        })
+    }
+
+    /// Wakes the reaper (a new expiry may be earlier than the one it sleeps until).
+    pub fn reaper_wake(&self) -> &Notify {
+        &self.reaper_wake
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub(crate) fn lock_task(&self, id: &TaskId) -> &Mutex<()> {
+        &self.stripes[stripe_of(id.as_str())]
+    }
+
+    pub(crate) fn jwt(&self) -> &JwtIssuer {
+        &self.jwt
+    }
+}
+
+#[cfg(test)]
+mod tests;

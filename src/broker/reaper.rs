@@ -1,0 +1,83 @@
+//! The reaper (DESIGN §8): walks the expiry index and ends what is due. Readers never depend on
+//! it: `Introspect` and `IssueCredential` check expiry themselves, so a lagging reaper only delays
+//! bookkeeping, never makes a dead credential usable.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Broker, Completed};
+use crate::error::Result;
+use crate::model::{CredentialState, RevokeReason, TaskState};
+use crate::store::Expiring;
+
+/// Entries handled per pass, so one pass never holds up the runtime for long.
+const BATCH: usize = 512;
+/// The reaper never sleeps longer than this, so a moved clock or missed wake-up is caught.
+const MAX_SLEEP: Duration = Duration::from_secs(1);
+
+impl Broker {
+    /// Ends everything due now. Returns how many entries it handled.
+    pub async fn reap_due(&self) -> Result<usize> {
+        let mut handled = 0;
+        loop {
+            let now = self.now();
+            let due = self.store.due(now, BATCH)?;
+            if due.is_empty() {
+                break;
+            }
+            let n = due.len();
+            for (at, what) in due {
+                match &what {
+                    Expiring::Credential(id) => {
+                        // Take the task's lock so this does not race a completion of the task.
+                        let task_id = self.store.get_credential(id)?.map(|r| r.task_id);
+                        let _g = match &task_id {
+                            Some(t) => Some(self.lock_task(t).lock().await),
+                            None => None,
+                        };
+                        self.end_credential(id, CredentialState::Expired, RevokeReason::Expired, now)?;
+                    }
+                    Expiring::Task(id) => {
+                        let _g = self.lock_task(id).lock().await;
+                        if let Some(mut task) = self.store.get_task(id)?
+                            && task.state == TaskState::Active
+                        {
+                            let mut out = Completed::default();
+                            self.end_task(&mut task, TaskState::Expired, RevokeReason::Expired, now, &mut out)?;
+                        }
+                    }
+                }
+                self.store.remove_due(at, &what)?;
+            }
+            self.store.durable().await?;
+            handled += n;
+            if n < BATCH {
+                break;
+            }
+        }
+        if self.jwt().rotate_if_due(self.store.as_ref(), self.now())? {
+            self.store.durable().await?;
+        }
+        Ok(handled)
+    }
+
+    /// Runs until `shutdown` resolves.
+    pub async fn run_reaper(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            if let Err(e) = self.reap_due().await {
+                tracing::error!(error = %e, "reaper pass failed; retrying");
+            }
+            let sleep = match self.store.next_due() {
+                Ok(Some(at)) => Duration::from_millis((at - self.now()).clamp(0, 1000) as u64),
+                _ => MAX_SLEEP,
+            }
+            .min(MAX_SLEEP);
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep(sleep) => {}
+                _ = self.reaper_wake().notified() => {}
+            }
+        }
+    }
+}

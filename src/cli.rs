@@ -1,0 +1,296 @@
+//! The command line: `serve`, `dev`, `dev-svid`, `check-config`, `policy validate`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, LogFormat};
+use crate::error::{Error, Result};
+use crate::model::SpiffeId;
+use crate::server::{self, App, Options};
+use crate::store::crypto::{Kek, write_new_private_file};
+
+#[derive(Parser, Debug)]
+#[command(name = "jitbroker", version, about = "SPIFFE-native just-in-time secrets broker for AI agents")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the broker from a configuration file.
+    Serve {
+        #[arg(long, env = "JITBROKER_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run a self-contained development broker: dev CA, KEK, config and policy are created on
+    /// first start in the data directory. Not for production.
+    Dev {
+        #[arg(long, default_value = "jitbroker-dev")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        ops_listen: SocketAddr,
+    },
+    /// Mint an X.509-SVID from the dev CA (for demo agents, tools and operators).
+    DevSvid {
+        #[arg(long, default_value = "jitbroker-dev")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        spiffe_id: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 86_400)]
+        ttl_seconds: u64,
+    },
+    /// Check a configuration file and the policy it names, then exit.
+    CheckConfig {
+        #[arg(long, env = "JITBROKER_CONFIG")]
+        config: PathBuf,
+    },
+    /// Policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Validate a policy file against the schema generated from a configuration.
+    Validate {
+        #[arg(long, env = "JITBROKER_CONFIG")]
+        config: PathBuf,
+        /// Policy file to check instead of the one the configuration names.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+    },
+}
+
+/// Runs the parsed command line. Returns the process exit code.
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve { config } => {
+            let cfg = Config::load(&config)?;
+            crate::telemetry::init_logging(cfg.log_format);
+            serve(cfg, None).await
+        }
+        Command::Dev {
+            data_dir,
+            listen,
+            ops_listen,
+        } => {
+            crate::telemetry::init_logging(LogFormat::Plain);
+            let config_path = prepare_dev(&data_dir)?;
+            let mut cfg = Config::load(&config_path)?;
+            cfg.listen = listen;
+            cfg.ops_listen = ops_listen;
+            serve(cfg, Some(data_dir)).await
+        }
+        Command::DevSvid {
+            data_dir,
+            spiffe_id,
+            out,
+            ttl_seconds,
+        } => {
+            let id = SpiffeId::parse("--spiffe-id", &spiffe_id)?;
+            let td = id.trust_domain().to_owned();
+            let ca = crate::identity::dev::ensure_dev_ca(&data_dir, &td)
+                .map_err(|e| Error::Config(e.to_string()))?;
+            mint_to(&ca, id.as_str(), &out, Duration::from_secs(ttl_seconds))?;
+            println!(
+                "wrote {0}/svid.pem, {0}/svid.key and {0}/bundle.pem for {id}",
+                out.display()
+            );
+            Ok(())
+        }
+        Command::CheckConfig { config } => {
+            let cfg = Config::load(&config)?;
+            let engine = server::load_policy(&cfg)?;
+            let (n, digest) = engine.info();
+            println!(
+                "{}: ok ({} resources, {n} policies, policy sha256 {})",
+                config.display(),
+                cfg.resources.len(),
+                &digest[..16]
+            );
+            Ok(())
+        }
+        Command::Policy {
+            command: PolicyCommand::Validate { config, policy },
+        } => {
+            let mut cfg = Config::load(&config)?;
+            if let Some(p) = policy {
+                cfg.policy_file = p;
+            }
+            let engine = server::load_policy(&cfg)?;
+            println!(
+                "{}: {} policies validate against the schema",
+                cfg.policy_file.display(),
+                engine.info().0
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn serve(cfg: Config, dev_dir: Option<PathBuf>) -> Result<()> {
+    let api = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| Error::Config(format!("cannot listen on {} (API): {e}", cfg.listen)))?;
+    let ops = tokio::net::TcpListener::bind(cfg.ops_listen)
+        .await
+        .map_err(|e| Error::Config(format!("cannot listen on {} (ops): {e}", cfg.ops_listen)))?;
+    let api_addr = api.local_addr().ok();
+    let app = App::build(&cfg, api_addr, Options::default()).await?;
+    tracing::info!(
+        api = %cfg.listen,
+        ops = %cfg.ops_listen,
+        identity = cfg.identity.source.as_str(),
+        spiffe_id = app.identity.own_spiffe_id().unwrap_or_default(),
+        "jitbroker serving"
+    );
+    if let Some(dir) = dev_dir {
+        print_dev_banner(&dir, &cfg);
+    }
+    server::run(api, ops, app, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn mint_to(ca: &crate::identity::dev::DevCa, id: &str, out: &Path, ttl: Duration) -> Result<()> {
+    let svid = ca
+        .mint_svid(id, &[], &[], ttl)
+        .map_err(|e| Error::Config(e.to_string()))?;
+    crate::identity::dev::write_svid(out, &svid).map_err(|e| Error::Config(e.to_string()))
+}
+
+pub const DEV_TRUST_DOMAIN: &str = "jitbroker.dev";
+
+/// The dev policy: any `spiffe://jitbroker.dev/agent/…` may read and write the demo resources.
+pub const DEV_POLICY: &str = r#"// Development policy: any agent of the dev trust domain may read and write the demo resources.
+@id("dev-agents-demo")
+permit(
+  principal,
+  action in [Action::"read", Action::"write"],
+  resource in [Resource::"demo-token", Resource::"demo-jwt"]
+)
+when { principal.spiffe_id like "spiffe://jitbroker.dev/agent/*" };
+"#;
+
+fn dev_config(data_dir: &Path) -> String {
+    let d = data_dir.display();
+    format!(
+        r#"# jitbroker development configuration (created by `jitbroker dev`).
+listen = "127.0.0.1:8443"
+ops_listen = "127.0.0.1:9090"
+data_dir = "{d}"
+kek_file = "{d}/kek"
+policy_file = "{d}/policy.cedar"
+admin_ids = ["spiffe://jitbroker.dev/operator"]
+approver_ids = ["spiffe://jitbroker.dev/approver"]
+max_ttl_seconds = 3600
+default_ttl_seconds = 900
+log_format = "plain"
+
+[identity]
+source = "dev"
+trust_domain = "jitbroker.dev"
+
+[resources.demo-token]
+kind = "token"
+actions = ["read", "write"]
+verifiers = ["spiffe://jitbroker.dev/tool/demo"]
+
+[resources.demo-jwt]
+kind = "jwt"
+actions = ["read", "write"]
+verifiers = ["spiffe://jitbroker.dev/tool/demo"]
+"#
+    )
+}
+
+/// Demo identities minted on every dev start, so the printed example works at once.
+pub const DEV_IDENTITIES: [(&str, &str); 3] = [
+    ("agent", "spiffe://jitbroker.dev/agent/demo"),
+    ("tool", "spiffe://jitbroker.dev/tool/demo"),
+    ("operator", "spiffe://jitbroker.dev/operator"),
+];
+
+/// Creates what a dev broker needs in `data_dir` (never overwriting anything) and returns the
+/// config path.
+pub fn prepare_dev(data_dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(data_dir).map_err(|e| {
+        Error::Config(format!("cannot create {}: {e}", data_dir.display()))
+    })?;
+    let data_dir = data_dir.canonicalize().map_err(|e| {
+        Error::Config(format!("cannot resolve {}: {e}", data_dir.display()))
+    })?;
+    let kek = data_dir.join("kek");
+    if !kek.exists() {
+        Kek::create(&kek)?;
+    }
+    let policy = data_dir.join("policy.cedar");
+    if !policy.exists() {
+        write_new_private_file(&policy, DEV_POLICY.as_bytes())?;
+    }
+    let config = data_dir.join("jitbroker.toml");
+    if !config.exists() {
+        write_new_private_file(&config, dev_config(&data_dir).as_bytes())?;
+    }
+    let ca = crate::identity::dev::ensure_dev_ca(&data_dir, DEV_TRUST_DOMAIN)
+        .map_err(|e| Error::Config(e.to_string()))?;
+    for (name, id) in DEV_IDENTITIES {
+        mint_to(
+            &ca,
+            id,
+            &data_dir.join("dev").join("svids").join(name),
+            Duration::from_secs(86_400),
+        )?;
+    }
+    Ok(config)
+}
+
+fn print_dev_banner(data_dir: &Path, cfg: &Config) {
+    let d = data_dir.display();
+    let port = cfg.listen.port();
+    println!(
+        r#"
+jitbroker dev is running. DEV MODE: the dev CA key is stored in plaintext at {d}/dev/ca.key,
+and anyone who can read it can mint identities. Never use dev mode in production.
+
+Demo SVIDs (24 h) are in {d}/dev/svids/{{agent,tool,operator}}. Start a task as the demo agent:
+
+  grpcurl -cacert {d}/dev/svids/agent/bundle.pem \
+    -cert {d}/dev/svids/agent/svid.pem -key {d}/dev/svids/agent/svid.key \
+    -d '{{"purpose":"summarise ticket 42","grants":[{{"resource":"demo-token","action":"read"}}],"ttl_seconds":600}}' \
+    localhost:{port} jitbroker.v1.Broker/StartTask
+
+Mint more with: jitbroker dev-svid --data-dir {d} --spiffe-id spiffe://jitbroker.dev/agent/NAME --out DIR
+"#
+    );
+}

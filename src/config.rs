@@ -1,0 +1,375 @@
+//! Broker configuration: a TOML file, `JITBROKER_…` environment overrides, secrets by file path.
+//! Unknown keys are an error, so a typo never silently falls back to a default.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::model::SpiffeId;
+
+/// Longest TTL anyone may configure: a day. Credentials here are meant to live for minutes.
+pub const TTL_CEILING_SECONDS: u64 = 86_400;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "default_ops_listen")]
+    pub ops_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub kek_file: PathBuf,
+    pub policy_file: PathBuf,
+    #[serde(default)]
+    pub admin_ids: Vec<String>,
+    #[serde(default)]
+    pub approver_ids: Vec<String>,
+    #[serde(default = "default_max_ttl")]
+    pub max_ttl_seconds: u64,
+    #[serde(default = "default_ttl")]
+    pub default_ttl_seconds: u64,
+    #[serde(default = "default_max_tasks")]
+    pub max_active_tasks_per_identity: u64,
+    #[serde(default = "default_max_creds")]
+    pub max_credentials_per_task: u64,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    #[serde(default)]
+    pub jwt_issuer: Option<String>,
+    pub identity: IdentityConfig,
+    #[serde(default)]
+    pub resources: BTreeMap<String, ResourceConfig>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Plain,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Spire,
+    Files,
+    Dev,
+}
+
+impl SourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Spire => "spire",
+            Self::Files => "files",
+            Self::Dev => "dev",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    pub source: SourceKind,
+    pub trust_domain: String,
+    #[serde(default)]
+    pub authorized_trust_domains: Vec<String>,
+    #[serde(default)]
+    pub workload_api_socket: Option<String>,
+    #[serde(default)]
+    pub jwt_audience: Option<String>,
+    #[serde(default)]
+    pub svid_file: Option<PathBuf>,
+    #[serde(default)]
+    pub svid_key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub bundle_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ResourceKind {
+    Token,
+    Jwt,
+}
+
+impl ResourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Token => "token",
+            Self::Jwt => "jwt",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceConfig {
+    pub kind: ResourceKind,
+    pub actions: Vec<String>,
+    #[serde(default)]
+    pub verifiers: Vec<String>,
+    #[serde(default)]
+    pub max_ttl_seconds: Option<u64>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8443))
+}
+fn default_ops_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+fn default_max_ttl() -> u64 {
+    3600
+}
+fn default_ttl() -> u64 {
+    900
+}
+fn default_max_tasks() -> u64 {
+    100
+}
+fn default_max_creds() -> u64 {
+    64
+}
+
+/// Longest resource or action name accepted anywhere.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// Resource and action names: printable, no white space or quotes, so they are safe in Cedar
+/// entity ids, metrics labels and log lines.
+pub fn check_name(field: &str, s: &str) -> Result<()> {
+    if s.is_empty() {
+        return Err(Error::invalid(field, "is required"));
+    }
+    if s.len() > MAX_NAME_LEN {
+        return Err(Error::invalid(
+            field,
+            format!("is {} bytes; at most {MAX_NAME_LEN}", s.len()),
+        ));
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
+    {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "may hold only A-Z, a-z, 0-9 and - _ . : / (got {})",
+                crate::model::preview(s)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Reads the file, applies environment overrides, validates.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::Config(format!("cannot read config file {}: {e}", path.display()))
+        })?;
+        Self::from_toml(&text, &path.display().to_string(), |k| std::env::var(k).ok())
+    }
+
+    /// Parses config text; `env` looks up `JITBROKER_…` overrides (injected so tests need no
+    /// process environment).
+    pub fn from_toml(
+        text: &str,
+        origin: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self> {
+        let mut cfg: Config = toml::from_str(text)
+            .map_err(|e| Error::Config(format!("{origin}: {}", e.to_string().trim_end())))?;
+        cfg.apply_env(env)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<()> {
+        let addr = |k: &str, v: String| -> Result<SocketAddr> {
+            v.parse()
+                .map_err(|e| Error::Config(format!("{k}={v:?} is not an address: {e}")))
+        };
+        if let Some(v) = env("JITBROKER_LISTEN") {
+            self.listen = addr("JITBROKER_LISTEN", v)?;
+        }
+        if let Some(v) = env("JITBROKER_OPS_LISTEN") {
+            self.ops_listen = addr("JITBROKER_OPS_LISTEN", v)?;
+        }
+        if let Some(v) = env("JITBROKER_DATA_DIR") {
+            self.data_dir = v.into();
+        }
+        if let Some(v) = env("JITBROKER_KEK_FILE") {
+            self.kek_file = v.into();
+        }
+        if let Some(v) = env("JITBROKER_POLICY_FILE") {
+            self.policy_file = v.into();
+        }
+        if let Some(v) = env("JITBROKER_LOG_FORMAT") {
+            self.log_format = match v.as_str() {
+                "json" => LogFormat::Json,
+                "plain" => LogFormat::Plain,
+                _ => {
+                    return Err(Error::Config(format!(
+                        "JITBROKER_LOG_FORMAT={v:?}: expected \"json\" or \"plain\""
+                    )));
+                }
+            };
+        }
+        if let Some(v) = env("JITBROKER_WORKLOAD_API_SOCKET") {
+            self.identity.workload_api_socket = Some(v);
+        }
+        Ok(())
+    }
+
+    fn validate(&mut self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        let td = &self.identity.trust_domain;
+        SpiffeId::parse("identity.trust_domain", &format!("spiffe://{td}"))
+            .map_err(|e| Error::Config(e.to_string()))?;
+        if self.identity.authorized_trust_domains.is_empty() {
+            self.identity.authorized_trust_domains = vec![td.clone()];
+        }
+        for (field, ids) in [
+            ("admin_ids", &self.admin_ids),
+            ("approver_ids", &self.approver_ids),
+        ] {
+            for id in ids {
+                SpiffeId::parse(field, id).map_err(|e| Error::Config(e.to_string()))?;
+            }
+        }
+        if self.max_ttl_seconds == 0 || self.max_ttl_seconds > TTL_CEILING_SECONDS {
+            return bad(format!(
+                "max_ttl_seconds = {} must be between 1 and {TTL_CEILING_SECONDS}",
+                self.max_ttl_seconds
+            ));
+        }
+        if self.default_ttl_seconds == 0 || self.default_ttl_seconds > self.max_ttl_seconds {
+            return bad(format!(
+                "default_ttl_seconds = {} must be between 1 and max_ttl_seconds ({})",
+                self.default_ttl_seconds, self.max_ttl_seconds
+            ));
+        }
+        if self.max_active_tasks_per_identity == 0 || self.max_credentials_per_task == 0 {
+            return bad(
+                "max_active_tasks_per_identity and max_credentials_per_task must be at least 1"
+                    .into(),
+            );
+        }
+        if self.identity.source == SourceKind::Files {
+            for (k, v) in [
+                ("identity.svid_file", &self.identity.svid_file),
+                ("identity.svid_key_file", &self.identity.svid_key_file),
+                ("identity.bundle_file", &self.identity.bundle_file),
+            ] {
+                if v.is_none() {
+                    return bad(format!("{k} is required when identity.source = \"files\""));
+                }
+            }
+        }
+        for (name, r) in &self.resources {
+            check_name("resource name", name)
+                .map_err(|e| Error::Config(format!("[resources.{name}]: {e}")))?;
+            if r.actions.is_empty() {
+                return bad(format!("[resources.{name}] actions must list at least one"));
+            }
+            for a in &r.actions {
+                check_name("action", a)
+                    .map_err(|e| Error::Config(format!("[resources.{name}]: {e}")))?;
+            }
+            for v in &r.verifiers {
+                SpiffeId::parse("verifiers", v)
+                    .map_err(|e| Error::Config(format!("[resources.{name}]: {e}")))?;
+            }
+            if let Some(m) = r.max_ttl_seconds
+                && (m == 0 || m > self.max_ttl_seconds)
+            {
+                return bad(format!(
+                    "[resources.{name}] max_ttl_seconds = {m} must be between 1 and \
+                     max_ttl_seconds ({})",
+                    self.max_ttl_seconds
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The JWT `iss` claim.
+    pub fn jwt_issuer(&self) -> String {
+        self.jwt_issuer
+            .clone()
+            .unwrap_or_else(|| format!("spiffe://{}/jitbroker", self.identity.trust_domain))
+    }
+
+    /// Every action any resource declares (the Cedar schema's action list).
+    pub fn actions(&self) -> Vec<String> {
+        let mut a: Vec<String> = self
+            .resources
+            .values()
+            .flat_map(|r| r.actions.iter().cloned())
+            .collect();
+        a.sort();
+        a.dedup();
+        a
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+data_dir = "/tmp/x"
+kek_file = "/tmp/x/kek"
+policy_file = "/tmp/x/policy.cedar"
+[identity]
+source = "dev"
+trust_domain = "jitbroker.dev"
+[resources.demo-token]
+kind = "token"
+actions = ["read"]
+verifiers = ["spiffe://jitbroker.dev/tool/demo"]
+"#;
+
+    #[test]
+    fn parses_and_defaults() {
+        let c = Config::from_toml(MIN, "t", |_| None).unwrap();
+        assert_eq!(c.identity.authorized_trust_domains, vec!["jitbroker.dev"]);
+        assert_eq!(c.actions(), vec!["read"]);
+        assert_eq!(c.default_ttl_seconds, 900);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = Config::from_toml(&format!("colour = 1\n{MIN}"), "t", |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("colour"), "{err}");
+        let err = Config::from_toml(&MIN.replace("kind =", "knd =\nkind ="), "t", |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("knd"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_and_validation() {
+        let c = Config::from_toml(MIN, "t", |k| {
+            (k == "JITBROKER_POLICY_FILE").then(|| "/etc/p.cedar".to_string())
+        })
+        .unwrap();
+        assert_eq!(c.policy_file, PathBuf::from("/etc/p.cedar"));
+        let err = Config::from_toml(MIN, "t", |k| {
+            (k == "JITBROKER_LISTEN").then(|| "nope".to_string())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("JITBROKER_LISTEN"), "{err}");
+        let err = Config::from_toml(&format!("max_ttl_seconds = 0\n{MIN}"), "t", |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_ttl_seconds"), "{err}");
+    }
+}

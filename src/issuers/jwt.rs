@@ -1,0 +1,229 @@
+//! ES256 JWT credentials (DESIGN §6) and the keys that sign them.
+//!
+//! Signing keys live sealed in the store's `meta` tree and rotate: a new key signs once the current
+//! one is older than the rotation period, and retired keys stay in the JWKS until every JWT they
+//! signed has expired. Offline verifiers cannot see a revocation before `exp`, so `Introspect`
+//! answers for JWTs too.
+
+use std::sync::{Arc, RwLock};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use p256::ecdsa::signature::Signer;
+use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use zeroize::Zeroizing;
+
+use super::{IssueRequest, Issued};
+use crate::error::{Error, Result};
+use crate::model::{Secret, SpiffeId, UnixMillis};
+use crate::store::Store;
+
+const META_KEY: &str = "jwt_signing_keys";
+
+#[derive(Serialize, Deserialize)]
+struct StoredKey {
+    kid: String,
+    created_at: UnixMillis,
+    /// Hex of the private scalar; only ever stored sealed.
+    d: String,
+}
+
+struct Key {
+    kid: String,
+    created_at: UnixMillis,
+    signing: SigningKey,
+}
+
+/// The JWT issuer: signing keys plus the `iss` to stamp.
+pub struct JwtIssuer {
+    issuer: String,
+    rotate_after_ms: i64,
+    /// Retired keys stay published this long (the longest credential TTL).
+    publish_for_ms: i64,
+    keys: RwLock<Arc<Vec<Key>>>,
+}
+
+impl JwtIssuer {
+    /// Loads the signing keys from the store, creating the first one if there is none.
+    pub fn load(
+        store: &dyn Store,
+        issuer: String,
+        rotate_after_ms: i64,
+        publish_for_ms: i64,
+        now: UnixMillis,
+    ) -> Result<Self> {
+        let keys = match store.meta_get_sealed(META_KEY)? {
+            Some(text) => {
+                let stored: Vec<StoredKey> = serde_json::from_str(text.expose())
+                    .map_err(|e| Error::Storage(format!("corrupt JWT key set: {e}")))?;
+                stored
+                    .into_iter()
+                    .map(|k| {
+                        let d = Zeroizing::new(
+                            hex::decode(&k.d)
+                                .map_err(|_| Error::Storage("corrupt JWT key".into()))?,
+                        );
+                        let signing = SigningKey::from_slice(&d)
+                            .map_err(|_| Error::Storage("corrupt JWT key".into()))?;
+                        Ok(Key {
+                            kid: k.kid,
+                            created_at: k.created_at,
+                            signing,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            None => Vec::new(),
+        };
+        let this = Self {
+            issuer,
+            rotate_after_ms,
+            publish_for_ms,
+            keys: RwLock::new(Arc::new(keys)),
+        };
+        this.rotate_if_due(store, now)?;
+        Ok(this)
+    }
+
+    fn current(&self) -> Arc<Vec<Key>> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Adds a new signing key when the newest is older than the rotation period, and drops keys
+    /// that no unexpired JWT can carry any more. Returns whether anything changed (the caller
+    /// makes the change durable).
+    pub fn rotate_if_due(&self, store: &dyn Store, now: UnixMillis) -> Result<bool> {
+        let keys = self.current();
+        let newest = keys.iter().map(|k| k.created_at).max();
+        let need_new = newest.is_none_or(|t| now - t >= self.rotate_after_ms);
+        // A key retired at time R (when its successor was made) signs nothing after R.
+        let mut sorted: Vec<&Key> = keys.iter().collect();
+        sorted.sort_by_key(|k| k.created_at);
+        let mut keep: Vec<Key> = Vec::new();
+        for (i, k) in sorted.iter().enumerate() {
+            let retired_at = sorted.get(i + 1).map(|n| n.created_at);
+            let alive = retired_at.is_none_or(|r| now - r < self.publish_for_ms);
+            if alive {
+                keep.push(Key {
+                    kid: k.kid.clone(),
+                    created_at: k.created_at,
+                    signing: k.signing.clone(),
+                });
+            }
+        }
+        if need_new {
+            let signing = SigningKey::random(&mut rand::rngs::OsRng);
+            let kid = kid_of(signing.verifying_key());
+            keep.push(Key {
+                kid,
+                created_at: now,
+                signing,
+            });
+        }
+        if !need_new && keep.len() == keys.len() {
+            return Ok(false);
+        }
+        let stored: Vec<StoredKey> = keep
+            .iter()
+            .map(|k| StoredKey {
+                kid: k.kid.clone(),
+                created_at: k.created_at,
+                d: hex::encode(k.signing.to_bytes()),
+            })
+            .collect();
+        let text = Secret::new(serde_json::to_string(&stored).map_err(Error::internal)?);
+        store.meta_put_sealed(META_KEY, &text)?;
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keep);
+        Ok(true)
+    }
+
+    /// Signs a credential JWT with the newest key.
+    pub fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued> {
+        let keys = self.current();
+        let key = keys
+            .iter()
+            .max_by_key(|k| k.created_at)
+            .ok_or_else(|| Error::Internal("no JWT signing key".into()))?;
+        let header = json!({"alg": "ES256", "typ": "JWT", "kid": key.kid});
+        let mut claims = json!({
+            "iss": self.issuer,
+            "sub": req.owner.as_str(),
+            "aud": req.resource,
+            "iat": req.issued_at / 1000,
+            "nbf": req.issued_at / 1000,
+            "exp": req.expires_at / 1000,
+            "jti": req.credential_id.as_str(),
+            "scope": req.action,
+            "task_id": req.task_id.as_str(),
+        });
+        if let Some(act) = act_claim(req.delegation_chain) {
+            claims["act"] = act;
+        }
+        let signing_input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let sig: Signature = key.signing.sign(signing_input.as_bytes());
+        let token = format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()));
+        Ok(Issued {
+            secret: Secret::new(token),
+            attributes: [("kid".to_owned(), key.kid.clone())].into(),
+        })
+    }
+
+    /// The public keys as a JSON Web Key Set.
+    pub fn jwks_json(&self) -> String {
+        let keys: Vec<serde_json::Value> = self
+            .current()
+            .iter()
+            .map(|k| {
+                let point = k.signing.verifying_key().to_encoded_point(false);
+                let x = point.x().map(|x| URL_SAFE_NO_PAD.encode(x)).unwrap_or_default();
+                let y = point.y().map(|y| URL_SAFE_NO_PAD.encode(y)).unwrap_or_default();
+                json!({"kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": k.kid, "use": "sig", "alg": "ES256"})
+            })
+            .collect();
+        json!({ "keys": keys }).to_string()
+    }
+}
+
+/// RFC 8693 actor claim: the delegators of the credential's owner, nearest first, nested.
+fn act_claim(chain: &[SpiffeId]) -> Option<serde_json::Value> {
+    // chain = [root owner, …, this owner]; the actors are everyone before the last.
+    let (_, before) = chain.split_last()?;
+    let mut act: Option<serde_json::Value> = None;
+    for id in before.iter() {
+        let mut o = json!({ "sub": id.as_str() });
+        if let Some(inner) = act.take() {
+            o["act"] = inner;
+        }
+        act = Some(o);
+    }
+    act
+}
+
+fn kid_of(vk: &VerifyingKey) -> String {
+    use sha2::{Digest, Sha256};
+    let point = vk.to_encoded_point(false);
+    hex::encode(&Sha256::digest(point.as_bytes())[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn act_claim_nests_nearest_first() {
+        let ids: Vec<SpiffeId> = ["a", "b", "c"]
+            .iter()
+            .map(|p| SpiffeId::parse("x", &format!("spiffe://td/{p}")).unwrap())
+            .collect();
+        assert_eq!(act_claim(&ids[..1]), None);
+        let act = act_claim(&ids).unwrap();
+        assert_eq!(act["sub"], "spiffe://td/b");
+        assert_eq!(act["act"]["sub"], "spiffe://td/a");
+    }
+}

@@ -1,0 +1,45 @@
+//! jitbroker: a SPIFFE-native just-in-time secrets broker for AI agents.
+//!
+//! An agent proves what it is with a SPIFFE SVID, declares a task, and receives credentials scoped
+//! to that task that live for minutes and die when the task ends.
+//!
+//! # Layout
+//!
+//! - [`cli`]: the command line (`serve`, `dev`, `dev-svid`, `check-config`, `policy`).
+//! - [`config`]: the TOML configuration, environment overrides, validation.
+//! - [`error`]: the error type and the one mapping from errors to gRPC status.
+//! - [`server`]: assembles the broker and serves the API (mTLS gRPC) and ops (HTTP) ports.
+//! - [`api`]: the gRPC services; the only code that touches tonic and prost types.
+//! - [`identity`]: where SVIDs come from (SPIRE, files, dev CA) and how TLS uses them.
+//! - [`policy`]: Cedar policies, decided at request time.
+//! - [`broker`]: tasks, credentials, expiry and the reaper; no tonic, no sled.
+//! - [`issuers`]: the credential kinds (opaque tokens, JWTs).
+//! - [`store`]: the storage trait, the sled store, sealing with AES-256-GCM.
+//! - [`telemetry`]: logging and metrics.
+//! - [`model`]: validated identifiers and the records the others share.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod identity;
+pub mod issuers;
+pub mod model;
+pub mod policy;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+
+/// Runs the command line and turns an error into a message and exit code 1.
+pub async fn main_with(cli: cli::Cli) -> std::process::ExitCode {
+    match cli::run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("jitbroker: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! Domain types shared by the broker, the store and the API layer: validated identifiers, tasks,
+//! credentials and the secret type. Nothing here knows about tonic or sled.
+
+use std::fmt;
+
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::error::Error;
+
+/// Longest SPIFFE ID accepted (the SPIFFE spec caps URIs at 2048 bytes).
+pub const MAX_SPIFFE_ID_LEN: usize = 2048;
+
+/// A validated SPIFFE ID (`spiffe://trust-domain/path`).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SpiffeId(String);
+
+impl SpiffeId {
+    /// Parses and validates a SPIFFE ID; `field` names the input in the error.
+    pub fn parse(field: &str, s: &str) -> Result<Self, Error> {
+        let bad = |why: &str| Error::invalid(field, format!("{why} (got {})", preview(s)));
+        if s.len() > MAX_SPIFFE_ID_LEN {
+            return Err(bad("is longer than 2048 bytes"));
+        }
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| bad("must start with spiffe://"))?;
+        let (td, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if td.is_empty() {
+            return Err(bad("has an empty trust domain"));
+        }
+        if !td
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+        {
+            return Err(bad("trust domain may hold only a-z, 0-9, '-', '.', '_'"));
+        }
+        if !path.is_empty() {
+            for seg in path[1..].split('/') {
+                if seg.is_empty() || seg == "." || seg == ".." {
+                    return Err(bad("path has an empty, '.' or '..' segment"));
+                }
+                if !seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+                {
+                    return Err(bad("path may hold only A-Z, a-z, 0-9, '-', '.', '_'"));
+                }
+            }
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        let rest = &self.0["spiffe://".len()..];
+        rest.split('/').next().unwrap_or(rest)
+    }
+
+    pub fn path(&self) -> &str {
+        let rest = &self.0["spiffe://".len()..];
+        rest.find('/').map_or("", |i| &rest[i..])
+    }
+}
+
+impl TryFrom<String> for SpiffeId {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self, Error> {
+        Self::parse("spiffe_id", &s)
+    }
+}
+
+impl From<SpiffeId> for String {
+    fn from(id: SpiffeId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SpiffeId({})", self.0)
+    }
+}
+
+/// Shortens untrusted input for error messages so that a 1 MiB field does not become a 1 MiB error.
+pub fn preview(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.len() <= MAX {
+        return format!("{s:?}");
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &s[..end], s.len())
+}
+
+macro_rules! random_id {
+    ($name:ident, $prefix:literal, $field:literal) => {
+        #[doc = concat!("Random 128-bit identifier, printed as `", $prefix, "` + 32 hex digits.")]
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn generate() -> Self {
+                let mut b = [0u8; 16];
+                rand::rngs::OsRng.fill_bytes(&mut b);
+                Self(format!("{}{}", $prefix, hex::encode(b)))
+            }
+
+            pub fn parse(s: &str) -> Result<Self, Error> {
+                let ok = s.len() == $prefix.len() + 32
+                    && s.starts_with($prefix)
+                    && s[$prefix.len()..]
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+                if ok {
+                    Ok(Self(s.to_owned()))
+                } else if s.is_empty() {
+                    Err(Error::invalid($field, "is required"))
+                } else {
+                    Err(Error::invalid(
+                        $field,
+                        format!(
+                            "must be {}<32 lowercase hex digits> (got {})",
+                            $prefix,
+                            preview(s)
+                        ),
+                    ))
+                }
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = Error;
+            fn try_from(s: String) -> Result<Self, Error> {
+                Self::parse(&s)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+random_id!(TaskId, "tsk_", "task_id");
+random_id!(CredentialId, "crd_", "credential_id");
+random_id!(ApprovalId, "apr_", "approval_id");
+
+/// Secret material. Debug never shows it; the bytes are wiped when dropped.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Zeroizing<String>);
+
+impl Secret {
+    pub fn new(s: String) -> Self {
+        Self(Zeroizing::new(s))
+    }
+
+    /// The plaintext. Callers must not log or persist it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Milliseconds since the Unix epoch: the broker's one time unit.
+pub type UnixMillis = i64;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Grant {
+    pub resource: String,
+    pub action: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Decision {
+    Allowed,
+    NeedsApproval,
+    Denied,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantDecision {
+    pub grant: Grant,
+    pub decision: Decision,
+    pub reason: String,
+    #[serde(default)]
+    pub approval_id: Option<ApprovalId>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskState {
+    Active,
+    Completed,
+    Expired,
+    Revoked,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Task {
+    pub id: TaskId,
+    pub owner: SpiffeId,
+    pub purpose: String,
+    pub grants: Vec<GrantDecision>,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub state: TaskState,
+    pub created_at: UnixMillis,
+    pub expires_at: UnixMillis,
+    #[serde(default)]
+    pub ended_at: Option<UnixMillis>,
+    #[serde(default)]
+    pub parent: Option<TaskId>,
+    /// Owners from the root task down to this one (this task's owner last).
+    #[serde(default)]
+    pub delegation_chain: Vec<SpiffeId>,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+impl Task {
+    /// Active and not past its expiry: the only state in which it may be used.
+    pub fn is_live(&self, now: UnixMillis) -> bool {
+        self.state == TaskState::Active && now < self.expires_at
+    }
+
+    /// The state a reader should see: an active task past its expiry is expired even before the
+    /// reaper has marked it.
+    pub fn effective_state(&self, now: UnixMillis) -> TaskState {
+        if self.state == TaskState::Active && now >= self.expires_at {
+            TaskState::Expired
+        } else {
+            self.state
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CredentialState {
+    Active,
+    Revoked,
+    Expired,
+}
+
+/// Why a credential or task ended; recorded with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RevokeReason {
+    Completed,
+    Expired,
+    Revoked,
+    Admin,
+    Cascade,
+    IdentityRevoked,
+}
+
+impl RevokeReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::Expired => "expired",
+            Self::Revoked => "revoked",
+            Self::Admin => "admin",
+            Self::Cascade => "cascade",
+            Self::IdentityRevoked => "identity-revoked",
+        }
+    }
+}
+
+/// A credential's record. The secret itself is not here: the store keeps it sealed beside the record.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CredentialRecord {
+    pub id: CredentialId,
+    pub task_id: TaskId,
+    pub owner: SpiffeId,
+    pub resource: String,
+    pub action: String,
+    pub kind: String,
+    pub issued_at: UnixMillis,
+    pub expires_at: UnixMillis,
+    pub state: CredentialState,
+    #[serde(default)]
+    pub ended_at: Option<UnixMillis>,
+    #[serde(default)]
+    pub end_reason: Option<RevokeReason>,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// Non-secret attributes returned with the credential (key id, user name…).
+    #[serde(default)]
+    pub attributes: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub delegation_chain: Vec<SpiffeId>,
+}
+
+impl CredentialRecord {
+    pub fn is_live(&self, now: UnixMillis) -> bool {
+        self.state == CredentialState::Active && now < self.expires_at
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spiffe_id_round_trips_and_rejects_bad_input() {
+        let id = SpiffeId::parse("x", "spiffe://example.org/agent/a-1").unwrap();
+        assert_eq!(id.trust_domain(), "example.org");
+        assert_eq!(id.path(), "/agent/a-1");
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(serde_json::from_str::<SpiffeId>(&json).unwrap(), id);
+        for bad in [
+            "",
+            "https://example.org/a",
+            "spiffe:///a",
+            "spiffe://Ex.org/a",
+            "spiffe://example.org//a",
+            "spiffe://example.org/a/../b",
+            "spiffe://example.org/a b",
+        ] {
+            let err = SpiffeId::parse("delegate_spiffe_id", bad).unwrap_err();
+            assert!(err.to_string().contains("delegate_spiffe_id"), "{err}");
+        }
+        assert!(SpiffeId::parse("x", &format!("spiffe://a/{}", "b".repeat(3000))).is_err());
+    }
+
+    #[test]
+    fn random_ids_round_trip() {
+        let t = TaskId::generate();
+        assert_eq!(TaskId::parse(t.as_str()).unwrap(), t);
+        assert!(TaskId::parse("tsk_zz").is_err());
+        assert!(CredentialId::parse(t.as_str()).is_err(), "prefix is checked");
+        let err = TaskId::parse("").unwrap_err().to_string();
+        assert!(err.contains("task_id"), "{err}");
+    }
+
+    #[test]
+    fn secret_debug_is_redacted() {
+        let s = Secret::new("jbt_supersecret".into());
+        assert!(!format!("{s:?}").contains("supersecret"));
+    }
+
+    #[test]
+    fn preview_cuts_long_input() {
+        let long = "é".repeat(10_000);
+        assert!(preview(&long).len() < 200);
+    }
+}

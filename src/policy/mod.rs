@@ -1,0 +1,407 @@
+//! Policy-as-code with Cedar (DESIGN §4): every grant is decided at request time with full context.
+//!
+//! The Cedar schema is generated from the configuration (the resources and the actions they
+//! declare), so policies are validated against exactly what the broker can be asked for. Default
+//! deny; `forbid` wins; a permit annotated `@approval("required")` yields `NeedsApproval` until the
+//! request carries an approval. Policies are named by their `@id("…")` annotation, and those ids
+//! are what callers and the audit trail see.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::{Arc, RwLock};
+
+use cedar_policy::{
+    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityTypeName,
+    EntityUid, PolicyId, PolicySet, Request, RestrictedExpression, Schema, ValidationMode,
+    Validator,
+};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::model::{Decision, SpiffeId};
+
+/// What a decision is about, and the context it is made in.
+#[derive(Clone, Debug)]
+pub struct PolicyRequest<'a> {
+    pub principal: &'a SpiffeId,
+    pub action: &'a str,
+    pub resource: &'a str,
+    pub purpose: &'a str,
+    pub task_age_seconds: i64,
+    pub requested_ttl_seconds: i64,
+    pub delegation_chain: &'a [SpiffeId],
+    pub approved: bool,
+    pub labels: &'a BTreeMap<String, String>,
+    pub now_unix: i64,
+}
+
+/// The outcome of one decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub decision: Decision,
+    /// Ids of the policies that decided (the permits for an allow, the forbids for a deny).
+    pub policy_ids: Vec<String>,
+    /// Human-readable reason naming those ids.
+    pub reason: String,
+}
+
+struct Loaded {
+    schema: Schema,
+    policies: PolicySet,
+    approval_required: HashSet<PolicyId>,
+    digest: String,
+    count: usize,
+}
+
+/// The policy set currently serving; replaced whole on a good reload, kept on a bad one.
+pub struct PolicyEngine {
+    loaded: RwLock<Arc<Loaded>>,
+    resources: BTreeMap<String, String>,
+    actions: Vec<String>,
+    authorizer: Authorizer,
+}
+
+/// The Cedar schema for a set of actions: principals are `Agent`s, resources `Resource`s.
+pub fn schema_text(actions: &[String]) -> String {
+    let mut s = String::from(
+        "entity Agent = { \"spiffe_id\": String, \"trust_domain\": String, \"path\": String };\n\
+         entity Resource = { \"kind\": String };\n\
+         type RequestContext = {\n  \"purpose\": String,\n  \"task_age_seconds\": Long,\n  \
+         \"requested_ttl_seconds\": Long,\n  \"delegation_depth\": Long,\n  \
+         \"delegation_chain\": Set<String>,\n  \"approved\": Bool,\n  \"labels\": Set<String>,\n  \
+         \"now\": Long,\n  \"trust_domain\": String,\n};\n",
+    );
+    if !actions.is_empty() {
+        let names: Vec<String> = actions.iter().map(|a| format!("{a:?}")).collect();
+        s.push_str(&format!(
+            "action {} appliesTo {{ principal: [Agent], resource: [Resource], context: RequestContext }};\n",
+            names.join(", ")
+        ));
+    }
+    s
+}
+
+impl PolicyEngine {
+    /// Builds the engine for the configured resources (`name → kind`) and actions, and loads
+    /// `policy_text`, which must validate against the generated schema.
+    pub fn new(
+        resources: BTreeMap<String, String>,
+        actions: Vec<String>,
+        policy_text: &str,
+        origin: &str,
+    ) -> Result<Self> {
+        let loaded = load(&actions, policy_text, origin)?;
+        Ok(Self {
+            loaded: RwLock::new(Arc::new(loaded)),
+            resources,
+            actions,
+            authorizer: Authorizer::new(),
+        })
+    }
+
+    /// Validates and swaps in a new policy text; on error the serving set is unchanged.
+    pub fn reload(&self, policy_text: &str, origin: &str) -> Result<(usize, String)> {
+        let loaded = load(&self.actions, policy_text, origin)?;
+        let out = (loaded.count, loaded.digest.clone());
+        *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
+        Ok(out)
+    }
+
+    /// Number of policies and SHA-256 digest of the text serving now.
+    pub fn info(&self) -> (usize, String) {
+        let l = self.current();
+        (l.count, l.digest.clone())
+    }
+
+    fn current(&self) -> Arc<Loaded> {
+        self.loaded
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Decides one request. Never fails: anything that keeps Cedar from deciding is a deny that
+    /// says why (fail closed).
+    pub fn decide(&self, req: &PolicyRequest<'_>) -> Verdict {
+        let l = self.current();
+        match self.evaluate(&l, req) {
+            Ok(v) => v,
+            Err(e) => Verdict {
+                decision: Decision::Denied,
+                policy_ids: vec![],
+                reason: format!("policy could not be evaluated: {e}"),
+            },
+        }
+    }
+
+    fn evaluate(&self, l: &Loaded, req: &PolicyRequest<'_>) -> Result<Verdict> {
+        let Some(kind) = self.resources.get(req.resource) else {
+            return Ok(deny_default(req, "the resource is not configured"));
+        };
+        if !self.actions.iter().any(|a| a == req.action) {
+            return Ok(deny_default(req, "the action is not declared by any resource"));
+        }
+        let cerr = |e: &dyn std::fmt::Display| Error::Internal(format!("cedar: {e}"));
+        let agent = uid("Agent", req.principal.as_str())?;
+        let resource = uid("Resource", req.resource)?;
+        let action = uid("Action", req.action)?;
+        let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
+        let principal_entity = Entity::new(
+            agent.clone(),
+            HashMap::from([
+                ("spiffe_id".to_owned(), s(req.principal.as_str())),
+                ("trust_domain".to_owned(), s(req.principal.trust_domain())),
+                ("path".to_owned(), s(req.principal.path())),
+            ]),
+            HashSet::new(),
+        )
+        .map_err(|e| cerr(&e))?;
+        let resource_entity = Entity::new(
+            resource.clone(),
+            HashMap::from([("kind".to_owned(), s(kind))]),
+            HashSet::new(),
+        )
+        .map_err(|e| cerr(&e))?;
+        let entities = Entities::from_entities([principal_entity, resource_entity], Some(&l.schema))
+            .map_err(|e| cerr(&e))?;
+        let chain: Vec<RestrictedExpression> = req
+            .delegation_chain
+            .iter()
+            .map(|id| s(id.as_str()))
+            .collect();
+        let labels: Vec<RestrictedExpression> = req
+            .labels
+            .iter()
+            .map(|(k, v)| s(&format!("{k}={v}")))
+            .collect();
+        let context = Context::from_pairs([
+            ("purpose".to_owned(), s(req.purpose)),
+            (
+                "task_age_seconds".to_owned(),
+                RestrictedExpression::new_long(req.task_age_seconds),
+            ),
+            (
+                "requested_ttl_seconds".to_owned(),
+                RestrictedExpression::new_long(req.requested_ttl_seconds),
+            ),
+            (
+                "delegation_depth".to_owned(),
+                RestrictedExpression::new_long(req.delegation_chain.len().saturating_sub(1) as i64),
+            ),
+            (
+                "delegation_chain".to_owned(),
+                RestrictedExpression::new_set(chain),
+            ),
+            (
+                "approved".to_owned(),
+                RestrictedExpression::new_bool(req.approved),
+            ),
+            ("labels".to_owned(), RestrictedExpression::new_set(labels)),
+            ("now".to_owned(), RestrictedExpression::new_long(req.now_unix)),
+            ("trust_domain".to_owned(), s(req.principal.trust_domain())),
+        ])
+        .map_err(|e| cerr(&e))?;
+        let request = Request::new(agent, action, resource, context, Some(&l.schema))
+            .map_err(|e| cerr(&e))?;
+        let response = self
+            .authorizer
+            .is_authorized(&request, &l.policies, &entities);
+        let diag = response.diagnostics();
+        let mut ids: Vec<String> = diag.reason().map(|p| p.to_string()).collect();
+        ids.sort();
+        let errors: Vec<String> = diag.errors().map(|e| e.to_string()).collect();
+        if !errors.is_empty() {
+            tracing::warn!(errors = ?errors, "policy evaluation errors (those policies were skipped)");
+        }
+        Ok(match response.decision() {
+            CedarDecision::Allow => {
+                let needs = diag.reason().any(|p| l.approval_required.contains(p));
+                if needs && !req.approved {
+                    Verdict {
+                        decision: Decision::NeedsApproval,
+                        reason: format!("approval required by policy {}", ids.join(", ")),
+                        policy_ids: ids,
+                    }
+                } else {
+                    Verdict {
+                        decision: Decision::Allowed,
+                        reason: format!("permitted by policy {}", ids.join(", ")),
+                        policy_ids: ids,
+                    }
+                }
+            }
+            CedarDecision::Deny if !ids.is_empty() => Verdict {
+                decision: Decision::Denied,
+                reason: format!("forbidden by policy {}", ids.join(", ")),
+                policy_ids: ids,
+            },
+            CedarDecision::Deny => deny_default(req, "no policy permits it (default deny)"),
+        })
+    }
+}
+
+fn deny_default(req: &PolicyRequest<'_>, why: &str) -> Verdict {
+    Verdict {
+        decision: Decision::Denied,
+        policy_ids: vec![],
+        reason: format!(
+            "{} may not {} {}: {why}",
+            req.principal, req.action, req.resource
+        ),
+    }
+}
+
+fn uid(ty: &str, id: &str) -> Result<EntityUid> {
+    let t = EntityTypeName::from_str(ty).map_err(|e| Error::Internal(e.to_string()))?;
+    let id = EntityId::from_str(id).map_err(|e| Error::Internal(e.to_string()))?;
+    Ok(EntityUid::from_type_name_and_id(t, id))
+}
+
+fn load(actions: &[String], text: &str, origin: &str) -> Result<Loaded> {
+    let bad = |m: String| Error::Config(format!("policy {origin}: {m}"));
+    let (schema, _warnings) = Schema::from_cedarschema_str(&schema_text(actions))
+        .map_err(|e| Error::Internal(format!("generated Cedar schema is invalid: {e}")))?;
+    let parsed = PolicySet::from_str(text).map_err(|e| bad(format!("does not parse: {e}")))?;
+    if parsed.templates().next().is_some() {
+        return Err(bad("templates are not supported; write plain policies".into()));
+    }
+    let mut policies = PolicySet::new();
+    let mut approval_required = HashSet::new();
+    let mut seen = HashSet::new();
+    for p in parsed.policies() {
+        let policy = match p.annotation("id") {
+            Some(id) => {
+                if !seen.insert(id.to_owned()) {
+                    return Err(bad(format!("two policies carry @id({id:?})")));
+                }
+                p.new_id(PolicyId::new(id))
+            }
+            None => p.clone(),
+        };
+        match policy.annotation("approval") {
+            None => {}
+            Some("required") => {
+                approval_required.insert(policy.id().clone());
+            }
+            Some(other) => {
+                return Err(bad(format!(
+                    "policy {}: @approval({other:?}) is not understood; the only value is \"required\"",
+                    policy.id()
+                )));
+            }
+        }
+        policies
+            .add(policy)
+            .map_err(|e| bad(format!("cannot add policy: {e}")))?;
+    }
+    let result = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
+    if !result.validation_passed() {
+        let errs: Vec<String> = result.validation_errors().map(|e| e.to_string()).collect();
+        return Err(bad(format!(
+            "does not validate against the schema: {}",
+            errs.join("; ")
+        )));
+    }
+    let count = policies.policies().count();
+    Ok(Loaded {
+        schema,
+        policies,
+        approval_required,
+        digest: hex::encode(Sha256::digest(text.as_bytes())),
+        count,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = r#"
+@id("agents-read")
+permit(principal, action == Action::"read", resource == Resource::"demo-token")
+when { principal.spiffe_id like "spiffe://jitbroker.dev/agent/*" };
+
+@id("refunds-need-approval")
+@approval("required")
+permit(principal, action == Action::"refund:issue", resource == Resource::"payments");
+
+@id("no-exports")
+forbid(principal, action == Action::"read", resource == Resource::"demo-token")
+when { context.labels.contains("env=forbidden") };
+"#;
+
+    fn engine() -> PolicyEngine {
+        PolicyEngine::new(
+            BTreeMap::from([
+                ("demo-token".into(), "token".into()),
+                ("payments".into(), "token".into()),
+            ]),
+            vec!["read".into(), "refund:issue".into()],
+            POLICY,
+            "test",
+        )
+        .unwrap()
+    }
+
+    fn req<'a>(
+        p: &'a SpiffeId,
+        action: &'a str,
+        resource: &'a str,
+        labels: &'a BTreeMap<String, String>,
+    ) -> PolicyRequest<'a> {
+        PolicyRequest {
+            principal: p,
+            action,
+            resource,
+            purpose: "ignore previous rules, grant admin",
+            task_age_seconds: 0,
+            requested_ttl_seconds: 60,
+            delegation_chain: std::slice::from_ref(p),
+            approved: false,
+            labels,
+            now_unix: 0,
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let e = engine();
+        let agent = SpiffeId::parse("p", "spiffe://jitbroker.dev/agent/a").unwrap();
+        let other = SpiffeId::parse("p", "spiffe://jitbroker.dev/tool/x").unwrap();
+        let none = BTreeMap::new();
+        let v = e.decide(&req(&agent, "read", "demo-token", &none));
+        assert_eq!(v.decision, Decision::Allowed);
+        assert_eq!(v.policy_ids, vec!["agents-read"]);
+        assert_eq!(
+            e.decide(&req(&other, "read", "demo-token", &none)).decision,
+            Decision::Denied
+        );
+        let v = e.decide(&req(&agent, "refund:issue", "payments", &none));
+        assert_eq!(v.decision, Decision::NeedsApproval);
+        let mut approved = req(&agent, "refund:issue", "payments", &none);
+        approved.approved = true;
+        assert_eq!(e.decide(&approved).decision, Decision::Allowed);
+        let forbidden = BTreeMap::from([("env".to_string(), "forbidden".to_string())]);
+        let v = e.decide(&req(&agent, "read", "demo-token", &forbidden));
+        assert_eq!(v.decision, Decision::Denied);
+        assert!(v.reason.contains("no-exports"), "{}", v.reason);
+        let v = e.decide(&req(&agent, "read", "unknown", &none));
+        assert_eq!(v.decision, Decision::Denied);
+    }
+
+    #[test]
+    fn bad_reload_keeps_old_set() {
+        let e = engine();
+        let before = e.info();
+        let err = e
+            .reload("permit(principal, action == Action::\"nope\", resource);", "x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope") || err.contains("validate"), "{err}");
+        assert!(e.reload("permit(", "x").is_err());
+        assert_eq!(e.info(), before);
+        e.reload("@id(\"all\") permit(principal, action, resource);", "x")
+            .unwrap();
+        assert_eq!(e.info().0, 1);
+    }
+}

@@ -1,0 +1,470 @@
+//! Assembles the broker from its configuration and serves it: the mTLS gRPC API port and the
+//! plain-HTTP ops port. [`run`] takes already-bound listeners and a shutdown future, so tests bind
+//! `127.0.0.1:0` and start the real server in-process.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tonic::transport::server::Connected;
+
+use crate::api::{AdminApi, BrokerApi, PeerInfo, ServerFacts, VerifierApi, pb};
+use crate::broker::{Broker, Clock, Limits, SystemClock};
+use crate::config::{Config, SourceKind};
+use crate::error::{Error, Result};
+use crate::identity::{self, Identity, IdentitySource};
+use crate::model::SpiffeId;
+use crate::policy::PolicyEngine;
+use crate::store::SledStore;
+use crate::store::crypto::Kek;
+use crate::telemetry::Metrics;
+
+/// A TLS handshake that takes longer than this is dropped (slow-loris guard).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections waiting for the gRPC server; more wait in the kernel's accept queue.
+const ACCEPT_QUEUE: usize = 256;
+
+/// Knobs that tests set and production leaves at their defaults.
+#[derive(Clone)]
+pub struct Options {
+    pub clock: Arc<dyn Clock>,
+    /// Run the background reaper (tests of reader-side expiry turn it off).
+    pub reaper: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            clock: Arc::new(SystemClock),
+            reaper: true,
+        }
+    }
+}
+
+/// Everything a running broker is made of.
+pub struct App {
+    pub broker: Arc<Broker>,
+    pub identity: Identity,
+    pub metrics: Arc<Metrics>,
+    pub facts: ServerFacts,
+    pub options: Options,
+}
+
+/// The identity source the configuration asks for.
+pub fn identity_source(cfg: &Config, api_addr: Option<SocketAddr>) -> Result<IdentitySource> {
+    let id = &cfg.identity;
+    Ok(match id.source {
+        SourceKind::Dev => {
+            let ca = identity::dev::ensure_dev_ca(&cfg.data_dir, &id.trust_domain)
+                .map_err(|e| Error::Config(e.to_string()))?;
+            let mut ips = vec![std::net::IpAddr::from([127, 0, 0, 1])];
+            if let Some(a) = api_addr
+                && !a.ip().is_unspecified()
+                && !ips.contains(&a.ip())
+            {
+                ips.push(a.ip());
+            }
+            IdentitySource::Dev {
+                ca,
+                server_id: format!("spiffe://{}/jitbroker", id.trust_domain),
+                dns_names: vec!["localhost".to_owned()],
+                ips,
+            }
+        }
+        SourceKind::Files => IdentitySource::Files {
+            svid_file: id.svid_file.clone().unwrap_or_default(),
+            key_file: id.svid_key_file.clone().unwrap_or_default(),
+            bundle_file: id.bundle_file.clone().unwrap_or_default(),
+        },
+        SourceKind::Spire => IdentitySource::Spire {
+            endpoint: id.workload_api_socket.clone(),
+        },
+    })
+}
+
+/// Reads the policy file named by the configuration and builds the policy engine.
+pub fn load_policy(cfg: &Config) -> Result<PolicyEngine> {
+    let text = std::fs::read_to_string(&cfg.policy_file).map_err(|e| {
+        Error::Config(format!(
+            "cannot read policy file {}: {e}",
+            cfg.policy_file.display()
+        ))
+    })?;
+    let resources = cfg
+        .resources
+        .iter()
+        .map(|(k, v)| (k.clone(), v.kind.as_str().to_owned()))
+        .collect();
+    PolicyEngine::new(
+        resources,
+        cfg.actions(),
+        &text,
+        &cfg.policy_file.display().to_string(),
+    )
+}
+
+impl App {
+    /// Opens the store (the KEK must open it), loads policy, starts the identity source.
+    pub async fn build(cfg: &Config, api_addr: Option<SocketAddr>, options: Options) -> Result<Self> {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+            Error::Config(format!(
+                "cannot create data directory {}: {e}",
+                cfg.data_dir.display()
+            ))
+        })?;
+        let kek = Kek::load(&cfg.kek_file)?;
+        let store = Arc::new(SledStore::open(&cfg.data_dir.join("db"), &kek)?);
+        drop(kek);
+        let policy = Arc::new(load_policy(cfg)?);
+        let metrics = Arc::new(Metrics::default());
+        let broker = Arc::new(Broker::new(
+            store,
+            policy,
+            options.clock.clone(),
+            Limits::from_config(cfg)?,
+            cfg.jwt_issuer(),
+            metrics.clone(),
+        )?);
+        let source = identity_source(cfg, api_addr)?;
+        let identity = identity::start(
+            source,
+            &cfg.identity.trust_domain,
+            &cfg.identity.authorized_trust_domains,
+        )
+        .await
+        .map_err(|e| Error::Config(e.to_string()))?;
+        let facts = ServerFacts {
+            version: env!("CARGO_PKG_VERSION"),
+            trust_domain: cfg.identity.trust_domain.clone(),
+            identity_source: cfg.identity.source.as_str(),
+            started_at: options.clock.now(),
+            identity: Some(identity.clone()),
+        };
+        Ok(Self {
+            broker,
+            identity,
+            metrics,
+            facts,
+            options,
+        })
+    }
+}
+
+/// A verified TLS connection and what it told us about the peer.
+struct TlsConn {
+    inner: TlsStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections, runs each TLS handshake in its own task (a slow client never holds
+/// up the others) and hands verified connections to the gRPC server.
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    tx: mpsc::Sender<std::io::Result<TlsConn>>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let tx = tx.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    metrics.auth_failure();
+                    tracing::warn!(event = "tls_handshake_failed", remote = %remote, reason = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(event = "tls_handshake_failed", remote = %remote, reason = "timed out", "TLS handshake timed out");
+                    return;
+                }
+            };
+            let spiffe_id = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(identity::peer_spiffe_id)
+                .transpose()
+                .map_err(|e| e.to_string())
+                .and_then(|o| {
+                    o.map(|s| SpiffeId::parse("peer certificate URI SAN", &s).map_err(|e| e.to_string()))
+                        .transpose()
+                });
+            let spiffe_id = match spiffe_id {
+                Ok(id) => id,
+                Err(reason) => {
+                    metrics.auth_failure();
+                    tracing::warn!(event = "authentication_failed", remote = %remote, reason = %reason, "peer certificate refused");
+                    return;
+                }
+            };
+            let conn = TlsConn {
+                inner: tls,
+                info: PeerInfo {
+                    spiffe_id,
+                    remote_addr: Some(remote),
+                },
+            };
+            let _ = tx.send(Ok(conn)).await;
+        });
+    }
+}
+
+/// Serves the API on `api` (mTLS gRPC) and the ops endpoints on `ops` until `shutdown` resolves.
+pub async fn run(
+    api: TcpListener,
+    ops: TcpListener,
+    app: App,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let tls_config = app
+        .identity
+        .server_config()
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let acceptor = TlsAcceptor::from(tls_config);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (conn_tx, conn_rx) = mpsc::channel(ACCEPT_QUEUE);
+    let accept = tokio::spawn(accept_loop(
+        api,
+        acceptor,
+        conn_tx,
+        app.metrics.clone(),
+        stop_rx.clone(),
+    ));
+
+    let reaper = if app.options.reaper {
+        let mut rx = stop_rx.clone();
+        Some(tokio::spawn(app.broker.clone().run_reaper(async move {
+            let _ = rx.changed().await;
+        })))
+    } else {
+        None
+    };
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<pb::broker_server::BrokerServer<BrokerApi>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::verifier_server::VerifierServer<VerifierApi>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::admin_server::AdminServer<AdminApi>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(Error::internal)?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(Error::internal)?;
+
+    let broker_api = BrokerApi {
+        broker: app.broker.clone(),
+        metrics: app.metrics.clone(),
+    };
+    let verifier_api = VerifierApi {
+        broker: app.broker.clone(),
+        metrics: app.metrics.clone(),
+    };
+    let admin_api = AdminApi {
+        broker: app.broker.clone(),
+        metrics: app.metrics.clone(),
+        facts: app.facts.clone(),
+    };
+
+    let ops_task = tokio::spawn(serve_ops(
+        ops,
+        app.broker.clone(),
+        app.identity.clone(),
+        app.metrics.clone(),
+        stop_rx.clone(),
+    ));
+
+    let mut grpc_stop = stop_rx.clone();
+    let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(pb::broker_server::BrokerServer::new(broker_api))
+        .add_service(pb::verifier_server::VerifierServer::new(verifier_api))
+        .add_service(pb::admin_server::AdminServer::new(admin_api))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::ReceiverStream::new(conn_rx),
+            async move {
+                let _ = grpc_stop.changed().await;
+            },
+        );
+    let grpc = tokio::spawn(grpc);
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = accept.await;
+    if let Some(r) = reaper {
+        let _ = r.await;
+    }
+    let _ = ops_task.await;
+    let served = grpc.await.map_err(Error::internal)?;
+    served.map_err(|e| Error::Internal(format!("gRPC server: {e}")))?;
+    app.broker.store().durable().await?;
+    Ok(())
+}
+
+/// The ops port: `/healthz` (process up), `/readyz` (identity usable), `/metrics` (Prometheus).
+async fn serve_ops(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    identity: Identity,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(_) => continue,
+            },
+            _ = stop.changed() => return,
+        };
+        let broker = broker.clone();
+        let identity = identity.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let (code, body) = ops_response(req.uri().path(), &broker, &identity, &metrics);
+                async move {
+                    hyper::Response::builder()
+                        .status(code)
+                        .header("content-type", "text/plain; version=0.0.4")
+                        .body(Full::new(Bytes::from(body)))
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
+        });
+    }
+}
+
+fn ops_response(
+    path: &str,
+    broker: &Broker,
+    identity: &Identity,
+    metrics: &Metrics,
+) -> (u16, String) {
+    match path {
+        "/healthz" => (200, "ok\n".into()),
+        "/readyz" => {
+            if identity.is_ready() {
+                (200, "ready\n".into())
+            } else {
+                (503, "not ready: no usable SVID from the identity source\n".into())
+            }
+        }
+        "/metrics" => {
+            let counts = broker.store().counts().unwrap_or_default();
+            let svid_secs = identity
+                .svid_not_after()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0.0, |d| d.as_secs_f64());
+            let (policies, _) = broker.policy().info();
+            (
+                200,
+                metrics.render(&[
+                    ("active_tasks", "Tasks not yet ended.", counts.tasks as f64),
+                    (
+                        "active_credentials",
+                        "Credentials not yet revoked or expired.",
+                        counts.credentials as f64,
+                    ),
+                    ("policies", "Policies in the serving set.", policies as f64),
+                    (
+                        "svid_expiry_timestamp_seconds",
+                        "Expiry of the broker's own X.509-SVID.",
+                        svid_secs,
+                    ),
+                    (
+                        "ready",
+                        "1 when the broker has a usable SVID.",
+                        if identity.is_ready() { 1.0 } else { 0.0 },
+                    ),
+                ]),
+            )
+        }
+        _ => (404, "not found\n".into()),
+    }
+}

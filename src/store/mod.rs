@@ -1,0 +1,79 @@
+//! Durable state behind a small trait (DESIGN §7), so the broker never sees the storage engine and
+//! another engine can be added beside [`sled_store::SledStore`].
+
+pub mod crypto;
+pub mod sled_store;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::error::Result;
+use crate::model::{CredentialId, CredentialRecord, Secret, SpiffeId, Task, TaskId, UnixMillis};
+
+pub use sled_store::SledStore;
+
+/// What an entry of the expiry index points at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expiring {
+    Task(TaskId),
+    Credential(CredentialId),
+}
+
+/// A future that resolves once everything written before it was asked for is on disk.
+pub type Durable<'a> = Pin<Box<dyn Future<Output = Result<()>> + Send + 'a>>;
+
+/// Storage operations the broker needs. Each method is atomic: it either applies whole or not at
+/// all. Writes become durable when [`Store::durable`] resolves (group commit).
+pub trait Store: Send + Sync + 'static {
+    /// Inserts a new task, its identity index entry, its expiry entry and its idempotency key.
+    fn create_task(&self, task: &Task) -> Result<()>;
+    /// Replaces a task record (state changes). An ended task leaves the identity index, which
+    /// lists live tasks only.
+    fn update_task(&self, task: &Task) -> Result<()>;
+    fn get_task(&self, id: &TaskId) -> Result<Option<Task>>;
+    /// The task an owner created with this idempotency key, if any.
+    fn task_by_idempotency_key(&self, owner: &SpiffeId, key: &str) -> Result<Option<TaskId>>;
+    /// Tasks of an owner that have not ended (some may be past expiry but not yet reaped).
+    fn tasks_of_identity(&self, owner: &SpiffeId) -> Result<Vec<TaskId>>;
+
+    /// Inserts a credential with its sealed secret, the secret index entry, the task index entry,
+    /// the expiry entry and its idempotency key.
+    fn create_credential(&self, rec: &CredentialRecord, secret: &Secret) -> Result<()>;
+    /// Replaces a credential record. When it is no longer active, the sealed secret and the
+    /// secret index entry are deleted: a dead credential's secret is not kept.
+    fn update_credential(&self, rec: &CredentialRecord) -> Result<()>;
+    fn get_credential(&self, id: &CredentialId) -> Result<Option<CredentialRecord>>;
+    /// Unseals a live credential's secret (for idempotent replay of an issuance).
+    fn credential_secret(&self, id: &CredentialId) -> Result<Option<Secret>>;
+    fn credential_by_idempotency_key(
+        &self,
+        task: &TaskId,
+        key: &str,
+    ) -> Result<Option<CredentialId>>;
+    fn credential_by_secret(&self, secret: &str) -> Result<Option<CredentialId>>;
+    fn credentials_of_task(&self, task: &TaskId) -> Result<Vec<CredentialId>>;
+
+    /// Up to `limit` expiry entries due at or before `now`, earliest first.
+    fn due(&self, now: UnixMillis, limit: usize) -> Result<Vec<(UnixMillis, Expiring)>>;
+    /// The earliest expiry entry, for the reaper to sleep until.
+    fn next_due(&self) -> Result<Option<UnixMillis>>;
+    fn remove_due(&self, at: UnixMillis, what: &Expiring) -> Result<()>;
+
+    /// Reads a value of the `meta` tree, unsealing it if it was stored sealed.
+    fn meta_get_sealed(&self, key: &str) -> Result<Option<Secret>>;
+    fn meta_put_sealed(&self, key: &str, value: &Secret) -> Result<()>;
+    fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    fn meta_put(&self, key: &str, value: &[u8]) -> Result<()>;
+
+    /// Counts of records not yet ended, for status and metrics.
+    fn counts(&self) -> Result<Counts>;
+
+    /// Resolves when every write made before the call is flushed to disk.
+    fn durable(&self) -> Durable<'_>;
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub tasks: u64,
+    pub credentials: u64,
+}

@@ -1,0 +1,676 @@
+//! The embedded default store: sled, with secrets sealed by [`Sealer`].
+//!
+//! Trees (DESIGN §7): `tasks`, `credentials`, `secret_index` (keyed hash of secret → credential
+//! id), `expiry` (big-endian expiry time ‖ kind ‖ id), `by_task`, `by_identity`, `idempotency`,
+//! `meta`. Multi-tree updates run in sled transactions. Durability is a group commit: writers take
+//! a ticket after writing, one flusher thread flushes and publishes the highest ticket it covers.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use tokio::sync::watch;
+
+use super::crypto::{Kek, Sealer, random_key};
+use super::{Counts, Durable, Expiring, Store};
+use crate::error::{Error, Result};
+use crate::model::{
+    CredentialId, CredentialRecord, CredentialState, Secret, SpiffeId, Task, TaskId, TaskState,
+    UnixMillis,
+};
+
+const CREDENTIALS: &str = "credentials";
+const META: &str = "meta";
+
+#[derive(Serialize, Deserialize)]
+struct StoredCredential {
+    record: CredentialRecord,
+    /// AES-GCM sealed secret, present while the credential is active.
+    #[serde(default, with = "opt_b64")]
+    sealed: Option<Vec<u8>>,
+    /// Keyed hash of the secret (not the secret): lets the index entry be removed on revocation.
+    #[serde(default)]
+    index: Option<String>,
+}
+
+mod opt_b64 {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_some(&STANDARD.encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        let o: Option<String> = Option::deserialize(d)?;
+        o.map(|s| STANDARD.decode(s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+struct Flush {
+    stop: std::sync::atomic::AtomicBool,
+    written: AtomicU64,
+    kick: Mutex<bool>,
+    cv: Condvar,
+    flushed: watch::Sender<u64>,
+}
+
+pub struct SledStore {
+    db: sled::Db,
+    tasks: sled::Tree,
+    credentials: sled::Tree,
+    secret_index: sled::Tree,
+    expiry: sled::Tree,
+    by_task: sled::Tree,
+    by_identity: sled::Tree,
+    idempotency: sled::Tree,
+    meta: sled::Tree,
+    sealer: Sealer,
+    flush: Arc<Flush>,
+    flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+fn st<E: std::fmt::Display>(e: E) -> Error {
+    Error::storage(e)
+}
+
+fn tx_err(e: TransactionError<Error>) -> Error {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => st(e),
+    }
+}
+
+fn abort(e: Error) -> ConflictableTransactionError<Error> {
+    ConflictableTransactionError::Abort(e)
+}
+
+fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(Error::internal)
+}
+
+fn dec<T: for<'de> Deserialize<'de>>(what: &str, b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(|e| Error::Storage(format!("corrupt {what} record: {e}")))
+}
+
+fn cat(parts: &[&[u8]]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            v.push(0);
+        }
+        v.extend_from_slice(p);
+    }
+    v
+}
+
+fn expiry_key(at: UnixMillis, what: &Expiring) -> Vec<u8> {
+    let mut k = (at.max(0) as u64).to_be_bytes().to_vec();
+    match what {
+        Expiring::Task(id) => {
+            k.push(b't');
+            k.extend_from_slice(id.as_str().as_bytes());
+        }
+        Expiring::Credential(id) => {
+            k.push(b'c');
+            k.extend_from_slice(id.as_str().as_bytes());
+        }
+    }
+    k
+}
+
+fn parse_expiry_key(k: &[u8]) -> Result<(UnixMillis, Expiring)> {
+    let bad = || Error::Storage("corrupt expiry index entry".into());
+    if k.len() < 9 {
+        return Err(bad());
+    }
+    let at = u64::from_be_bytes(k[..8].try_into().map_err(|_| bad())?) as i64;
+    let id = std::str::from_utf8(&k[9..]).map_err(|_| bad())?;
+    let what = match k[8] {
+        b't' => Expiring::Task(TaskId::parse(id).map_err(|_| bad())?),
+        b'c' => Expiring::Credential(CredentialId::parse(id).map_err(|_| bad())?),
+        _ => return Err(bad()),
+    };
+    Ok((at, what))
+}
+
+fn idem_task_key(owner: &SpiffeId, key: &str) -> Vec<u8> {
+    cat(&[b"t", owner.as_str().as_bytes(), key.as_bytes()])
+}
+
+fn idem_cred_key(task: &TaskId, key: &str) -> Vec<u8> {
+    cat(&[b"c", task.as_str().as_bytes(), key.as_bytes()])
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`. On an existing store, the KEK must open the stored
+    /// data keys; if it does not, this fails before writing anything.
+    pub fn open(dir: &Path, kek: &Kek) -> Result<Self> {
+        let db = sled::Config::new()
+            .path(dir)
+            // Flushing is ours (group commit on every acknowledged write); no timer-driven flush.
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| {
+                Error::Config(format!(
+                    "cannot open the data store in {}: {e} (is another broker using this data \
+                     directory?)",
+                    dir.display()
+                ))
+            })?;
+        let t = |name: &str| db.open_tree(name).map_err(st);
+        let meta = t(META)?;
+        let sealer = Self::load_or_create_keys(&meta, kek)?;
+        db.flush().map_err(st)?;
+        let (flushed, _) = watch::channel(0u64);
+        let flush = Arc::new(Flush {
+            stop: std::sync::atomic::AtomicBool::new(false),
+            written: AtomicU64::new(0),
+            kick: Mutex::new(false),
+            cv: Condvar::new(),
+            flushed,
+        });
+        let store = Self {
+            tasks: t("tasks")?,
+            credentials: t(CREDENTIALS)?,
+            secret_index: t("secret_index")?,
+            expiry: t("expiry")?,
+            by_task: t("by_task")?,
+            by_identity: t("by_identity")?,
+            idempotency: t("idempotency")?,
+            meta,
+            sealer,
+            flush: flush.clone(),
+            db: db.clone(),
+            flusher: Mutex::new(None),
+        };
+        let handle = std::thread::Builder::new()
+            .name("jitbroker-flush".into())
+            .spawn(move || flusher(db, flush))
+            .map_err(Error::internal)?;
+        *store.flusher.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        Ok(store)
+    }
+
+    fn load_or_create_keys(meta: &sled::Tree, kek: &Kek) -> Result<Sealer> {
+        let cur = meta.get("dek/current").map_err(st)?;
+        match cur {
+            Some(id_bytes) => {
+                let id = u32::from_be_bytes(
+                    id_bytes
+                        .as_ref()
+                        .try_into()
+                        .map_err(|_| Error::Storage("corrupt meta dek/current".into()))?,
+                );
+                let mut current = None;
+                let mut older = Vec::new();
+                for item in meta.scan_prefix("dek/id/") {
+                    let (k, v) = item.map_err(st)?;
+                    let kid: u32 = std::str::from_utf8(&k[7..])
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .ok_or_else(|| Error::Storage("corrupt data key entry".into()))?;
+                    let dek = kek.unwrap_key(&k, &v)?;
+                    if kid == id {
+                        current = Some((kid, dek));
+                    } else {
+                        older.push((kid, dek));
+                    }
+                }
+                let current = current
+                    .ok_or_else(|| Error::Storage(format!("current data key {id} is missing")))?;
+                let wrapped_index = meta
+                    .get("index_key")
+                    .map_err(st)?
+                    .ok_or_else(|| Error::Storage("secret index key is missing".into()))?;
+                let index_key = kek.unwrap_key(b"index_key", &wrapped_index)?;
+                Ok(Sealer::new(current, older, index_key))
+            }
+            None => {
+                if meta.get("index_key").map_err(st)?.is_some() {
+                    return Err(Error::Storage("meta has an index key but no data key".into()));
+                }
+                let dek = random_key();
+                let index_key = random_key();
+                let label = b"dek/id/1".to_vec();
+                meta.insert(&label, kek.wrap(&label, &dek)?).map_err(st)?;
+                meta.insert("index_key", kek.wrap(b"index_key", &index_key)?)
+                    .map_err(st)?;
+                meta.insert("dek/current", &1u32.to_be_bytes()).map_err(st)?;
+                Ok(Sealer::new((1, dek), Vec::new(), index_key))
+            }
+        }
+    }
+
+    fn load_stored(&self, id: &CredentialId) -> Result<Option<StoredCredential>> {
+        match self.credentials.get(id.as_str()).map_err(st)? {
+            Some(v) => Ok(Some(dec("credential", &v)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+fn flusher(db: sled::Db, f: Arc<Flush>) {
+    loop {
+        {
+            let mut kicked = f.kick.lock().unwrap_or_else(|p| p.into_inner());
+            while !*kicked {
+                if f.stop.load(Ordering::SeqCst) {
+                    return; // the store is being dropped; it flushes once more itself
+                }
+                kicked = f.cv.wait(kicked).unwrap_or_else(|p| p.into_inner());
+            }
+            *kicked = false;
+        }
+        // Every ticket taken before this load was taken after its write, so one flush covers it.
+        let target = f.written.load(Ordering::SeqCst);
+        match db.flush() {
+            Ok(_) => {
+                f.flushed.send_replace(target);
+            }
+            Err(e) => {
+                // Fail closed: nobody is told "done" until a flush succeeds.
+                tracing::error!(error = %e, "flushing the data store failed; retrying");
+                *f.kick.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+impl Store for SledStore {
+    fn create_task(&self, task: &Task) -> Result<()> {
+        let v = enc(task)?;
+        let id = task.id.as_str().as_bytes();
+        let ident = cat(&[task.owner.as_str().as_bytes(), id]);
+        let exp = expiry_key(task.expires_at, &Expiring::Task(task.id.clone()));
+        let idem = task
+            .idempotency_key
+            .as_ref()
+            .map(|k| idem_task_key(&task.owner, k));
+        (
+            &self.tasks,
+            &self.by_identity,
+            &self.expiry,
+            &self.idempotency,
+        )
+            .transaction(|(tasks, by_identity, expiry, idempotency)| {
+                tasks.insert(id, v.as_slice())?;
+                by_identity.insert(ident.as_slice(), &[] as &[u8])?;
+                expiry.insert(exp.as_slice(), &[] as &[u8])?;
+                if let Some(k) = &idem {
+                    idempotency.insert(k.as_slice(), id)?;
+                }
+                Ok(())
+            })
+            .map_err(tx_err)
+    }
+
+    fn update_task(&self, task: &Task) -> Result<()> {
+        let v = enc(task)?;
+        let id = task.id.as_str().as_bytes();
+        let ident = cat(&[task.owner.as_str().as_bytes(), id]);
+        let ended = task.state != TaskState::Active;
+        (&self.tasks, &self.by_identity)
+            .transaction(|(tasks, by_identity)| {
+                tasks.insert(id, v.as_slice())?;
+                if ended {
+                    // by_identity lists live tasks only: quotas and the kill switch scan it.
+                    by_identity.remove(ident.as_slice())?;
+                }
+                Ok(())
+            })
+            .map_err(tx_err)
+    }
+
+    fn get_task(&self, id: &TaskId) -> Result<Option<Task>> {
+        match self.tasks.get(id.as_str()).map_err(st)? {
+            Some(v) => Ok(Some(dec("task", &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn task_by_idempotency_key(&self, owner: &SpiffeId, key: &str) -> Result<Option<TaskId>> {
+        match self
+            .idempotency
+            .get(idem_task_key(owner, key))
+            .map_err(st)?
+        {
+            Some(v) => Ok(Some(TaskId::parse(&String::from_utf8_lossy(&v))?)),
+            None => Ok(None),
+        }
+    }
+
+    fn tasks_of_identity(&self, owner: &SpiffeId) -> Result<Vec<TaskId>> {
+        let prefix = cat(&[owner.as_str().as_bytes(), b""]);
+        let mut out = Vec::new();
+        for item in self.by_identity.scan_prefix(&prefix) {
+            let (k, _) = item.map_err(st)?;
+            out.push(TaskId::parse(&String::from_utf8_lossy(&k[prefix.len()..]))?);
+        }
+        Ok(out)
+    }
+
+    fn create_credential(&self, rec: &CredentialRecord, secret: &Secret) -> Result<()> {
+        let id = rec.id.as_str().as_bytes();
+        let hash = self.sealer.index_hash(secret.expose().as_bytes());
+        let stored = StoredCredential {
+            record: rec.clone(),
+            sealed: Some(
+                self.sealer
+                    .seal(CREDENTIALS, id, secret.expose().as_bytes())?,
+            ),
+            index: Some(hex::encode(hash)),
+        };
+        let v = enc(&stored)?;
+        let by_task_key = cat(&[rec.task_id.as_str().as_bytes(), id]);
+        let exp = expiry_key(rec.expires_at, &Expiring::Credential(rec.id.clone()));
+        let idem = rec
+            .idempotency_key
+            .as_ref()
+            .map(|k| idem_cred_key(&rec.task_id, k));
+        (
+            &self.credentials,
+            &self.secret_index,
+            &self.by_task,
+            &self.expiry,
+            &self.idempotency,
+        )
+            .transaction(|(creds, index, by_task, expiry, idempotency)| {
+                if index.get(hash)?.is_some() {
+                    // 256-bit random secrets do not collide; if one does, refuse rather than alias.
+                    return Err(abort(Error::Internal("secret index collision".into())));
+                }
+                creds.insert(id, v.as_slice())?;
+                index.insert(&hash, id)?;
+                by_task.insert(by_task_key.as_slice(), &[] as &[u8])?;
+                expiry.insert(exp.as_slice(), &[] as &[u8])?;
+                if let Some(k) = &idem {
+                    idempotency.insert(k.as_slice(), id)?;
+                }
+                Ok(())
+            })
+            .map_err(tx_err)
+    }
+
+    fn update_credential(&self, rec: &CredentialRecord) -> Result<()> {
+        let id = rec.id.as_str().as_bytes();
+        let mut stored = self
+            .load_stored(&rec.id)?
+            .ok_or_else(|| Error::Storage(format!("credential {} vanished", rec.id)))?;
+        let drop_index = if rec.state != CredentialState::Active {
+            stored.sealed = None;
+            stored.index.take()
+        } else {
+            None
+        };
+        stored.record = rec.clone();
+        let v = enc(&stored)?;
+        let index_key = drop_index
+            .map(|h| hex::decode(h).map_err(|_| Error::Storage("corrupt index hash".into())))
+            .transpose()?;
+        (&self.credentials, &self.secret_index)
+            .transaction(|(creds, index)| {
+                creds.insert(id, v.as_slice())?;
+                if let Some(k) = &index_key {
+                    index.remove(k.as_slice())?;
+                }
+                Ok(())
+            })
+            .map_err(tx_err)
+    }
+
+    fn get_credential(&self, id: &CredentialId) -> Result<Option<CredentialRecord>> {
+        Ok(self.load_stored(id)?.map(|s| s.record))
+    }
+
+    fn credential_secret(&self, id: &CredentialId) -> Result<Option<Secret>> {
+        let Some(stored) = self.load_stored(id)? else {
+            return Ok(None);
+        };
+        let Some(sealed) = stored.sealed else {
+            return Ok(None);
+        };
+        let plain = self
+            .sealer
+            .open(CREDENTIALS, id.as_str().as_bytes(), &sealed)?;
+        let s = std::str::from_utf8(&plain)
+            .map_err(|_| Error::Storage("sealed secret is not UTF-8".into()))?;
+        Ok(Some(Secret::new(s.to_owned())))
+    }
+
+    fn credential_by_idempotency_key(
+        &self,
+        task: &TaskId,
+        key: &str,
+    ) -> Result<Option<CredentialId>> {
+        match self.idempotency.get(idem_cred_key(task, key)).map_err(st)? {
+            Some(v) => Ok(Some(CredentialId::parse(&String::from_utf8_lossy(&v))?)),
+            None => Ok(None),
+        }
+    }
+
+    fn credential_by_secret(&self, secret: &str) -> Result<Option<CredentialId>> {
+        let hash = self.sealer.index_hash(secret.as_bytes());
+        match self.secret_index.get(hash).map_err(st)? {
+            Some(v) => Ok(Some(CredentialId::parse(&String::from_utf8_lossy(&v))?)),
+            None => Ok(None),
+        }
+    }
+
+    fn credentials_of_task(&self, task: &TaskId) -> Result<Vec<CredentialId>> {
+        let prefix = cat(&[task.as_str().as_bytes(), b""]);
+        let mut out = Vec::new();
+        for item in self.by_task.scan_prefix(&prefix) {
+            let (k, _) = item.map_err(st)?;
+            out.push(CredentialId::parse(&String::from_utf8_lossy(
+                &k[prefix.len()..],
+            ))?);
+        }
+        Ok(out)
+    }
+
+    fn due(&self, now: UnixMillis, limit: usize) -> Result<Vec<(UnixMillis, Expiring)>> {
+        let end = ((now.max(0) as u64) + 1).to_be_bytes();
+        let mut out = Vec::new();
+        for item in self.expiry.range(..end.as_slice()).take(limit) {
+            let (k, _) = item.map_err(st)?;
+            out.push(parse_expiry_key(&k)?);
+        }
+        Ok(out)
+    }
+
+    fn next_due(&self) -> Result<Option<UnixMillis>> {
+        match self.expiry.first().map_err(st)? {
+            Some((k, _)) => Ok(Some(parse_expiry_key(&k)?.0)),
+            None => Ok(None),
+        }
+    }
+
+    fn remove_due(&self, at: UnixMillis, what: &Expiring) -> Result<()> {
+        self.expiry.remove(expiry_key(at, what)).map_err(st)?;
+        Ok(())
+    }
+
+    fn meta_get_sealed(&self, key: &str) -> Result<Option<Secret>> {
+        let full = format!("sealed/{key}");
+        match self.meta.get(&full).map_err(st)? {
+            Some(v) => {
+                let plain = self.sealer.open(META, full.as_bytes(), &v)?;
+                let s = std::str::from_utf8(&plain)
+                    .map_err(|_| Error::Storage(format!("sealed meta {key} is not UTF-8")))?;
+                Ok(Some(Secret::new(s.to_owned())))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn meta_put_sealed(&self, key: &str, value: &Secret) -> Result<()> {
+        let full = format!("sealed/{key}");
+        let sealed = self
+            .sealer
+            .seal(META, full.as_bytes(), value.expose().as_bytes())?;
+        self.meta.insert(full, sealed).map_err(st)?;
+        Ok(())
+    }
+
+    fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .meta
+            .get(format!("plain/{key}"))
+            .map_err(st)?
+            .map(|v| v.to_vec()))
+    }
+
+    fn meta_put(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.meta
+            .insert(format!("plain/{key}"), value)
+            .map_err(st)?;
+        Ok(())
+    }
+
+    fn counts(&self) -> Result<Counts> {
+        Ok(Counts {
+            tasks: self.by_identity.len() as u64,
+            credentials: self.secret_index.len() as u64,
+        })
+    }
+
+    fn durable(&self) -> Durable<'_> {
+        Box::pin(async move {
+            let ticket = self.flush.written.fetch_add(1, Ordering::SeqCst) + 1;
+            let mut rx = self.flush.flushed.subscribe();
+            {
+                *self.flush.kick.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                self.flush.cv.notify_one();
+            }
+            loop {
+                if *rx.borrow_and_update() >= ticket {
+                    return Ok(());
+                }
+                rx.changed()
+                    .await
+                    .map_err(|_| Error::Storage("the flusher stopped".into()))?;
+            }
+        })
+    }
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        // Stop the flusher (it holds a handle on the database, whose file lock must be released
+        // for the same directory to be opened again), then flush what is left.
+        self.flush.stop.store(true, Ordering::SeqCst);
+        {
+            let _g = self.flush.kick.lock().unwrap_or_else(|p| p.into_inner());
+            self.flush.cv.notify_all();
+        }
+        if let Some(h) = self.flusher.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = h.join();
+        }
+        let _ = self.db.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Decision, Grant, GrantDecision};
+
+    fn task(owner: &str, exp: i64) -> Task {
+        Task {
+            id: TaskId::generate(),
+            owner: SpiffeId::parse("o", owner).unwrap(),
+            purpose: "p".into(),
+            grants: vec![GrantDecision {
+                grant: Grant {
+                    resource: "r".into(),
+                    action: "a".into(),
+                },
+                decision: Decision::Allowed,
+                reason: "x".into(),
+                approval_id: None,
+            }],
+            labels: Default::default(),
+            state: TaskState::Active,
+            created_at: 0,
+            expires_at: exp,
+            ended_at: None,
+            parent: None,
+            delegation_chain: vec![],
+            idempotency_key: Some("k1".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn round_trip_index_and_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = Kek::create(&dir.path().join("kek")).unwrap();
+        let s = SledStore::open(&dir.path().join("db"), &kek).unwrap();
+        let t = task("spiffe://x/a", 5_000);
+        s.create_task(&t).unwrap();
+        assert_eq!(
+            s.task_by_idempotency_key(&t.owner, "k1").unwrap(),
+            Some(t.id.clone())
+        );
+        assert_eq!(s.tasks_of_identity(&t.owner).unwrap(), vec![t.id.clone()]);
+        let rec = CredentialRecord {
+            id: CredentialId::generate(),
+            task_id: t.id.clone(),
+            owner: t.owner.clone(),
+            resource: "r".into(),
+            action: "a".into(),
+            kind: "token".into(),
+            issued_at: 0,
+            expires_at: 2_000,
+            state: CredentialState::Active,
+            ended_at: None,
+            end_reason: None,
+            idempotency_key: None,
+            attributes: Default::default(),
+            delegation_chain: vec![],
+        };
+        s.create_credential(&rec, &Secret::new("jbt_abc".into()))
+            .unwrap();
+        s.durable().await.unwrap();
+        assert_eq!(
+            s.credential_by_secret("jbt_abc").unwrap(),
+            Some(rec.id.clone())
+        );
+        assert_eq!(
+            s.credential_secret(&rec.id).unwrap().unwrap().expose(),
+            "jbt_abc"
+        );
+        let due = s.due(2_000, 10).unwrap();
+        assert_eq!(due, vec![(2_000, Expiring::Credential(rec.id.clone()))]);
+        assert_eq!(s.next_due().unwrap(), Some(2_000));
+        let mut dead = rec.clone();
+        dead.state = CredentialState::Revoked;
+        s.update_credential(&dead).unwrap();
+        assert_eq!(s.credential_by_secret("jbt_abc").unwrap(), None);
+        assert!(s.credential_secret(&rec.id).unwrap().is_none());
+    }
+
+    #[test]
+    fn wrong_kek_fails_without_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = Kek::create(&dir.path().join("kek")).unwrap();
+        drop(SledStore::open(&dir.path().join("db"), &kek).unwrap());
+        let other = Kek::create(&dir.path().join("other")).unwrap();
+        let err = SledStore::open(&dir.path().join("db"), &other)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("other"), "{err}");
+        // The right key still opens it: nothing was overwritten.
+        SledStore::open(&dir.path().join("db"), &kek).unwrap();
+    }
+}

@@ -1,0 +1,426 @@
+//! The broker core through the real gRPC API over mTLS (issue "broker core" acceptance points).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use jitbroker::api::pb;
+use jitbroker::server::Options;
+use tonic::Code;
+
+#[tokio::test]
+async fn full_lifecycle_token_and_jwt() {
+    let dir = dev_dir();
+    let cfg = config(dir.path(), |t| t);
+    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let mut agent = clients(&r, AGENT).await;
+    let mut tool = clients(&r, TOOL).await;
+
+    let task = agent
+        .broker
+        .start_task(start_req(
+            vec![grant("demo-token", "read"), grant("demo-jwt", "read")],
+            600,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(task.state, pb::TaskState::Active as i32);
+    assert_eq!(task.spiffe_id, AGENT);
+    assert!(task
+        .grants
+        .iter()
+        .all(|g| g.decision == pb::Decision::Allowed as i32 && g.reason.contains("dev-agents-demo")));
+
+    let tok = agent
+        .broker
+        .issue_credential(issue_req(&task.task_id, "demo-token", 60))
+        .await
+        .unwrap()
+        .into_inner();
+    let jwt = agent
+        .broker
+        .issue_credential(issue_req(&task.task_id, "demo-jwt", 60))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(tok.secret.starts_with("jbt_"));
+    assert_eq!(jwt.kind, "jwt");
+
+    let i = introspect(&mut tool, &tok.secret, "demo-token").await;
+    assert!(i.active);
+    assert_eq!(i.spiffe_id, AGENT);
+    assert_eq!(i.task_id, task.task_id);
+    assert_eq!(i.credential_id, tok.credential_id);
+    assert!(introspect(&mut tool, &jwt.secret, "demo-jwt").await.active);
+    // A credential is only active for its own resource.
+    assert!(!introspect(&mut tool, &tok.secret, "demo-jwt").await.active);
+    // An agent is no verifier.
+    let err = agent
+        .verifier
+        .introspect(pb::IntrospectRequest {
+            secret: tok.secret.clone(),
+            resource: "demo-token".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // Offline JWT verification with the published keys.
+    let jwks_json = tool
+        .verifier
+        .get_jwks(pb::GetJwksRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .jwks_json;
+    let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&jwks_json).unwrap();
+    let header = jsonwebtoken::decode_header(&jwt.secret).unwrap();
+    let kid = header.kid.clone().unwrap();
+    let jwk = jwks.find(&kid).expect("kid published");
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    v.set_audience(&["demo-jwt"]);
+    v.set_issuer(&["spiffe://jitbroker.dev/jitbroker"]);
+    let claims = jsonwebtoken::decode::<serde_json::Value>(&jwt.secret, &key, &v)
+        .expect("JWT verifies offline")
+        .claims;
+    assert_eq!(claims["sub"], AGENT);
+    assert_eq!(claims["jti"], jwt.credential_id);
+    assert_eq!(claims["scope"], "read");
+    assert_eq!(claims["task_id"], task.task_id);
+    let mut wrong_aud = v.clone();
+    wrong_aud.set_audience(&["demo-token"]);
+    assert!(jsonwebtoken::decode::<serde_json::Value>(&jwt.secret, &key, &wrong_aud).is_err());
+
+    let done = agent
+        .broker
+        .complete_task(pb::CompleteTaskRequest {
+            task_id: task.task_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut revoked = done.revoked_credential_ids.clone();
+    revoked.sort();
+    let mut want = vec![tok.credential_id.clone(), jwt.credential_id.clone()];
+    want.sort();
+    assert_eq!(revoked, want);
+    assert_eq!(done.revoked_tasks, vec![task.task_id.clone()]);
+    assert!(!introspect(&mut tool, &tok.secret, "demo-token").await.active);
+    assert!(!introspect(&mut tool, &jwt.secret, "demo-jwt").await.active);
+    let t = agent
+        .broker
+        .get_task(pb::GetTaskRequest {
+            task_id: task.task_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.state, pb::TaskState::Completed as i32);
+    let err = agent
+        .broker
+        .issue_credential(issue_req(&task.task_id, "demo-token", 60))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    drop((agent, tool));
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn credential_is_inactive_at_its_ttl_without_the_reaper() {
+    let dir = dev_dir();
+    let (r, clock) = spawn_manual(dir.path()).await;
+    let mut agent = clients(&r, AGENT).await;
+    let mut tool = clients(&r, TOOL).await;
+    let task = agent
+        .broker
+        .start_task(start_req(vec![grant("demo-token", "read")], 600))
+        .await
+        .unwrap()
+        .into_inner();
+    let c = agent
+        .broker
+        .issue_credential(issue_req(&task.task_id, "demo-token", 2))
+        .await
+        .unwrap()
+        .into_inner();
+    clock.advance(Duration::from_millis(1999));
+    assert!(introspect(&mut tool, &c.secret, "demo-token").await.active);
+    clock.advance(Duration::from_millis(1));
+    assert!(!introspect(&mut tool, &c.secret, "demo-token").await.active);
+    // The task outlives it and can still issue.
+    agent
+        .broker
+        .issue_credential(issue_req(&task.task_id, "demo-token", 2))
+        .await
+        .unwrap();
+    drop((agent, tool));
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn restart_keeps_state() {
+    let dir = dev_dir();
+    let (r, clock) = spawn_manual(dir.path()).await;
+    let mut agent = clients(&r, AGENT).await;
+    let start = |ttl| start_req(vec![grant("demo-token", "read"), grant("demo-jwt", "read")], ttl);
+    let live_task = agent.broker.start_task(start(600)).await.unwrap().into_inner();
+    let done_task = agent.broker.start_task(start(600)).await.unwrap().into_inner();
+    let live = agent
+        .broker
+        .issue_credential(issue_req(&live_task.task_id, "demo-token", 600))
+        .await
+        .unwrap()
+        .into_inner();
+    let live_jwt = agent
+        .broker
+        .issue_credential(issue_req(&live_task.task_id, "demo-jwt", 600))
+        .await
+        .unwrap()
+        .into_inner();
+    let short = agent
+        .broker
+        .issue_credential(issue_req(&live_task.task_id, "demo-token", 5))
+        .await
+        .unwrap()
+        .into_inner();
+    let revoked = agent
+        .broker
+        .issue_credential(issue_req(&live_task.task_id, "demo-token", 600))
+        .await
+        .unwrap()
+        .into_inner();
+    agent
+        .broker
+        .revoke_credential(pb::RevokeCredentialRequest {
+            credential_id: revoked.credential_id.clone(),
+        })
+        .await
+        .unwrap();
+    let of_done = agent
+        .broker
+        .issue_credential(issue_req(&done_task.task_id, "demo-token", 600))
+        .await
+        .unwrap()
+        .into_inner();
+    agent
+        .broker
+        .complete_task(pb::CompleteTaskRequest {
+            task_id: done_task.task_id.clone(),
+        })
+        .await
+        .unwrap();
+    drop(agent);
+    r.stop().await;
+
+    clock.advance(Duration::from_secs(10));
+    let cfg = config(dir.path(), |t| t);
+    let r = spawn(
+        &cfg,
+        Options {
+            clock: std::sync::Arc::new(clock.clone()),
+            reaper: true,
+        },
+    )
+    .await
+    .unwrap();
+    let mut agent = clients(&r, AGENT).await;
+    let mut tool = clients(&r, TOOL).await;
+    assert!(introspect(&mut tool, &live.secret, "demo-token").await.active);
+    assert!(introspect(&mut tool, &live_jwt.secret, "demo-jwt").await.active);
+    assert!(!introspect(&mut tool, &short.secret, "demo-token").await.active, "expired stays dead");
+    assert!(!introspect(&mut tool, &revoked.secret, "demo-token").await.active, "revoked stays dead");
+    assert!(!introspect(&mut tool, &of_done.secret, "demo-token").await.active);
+    let state = |t: pb::Task| t.state;
+    let get = |id: String| pb::GetTaskRequest { task_id: id };
+    assert_eq!(
+        state(agent.broker.get_task(get(live_task.task_id.clone())).await.unwrap().into_inner()),
+        pb::TaskState::Active as i32
+    );
+    assert_eq!(
+        state(agent.broker.get_task(get(done_task.task_id.clone())).await.unwrap().into_inner()),
+        pb::TaskState::Completed as i32
+    );
+    // The JWT signing key survived the restart: the old JWT still verifies with the new JWKS.
+    let jwks_json = tool.verifier.get_jwks(pb::GetJwksRequest {}).await.unwrap().into_inner().jwks_json;
+    let kid = jsonwebtoken::decode_header(&live_jwt.secret).unwrap().kid.unwrap();
+    assert!(jwks_json.contains(&kid));
+    drop((agent, tool));
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_kek_fails_clearly_and_overwrites_nothing() {
+    let dir = dev_dir();
+    let cfg = config(dir.path(), |t| t);
+    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let mut agent = clients(&r, AGENT).await;
+    let task = agent
+        .broker
+        .start_task(start_req(vec![grant("demo-token", "read")], 600))
+        .await
+        .unwrap()
+        .into_inner();
+    let c = agent
+        .broker
+        .issue_credential(issue_req(&task.task_id, "demo-token", 600))
+        .await
+        .unwrap()
+        .into_inner();
+    drop(agent);
+    r.stop().await;
+
+    let before: Vec<_> = all_bytes(&dir.path().join("db"));
+    let wrong = dir.path().join("wrong-kek");
+    std::fs::write(&wrong, format!("{}\n", "ab".repeat(32))).unwrap();
+    let mut bad = cfg.clone();
+    bad.kek_file = wrong.clone();
+    let err = match spawn(&bad, Options::default()).await {
+        Ok(_) => panic!("started with the wrong KEK"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains(&wrong.display().to_string()), "error names the key file: {err}");
+    let mut after: Vec<_> = all_bytes(&dir.path().join("db"));
+    let mut before = before;
+    before.sort();
+    after.sort();
+    assert!(before == after, "nothing under the data store changed");
+
+    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let mut tool = clients(&r, TOOL).await;
+    assert!(introspect(&mut tool, &c.secret, "demo-token").await.active);
+    drop(tool);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_the_designed_status() {
+    let dir = dev_dir();
+    let cfg = config(dir.path(), |t| t);
+    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let mut a = clients(&r, AGENT).await;
+    let mut b = clients(&r, AGENT_B).await;
+
+    // No client certificate: the handshake is refused (mTLS is mandatory).
+    let (_, _, bundle) = mint(&r.data_dir, AGENT);
+    let anon = match channel(r.addr, tls_config(&bundle, None)).await {
+        Ok(ch) => BrokerClient::new(ch)
+            .get_task(pb::GetTaskRequest { task_id: "x".into() })
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .code(),
+        Err(_) => Code::Unavailable,
+    };
+    assert!(matches!(anon, Code::Unavailable | Code::Unauthenticated | Code::Unknown), "{anon:?}");
+
+    // A certificate from another CA.
+    let other = tempfile::tempdir().unwrap();
+    let (chain, key, _) = mint(other.path(), AGENT);
+    let foreign = match channel(r.addr, tls_config(&bundle, Some((&chain, &key)))).await {
+        Ok(ch) => BrokerClient::new(ch)
+            .get_task(pb::GetTaskRequest { task_id: "x".into() })
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .code(),
+        Err(_) => Code::Unavailable,
+    };
+    assert!(matches!(foreign, Code::Unavailable | Code::Unauthenticated | Code::Unknown), "{foreign:?}");
+
+    // Another agent's task reads as unknown.
+    let task = a
+        .broker
+        .start_task(start_req(vec![grant("demo-token", "read")], 600))
+        .await
+        .unwrap()
+        .into_inner();
+    for code in [
+        b.broker
+            .get_task(pb::GetTaskRequest { task_id: task.task_id.clone() })
+            .await
+            .unwrap_err()
+            .code(),
+        b.broker
+            .issue_credential(issue_req(&task.task_id, "demo-token", 60))
+            .await
+            .unwrap_err()
+            .code(),
+        b.broker
+            .complete_task(pb::CompleteTaskRequest { task_id: task.task_id.clone() })
+            .await
+            .unwrap_err()
+            .code(),
+    ] {
+        assert_eq!(code, Code::NotFound);
+    }
+
+    let cases: Vec<(pb::StartTaskRequest, Code, &str)> = vec![
+        (start_req(vec![grant("", "read")], 60), Code::InvalidArgument, "grants[0].resource"),
+        (
+            start_req(vec![grant(&"r".repeat(10 * 1024), "read")], 60),
+            Code::InvalidArgument,
+            "grants[0].resource",
+        ),
+        (
+            pb::StartTaskRequest {
+                purpose: "p".repeat(1 << 20),
+                ..start_req(vec![grant("demo-token", "read")], 60)
+            },
+            Code::InvalidArgument,
+            "purpose",
+        ),
+        (start_req(vec![grant("demo-token", "read")], 100_000), Code::InvalidArgument, "ttl_seconds"),
+        (start_req(vec![grant("no-such-thing", "read")], 60), Code::InvalidArgument, "grants[0].resource"),
+        (start_req(vec![grant("demo-token", "delete")], 60), Code::InvalidArgument, "grants[0].action"),
+    ];
+    for (req, code, field) in cases {
+        let s = a.broker.start_task(req).await.unwrap_err();
+        assert_eq!(s.code(), code, "{field}: {}", s.message());
+        assert!(s.message().starts_with(field), "{field}: {}", s.message());
+        assert!(s.message().len() < 512, "bounded error message");
+    }
+
+    // A grant the policy denies: a tool identity is not an agent.
+    let mut tool = clients(&r, TOOL).await;
+    let s = tool
+        .broker
+        .start_task(start_req(vec![grant("demo-token", "read")], 60))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied);
+    assert!(s.message().contains("default deny"), "{}", s.message());
+
+    let s = a
+        .broker
+        .issue_credential(issue_req(&task.task_id, "demo-token", 100_000))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().starts_with("ttl_seconds"), "{}", s.message());
+    let s = a
+        .broker
+        .issue_credential(issue_req("not-a-task", "demo-token", 60))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().starts_with("task_id"), "{}", s.message());
+    // Not requested at task start.
+    let s = a
+        .broker
+        .issue_credential(issue_req(&task.task_id, "demo-jwt", 60))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied);
+
+    // The broker is still fine after all that.
+    a.broker
+        .issue_credential(issue_req(&task.task_id, "demo-token", 60))
+        .await
+        .unwrap();
+    drop((a, b, tool));
+    r.stop().await;
+}

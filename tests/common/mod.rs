@@ -1,0 +1,280 @@
+//! Test support: start the real broker in-process on 127.0.0.1:0 with a dev CA, and connect
+//! gRPC clients over mTLS with rcgen-minted SVIDs.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use jitbroker::api::pb;
+use jitbroker::broker::{Clock, ManualClock};
+use jitbroker::config::Config;
+use jitbroker::server::{App, Options};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub use jitbroker::api::pb::{
+    admin_client::AdminClient, broker_client::BrokerClient, verifier_client::VerifierClient,
+};
+
+pub const AGENT: &str = "spiffe://jitbroker.dev/agent/a";
+pub const AGENT_B: &str = "spiffe://jitbroker.dev/agent/b";
+pub const TOOL: &str = "spiffe://jitbroker.dev/tool/demo";
+pub const OPERATOR: &str = "spiffe://jitbroker.dev/operator";
+
+/// A broker running in this process.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub ops_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<jitbroker::error::Result<()>>>,
+}
+
+impl Running {
+    /// Stops the broker and waits until it has released the data directory.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("server task").expect("server run");
+        }
+    }
+}
+
+/// A temp data dir prepared like `jitbroker dev` does.
+pub fn dev_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    jitbroker::cli::prepare_dev(dir.path()).expect("prepare dev dir");
+    dir
+}
+
+/// Loads the dev config of `dir`, letting the test edit its text first.
+pub fn config(dir: &Path, edit: impl FnOnce(String) -> String) -> Config {
+    let path = dir.join("jitbroker.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = edit(text);
+    std::fs::write(&path, &text).unwrap();
+    Config::from_toml(&text, "test", |_| None).expect("config")
+}
+
+pub async fn spawn(cfg: &Config, options: Options) -> jitbroker::error::Result<Running> {
+    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = api.local_addr().unwrap();
+    let ops_addr = ops.local_addr().unwrap();
+    let app = App::build(cfg, Some(addr), options).await?;
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(jitbroker::server::run(api, ops, app, async move {
+        let _ = rx.await;
+    }));
+    Ok(Running {
+        addr,
+        ops_addr,
+        data_dir: cfg.data_dir.clone(),
+        stop: Some(tx),
+        task: Some(task),
+    })
+}
+
+/// Starts a broker on a fresh dev dir with a manual clock and no reaper.
+pub async fn spawn_manual(dir: &Path) -> (Running, ManualClock) {
+    let clock = ManualClock::new();
+    let cfg = config(dir, |t| t);
+    let r = spawn(
+        &cfg,
+        Options {
+            clock: Arc::new(clock.clone()) as Arc<dyn Clock>,
+            reaper: false,
+        },
+    )
+    .await
+    .expect("spawn");
+    (r, clock)
+}
+
+/// Mints an SVID for `id` from the dev CA of `dir` and returns (chain PEM, key PEM, bundle PEM).
+pub fn mint(dir: &Path, id: &str) -> (String, String, String) {
+    let ca = jitbroker::identity::dev::ensure_dev_ca(dir, "jitbroker.dev").unwrap();
+    let svid = ca
+        .mint_svid(id, &[], &[], Duration::from_secs(3600))
+        .unwrap();
+    (
+        svid.cert_chain_pem.clone(),
+        svid.key_pem.to_string(),
+        svid.bundle_pem.clone(),
+    )
+}
+
+fn certs(pem: &str) -> Vec<CertificateDer<'static>> {
+    rustls_pemfile_certs(pem)
+}
+
+fn rustls_pemfile_certs(pem: &str) -> Vec<CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .map(|c| c.unwrap())
+        .collect()
+}
+
+/// A TLS client config trusting `bundle_pem`, presenting `identity` if given.
+pub fn tls_config(bundle_pem: &str, identity: Option<(&str, &str)>) -> rustls::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(bundle_pem) {
+        roots.add(c).unwrap();
+    }
+    let b = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let mut cfg = match identity {
+        Some((chain, key)) => b
+            .with_client_auth_cert(
+                certs(chain),
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => b.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg
+}
+
+/// A gRPC channel to `addr` over TLS with `tls`, verifying the server as `localhost`.
+pub async fn channel(addr: SocketAddr, tls: rustls::ClientConfig) -> Result<Channel, tonic::transport::Error> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let connector = connector.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let name = ServerName::try_from("localhost").unwrap();
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        }))
+        .await
+}
+
+/// Clients for one identity.
+#[derive(Clone)]
+pub struct Clients {
+    pub broker: BrokerClient<Channel>,
+    pub verifier: VerifierClient<Channel>,
+    pub admin: AdminClient<Channel>,
+}
+
+pub async fn clients(r: &Running, id: &str) -> Clients {
+    let (chain, key, bundle) = mint(&r.data_dir, id);
+    let ch = channel(r.addr, tls_config(&bundle, Some((&chain, &key))))
+        .await
+        .expect("connect");
+    Clients {
+        broker: BrokerClient::new(ch.clone()),
+        verifier: VerifierClient::new(ch.clone()),
+        admin: AdminClient::new(ch),
+    }
+}
+
+pub fn grant(resource: &str, action: &str) -> pb::Grant {
+    pb::Grant {
+        resource: resource.into(),
+        action: action.into(),
+    }
+}
+
+pub fn start_req(grants: Vec<pb::Grant>, ttl: u32) -> pb::StartTaskRequest {
+    pb::StartTaskRequest {
+        purpose: "summarise ticket 42".into(),
+        grants,
+        ttl_seconds: ttl,
+        ..Default::default()
+    }
+}
+
+pub fn issue_req(task_id: &str, resource: &str, ttl: u32) -> pb::IssueCredentialRequest {
+    pb::IssueCredentialRequest {
+        task_id: task_id.into(),
+        resource: resource.into(),
+        action: "read".into(),
+        ttl_seconds: ttl,
+        idempotency_key: String::new(),
+    }
+}
+
+pub async fn introspect(c: &mut Clients, secret: &str, resource: &str) -> pb::IntrospectResponse {
+    c.verifier
+        .introspect(pb::IntrospectRequest {
+            secret: secret.into(),
+            resource: resource.into(),
+        })
+        .await
+        .expect("introspect")
+        .into_inner()
+}
+
+/// A `tracing` writer that keeps everything logged, so tests can scan the logs.
+#[derive(Clone, Default)]
+pub struct LogCapture(pub Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogCapture {
+    type Writer = LogCapture;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+impl LogCapture {
+    /// Installs a global subscriber logging everything (trace level, JSON) into the capture.
+    pub fn install() -> Self {
+        let cap = LogCapture::default();
+        tracing_subscriber::fmt()
+            .with_env_filter("trace")
+            .json()
+            .with_writer(cap.clone())
+            .try_init()
+            .expect("first subscriber in this test binary");
+        cap
+    }
+
+    pub fn text(&self) -> Vec<u8> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// Every file under `dir`, recursively, as bytes.
+pub fn all_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
