@@ -28,10 +28,9 @@ async fn full_lifecycle_token_and_jwt() {
         .into_inner();
     assert_eq!(task.state, pb::TaskState::Active as i32);
     assert_eq!(task.spiffe_id, AGENT);
-    assert!(task
-        .grants
-        .iter()
-        .all(|g| g.decision == pb::Decision::Allowed as i32 && g.reason.contains("dev-agents-demo")));
+    assert!(task.grants.iter().all(
+        |g| g.decision == pb::Decision::Allowed as i32 && g.reason.contains("dev-agents-demo")
+    ));
 
     let tok = agent
         .broker
@@ -108,7 +107,11 @@ async fn full_lifecycle_token_and_jwt() {
     want.sort();
     assert_eq!(revoked, want);
     assert_eq!(done.revoked_tasks, vec![task.task_id.clone()]);
-    assert!(!introspect(&mut tool, &tok.secret, "demo-token").await.active);
+    assert!(
+        !introspect(&mut tool, &tok.secret, "demo-token")
+            .await
+            .active
+    );
     assert!(!introspect(&mut tool, &jwt.secret, "demo-jwt").await.active);
     let t = agent
         .broker
@@ -166,9 +169,24 @@ async fn restart_keeps_state() {
     let dir = dev_dir();
     let (r, clock) = spawn_manual(dir.path()).await;
     let mut agent = clients(&r, AGENT).await;
-    let start = |ttl| start_req(vec![grant("demo-token", "read"), grant("demo-jwt", "read")], ttl);
-    let live_task = agent.broker.start_task(start(600)).await.unwrap().into_inner();
-    let done_task = agent.broker.start_task(start(600)).await.unwrap().into_inner();
+    let start = |ttl| {
+        start_req(
+            vec![grant("demo-token", "read"), grant("demo-jwt", "read")],
+            ttl,
+        )
+    };
+    let live_task = agent
+        .broker
+        .start_task(start(600))
+        .await
+        .unwrap()
+        .into_inner();
+    let done_task = agent
+        .broker
+        .start_task(start(600))
+        .await
+        .unwrap()
+        .into_inner();
     let live = agent
         .broker
         .issue_credential(issue_req(&live_task.task_id, "demo-token", 600))
@@ -229,24 +247,69 @@ async fn restart_keeps_state() {
     .unwrap();
     let mut agent = clients(&r, AGENT).await;
     let mut tool = clients(&r, TOOL).await;
-    assert!(introspect(&mut tool, &live.secret, "demo-token").await.active);
-    assert!(introspect(&mut tool, &live_jwt.secret, "demo-jwt").await.active);
-    assert!(!introspect(&mut tool, &short.secret, "demo-token").await.active, "expired stays dead");
-    assert!(!introspect(&mut tool, &revoked.secret, "demo-token").await.active, "revoked stays dead");
-    assert!(!introspect(&mut tool, &of_done.secret, "demo-token").await.active);
+    assert!(
+        introspect(&mut tool, &live.secret, "demo-token")
+            .await
+            .active
+    );
+    assert!(
+        introspect(&mut tool, &live_jwt.secret, "demo-jwt")
+            .await
+            .active
+    );
+    assert!(
+        !introspect(&mut tool, &short.secret, "demo-token")
+            .await
+            .active,
+        "expired stays dead"
+    );
+    assert!(
+        !introspect(&mut tool, &revoked.secret, "demo-token")
+            .await
+            .active,
+        "revoked stays dead"
+    );
+    assert!(
+        !introspect(&mut tool, &of_done.secret, "demo-token")
+            .await
+            .active
+    );
     let state = |t: pb::Task| t.state;
     let get = |id: String| pb::GetTaskRequest { task_id: id };
     assert_eq!(
-        state(agent.broker.get_task(get(live_task.task_id.clone())).await.unwrap().into_inner()),
+        state(
+            agent
+                .broker
+                .get_task(get(live_task.task_id.clone()))
+                .await
+                .unwrap()
+                .into_inner()
+        ),
         pb::TaskState::Active as i32
     );
     assert_eq!(
-        state(agent.broker.get_task(get(done_task.task_id.clone())).await.unwrap().into_inner()),
+        state(
+            agent
+                .broker
+                .get_task(get(done_task.task_id.clone()))
+                .await
+                .unwrap()
+                .into_inner()
+        ),
         pb::TaskState::Completed as i32
     );
     // The JWT signing key survived the restart: the old JWT still verifies with the new JWKS.
-    let jwks_json = tool.verifier.get_jwks(pb::GetJwksRequest {}).await.unwrap().into_inner().jwks_json;
-    let kid = jsonwebtoken::decode_header(&live_jwt.secret).unwrap().kid.unwrap();
+    let jwks_json = tool
+        .verifier
+        .get_jwks(pb::GetJwksRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .jwks_json;
+    let kid = jsonwebtoken::decode_header(&live_jwt.secret)
+        .unwrap()
+        .kid
+        .unwrap();
     assert!(jwks_json.contains(&kid));
     drop((agent, tool));
     r.stop().await;
@@ -282,7 +345,10 @@ async fn wrong_kek_fails_clearly_and_overwrites_nothing() {
         Ok(_) => panic!("started with the wrong KEK"),
         Err(e) => e.to_string(),
     };
-    assert!(err.contains(&wrong.display().to_string()), "error names the key file: {err}");
+    assert!(
+        err.contains(&wrong.display().to_string()),
+        "error names the key file: {err}"
+    );
     let mut after: Vec<_> = all_bytes(&dir.path().join("db"));
     let mut before = before;
     before.sort();
@@ -308,28 +374,44 @@ async fn bad_input_gets_the_designed_status() {
     let (_, _, bundle) = mint(&r.data_dir, AGENT);
     let anon = match channel(r.addr, tls_config(&bundle, None)).await {
         Ok(ch) => BrokerClient::new(ch)
-            .get_task(pb::GetTaskRequest { task_id: "x".into() })
+            .get_task(pb::GetTaskRequest {
+                task_id: "x".into(),
+            })
             .await
             .map(|_| ())
             .unwrap_err()
             .code(),
         Err(_) => Code::Unavailable,
     };
-    assert!(matches!(anon, Code::Unavailable | Code::Unauthenticated | Code::Unknown), "{anon:?}");
+    assert!(
+        matches!(
+            anon,
+            Code::Unavailable | Code::Unauthenticated | Code::Unknown
+        ),
+        "{anon:?}"
+    );
 
     // A certificate from another CA.
     let other = tempfile::tempdir().unwrap();
     let (chain, key, _) = mint(other.path(), AGENT);
     let foreign = match channel(r.addr, tls_config(&bundle, Some((&chain, &key)))).await {
         Ok(ch) => BrokerClient::new(ch)
-            .get_task(pb::GetTaskRequest { task_id: "x".into() })
+            .get_task(pb::GetTaskRequest {
+                task_id: "x".into(),
+            })
             .await
             .map(|_| ())
             .unwrap_err()
             .code(),
         Err(_) => Code::Unavailable,
     };
-    assert!(matches!(foreign, Code::Unavailable | Code::Unauthenticated | Code::Unknown), "{foreign:?}");
+    assert!(
+        matches!(
+            foreign,
+            Code::Unavailable | Code::Unauthenticated | Code::Unknown
+        ),
+        "{foreign:?}"
+    );
 
     // Another agent's task reads as unknown.
     let task = a
@@ -340,7 +422,9 @@ async fn bad_input_gets_the_designed_status() {
         .into_inner();
     for code in [
         b.broker
-            .get_task(pb::GetTaskRequest { task_id: task.task_id.clone() })
+            .get_task(pb::GetTaskRequest {
+                task_id: task.task_id.clone(),
+            })
             .await
             .unwrap_err()
             .code(),
@@ -350,7 +434,9 @@ async fn bad_input_gets_the_designed_status() {
             .unwrap_err()
             .code(),
         b.broker
-            .complete_task(pb::CompleteTaskRequest { task_id: task.task_id.clone() })
+            .complete_task(pb::CompleteTaskRequest {
+                task_id: task.task_id.clone(),
+            })
             .await
             .unwrap_err()
             .code(),
@@ -359,7 +445,11 @@ async fn bad_input_gets_the_designed_status() {
     }
 
     let cases: Vec<(pb::StartTaskRequest, Code, &str)> = vec![
-        (start_req(vec![grant("", "read")], 60), Code::InvalidArgument, "grants[0].resource"),
+        (
+            start_req(vec![grant("", "read")], 60),
+            Code::InvalidArgument,
+            "grants[0].resource",
+        ),
         (
             start_req(vec![grant(&"r".repeat(10 * 1024), "read")], 60),
             Code::InvalidArgument,
@@ -373,9 +463,21 @@ async fn bad_input_gets_the_designed_status() {
             Code::InvalidArgument,
             "purpose",
         ),
-        (start_req(vec![grant("demo-token", "read")], 100_000), Code::InvalidArgument, "ttl_seconds"),
-        (start_req(vec![grant("no-such-thing", "read")], 60), Code::InvalidArgument, "grants[0].resource"),
-        (start_req(vec![grant("demo-token", "delete")], 60), Code::InvalidArgument, "grants[0].action"),
+        (
+            start_req(vec![grant("demo-token", "read")], 100_000),
+            Code::InvalidArgument,
+            "ttl_seconds",
+        ),
+        (
+            start_req(vec![grant("no-such-thing", "read")], 60),
+            Code::InvalidArgument,
+            "grants[0].resource",
+        ),
+        (
+            start_req(vec![grant("demo-token", "delete")], 60),
+            Code::InvalidArgument,
+            "grants[0].action",
+        ),
     ];
     for (req, code, field) in cases {
         let s = a.broker.start_task(req).await.unwrap_err();

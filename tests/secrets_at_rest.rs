@@ -18,21 +18,31 @@ async fn no_plaintext_secret_on_disk_or_in_logs() {
     for i in 0..20 {
         let task = agent
             .broker
-            .start_task(start_req(vec![grant("demo-token", "read"), grant("demo-jwt", "read")], 600))
+            .start_task(start_req(
+                vec![grant("demo-token", "read"), grant("demo-jwt", "read")],
+                600,
+            ))
             .await
             .unwrap()
             .into_inner();
         for res in ["demo-token", "demo-jwt"] {
             let mut req = issue_req(&task.task_id, res, 300);
             req.idempotency_key = format!("k{i}");
-            let c = agent.broker.issue_credential(req).await.unwrap().into_inner();
+            let c = agent
+                .broker
+                .issue_credential(req)
+                .await
+                .unwrap()
+                .into_inner();
             assert!(introspect(&mut tool, &c.secret, res).await.active);
             secrets.push(c.secret);
         }
         if i % 2 == 0 {
             agent
                 .broker
-                .complete_task(pb::CompleteTaskRequest { task_id: task.task_id })
+                .complete_task(pb::CompleteTaskRequest {
+                    task_id: task.task_id,
+                })
                 .await
                 .unwrap();
         }
@@ -41,15 +51,27 @@ async fn no_plaintext_secret_on_disk_or_in_logs() {
     r.stop().await;
 
     let files = all_bytes(dir.path());
-    assert!(files.iter().any(|(p, _)| p.starts_with(dir.path().join("db"))));
+    assert!(
+        files
+            .iter()
+            .any(|(p, _)| p.starts_with(dir.path().join("db")))
+    );
     let log = logs.text();
     assert!(!log.is_empty(), "logs were captured");
     for s in &secrets {
         // The whole secret, and its distinctive tail (a token's random part, a JWT's signature).
         let tail = s.rsplit(['_', '.']).next().unwrap();
         for (path, bytes) in &files {
-            assert!(!contains(bytes, s.as_bytes()), "secret in {}", path.display());
-            assert!(!contains(bytes, tail.as_bytes()), "secret part in {}", path.display());
+            assert!(
+                !contains(bytes, s.as_bytes()),
+                "secret in {}",
+                path.display()
+            );
+            assert!(
+                !contains(bytes, tail.as_bytes()),
+                "secret part in {}",
+                path.display()
+            );
         }
         assert!(!contains(&log, tail.as_bytes()), "secret in the logs");
     }

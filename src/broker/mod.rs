@@ -138,6 +138,16 @@ pub struct StatusInfo {
     pub policy_digest: String,
 }
 
+/// The task-side context of one policy decision.
+#[derive(Clone, Copy)]
+struct DecideCtx<'a> {
+    task: Option<&'a Task>,
+    purpose: &'a str,
+    labels: &'a BTreeMap<String, String>,
+    requested_ttl_ms: i64,
+    chain: &'a [SpiffeId],
+}
+
 pub struct Broker {
     store: Arc<dyn Store>,
     policy: Arc<PolicyEngine>,
@@ -316,16 +326,14 @@ impl Broker {
         Ok(secs_to_ms(ttl))
     }
 
-    fn decide(
-        &self,
-        principal: &SpiffeId,
-        grant: &Grant,
-        task: Option<&Task>,
-        purpose: &str,
-        labels: &BTreeMap<String, String>,
-        requested_ttl_ms: i64,
-        chain: &[SpiffeId],
-    ) -> crate::policy::Verdict {
+    fn decide(&self, principal: &SpiffeId, grant: &Grant, c: &DecideCtx<'_>) -> crate::policy::Verdict {
+        let DecideCtx {
+            task,
+            purpose,
+            labels,
+            requested_ttl_ms,
+            chain,
+        } = *c;
         let now = self.now();
         let v = self.policy.decide(&PolicyRequest {
             principal,
@@ -415,7 +423,17 @@ impl Broker {
             .grants
             .iter()
             .map(|g| {
-                let v = self.decide(caller, g, None, &req.purpose, &labels, ttl_ms, &chain);
+                let v = self.decide(
+                    caller,
+                    g,
+                    &DecideCtx {
+                        task: None,
+                        purpose: &req.purpose,
+                        labels: &labels,
+                        requested_ttl_ms: ttl_ms,
+                        chain: &chain,
+                    },
+                );
                 GrantDecision {
                     grant: g.clone(),
                     decision: v.decision,
@@ -548,11 +566,13 @@ impl Broker {
         let v = self.decide(
             caller,
             &grant,
-            Some(&task),
-            &task.purpose,
-            &task.labels,
-            expires_at - now,
-            &task.delegation_chain,
+            &DecideCtx {
+                task: Some(&task),
+                purpose: &task.purpose,
+                labels: &task.labels,
+                requested_ttl_ms: expires_at - now,
+                chain: &task.delegation_chain,
+            },
         );
         if v.decision != Decision::Allowed {
             return Err(Error::PermissionDenied(format!(

@@ -215,7 +215,7 @@ fn seal_raw(key: &[u8; 32], key_id: u32, aad: &[u8], plain: &[u8]) -> Result<Vec
     out.extend_from_slice(&key_id.to_be_bytes());
     out.extend_from_slice(&nonce);
     let ct = cipher
-        .encrypt(Nonce::from_slice(&nonce), Payload { msg: plain, aad })
+        .encrypt(&Nonce::from(nonce), Payload { msg: plain, aad })
         .map_err(|_| Error::Crypto("sealing failed".into()))?;
     out.extend_from_slice(&ct);
     Ok(out)
@@ -227,9 +227,12 @@ fn open_raw(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> Result<(u32, Zeroizing
     }
     let key_id = u32::from_be_bytes([sealed[1], sealed[2], sealed[3], sealed[4]]);
     let cipher = Aes256Gcm::new_from_slice(key).map_err(|e| Error::Crypto(e.to_string()))?;
+    let nonce: [u8; NONCE_LEN] = sealed[5..HEADER_LEN]
+        .try_into()
+        .map_err(|_| Error::Crypto("sealed value is malformed".into()))?;
     let plain = cipher
         .decrypt(
-            Nonce::from_slice(&sealed[5..HEADER_LEN]),
+            &Nonce::from(nonce),
             Payload {
                 msg: &sealed[HEADER_LEN..],
                 aad,

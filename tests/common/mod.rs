@@ -146,7 +146,10 @@ pub fn tls_config(bundle_pem: &str, identity: Option<(&str, &str)>) -> rustls::C
 }
 
 /// A gRPC channel to `addr` over TLS with `tls`, verifying the server as `localhost`.
-pub async fn channel(addr: SocketAddr, tls: rustls::ClientConfig) -> Result<Channel, tonic::transport::Error> {
+pub async fn channel(
+    addr: SocketAddr,
+    tls: rustls::ClientConfig,
+) -> Result<Channel, tonic::transport::Error> {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
     Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs what the tests need (grpcurl and helm built once
+# from their Go modules into ~/.cache/jitbroker/tools; Python's kubernetes-validate in a venv there),
+# then runs the Rust unit and integration tests, the README walk-through against a real
+# `jitbroker dev` with the real grpcurl, and the Helm chart validation.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+# shellcheck source=tools.sh
+source scripts/tools.sh
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "installing test tools (cached)"
+jb_tools_install grpcurl helm
+export PATH="$(jb_tools_bin_dir):$PATH"
+
+step "cargo test"
+cargo test --all-targets --locked
+
+step "release build (the README's run command)"
+cargo build --release --locked
+
+step "README walk-through with grpcurl"
+scripts/smoke-readme.sh
+
+step "Helm chart validation"
+JITBROKER_BIN="$root/target/release/jitbroker" scripts/validate-chart.sh
+
+echo
+echo "scripts/test.sh: all suites passed"
