@@ -15,12 +15,14 @@
 //! - [`broker`]: tasks, credentials, expiry and the reaper; no tonic, no sled.
 //! - [`issuers`]: the credential kinds (opaque tokens, JWTs).
 //! - [`store`]: the storage trait, the sled store, sealing with AES-256-GCM.
+//! - [`audit`]: the tamper-evident hash chain of every decision and action.
 //! - [`telemetry`]: logging and metrics.
 //! - [`model`]: validated identifiers and the records the others share.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod audit;
 pub mod broker;
 pub mod cli;
 pub mod config;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use tokio::sync::{Mutex, Notify};
 
+use crate::audit::{AuditLog, Event};
 use crate::config::{self, Config, ResourceKind};
 use crate::error::{Error, Result};
 use crate::issuers::jwt::JwtIssuer;
@@ -150,6 +151,7 @@ struct DecideCtx<'a> {
 
 pub struct Broker {
     store: Arc<dyn Store>,
+    audit: AuditLog,
     policy: Arc<PolicyEngine>,
     jwt: JwtIssuer,
     clock: Arc<dyn Clock>,
@@ -168,6 +170,14 @@ fn stripe_of(key: &str) -> usize {
 
 fn secs_to_ms(s: u64) -> i64 {
     (s as i64).saturating_mul(1000)
+}
+
+fn decision_name(d: Decision) -> &'static str {
+    match d {
+        Decision::Allowed => "ALLOWED",
+        Decision::NeedsApproval => "NEEDS_APPROVAL",
+        Decision::Denied => "DENIED",
+    }
 }
 
 fn state_name(s: TaskState) -> &'static str {
@@ -195,8 +205,10 @@ impl Broker {
             secs_to_ms(limits.max_ttl_seconds),
             clock.now(),
         )?;
+        let audit = AuditLog::open(store.as_ref())?;
         Ok(Self {
             store,
+            audit,
             policy,
             jwt,
             clock,
@@ -326,7 +338,12 @@ impl Broker {
         Ok(secs_to_ms(ttl))
     }
 
-    fn decide(&self, principal: &SpiffeId, grant: &Grant, c: &DecideCtx<'_>) -> crate::policy::Verdict {
+    fn decide(
+        &self,
+        principal: &SpiffeId,
+        grant: &Grant,
+        c: &DecideCtx<'_>,
+    ) -> Result<crate::policy::Verdict> {
         let DecideCtx {
             task,
             purpose,
@@ -347,18 +364,41 @@ impl Broker {
             labels,
             now_unix: now / 1000,
         });
-        tracing::info!(
-            event = "decision",
-            spiffe_id = %principal,
-            resource = %grant.resource,
-            action = %grant.action,
-            task_id = task.map(|t| t.id.as_str()).unwrap_or(""),
-            decision = ?v.decision,
-            policies = ?v.policy_ids,
-            "policy decision"
-        );
+        self.audit(Event {
+            kind: "decision".into(),
+            spiffe_id: principal.to_string(),
+            task_id: task.map(|t| t.id.to_string()).unwrap_or_default(),
+            resource: grant.resource.clone(),
+            action: grant.action.clone(),
+            decision: decision_name(v.decision).into(),
+            policies: v.policy_ids.clone(),
+            reason: v.reason.clone(),
+            purpose: purpose.to_owned(),
+            delegation_chain: chain.iter().map(|c| c.to_string()).collect(),
+            ..Default::default()
+        })?;
         self.metrics.decision(v.decision);
-        v
+        Ok(v)
+    }
+
+    /// Appends to the audit chain. The caller's next `durable()` makes it durable with the
+    /// change it records; a failure to audit fails the operation (fail closed).
+    pub(crate) fn audit(&self, event: Event) -> Result<()> {
+        self.audit.append(self.store.as_ref(), self.now(), event)?;
+        Ok(())
+    }
+
+    /// Records a refused authentication (no, or an invalid, SVID).
+    pub fn audit_auth_failure(&self, remote: &str, reason: &str) {
+        let r = self.audit(Event {
+            kind: "auth_failed".into(),
+            reason: reason.to_owned(),
+            detail: format!("remote {remote}"),
+            ..Default::default()
+        });
+        if let Err(e) = r {
+            tracing::error!(error = %e, "could not audit an authentication failure");
+        }
     }
 
     /// `Broker.StartTask`.
@@ -422,7 +462,7 @@ impl Broker {
         let grants: Vec<GrantDecision> = req
             .grants
             .iter()
-            .map(|g| {
+            .map(|g| -> Result<GrantDecision> {
                 let v = self.decide(
                     caller,
                     g,
@@ -433,16 +473,18 @@ impl Broker {
                         requested_ttl_ms: ttl_ms,
                         chain: &chain,
                     },
-                );
-                GrantDecision {
+                )?;
+                Ok(GrantDecision {
                     grant: g.clone(),
                     decision: v.decision,
                     reason: v.reason,
                     approval_id: None,
-                }
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         if grants.iter().all(|g| g.decision == Decision::Denied) {
+            // The denials are audited; make that durable before answering.
+            self.store.durable().await?;
             let reasons: Vec<String> = grants
                 .iter()
                 .map(|g| format!("({}, {}): {}", g.grant.resource, g.grant.action, g.reason))
@@ -467,8 +509,15 @@ impl Broker {
             idempotency_key: idem,
         };
         self.store.create_task(&task)?;
+        self.audit(Event {
+            kind: "task_started".into(),
+            spiffe_id: caller.to_string(),
+            task_id: task.id.to_string(),
+            purpose: task.purpose.clone(),
+            detail: format!("expires_at={}", task.expires_at),
+            ..Default::default()
+        })?;
         self.store.durable().await?;
-        tracing::info!(event = "task_started", task_id = %task.id, spiffe_id = %caller, purpose = %preview(&task.purpose), "task started");
         Ok(task)
     }
 
@@ -573,8 +622,9 @@ impl Broker {
                 requested_ttl_ms: expires_at - now,
                 chain: &task.delegation_chain,
             },
-        );
+        )?;
         if v.decision != Decision::Allowed {
+            self.store.durable().await?;
             return Err(Error::PermissionDenied(format!(
                 "({}, {}) is no longer allowed: {}",
                 grant.resource, grant.action, v.reason
@@ -619,19 +669,20 @@ impl Broker {
             delegation_chain: task.delegation_chain.clone(),
         };
         self.store.create_credential(&record, &secret)?;
+        self.audit(Event {
+            kind: "credential_issued".into(),
+            spiffe_id: caller.to_string(),
+            task_id: record.task_id.to_string(),
+            credential_id: record.id.to_string(),
+            resource: record.resource.clone(),
+            action: record.action.clone(),
+            purpose: task.purpose.clone(),
+            delegation_chain: task.delegation_chain.iter().map(|c| c.to_string()).collect(),
+            detail: format!("kind={} expires_at={}", record.kind, record.expires_at),
+            ..Default::default()
+        })?;
         self.store.durable().await?;
         self.metrics.issued(&record.kind);
-        tracing::info!(
-            event = "credential_issued",
-            credential_id = %record.id,
-            task_id = %record.task_id,
-            spiffe_id = %caller,
-            resource = %record.resource,
-            action = %record.action,
-            kind = %record.kind,
-            expires_at = record.expires_at,
-            "credential issued"
-        );
         Ok(IssuedCredential { record, secret })
     }
 
@@ -691,13 +742,16 @@ impl Broker {
         });
         self.store.update_credential(&rec)?;
         self.metrics.ended(rec.end_reason.unwrap_or(reason));
-        tracing::info!(
-            event = "credential_ended",
-            credential_id = %rec.id,
-            task_id = %rec.task_id,
-            reason = rec.end_reason.map(RevokeReason::as_str).unwrap_or(""),
-            "credential ended"
-        );
+        self.audit(Event {
+            kind: "credential_ended".into(),
+            spiffe_id: rec.owner.to_string(),
+            task_id: rec.task_id.to_string(),
+            credential_id: rec.id.to_string(),
+            resource: rec.resource.clone(),
+            action: rec.action.clone(),
+            reason: rec.end_reason.map(RevokeReason::as_str).unwrap_or("").into(),
+            ..Default::default()
+        })?;
         Ok(true)
     }
 
@@ -719,8 +773,13 @@ impl Broker {
         task.ended_at = Some(now);
         self.store.update_task(task)?;
         out.ended_tasks.push(task.id.clone());
-        tracing::info!(event = "task_ended", task_id = %task.id, spiffe_id = %task.owner, reason = reason.as_str(), "task ended");
-        Ok(())
+        self.audit(Event {
+            kind: "task_ended".into(),
+            spiffe_id: task.owner.to_string(),
+            task_id: task.id.to_string(),
+            reason: reason.as_str().into(),
+            ..Default::default()
+        })
     }
 
     /// `Broker.CompleteTask`: revokes every credential of the task. Completing a task that is

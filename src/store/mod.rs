@@ -19,6 +19,9 @@ pub enum Expiring {
     Credential(CredentialId),
 }
 
+/// Audit entries in order: (stored sequence number, entry bytes).
+pub type AuditIter<'a> = Box<dyn Iterator<Item = Result<(u64, Vec<u8>)>> + 'a>;
+
 /// A future that resolves once everything written before it was asked for is on disk.
 pub type Durable<'a> = Pin<Box<dyn Future<Output = Result<()>> + Send + 'a>>;
 
@@ -64,6 +67,13 @@ pub trait Store: Send + Sync + 'static {
     fn meta_put_sealed(&self, key: &str, value: &Secret) -> Result<()>;
     fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>>;
     fn meta_put(&self, key: &str, value: &[u8]) -> Result<()>;
+
+    /// The last audit entry, if any.
+    fn audit_last(&self) -> Result<Option<Vec<u8>>>;
+    /// Stores audit entry `seq` (the audit log orders and chains them).
+    fn audit_put(&self, seq: u64, entry: &[u8]) -> Result<()>;
+    /// Every audit entry in sequence order, with the sequence number it is stored under.
+    fn audit_scan(&self) -> Result<AuditIter<'_>>;
 
     /// Counts of records not yet ended, for status and metrics.
     fn counts(&self) -> Result<Counts>;

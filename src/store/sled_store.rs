@@ -15,7 +15,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::watch;
 
 use super::crypto::{Kek, Sealer, random_key};
-use super::{Counts, Durable, Expiring, Store};
+use super::{AuditIter, Counts, Durable, Expiring, Store};
 use crate::error::{Error, Result};
 use crate::model::{
     CredentialId, CredentialRecord, CredentialState, Secret, SpiffeId, Task, TaskId, TaskState,
@@ -72,6 +72,7 @@ pub struct SledStore {
     by_task: sled::Tree,
     by_identity: sled::Tree,
     idempotency: sled::Tree,
+    audit: sled::Tree,
     meta: sled::Tree,
     sealer: Sealer,
     flush: Arc<Flush>,
@@ -186,6 +187,7 @@ impl SledStore {
             by_task: t("by_task")?,
             by_identity: t("by_identity")?,
             idempotency: t("idempotency")?,
+            audit: t("audit")?,
             meta,
             sealer,
             flush: flush.clone(),
@@ -535,6 +537,27 @@ impl Store for SledStore {
             .insert(format!("plain/{key}"), value)
             .map_err(st)?;
         Ok(())
+    }
+
+    fn audit_last(&self) -> Result<Option<Vec<u8>>> {
+        Ok(self.audit.last().map_err(st)?.map(|(_, v)| v.to_vec()))
+    }
+
+    fn audit_put(&self, seq: u64, entry: &[u8]) -> Result<()> {
+        self.audit.insert(seq.to_be_bytes(), entry).map_err(st)?;
+        Ok(())
+    }
+
+    fn audit_scan(&self) -> Result<AuditIter<'_>> {
+        Ok(Box::new(self.audit.iter().map(|item| {
+            let (k, v) = item.map_err(st)?;
+            let seq = u64::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| Error::Storage("corrupt audit key".into()))?,
+            );
+            Ok((seq, v.to_vec()))
+        })))
     }
 
     fn counts(&self) -> Result<Counts> {

@@ -1,0 +1,149 @@
+{{/*
+Names
+*/}}
+{{- define "jitbroker.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "jitbroker.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "jitbroker.namespace" -}}
+{{- default .Release.Namespace .Values.namespaceOverride }}
+{{- end }}
+
+{{- define "jitbroker.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "jitbroker.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "jitbroker.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "jitbroker.headlessServiceName" -}}
+{{- printf "%s-headless" (include "jitbroker.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels
+*/}}
+{{- define "jitbroker.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "jitbroker.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "jitbroker.labels" -}}
+helm.sh/chart: {{ include "jitbroker.chart" . }}
+{{ include "jitbroker.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: broker
+app.kubernetes.io/part-of: jitbroker
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Image: registry/repository[:tag][@digest]; global.spire.image.registry wins over image.registry.
+*/}}
+{{- define "jitbroker.image" -}}
+{{- $registry := .Values.image.registry }}
+{{- with ((.Values.global).spire).image }}{{ with .registry }}{{ $registry = . }}{{ end }}{{ end }}
+{{- $tag := default .Chart.AppVersion .Values.image.tag | toString }}
+{{- $ref := .Values.image.repository }}
+{{- if $registry }}{{ $ref = printf "%s/%s" $registry $ref }}{{ end }}
+{{- if .Values.image.digest }}
+{{- printf "%s:%s@%s" $ref $tag .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" $ref $tag }}
+{{- end }}
+{{- end }}
+
+{{/*
+Trust domain: config.trustDomain, else global.spire.trustDomain.
+*/}}
+{{- define "jitbroker.trustDomain" -}}
+{{- $td := default (((.Values.global).spire).trustDomain) .Values.config.trustDomain }}
+{{- required "global.spire.trustDomain (or config.trustDomain) is required" $td }}
+{{- end }}
+
+{{/*
+A SPIFFE ID from a value: "spiffe://..." as is, "/path" gets the trust domain prepended.
+Call with (dict "id" $id "td" $trustDomain).
+*/}}
+{{- define "jitbroker.spiffeID" -}}
+{{- if hasPrefix "spiffe://" .id }}
+{{- .id }}
+{{- else if hasPrefix "/" .id }}
+{{- printf "spiffe://%s%s" .td .id }}
+{{- else }}
+{{- fail (printf "%q is not a SPIFFE ID: write spiffe://<trust domain>/<path> or /<path>" .id) }}
+{{- end }}
+{{- end }}
+
+{{/*
+A TOML inline array of SPIFFE IDs. Call with (dict "ids" $list "td" $trustDomain).
+JSON strings are valid TOML basic strings, so toJson quotes safely.
+*/}}
+{{- define "jitbroker.spiffeIDList" -}}
+{{- $out := list }}
+{{- range .ids }}
+{{- $out = append $out (include "jitbroker.spiffeID" (dict "id" . "td" $.td)) }}
+{{- end }}
+{{- $out | toJson }}
+{{- end }}
+
+{{- define "jitbroker.socketURI" -}}
+{{- printf "unix://%s/%s" (.Values.workloadAPI.mountPath | trimSuffix "/") .Values.workloadAPI.socketName }}
+{{- end }}
+
+{{/*
+Service DNS names the broker answers to; they go into its SVID (ClusterSPIFFEID.dnsNameTemplates).
+*/}}
+{{- define "jitbroker.serviceDNSNames" -}}
+{{- $svc := include "jitbroker.fullname" . }}
+{{- $ns := include "jitbroker.namespace" . }}
+{{- $domain := default "cluster.local" (((.Values.global).k8s).clusterDomain) }}
+{{- $names := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns $domain) }}
+{{- concat $names .Values.clusterSPIFFEID.extraDNSNames | uniq | toJson }}
+{{- end }}
+
+{{/*
+The rendered Cedar policy text.
+*/}}
+{{- define "jitbroker.policies" -}}
+{{- tpl .Values.config.policies (dict "TrustDomain" (include "jitbroker.trustDomain" .) "Values" .Values "Release" .Release "Chart" .Chart "Template" .Template) }}
+{{- end }}
+
+{{/*
+Cross-field checks the JSON schema cannot express.
+*/}}
+{{- define "jitbroker.validate" -}}
+{{- $c := .Values.config }}
+{{- if gt (int $c.defaultTTLSeconds) (int $c.maxTTLSeconds) }}
+{{- fail (printf "config.defaultTTLSeconds (%v) must not exceed config.maxTTLSeconds (%v)" $c.defaultTTLSeconds $c.maxTTLSeconds) }}
+{{- end }}
+{{- range $name, $r := $c.resources }}
+{{- if and (hasKey $r "maxTTLSeconds") (gt (int $r.maxTTLSeconds) (int $c.maxTTLSeconds)) }}
+{{- fail (printf "config.resources.%s.maxTTLSeconds (%v) must not exceed config.maxTTLSeconds (%v)" $name $r.maxTTLSeconds $c.maxTTLSeconds) }}
+{{- end }}
+{{- end }}
+{{- if eq (int .Values.service.apiPort) (int .Values.service.opsPort) }}
+{{- fail "service.apiPort and service.opsPort must differ" }}
+{{- end }}
+{{- if and (eq .Values.storage.engine "sled") (gt (int .Values.replicaCount) 1) }}
+{{- fail "replicaCount must be 0 or 1 with storage.engine \"sled\": sled is single-writer" }}
+{{- end }}
+{{- end }}
