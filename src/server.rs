@@ -9,8 +9,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http_body_util::Full;
-use hyper::body::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -134,6 +132,7 @@ impl App {
             Limits::from_config(cfg)?,
             cfg.jwt_issuer(),
             metrics.clone(),
+            Some(cfg.policy_file.clone()),
         )?);
         let source = identity_source(cfg, api_addr)?;
         let identity = identity::start(
@@ -383,7 +382,8 @@ pub async fn run(
     Ok(())
 }
 
-/// The ops port: `/healthz` (process up), `/readyz` (identity usable), `/metrics` (Prometheus).
+/// The ops port, plain HTTP/1 and h2c: `/healthz` (process up), `/readyz` (identity usable),
+/// `/metrics` (Prometheus), and `grpc.health.v1.Health` for Kubernetes gRPC probes.
 async fn serve_ops(
     listener: TcpListener,
     broker: Arc<Broker>,
@@ -391,33 +391,53 @@ async fn serve_ops(
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(_) => continue,
-            },
-            _ = stop.changed() => return,
-        };
-        let broker = broker.clone();
-        let identity = identity.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let (code, body) = ops_response(req.uri().path(), &broker, &identity, &metrics);
-                async move {
-                    hyper::Response::builder()
-                        .status(code)
-                        .header("content-type", "text/plain; version=0.0.4")
-                        .body(Full::new(Bytes::from(body)))
-                }
-            });
-            let io = hyper_util::rt::TokioIo::new(tcp);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
-        });
+    use axum::routing::get;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let ready_identity = identity.clone();
+    let page = move |path: &'static str| {
+        let (broker, identity, metrics) = (broker.clone(), identity.clone(), metrics.clone());
+        get(move || {
+            let (code, body) = ops_response(path, &broker, &identity, &metrics);
+            async move {
+                (
+                    axum::http::StatusCode::from_u16(code)
+                        .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR),
+                    [("content-type", "text/plain; version=0.0.4")],
+                    body,
+                )
+            }
+        })
+    };
+    let router = tonic::service::Routes::new(health)
+        .into_axum_router()
+        .route("/healthz", page("/healthz"))
+        .route("/readyz", page("/readyz"))
+        .route("/metrics", page("/metrics"));
+    // gRPC health follows readiness: NOT_SERVING while the broker has no usable SVID.
+    let mut watch_stop = stop.clone();
+    let watcher = tokio::spawn(async move {
+        loop {
+            let status = if ready_identity.is_ready() {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            reporter.set_service_status("", status).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = watch_stop.changed() => return,
+            }
+        }
+    });
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = stop.changed().await;
+        })
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "ops server failed");
     }
+    let _ = watcher.await;
 }
 
 fn ops_response(

@@ -331,4 +331,113 @@ impl pb::admin_server::Admin for AdminApi {
             svid_expires_at: svid_exp,
         }))
     }
+
+    async fn list_tasks(
+        &self,
+        request: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let who = caller(&request, &self.metrics)?;
+        let r = request.into_inner();
+        let state = match pb::TaskState::try_from(r.state) {
+            Ok(pb::TaskState::Unspecified) => None,
+            Ok(pb::TaskState::Active) => Some(model::TaskState::Active),
+            Ok(pb::TaskState::Completed) => Some(model::TaskState::Completed),
+            Ok(pb::TaskState::Expired) => Some(model::TaskState::Expired),
+            Ok(pb::TaskState::Revoked) => Some(model::TaskState::Revoked),
+            Err(_) => {
+                return Err(to_status(crate::error::Error::invalid(
+                    "state",
+                    format!("{} is not a task state", r.state),
+                )));
+            }
+        };
+        let (tasks, next) = self
+            .broker
+            .list_tasks(&who, Some(&r.spiffe_id), state, r.page_size, &r.page_token)
+            .map_err(to_status)?;
+        let now = self.broker.now();
+        Ok(Response::new(pb::ListTasksResponse {
+            tasks: tasks.into_iter().map(|t| task_pb(t, now)).collect(),
+            next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn revoke_task(
+        &self,
+        request: Request<pb::RevokeTaskRequest>,
+    ) -> Result<Response<pb::RevokeTaskResponse>, Status> {
+        let who = caller(&request, &self.metrics)?;
+        let r = request.into_inner();
+        let done = self
+            .broker
+            .admin_revoke_task(&who, &r.task_id, &r.reason)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::RevokeTaskResponse {
+            revoked_credential_ids: ids(&done.revoked_credentials),
+            revoked_tasks: ids(&done.ended_tasks),
+        }))
+    }
+
+    async fn revoke_identity(
+        &self,
+        request: Request<pb::RevokeIdentityRequest>,
+    ) -> Result<Response<pb::RevokeIdentityResponse>, Status> {
+        let who = caller(&request, &self.metrics)?;
+        let r = request.into_inner();
+        let done = self
+            .broker
+            .revoke_identity(&who, &r.spiffe_id, &r.reason, r.block)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::RevokeIdentityResponse {
+            revoked_credential_ids: ids(&done.revoked_credentials),
+            revoked_tasks: ids(&done.ended_tasks),
+            blocked: r.block,
+        }))
+    }
+
+    async fn unblock_identity(
+        &self,
+        request: Request<pb::UnblockIdentityRequest>,
+    ) -> Result<Response<pb::UnblockIdentityResponse>, Status> {
+        let who = caller(&request, &self.metrics)?;
+        let r = request.into_inner();
+        let was_blocked = self
+            .broker
+            .unblock_identity(&who, &r.spiffe_id, &r.reason)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::UnblockIdentityResponse { was_blocked }))
+    }
+
+    async fn reload_policy(
+        &self,
+        request: Request<pb::ReloadPolicyRequest>,
+    ) -> Result<Response<pb::ReloadPolicyResponse>, Status> {
+        let who = caller(&request, &self.metrics)?;
+        let (n, digest) = self.broker.reload_policy(&who).await.map_err(to_status)?;
+        Ok(Response::new(pb::ReloadPolicyResponse {
+            policy_count: n as u32,
+            policy_digest: digest,
+        }))
+    }
+
+    async fn verify_audit(
+        &self,
+        request: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        let who = caller(&request, &self.metrics)?;
+        let v = self.broker.verify_audit(&who).map_err(to_status)?;
+        Ok(Response::new(pb::VerifyAuditResponse {
+            ok: v.ok,
+            entries: v.entries,
+            first_bad_seq: v.first_bad_seq,
+            reason: v.reason,
+        }))
+    }
+}
+
+fn ids<T: std::fmt::Display>(v: &[T]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
 }

@@ -1,6 +1,7 @@
 //! The broker's domain logic (DESIGN §1, §8): tasks, credentials, expiry and revocation. It sees
 //! neither tonic nor sled: callers arrive as verified [`SpiffeId`]s, state goes through [`Store`].
 
+pub mod admin;
 pub mod clock;
 pub mod reaper;
 
@@ -157,6 +158,9 @@ pub struct Broker {
     clock: Arc<dyn Clock>,
     limits: Limits,
     metrics: Arc<Metrics>,
+    /// Identities refused everything (kill switch), mirrored from the store.
+    blocked: std::sync::RwLock<HashSet<SpiffeId>>,
+    policy_file: Option<std::path::PathBuf>,
     /// Serialises changes to one task (issue vs complete) and to one owner's task creation.
     stripes: Vec<Mutex<()>>,
     reaper_wake: Notify,
@@ -197,6 +201,7 @@ impl Broker {
         limits: Limits,
         jwt_issuer: String,
         metrics: Arc<Metrics>,
+        policy_file: Option<std::path::PathBuf>,
     ) -> Result<Self> {
         let jwt = JwtIssuer::load(
             store.as_ref(),
@@ -206,6 +211,7 @@ impl Broker {
             clock.now(),
         )?;
         let audit = AuditLog::open(store.as_ref())?;
+        let blocked = store.blocked_identities()?.into_iter().collect();
         Ok(Self {
             store,
             audit,
@@ -214,6 +220,8 @@ impl Broker {
             clock,
             limits,
             metrics,
+            blocked: std::sync::RwLock::new(blocked),
+            policy_file,
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             reaper_wake: Notify::new(),
         })
@@ -230,6 +238,16 @@ impl Broker {
     /// Refuses callers from trust domains the configuration does not authorise. The TLS layer
     /// checks this too; this keeps the rule where the domain can see it.
     fn check_caller(&self, caller: &SpiffeId) -> Result<()> {
+        if self
+            .blocked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(caller)
+        {
+            return Err(Error::PermissionDenied(format!(
+                "{caller} is blocked by an operator"
+            )));
+        }
         if self
             .limits
             .authorized_trust_domains

@@ -55,6 +55,7 @@ fn fixture() -> Fixture {
         limits,
         "spiffe://td/jitbroker".into(),
         Arc::new(Metrics::default()),
+        None,
     )
     .unwrap();
     Fixture {

@@ -68,6 +68,12 @@ pub trait Store: Send + Sync + 'static {
     fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>>;
     fn meta_put(&self, key: &str, value: &[u8]) -> Result<()>;
 
+    /// Up to `limit` tasks with ids after `after`, in id order (admin listing).
+    fn scan_tasks(&self, after: Option<&TaskId>, limit: usize) -> Result<Vec<Task>>;
+    /// Marks an identity blocked or not; returns whether it was blocked before.
+    fn set_blocked(&self, id: &SpiffeId, blocked: bool) -> Result<bool>;
+    fn blocked_identities(&self) -> Result<Vec<SpiffeId>>;
+
     /// The last audit entry, if any.
     fn audit_last(&self) -> Result<Option<Vec<u8>>>;
     /// Stores audit entry `seq` (the audit log orders and chains them).

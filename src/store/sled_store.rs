@@ -73,6 +73,7 @@ pub struct SledStore {
     by_identity: sled::Tree,
     idempotency: sled::Tree,
     audit: sled::Tree,
+    blocked: sled::Tree,
     meta: sled::Tree,
     sealer: Sealer,
     flush: Arc<Flush>,
@@ -188,6 +189,7 @@ impl SledStore {
             by_identity: t("by_identity")?,
             idempotency: t("idempotency")?,
             audit: t("audit")?,
+            blocked: t("blocked")?,
             meta,
             sealer,
             flush: flush.clone(),
@@ -537,6 +539,41 @@ impl Store for SledStore {
             .insert(format!("plain/{key}"), value)
             .map_err(st)?;
         Ok(())
+    }
+
+    fn scan_tasks(&self, after: Option<&TaskId>, limit: usize) -> Result<Vec<Task>> {
+        let iter = match after {
+            Some(a) => self.tasks.range::<&[u8], _>((
+                std::ops::Bound::Excluded(a.as_str().as_bytes()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => self.tasks.iter(),
+        };
+        let mut out = Vec::new();
+        for item in iter.take(limit) {
+            let (_, v) = item.map_err(st)?;
+            out.push(dec("task", &v)?);
+        }
+        Ok(out)
+    }
+
+    fn set_blocked(&self, id: &SpiffeId, blocked: bool) -> Result<bool> {
+        let before = if blocked {
+            self.blocked.insert(id.as_str(), &[] as &[u8])
+        } else {
+            self.blocked.remove(id.as_str())
+        }
+        .map_err(st)?;
+        Ok(before.is_some())
+    }
+
+    fn blocked_identities(&self) -> Result<Vec<SpiffeId>> {
+        let mut out = Vec::new();
+        for item in self.blocked.iter() {
+            let (k, _) = item.map_err(st)?;
+            out.push(SpiffeId::parse("blocked", &String::from_utf8_lossy(&k))?);
+        }
+        Ok(out)
     }
 
     fn audit_last(&self) -> Result<Option<Vec<u8>>> {

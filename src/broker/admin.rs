@@ -1,0 +1,255 @@
+//! Operator actions (DESIGN §2 Admin): listing, revoking tasks and identities, blocking, policy
+//! reload and audit verification. Every call checks the caller is a configured operator and is
+//! audited.
+
+use super::{Broker, Completed};
+use crate::audit::{self, Event, Verification};
+use crate::error::{Error, Result};
+use crate::model::{RevokeReason, SpiffeId, Task, TaskId, TaskState, preview};
+
+pub const DEFAULT_PAGE: usize = 50;
+pub const MAX_PAGE: usize = 500;
+const MAX_REASON_LEN: usize = 1024;
+
+fn check_reason(reason: &str) -> Result<()> {
+    if reason.len() > MAX_REASON_LEN {
+        return Err(Error::invalid(
+            "reason",
+            format!("is {} bytes; at most {MAX_REASON_LEN}", reason.len()),
+        ));
+    }
+    Ok(())
+}
+
+impl Broker {
+    fn admin_event(&self, caller: &SpiffeId, what: &str, ev: Event) -> Result<()> {
+        self.audit(Event {
+            kind: "admin".into(),
+            actor: caller.to_string(),
+            detail: what.into(),
+            ..ev
+        })
+    }
+
+    /// `Admin.ListTasks`.
+    pub fn list_tasks(
+        &self,
+        caller: &SpiffeId,
+        owner: Option<&str>,
+        state: Option<TaskState>,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<(Vec<Task>, Option<TaskId>)> {
+        self.require_admin(caller)?;
+        let owner = owner
+            .filter(|s| !s.is_empty())
+            .map(|s| SpiffeId::parse("spiffe_id", s))
+            .transpose()?;
+        let want = match page_size as usize {
+            0 => DEFAULT_PAGE,
+            n if n > MAX_PAGE => {
+                return Err(Error::invalid(
+                    "page_size",
+                    format!("{n} is above the maximum of {MAX_PAGE}"),
+                ));
+            }
+            n => n,
+        };
+        let mut after = if page_token.is_empty() {
+            None
+        } else {
+            Some(TaskId::parse(page_token).map_err(|_| {
+                Error::invalid("page_token", format!("is not a page token: {}", preview(page_token)))
+            })?)
+        };
+        let now = self.now();
+        let mut out = Vec::new();
+        // Scan in batches until the page is full or the tasks run out.
+        loop {
+            let batch = self.store.scan_tasks(after.as_ref(), 512)?;
+            let exhausted = batch.len() < 512;
+            for mut t in batch {
+                after = Some(t.id.clone());
+                t.state = t.effective_state(now);
+                let ok = owner.as_ref().is_none_or(|o| &t.owner == o)
+                    && state.is_none_or(|s| t.state == s);
+                if ok {
+                    out.push(t);
+                    if out.len() == want {
+                        return Ok((out, after));
+                    }
+                }
+            }
+            if exhausted {
+                return Ok((out, None));
+            }
+        }
+    }
+
+    /// `Admin.RevokeTask`: ends the task and every credential of it.
+    pub async fn admin_revoke_task(
+        &self,
+        caller: &SpiffeId,
+        task_id: &str,
+        reason: &str,
+    ) -> Result<Completed> {
+        self.require_admin(caller)?;
+        check_reason(reason)?;
+        let id = TaskId::parse(task_id)?;
+        let mut out = Completed::default();
+        {
+            let _guard = self.lock_task(&id).lock().await;
+            let mut task = self
+                .store
+                .get_task(&id)?
+                .ok_or_else(|| Error::NotFound(format!("task {id}")))?;
+            if task.state == TaskState::Active {
+                self.end_task(&mut task, TaskState::Revoked, RevokeReason::Admin, self.now(), &mut out)?;
+            }
+        }
+        self.revoke_descendants(&id, &mut out).await?;
+        self.admin_event(
+            caller,
+            "revoke_task",
+            Event {
+                task_id: id.to_string(),
+                reason: reason.into(),
+                ..Default::default()
+            },
+        )?;
+        self.store.durable().await?;
+        Ok(out)
+    }
+
+    /// `Admin.RevokeIdentity`: the kill switch for a compromised agent.
+    pub async fn revoke_identity(
+        &self,
+        caller: &SpiffeId,
+        spiffe_id: &str,
+        reason: &str,
+        block: bool,
+    ) -> Result<Completed> {
+        self.require_admin(caller)?;
+        check_reason(reason)?;
+        let target = SpiffeId::parse("spiffe_id", spiffe_id)?;
+        if block {
+            // Block first, so nothing new starts while the old is being revoked.
+            self.store.set_blocked(&target, true)?;
+            self.blocked
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(target.clone());
+        }
+        let mut out = Completed::default();
+        for id in self.store.tasks_of_identity(&target)? {
+            {
+                let _guard = self.lock_task(&id).lock().await;
+                if let Some(mut task) = self.store.get_task(&id)?
+                    && task.state == TaskState::Active
+                {
+                    self.end_task(
+                        &mut task,
+                        TaskState::Revoked,
+                        RevokeReason::IdentityRevoked,
+                        self.now(),
+                        &mut out,
+                    )?;
+                }
+            }
+            self.revoke_descendants(&id, &mut out).await?;
+        }
+        self.admin_event(
+            caller,
+            if block { "revoke_identity+block" } else { "revoke_identity" },
+            Event {
+                spiffe_id: target.to_string(),
+                reason: reason.into(),
+                ..Default::default()
+            },
+        )?;
+        self.store.durable().await?;
+        Ok(out)
+    }
+
+    /// `Admin.UnblockIdentity`. Returns whether it was blocked.
+    pub async fn unblock_identity(
+        &self,
+        caller: &SpiffeId,
+        spiffe_id: &str,
+        reason: &str,
+    ) -> Result<bool> {
+        self.require_admin(caller)?;
+        check_reason(reason)?;
+        let target = SpiffeId::parse("spiffe_id", spiffe_id)?;
+        let was = self.store.set_blocked(&target, false)?;
+        self.blocked
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&target);
+        self.admin_event(
+            caller,
+            "unblock_identity",
+            Event {
+                spiffe_id: target.to_string(),
+                reason: reason.into(),
+                ..Default::default()
+            },
+        )?;
+        self.store.durable().await?;
+        Ok(was)
+    }
+
+    /// `Admin.ReloadPolicy`: re-reads the policy file; a bad one is refused and the serving set
+    /// stays.
+    pub async fn reload_policy(&self, caller: &SpiffeId) -> Result<(usize, String)> {
+        self.require_admin(caller)?;
+        let result = self.reload_policy_file();
+        self.admin_event(
+            caller,
+            "reload_policy",
+            Event {
+                reason: match &result {
+                    Ok((n, d)) => format!("loaded {n} policies, sha256 {d}"),
+                    Err(e) => format!("refused: {e}"),
+                },
+                ..Default::default()
+            },
+        )?;
+        self.store.durable().await?;
+        result.map_err(|e| match e {
+            Error::Config(m) => Error::FailedPrecondition(format!(
+                "the new policy set was refused and the previous one keeps serving: {m}"
+            )),
+            e => e,
+        })
+    }
+
+    /// Re-reads the configured policy file into the engine (file change, SIGHUP, Admin).
+    pub fn reload_policy_file(&self) -> Result<(usize, String)> {
+        let path = self
+            .policy_file
+            .as_ref()
+            .ok_or_else(|| Error::FailedPrecondition("no policy file is configured".into()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::Config(format!("cannot read policy file {}: {e}", path.display()))
+        })?;
+        let r = self.policy.reload(&text, &path.display().to_string());
+        match &r {
+            Ok((n, d)) => tracing::info!(policies = n, sha256 = %d, "policy reloaded"),
+            Err(e) => tracing::error!(error = %e, "policy reload refused; the previous set keeps serving"),
+        }
+        r
+    }
+
+    /// `Admin.VerifyAudit`.
+    pub fn verify_audit(&self, caller: &SpiffeId) -> Result<Verification> {
+        self.require_admin(caller)?;
+        audit::verify(self.store.as_ref())
+    }
+
+    /// Ends the delegated descendants of a task (delegation comes with its own index; until a
+    /// task has children this is a no-op).
+    async fn revoke_descendants(&self, _id: &TaskId, _out: &mut Completed) -> Result<()> {
+        Ok(())
+    }
+}
