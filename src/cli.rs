@@ -57,6 +57,27 @@ pub enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Audit trail tools (offline: stop the broker first, the store is single-writer).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Walk the hash chain; exit 1 naming the first bad sequence number if it does not hold.
+    Verify {
+        #[arg(long, env = "JITBROKER_CONFIG")]
+        config: PathBuf,
+    },
+    /// Write every audit entry as one JSON line (to a file, or standard output).
+    Export {
+        #[arg(long, env = "JITBROKER_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -119,6 +140,42 @@ pub async fn run(cli: Cli) -> Result<()> {
                 &digest[..16]
             );
             Ok(())
+        }
+        Command::Audit { command } => {
+            let (cfg_path, out) = match &command {
+                AuditCommand::Verify { config } => (config, None),
+                AuditCommand::Export { config, out } => (config, Some(out.clone())),
+            };
+            let cfg = Config::load(cfg_path)?;
+            let kek = Kek::load(&cfg.kek_file)?;
+            let store = crate::store::SledStore::open(&cfg.data_dir.join("db"), &kek)?;
+            match out {
+                None => {
+                    let v = crate::audit::verify(&store)?;
+                    if v.ok {
+                        println!("audit chain ok: {} entries", v.entries);
+                        Ok(())
+                    } else {
+                        Err(Error::Config(format!(
+                            "audit chain broken at sequence {}: {} ({} entries verified before it)",
+                            v.first_bad_seq, v.reason, v.entries
+                        )))
+                    }
+                }
+                Some(path) => {
+                    let n = match path {
+                        Some(p) => {
+                            let mut f = std::fs::File::create(&p).map_err(|e| {
+                                Error::Config(format!("cannot create {}: {e}", p.display()))
+                            })?;
+                            crate::audit::export(&store, &mut f)?
+                        }
+                        None => crate::audit::export(&store, &mut std::io::stdout().lock())?,
+                    };
+                    eprintln!("exported {n} audit entries");
+                    Ok(())
+                }
+            }
         }
         Command::Policy {
             command: PolicyCommand::Validate { config, policy },

@@ -35,6 +35,12 @@ pub struct Config {
     pub max_active_tasks_per_identity: u64,
     #[serde(default = "default_max_creds")]
     pub max_credentials_per_task: u64,
+    /// How long a granted approval stays usable (it is single-use either way).
+    #[serde(default = "default_approval_ttl")]
+    pub approval_ttl_seconds: u64,
+    /// Hops of delegation allowed below a root task.
+    #[serde(default = "default_delegation_depth")]
+    pub max_delegation_depth: u32,
     #[serde(default)]
     pub log_format: LogFormat,
     #[serde(default)]
@@ -133,6 +139,12 @@ fn default_max_tasks() -> u64 {
 }
 fn default_max_creds() -> u64 {
     64
+}
+fn default_approval_ttl() -> u64 {
+    900
+}
+fn default_delegation_depth() -> u32 {
+    3
 }
 
 /// Longest resource or action name accepted anywhere.

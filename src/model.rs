@@ -274,6 +274,60 @@ impl Task {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApprovalState {
+    Pending,
+    Approved,
+    Denied,
+    /// Approved and consumed by one issuance.
+    Used,
+}
+
+impl ApprovalState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Approved => "APPROVED",
+            Self::Denied => "DENIED",
+            Self::Used => "USED",
+        }
+    }
+}
+
+/// A request for a human to approve one (task, resource, action). Single-use, expiring.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Approval {
+    pub id: ApprovalId,
+    pub task_id: TaskId,
+    pub requester: SpiffeId,
+    /// The requester's delegation chain (root first); nobody in it may approve.
+    pub delegation_chain: Vec<SpiffeId>,
+    pub grant: Grant,
+    pub purpose: String,
+    pub state: ApprovalState,
+    pub created_at: UnixMillis,
+    /// A pending approval lapses with its task; an approved one at `expires_at` too.
+    pub expires_at: UnixMillis,
+    #[serde(default)]
+    pub decided_by: Option<SpiffeId>,
+    #[serde(default)]
+    pub decided_at: Option<UnixMillis>,
+    #[serde(default)]
+    pub reason: String,
+    /// Policies that asked for the approval.
+    #[serde(default)]
+    pub policy_ids: Vec<String>,
+}
+
+impl Approval {
+    /// The state a reader should see: past its expiry, a pending or approved request is expired.
+    pub fn effective_state(&self, now: UnixMillis) -> (ApprovalState, bool) {
+        let expired = matches!(self.state, ApprovalState::Pending | ApprovalState::Approved)
+            && now >= self.expires_at;
+        (self.state, expired)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CredentialState {
     Active,
     Revoked,

@@ -308,6 +308,8 @@ pub async fn run(
         None
     };
 
+    let watcher = tokio::spawn(watch_policy(app.broker.clone(), stop_rx.clone()));
+
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<pb::broker_server::BrokerServer<BrokerApi>>()
@@ -376,10 +378,50 @@ pub async fn run(
         let _ = r.await;
     }
     let _ = ops_task.await;
+    let _ = watcher.await;
     let served = grpc.await.map_err(Error::internal)?;
     served.map_err(|e| Error::Internal(format!("gRPC server: {e}")))?;
     app.broker.store().durable().await?;
     Ok(())
+}
+
+/// Reloads the policy when its file changes or on SIGHUP. A bad policy is refused (logged and
+/// audited by the reload) and the previous set keeps serving.
+async fn watch_policy(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
+    let Some(path) = broker.policy_file().map(|p| p.to_path_buf()) else {
+        return;
+    };
+    let stamp = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut last = stamp(&path);
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let sighup = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let sighup = std::future::pending::<()>();
+        let forced = tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => false,
+            _ = sighup => true,
+        };
+        let now = stamp(&path);
+        if forced || now != last {
+            last = now;
+            let _ = broker.reload_policy_file();
+        }
+    }
 }
 
 /// The ops port, plain HTTP/1 and h2c: `/healthz` (process up), `/readyz` (identity usable),

@@ -223,10 +223,23 @@ impl pb::broker_server::Broker for BrokerApi {
         &self,
         request: Request<pb::DelegateTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
-        let _who = caller(&request, &self.metrics)?;
-        Err(Status::unimplemented(
-            "DelegateTask is not available in this version of the broker",
-        ))
+        let who = caller(&request, &self.metrics)?;
+        let r = request.into_inner();
+        let task = self
+            .broker
+            .delegate_task(
+                &who,
+                broker::delegation::DelegateTask {
+                    parent_task_id: r.parent_task_id,
+                    delegate_spiffe_id: r.delegate_spiffe_id,
+                    purpose: r.purpose,
+                    grants: grants(r.grants),
+                    ttl_seconds: r.ttl_seconds,
+                },
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(task_pb(task, self.broker.now())))
     }
 
     async fn get_task(
@@ -411,6 +424,50 @@ impl pb::admin_server::Admin for AdminApi {
         Ok(Response::new(pb::UnblockIdentityResponse { was_blocked }))
     }
 
+    async fn list_approvals(
+        &self,
+        request: Request<pb::ListApprovalsRequest>,
+    ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
+        let who = caller(&request, &self.metrics)?;
+        let r = request.into_inner();
+        let now = self.broker.now();
+        let list = self
+            .broker
+            .list_approvals(&who, &r.state)
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ListApprovalsResponse {
+            approvals: list.into_iter().map(|a| approval_pb(a, now)).collect(),
+        }))
+    }
+
+    async fn approve(
+        &self,
+        request: Request<pb::ApproveRequest>,
+    ) -> Result<Response<pb::Approval>, Status> {
+        let who = caller(&request, &self.metrics)?;
+        let r = request.into_inner();
+        let a = self
+            .broker
+            .decide_approval(&who, &r.approval_id, &r.reason, true)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(approval_pb(a, self.broker.now())))
+    }
+
+    async fn deny(
+        &self,
+        request: Request<pb::DenyRequest>,
+    ) -> Result<Response<pb::Approval>, Status> {
+        let who = caller(&request, &self.metrics)?;
+        let r = request.into_inner();
+        let a = self
+            .broker
+            .decide_approval(&who, &r.approval_id, &r.reason, false)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(approval_pb(a, self.broker.now())))
+    }
+
     async fn reload_policy(
         &self,
         request: Request<pb::ReloadPolicyRequest>,
@@ -435,6 +492,27 @@ impl pb::admin_server::Admin for AdminApi {
             first_bad_seq: v.first_bad_seq,
             reason: v.reason,
         }))
+    }
+}
+
+fn approval_pb(a: model::Approval, now: UnixMillis) -> pb::Approval {
+    let (state, expired) = a.effective_state(now);
+    pb::Approval {
+        approval_id: a.id.to_string(),
+        task_id: a.task_id.to_string(),
+        requester: a.requester.to_string(),
+        grant: Some(pb::Grant {
+            resource: a.grant.resource,
+            action: a.grant.action,
+        }),
+        purpose: a.purpose,
+        state: if expired { "EXPIRED" } else { state.as_str() }.to_owned(),
+        created_at: Some(ts(a.created_at)),
+        expires_at: Some(ts(a.expires_at)),
+        decided_by: a.decided_by.map(String::from).unwrap_or_default(),
+        reason: a.reason,
+        policy_ids: a.policy_ids,
+        delegation_chain: a.delegation_chain.into_iter().map(String::from).collect(),
     }
 }
 

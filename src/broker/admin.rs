@@ -246,10 +246,4 @@ impl Broker {
         self.require_admin(caller)?;
         audit::verify(self.store.as_ref())
     }
-
-    /// Ends the delegated descendants of a task (delegation comes with its own index; until a
-    /// task has children this is a no-op).
-    async fn revoke_descendants(&self, _id: &TaskId, _out: &mut Completed) -> Result<()> {
-        Ok(())
-    }
 }

@@ -2,7 +2,9 @@
 //! neither tonic nor sled: callers arrive as verified [`SpiffeId`]s, state goes through [`Store`].
 
 pub mod admin;
+pub mod approvals;
 pub mod clock;
+pub mod delegation;
 pub mod reaper;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -54,7 +56,12 @@ pub struct Limits {
     pub max_active_tasks_per_identity: u64,
     pub max_credentials_per_task: u64,
     pub admin_ids: HashSet<SpiffeId>,
+    pub approver_ids: HashSet<SpiffeId>,
     pub authorized_trust_domains: HashSet<String>,
+    /// How long an approval stays usable once granted.
+    pub approval_ttl_ms: i64,
+    /// How many hops of delegation below a root task are allowed.
+    pub max_delegation_depth: u32,
 }
 
 impl Limits {
@@ -81,6 +88,9 @@ impl Limits {
             max_active_tasks_per_identity: cfg.max_active_tasks_per_identity,
             max_credentials_per_task: cfg.max_credentials_per_task,
             admin_ids: ids("admin_ids", &cfg.admin_ids)?,
+            approver_ids: ids("approver_ids", &cfg.approver_ids)?,
+            approval_ttl_ms: secs_to_ms(cfg.approval_ttl_seconds),
+            max_delegation_depth: cfg.max_delegation_depth,
             authorized_trust_domains: cfg
                 .identity
                 .authorized_trust_domains
@@ -148,6 +158,7 @@ struct DecideCtx<'a> {
     labels: &'a BTreeMap<String, String>,
     requested_ttl_ms: i64,
     chain: &'a [SpiffeId],
+    approved: bool,
 }
 
 pub struct Broker {
@@ -339,6 +350,43 @@ impl Broker {
         Ok(out)
     }
 
+    fn check_purpose(&self, purpose: &str) -> Result<()> {
+        if purpose.trim().is_empty() {
+            return Err(Error::invalid("purpose", "is required: say what the task is for"));
+        }
+        if purpose.len() > MAX_PURPOSE_LEN {
+            return Err(Error::invalid(
+                "purpose",
+                format!("is {} bytes; at most {MAX_PURPOSE_LEN}", purpose.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_grants(&self, grants: &[Grant]) -> Result<()> {
+        if grants.is_empty() {
+            return Err(Error::invalid("grants", "at least one grant is required"));
+        }
+        if grants.len() > MAX_GRANTS {
+            return Err(Error::invalid(
+                "grants",
+                format!("has {} entries; at most {MAX_GRANTS}", grants.len()),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, g) in grants.iter().enumerate() {
+            let spec = self.resource(&format!("grants[{i}].resource"), &g.resource)?;
+            self.check_action(&format!("grants[{i}].action"), spec, &g.resource, &g.action)?;
+            if !seen.insert(g) {
+                return Err(Error::invalid(
+                    format!("grants[{i}]"),
+                    format!("repeats ({}, {})", g.resource, g.action),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn task_ttl_ms(&self, ttl_seconds: u32) -> Result<i64> {
         let ttl = u64::from(ttl_seconds);
         if ttl == 0 {
@@ -368,6 +416,7 @@ impl Broker {
             labels,
             requested_ttl_ms,
             chain,
+            approved,
         } = *c;
         let now = self.now();
         let v = self.policy.decide(&PolicyRequest {
@@ -378,7 +427,7 @@ impl Broker {
             task_age_seconds: task.map_or(0, |t| (now - t.created_at).max(0) / 1000),
             requested_ttl_seconds: requested_ttl_ms / 1000,
             delegation_chain: chain,
-            approved: false,
+            approved,
             labels,
             now_unix: now / 1000,
         });
@@ -422,35 +471,8 @@ impl Broker {
     /// `Broker.StartTask`.
     pub async fn start_task(&self, caller: &SpiffeId, req: StartTask) -> Result<Task> {
         self.check_caller(caller)?;
-        if req.purpose.trim().is_empty() {
-            return Err(Error::invalid("purpose", "is required: say what the task is for"));
-        }
-        if req.purpose.len() > MAX_PURPOSE_LEN {
-            return Err(Error::invalid(
-                "purpose",
-                format!("is {} bytes; at most {MAX_PURPOSE_LEN}", req.purpose.len()),
-            ));
-        }
-        if req.grants.is_empty() {
-            return Err(Error::invalid("grants", "at least one grant is required"));
-        }
-        if req.grants.len() > MAX_GRANTS {
-            return Err(Error::invalid(
-                "grants",
-                format!("has {} entries; at most {MAX_GRANTS}", req.grants.len()),
-            ));
-        }
-        let mut seen = HashSet::new();
-        for (i, g) in req.grants.iter().enumerate() {
-            let spec = self.resource(&format!("grants[{i}].resource"), &g.resource)?;
-            self.check_action(&format!("grants[{i}].action"), spec, &g.resource, &g.action)?;
-            if !seen.insert(g) {
-                return Err(Error::invalid(
-                    format!("grants[{i}]"),
-                    format!("repeats ({}, {})", g.resource, g.action),
-                ));
-            }
-        }
+        self.check_purpose(&req.purpose)?;
+        self.check_grants(&req.grants)?;
         let ttl_ms = self.task_ttl_ms(req.ttl_seconds)?;
         let labels = Self::validate_labels(&req.labels)?;
         let idem = Self::check_idempotency_key(&req.idempotency_key)?;
@@ -477,10 +499,10 @@ impl Broker {
             )));
         }
         let chain = vec![caller.clone()];
-        let grants: Vec<GrantDecision> = req
+        let decided: Vec<(GrantDecision, Vec<String>)> = req
             .grants
             .iter()
-            .map(|g| -> Result<GrantDecision> {
+            .map(|g| -> Result<(GrantDecision, Vec<String>)> {
                 let v = self.decide(
                     caller,
                     g,
@@ -490,16 +512,26 @@ impl Broker {
                         labels: &labels,
                         requested_ttl_ms: ttl_ms,
                         chain: &chain,
+                        approved: false,
                     },
                 )?;
-                Ok(GrantDecision {
-                    grant: g.clone(),
-                    decision: v.decision,
-                    reason: v.reason,
-                    approval_id: None,
-                })
+                Ok((
+                    GrantDecision {
+                        grant: g.clone(),
+                        decision: v.decision,
+                        reason: v.reason,
+                        approval_id: None,
+                    },
+                    v.policy_ids,
+                ))
             })
             .collect::<Result<_>>()?;
+        let needing: Vec<(Grant, Vec<String>)> = decided
+            .iter()
+            .filter(|(g, _)| g.decision == Decision::NeedsApproval)
+            .map(|(g, ids)| (g.grant.clone(), ids.clone()))
+            .collect();
+        let grants: Vec<GrantDecision> = decided.into_iter().map(|(g, _)| g).collect();
         if grants.iter().all(|g| g.decision == Decision::Denied) {
             // The denials are audited; make that durable before answering.
             self.store.durable().await?;
@@ -512,7 +544,7 @@ impl Broker {
                 reasons.join("; ")
             )));
         }
-        let task = Task {
+        let mut task = Task {
             id: TaskId::generate(),
             owner: caller.clone(),
             purpose: req.purpose,
@@ -526,6 +558,9 @@ impl Broker {
             delegation_chain: chain,
             idempotency_key: idem,
         };
+        for (g, ids) in needing {
+            self.request_approval(&mut task, &g, ids, now)?;
+        }
         self.store.create_task(&task)?;
         self.audit(Event {
             kind: "task_started".into(),
@@ -606,47 +641,56 @@ impl Broker {
                 grant.resource, grant.action
             )));
         };
-        match granted.decision {
-            Decision::Allowed => {}
-            Decision::Denied => {
-                return Err(Error::PermissionDenied(format!(
-                    "({}, {}) was denied at task start: {}",
-                    grant.resource, grant.action, granted.reason
-                )));
-            }
-            Decision::NeedsApproval => {
-                return Err(Error::FailedPrecondition(format!(
-                    "({}, {}) needs approval: {}{}",
-                    grant.resource,
-                    grant.action,
-                    granted.reason,
-                    granted
-                        .approval_id
-                        .as_ref()
-                        .map(|a| format!(" approval_id={a}"))
-                        .unwrap_or_default()
-                )));
-            }
+        if granted.decision == Decision::Denied {
+            return Err(Error::PermissionDenied(format!(
+                "({}, {}) was denied at task start: {}",
+                grant.resource, grant.action, granted.reason
+            )));
         }
         // Policy again, now: a reload or the passing of time may have changed the answer.
         let expires_at = (now + secs_to_ms(ttl_s)).min(task.expires_at);
-        let v = self.decide(
-            caller,
-            &grant,
-            &DecideCtx {
-                task: Some(&task),
-                purpose: &task.purpose,
-                labels: &task.labels,
-                requested_ttl_ms: expires_at - now,
-                chain: &task.delegation_chain,
-            },
-        )?;
-        if v.decision != Decision::Allowed {
-            self.store.durable().await?;
-            return Err(Error::PermissionDenied(format!(
-                "({}, {}) is no longer allowed: {}",
-                grant.resource, grant.action, v.reason
-            )));
+        let mut ctx = DecideCtx {
+            task: Some(&task),
+            purpose: &task.purpose,
+            labels: &task.labels,
+            requested_ttl_ms: expires_at - now,
+            chain: &task.delegation_chain,
+            approved: false,
+        };
+        let mut v = self.decide(caller, &grant, &ctx)?;
+        let mut approval = None;
+        if v.decision == Decision::NeedsApproval
+            && let Some(a) = self.usable_approval(&task, &grant, now)?
+        {
+            ctx.approved = true;
+            v = self.decide(caller, &grant, &ctx)?;
+            approval = Some(a);
+        }
+        match v.decision {
+            Decision::Allowed => {}
+            Decision::Denied => {
+                self.store.durable().await?;
+                return Err(Error::PermissionDenied(format!(
+                    "({}, {}) is not allowed now: {}",
+                    grant.resource, grant.action, v.reason
+                )));
+            }
+            Decision::NeedsApproval => {
+                let id = match self.pending_approval(&task, &grant, now)? {
+                    Some(id) => id,
+                    None => {
+                        let mut t = task.clone();
+                        let id = self.request_approval(&mut t, &grant, v.policy_ids.clone(), now)?;
+                        self.store.update_task(&t)?;
+                        id
+                    }
+                };
+                self.store.durable().await?;
+                return Err(Error::FailedPrecondition(format!(
+                    "({}, {}) needs approval: {} approval_id={id}",
+                    grant.resource, grant.action, v.reason
+                )));
+            }
         }
         let issued_count = self.store.credentials_of_task(&task_id)?.len() as u64;
         if issued_count >= self.limits.max_credentials_per_task {
@@ -687,6 +731,9 @@ impl Broker {
             delegation_chain: task.delegation_chain.clone(),
         };
         self.store.create_credential(&record, &secret)?;
+        if let Some(a) = approval {
+            self.use_approval(a, record.id.as_str())?;
+        }
         self.audit(Event {
             kind: "credential_issued".into(),
             spiffe_id: caller.to_string(),
@@ -805,13 +852,15 @@ impl Broker {
     pub async fn complete_task(&self, caller: &SpiffeId, task_id: &str) -> Result<Completed> {
         self.check_caller(caller)?;
         let id = TaskId::parse(task_id)?;
-        let _guard = self.stripes[stripe_of(id.as_str())].lock().await;
+        let guard = self.stripes[stripe_of(id.as_str())].lock().await;
         let mut task = self.owned_task(caller, &id)?;
         let now = self.now();
         let mut out = Completed::default();
         match task.effective_state(now) {
             TaskState::Active => {
-                self.end_task(&mut task, TaskState::Completed, RevokeReason::Completed, now, &mut out)?
+                self.end_task(&mut task, TaskState::Completed, RevokeReason::Completed, now, &mut out)?;
+                drop(guard);
+                self.revoke_descendants(&id, &mut out).await?;
             }
             TaskState::Completed => return Ok(out),
             TaskState::Expired if task.state == TaskState::Active => {
@@ -926,6 +975,10 @@ impl Broker {
     /// Wakes the reaper (a new expiry may be earlier than the one it sleeps until).
     pub fn reaper_wake(&self) -> &Notify {
         &self.reaper_wake
+    }
+
+    pub fn policy_file(&self) -> Option<&std::path::Path> {
+        self.policy_file.as_deref()
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

@@ -38,13 +38,16 @@ impl Broker {
                         self.end_credential(id, CredentialState::Expired, RevokeReason::Expired, now)?;
                     }
                     Expiring::Task(id) => {
-                        let _g = self.lock_task(id).lock().await;
-                        if let Some(mut task) = self.store.get_task(id)?
-                            && task.state == TaskState::Active
+                        let mut out = Completed::default();
                         {
-                            let mut out = Completed::default();
-                            self.end_task(&mut task, TaskState::Expired, RevokeReason::Expired, now, &mut out)?;
+                            let _g = self.lock_task(id).lock().await;
+                            if let Some(mut task) = self.store.get_task(id)?
+                                && task.state == TaskState::Active
+                            {
+                                self.end_task(&mut task, TaskState::Expired, RevokeReason::Expired, now, &mut out)?;
+                            }
                         }
+                        self.revoke_descendants(id, &mut out).await?;
                     }
                 }
                 self.store.remove_due(at, &what)?;

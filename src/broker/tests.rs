@@ -46,7 +46,10 @@ fn fixture() -> Fixture {
         max_active_tasks_per_identity: 2,
         max_credentials_per_task: 3,
         admin_ids: HashSet::new(),
+        approver_ids: HashSet::new(),
         authorized_trust_domains: HashSet::from(["td".into()]),
+        approval_ttl_ms: 900_000,
+        max_delegation_depth: 2,
     };
     let broker = Broker::new(
         store,

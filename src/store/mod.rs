@@ -8,7 +8,10 @@ use std::future::Future;
 use std::pin::Pin;
 
 use crate::error::Result;
-use crate::model::{CredentialId, CredentialRecord, Secret, SpiffeId, Task, TaskId, UnixMillis};
+use crate::model::{
+    Approval, ApprovalId, CredentialId, CredentialRecord, Grant, Secret, SpiffeId, Task, TaskId,
+    UnixMillis,
+};
 
 pub use sled_store::SledStore;
 
@@ -28,7 +31,8 @@ pub type Durable<'a> = Pin<Box<dyn Future<Output = Result<()>> + Send + 'a>>;
 /// Storage operations the broker needs. Each method is atomic: it either applies whole or not at
 /// all. Writes become durable when [`Store::durable`] resolves (group commit).
 pub trait Store: Send + Sync + 'static {
-    /// Inserts a new task, its identity index entry, its expiry entry and its idempotency key.
+    /// Inserts a new task, its identity index entry, its expiry entry, its idempotency key and,
+    /// for a delegated task, its parent's children index entry.
     fn create_task(&self, task: &Task) -> Result<()>;
     /// Replaces a task record (state changes). An ended task leaves the identity index, which
     /// lists live tasks only.
@@ -67,6 +71,15 @@ pub trait Store: Send + Sync + 'static {
     fn meta_put_sealed(&self, key: &str, value: &Secret) -> Result<()>;
     fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>>;
     fn meta_put(&self, key: &str, value: &[u8]) -> Result<()>;
+
+    /// Delegated child tasks of a task.
+    fn children_of(&self, task: &TaskId) -> Result<Vec<TaskId>>;
+
+    fn put_approval(&self, a: &Approval) -> Result<()>;
+    fn get_approval(&self, id: &ApprovalId) -> Result<Option<Approval>>;
+    /// The current approval request of a (task, resource, action).
+    fn approval_for_grant(&self, task: &TaskId, grant: &Grant) -> Result<Option<ApprovalId>>;
+    fn list_approvals(&self) -> Result<Vec<Approval>>;
 
     /// Up to `limit` tasks with ids after `after`, in id order (admin listing).
     fn scan_tasks(&self, after: Option<&TaskId>, limit: usize) -> Result<Vec<Task>>;

@@ -18,7 +18,7 @@ use super::crypto::{Kek, Sealer, random_key};
 use super::{AuditIter, Counts, Durable, Expiring, Store};
 use crate::error::{Error, Result};
 use crate::model::{
-    CredentialId, CredentialRecord, CredentialState, Secret, SpiffeId, Task, TaskId, TaskState,
+    Approval, ApprovalId, CredentialId, Grant, CredentialRecord, CredentialState, Secret, SpiffeId, Task, TaskId, TaskState,
     UnixMillis,
 };
 
@@ -74,6 +74,8 @@ pub struct SledStore {
     idempotency: sled::Tree,
     audit: sled::Tree,
     blocked: sled::Tree,
+    children: sled::Tree,
+    approvals: sled::Tree,
     meta: sled::Tree,
     sealer: Sealer,
     flush: Arc<Flush>,
@@ -148,6 +150,15 @@ fn idem_task_key(owner: &SpiffeId, key: &str) -> Vec<u8> {
     cat(&[b"t", owner.as_str().as_bytes(), key.as_bytes()])
 }
 
+fn approval_grant_key(task: &TaskId, grant: &Grant) -> Vec<u8> {
+    cat(&[
+        b"a",
+        task.as_str().as_bytes(),
+        grant.resource.as_bytes(),
+        grant.action.as_bytes(),
+    ])
+}
+
 fn idem_cred_key(task: &TaskId, key: &str) -> Vec<u8> {
     cat(&[b"c", task.as_str().as_bytes(), key.as_bytes()])
 }
@@ -190,6 +201,8 @@ impl SledStore {
             idempotency: t("idempotency")?,
             audit: t("audit")?,
             blocked: t("blocked")?,
+            children: t("children")?,
+            approvals: t("approvals")?,
             meta,
             sealer,
             flush: flush.clone(),
@@ -300,14 +313,22 @@ impl Store for SledStore {
             .idempotency_key
             .as_ref()
             .map(|k| idem_task_key(&task.owner, k));
+        let child = task
+            .parent
+            .as_ref()
+            .map(|p| cat(&[p.as_str().as_bytes(), id]));
         (
             &self.tasks,
             &self.by_identity,
             &self.expiry,
             &self.idempotency,
+            &self.children,
         )
-            .transaction(|(tasks, by_identity, expiry, idempotency)| {
+            .transaction(|(tasks, by_identity, expiry, idempotency, children)| {
                 tasks.insert(id, v.as_slice())?;
+                if let Some(c) = &child {
+                    children.insert(c.as_slice(), &[] as &[u8])?;
+                }
                 by_identity.insert(ident.as_slice(), &[] as &[u8])?;
                 expiry.insert(exp.as_slice(), &[] as &[u8])?;
                 if let Some(k) = &idem {
@@ -539,6 +560,56 @@ impl Store for SledStore {
             .insert(format!("plain/{key}"), value)
             .map_err(st)?;
         Ok(())
+    }
+
+    fn children_of(&self, task: &TaskId) -> Result<Vec<TaskId>> {
+        let prefix = cat(&[task.as_str().as_bytes(), b""]);
+        let mut out = Vec::new();
+        for item in self.children.scan_prefix(&prefix) {
+            let (k, _) = item.map_err(st)?;
+            out.push(TaskId::parse(&String::from_utf8_lossy(&k[prefix.len()..]))?);
+        }
+        Ok(out)
+    }
+
+    fn put_approval(&self, a: &Approval) -> Result<()> {
+        let v = enc(a)?;
+        let grant_key = approval_grant_key(&a.task_id, &a.grant);
+        let id = a.id.as_str().as_bytes();
+        (&self.approvals, &self.idempotency)
+            .transaction(|(approvals, index)| {
+                approvals.insert(id, v.as_slice())?;
+                index.insert(grant_key.as_slice(), id)?;
+                Ok(())
+            })
+            .map_err(tx_err)
+    }
+
+    fn get_approval(&self, id: &ApprovalId) -> Result<Option<Approval>> {
+        match self.approvals.get(id.as_str()).map_err(st)? {
+            Some(v) => Ok(Some(dec("approval", &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn approval_for_grant(&self, task: &TaskId, grant: &Grant) -> Result<Option<ApprovalId>> {
+        match self
+            .idempotency
+            .get(approval_grant_key(task, grant))
+            .map_err(st)?
+        {
+            Some(v) => Ok(Some(ApprovalId::parse(&String::from_utf8_lossy(&v))?)),
+            None => Ok(None),
+        }
+    }
+
+    fn list_approvals(&self) -> Result<Vec<Approval>> {
+        let mut out = Vec::new();
+        for item in self.approvals.iter() {
+            let (_, v) = item.map_err(st)?;
+            out.push(dec("approval", &v)?);
+        }
+        Ok(out)
     }
 
     fn scan_tasks(&self, after: Option<&TaskId>, limit: usize) -> Result<Vec<Task>> {

@@ -1,0 +1,238 @@
+//! Human approval of high-risk grants (DESIGN §4). A permit annotated `@approval("required")`
+//! yields `NEEDS_APPROVAL`; an approver (never the requester nor anyone in its delegation chain)
+//! approves that exact (task, resource, action); the approval is used by one issuance and expires.
+
+use super::Broker;
+use crate::audit::Event;
+use crate::error::{Error, Result};
+use crate::model::{
+    Approval, ApprovalId, ApprovalState, Grant, SpiffeId, Task, UnixMillis, preview,
+};
+
+const MAX_REASON_LEN: usize = 1024;
+
+impl Broker {
+    /// Opens a pending approval request for one grant of a task and records it on the task.
+    pub(crate) fn request_approval(
+        &self,
+        task: &mut Task,
+        grant: &Grant,
+        policy_ids: Vec<String>,
+        now: UnixMillis,
+    ) -> Result<ApprovalId> {
+        let a = Approval {
+            id: ApprovalId::generate(),
+            task_id: task.id.clone(),
+            requester: task.owner.clone(),
+            delegation_chain: task.delegation_chain.clone(),
+            grant: grant.clone(),
+            purpose: task.purpose.clone(),
+            state: ApprovalState::Pending,
+            created_at: now,
+            expires_at: task.expires_at,
+            decided_by: None,
+            decided_at: None,
+            reason: String::new(),
+            policy_ids,
+        };
+        self.store.put_approval(&a)?;
+        for g in task.grants.iter_mut().filter(|g| &g.grant == grant) {
+            g.approval_id = Some(a.id.clone());
+        }
+        self.audit(Event {
+            kind: "approval_requested".into(),
+            spiffe_id: task.owner.to_string(),
+            task_id: task.id.to_string(),
+            resource: grant.resource.clone(),
+            action: grant.action.clone(),
+            policies: a.policy_ids.clone(),
+            purpose: task.purpose.clone(),
+            detail: format!("approval_id={}", a.id),
+            ..Default::default()
+        })?;
+        Ok(a.id)
+    }
+
+    /// The approved, unused, unexpired approval of this grant, if there is one.
+    pub(crate) fn usable_approval(
+        &self,
+        task: &Task,
+        grant: &Grant,
+        now: UnixMillis,
+    ) -> Result<Option<Approval>> {
+        let Some(id) = self.store.approval_for_grant(&task.id, grant)? else {
+            return Ok(None);
+        };
+        Ok(self
+            .store
+            .get_approval(&id)?
+            .filter(|a| a.state == ApprovalState::Approved && now < a.expires_at))
+    }
+
+    /// The pending, unexpired approval request of this grant, if there is one.
+    pub(crate) fn pending_approval(
+        &self,
+        task: &Task,
+        grant: &Grant,
+        now: UnixMillis,
+    ) -> Result<Option<ApprovalId>> {
+        let Some(id) = self.store.approval_for_grant(&task.id, grant)? else {
+            return Ok(None);
+        };
+        Ok(self
+            .store
+            .get_approval(&id)?
+            .filter(|a| a.state == ApprovalState::Pending && now < a.expires_at)
+            .map(|a| a.id))
+    }
+
+    /// Marks an approval consumed by an issuance.
+    pub(crate) fn use_approval(&self, mut a: Approval, credential: &str) -> Result<()> {
+        a.state = ApprovalState::Used;
+        self.store.put_approval(&a)?;
+        self.audit(Event {
+            kind: "approval_used".into(),
+            spiffe_id: a.requester.to_string(),
+            task_id: a.task_id.to_string(),
+            credential_id: credential.to_owned(),
+            resource: a.grant.resource.clone(),
+            action: a.grant.action.clone(),
+            detail: format!("approval_id={}", a.id),
+            ..Default::default()
+        })
+    }
+
+    pub fn is_approver(&self, caller: &SpiffeId) -> bool {
+        self.limits.approver_ids.contains(caller)
+    }
+
+    /// `Admin.Approve` (`approve = true`) and `Admin.Deny`.
+    pub async fn decide_approval(
+        &self,
+        caller: &SpiffeId,
+        approval_id: &str,
+        reason: &str,
+        approve: bool,
+    ) -> Result<Approval> {
+        if !self.is_approver(caller) {
+            return Err(Error::PermissionDenied(format!(
+                "{caller} is not an approver of this broker"
+            )));
+        }
+        if reason.len() > MAX_REASON_LEN {
+            return Err(Error::invalid(
+                "reason",
+                format!("is {} bytes; at most {MAX_REASON_LEN}", reason.len()),
+            ));
+        }
+        let id = ApprovalId::parse(approval_id)?;
+        let mut a = self
+            .store
+            .get_approval(&id)?
+            .ok_or_else(|| Error::NotFound(format!("approval {id}")))?;
+        let _guard = self.lock_task(&a.task_id).lock().await;
+        // Re-read under the task's lock: an issuance may have used it meanwhile.
+        a = self
+            .store
+            .get_approval(&id)?
+            .ok_or_else(|| Error::NotFound(format!("approval {id}")))?;
+        if &a.requester == caller || a.delegation_chain.contains(caller) {
+            self.audit(Event {
+                kind: "approval_refused".into(),
+                actor: caller.to_string(),
+                task_id: a.task_id.to_string(),
+                reason: "self-approval".into(),
+                detail: format!("approval_id={id}"),
+                ..Default::default()
+            })?;
+            self.store.durable().await?;
+            return Err(Error::PermissionDenied(format!(
+                "{caller} asked for this (or delegated the task that did) and may not decide it"
+            )));
+        }
+        let now = self.now();
+        let (state, expired) = a.effective_state(now);
+        if expired {
+            return Err(Error::FailedPrecondition(format!(
+                "approval {id} has expired; the agent must ask again"
+            )));
+        }
+        if state != crate::model::ApprovalState::Pending {
+            return Err(Error::FailedPrecondition(format!(
+                "approval {id} is already {}",
+                state.as_str()
+            )));
+        }
+        let task = self
+            .store
+            .get_task(&a.task_id)?
+            .filter(|t| t.is_live(now))
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!("the task of approval {id} is no longer active"))
+            })?;
+        a.state = if approve {
+            ApprovalState::Approved
+        } else {
+            ApprovalState::Denied
+        };
+        a.decided_by = Some(caller.clone());
+        a.decided_at = Some(now);
+        a.reason = reason.to_owned();
+        if approve {
+            a.expires_at = (now + self.limits.approval_ttl_ms).min(task.expires_at);
+        }
+        self.store.put_approval(&a)?;
+        self.audit(Event {
+            kind: if approve {
+                "approval_granted"
+            } else {
+                "approval_denied"
+            }
+            .into(),
+            actor: caller.to_string(),
+            spiffe_id: a.requester.to_string(),
+            task_id: a.task_id.to_string(),
+            resource: a.grant.resource.clone(),
+            action: a.grant.action.clone(),
+            reason: preview(reason),
+            purpose: a.purpose.clone(),
+            detail: format!("approval_id={id}"),
+            ..Default::default()
+        })?;
+        self.store.durable().await?;
+        Ok(a)
+    }
+
+    /// `Admin.ListApprovals`: operators and approvers may list; `state` filters (empty = all).
+    pub fn list_approvals(&self, caller: &SpiffeId, state: &str) -> Result<Vec<Approval>> {
+        if !self.is_admin(caller) && !self.is_approver(caller) {
+            return Err(Error::PermissionDenied(format!(
+                "{caller} is neither an operator nor an approver of this broker"
+            )));
+        }
+        let now = self.now();
+        let want = match state.to_ascii_uppercase().as_str() {
+            "" => None,
+            s @ ("PENDING" | "APPROVED" | "DENIED" | "USED" | "EXPIRED") => Some(s.to_owned()),
+            _ => {
+                return Err(Error::invalid(
+                    "state",
+                    format!(
+                        "{} is not one of PENDING, APPROVED, DENIED, USED, EXPIRED",
+                        preview(state)
+                    ),
+                ));
+            }
+        };
+        Ok(self
+            .store
+            .list_approvals()?
+            .into_iter()
+            .filter(|a| {
+                let (s, expired) = a.effective_state(now);
+                let name = if expired { "EXPIRED" } else { s.as_str() };
+                want.as_deref().is_none_or(|w| w == name)
+            })
+            .collect())
+    }
+}
