@@ -1,0 +1,193 @@
+//! Operating the broker: the kill switch, operator-only Admin, the tamper-evident audit chain,
+//! metrics that move, and no secret in logs, audit export or metrics.
+
+mod common;
+
+use common::*;
+use jitbroker::api::pb;
+use jitbroker::server::Options;
+use tonic::Code;
+
+#[tokio::test]
+async fn revoke_identity_with_block_kills_everything_until_unblocked() {
+    let dir = dev_dir();
+    let cfg = config(dir.path(), |t| t);
+    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let mut a = clients(&r, AGENT).await;
+    let mut b = clients(&r, AGENT_B).await;
+    let mut op = clients(&r, OPERATOR).await;
+    let mut tool = clients(&r, TOOL).await;
+    let mut secrets = Vec::new();
+    for _ in 0..3 {
+        let t = a.broker.start_task(start_req(vec![grant("demo-token", "read"), grant("demo-jwt", "read")], 600)).await.unwrap().into_inner();
+        for res in ["demo-token", "demo-jwt"] {
+            secrets.push((res, a.broker.issue_credential(issue_req(&t.task_id, res, 300)).await.unwrap().into_inner().secret));
+        }
+    }
+    let tb = b.broker.start_task(start_req(vec![grant("demo-token", "read")], 600)).await.unwrap().into_inner();
+    let sb = b.broker.issue_credential(issue_req(&tb.task_id, "demo-token", 300)).await.unwrap().into_inner().secret;
+
+    // An agent calling Admin is refused.
+    let s = a.admin.revoke_identity(pb::RevokeIdentityRequest { spiffe_id: AGENT_B.into(), reason: "x".into(), block: true }).await.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied);
+    assert_eq!(a.admin.status(pb::StatusRequest {}).await.unwrap_err().code(), Code::PermissionDenied);
+
+    let out = op.admin.revoke_identity(pb::RevokeIdentityRequest { spiffe_id: AGENT.into(), reason: "compromised".into(), block: true }).await.unwrap().into_inner();
+    assert_eq!(out.revoked_credential_ids.len(), 6);
+    assert_eq!(out.revoked_tasks.len(), 3);
+    for (res, s) in &secrets {
+        assert!(!introspect(&mut tool, s, res).await.active);
+    }
+    assert!(introspect(&mut tool, &sb, "demo-token").await.active, "other identities untouched");
+    let s = a.broker.start_task(start_req(vec![grant("demo-token", "read")], 600)).await.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied);
+    assert!(s.message().contains("blocked"));
+
+    let list = op.admin.list_tasks(pb::ListTasksRequest { spiffe_id: AGENT.into(), state: pb::TaskState::Revoked as i32, page_size: 2, page_token: String::new() }).await.unwrap().into_inner();
+    assert_eq!(list.tasks.len(), 2);
+    let rest = op.admin.list_tasks(pb::ListTasksRequest { spiffe_id: AGENT.into(), state: pb::TaskState::Revoked as i32, page_size: 2, page_token: list.next_page_token }).await.unwrap().into_inner();
+    assert_eq!(rest.tasks.len(), 1);
+
+    let u = op.admin.unblock_identity(pb::UnblockIdentityRequest { spiffe_id: AGENT.into(), reason: "re-imaged".into() }).await.unwrap().into_inner();
+    assert!(u.was_blocked);
+    a.broker.start_task(start_req(vec![grant("demo-token", "read")], 600)).await.unwrap();
+
+    // The block survives a restart.
+    op.admin.revoke_identity(pb::RevokeIdentityRequest { spiffe_id: AGENT_B.into(), reason: "x".into(), block: true }).await.unwrap();
+    drop((a, b, op, tool));
+    r.stop().await;
+    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let mut b = clients(&r, AGENT_B).await;
+    assert_eq!(b.broker.start_task(start_req(vec![grant("demo-token", "read")], 600)).await.unwrap_err().code(), Code::PermissionDenied);
+    drop(b);
+    r.stop().await;
+}
+
+async fn busy_broker(dir: &std::path::Path) -> (Running, Vec<String>) {
+    let cfg = config(dir, |t| t);
+    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let mut a = clients(&r, AGENT).await;
+    let mut tool = clients(&r, TOOL).await;
+    let mut secrets = Vec::new();
+    for i in 0..10 {
+        let t = a.broker.start_task(start_req(vec![grant("demo-token", "read"), grant("demo-jwt", "read")], 600)).await.unwrap().into_inner();
+        for res in ["demo-token", "demo-jwt"] {
+            let c = a.broker.issue_credential(issue_req(&t.task_id, res, 300)).await.unwrap().into_inner();
+            assert!(introspect(&mut tool, &c.secret, res).await.active);
+            if i % 3 == 0 {
+                a.broker.revoke_credential(pb::RevokeCredentialRequest { credential_id: c.credential_id }).await.unwrap();
+            }
+            secrets.push(c.secret);
+        }
+        a.broker.complete_task(pb::CompleteTaskRequest { task_id: t.task_id }).await.unwrap();
+    }
+    let _ = tool.broker.start_task(start_req(vec![grant("demo-token", "read")], 60)).await; // a denial
+    (r, secrets)
+}
+
+#[tokio::test]
+async fn audit_chain_detects_tampering_through_admin_and_offline() {
+    let dir = dev_dir();
+    let (r, _) = busy_broker(dir.path()).await;
+    let mut op = clients(&r, OPERATOR).await;
+    let v = op.admin.verify_audit(pb::VerifyAuditRequest {}).await.unwrap().into_inner();
+    assert!(v.ok, "{}", v.reason);
+    assert!(v.entries > 80, "{} entries", v.entries);
+    drop(op);
+    r.stop().await;
+
+    let cfg = config(dir.path(), |t| t);
+    let db_path = dir.path().join("db");
+    let offline = |cfg: &jitbroker::config::Config| {
+        let kek = jitbroker::store::crypto::Kek::load(&cfg.kek_file).unwrap();
+        let store = jitbroker::store::SledStore::open(&cfg.data_dir.join("db"), &kek).unwrap();
+        jitbroker::audit::verify(&store).unwrap()
+    };
+    assert!(offline(&cfg).ok);
+
+    // Each tampering, applied to a copy of the untouched chain, is caught at the right place.
+    type Tamper = fn(&sled::Tree);
+    let flip: Tamper = |t| {
+        let k = 17u64.to_be_bytes();
+        let mut v = t.get(k).unwrap().unwrap().to_vec();
+        let i = v.iter().position(|&b| b == b'"').unwrap() + 3;
+        v[i] ^= 0x01;
+        t.insert(k, v).unwrap();
+    };
+    let delete: Tamper = |t| {
+        t.remove(17u64.to_be_bytes()).unwrap();
+    };
+    let swap: Tamper = |t| {
+        let a = t.get(17u64.to_be_bytes()).unwrap().unwrap();
+        let b = t.get(18u64.to_be_bytes()).unwrap().unwrap();
+        t.insert(17u64.to_be_bytes(), b).unwrap();
+        t.insert(18u64.to_be_bytes(), a).unwrap();
+    };
+    for (name, tamper) in [("flip", flip), ("delete", delete), ("swap", swap)] {
+        let copy = tempfile::tempdir().unwrap();
+        for (p, bytes) in all_bytes(dir.path()) {
+            let dst = copy.path().join(p.strip_prefix(dir.path()).unwrap());
+            std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+            std::fs::write(dst, bytes).unwrap();
+        }
+        {
+            let db = sled::open(copy.path().join("db")).unwrap();
+            tamper(&db.open_tree("audit").unwrap());
+            db.flush().unwrap();
+        }
+        let mut c = cfg.clone();
+        c.data_dir = copy.path().to_path_buf();
+        let v = offline(&c);
+        assert!(!v.ok, "{name} not detected");
+        assert_eq!(v.first_bad_seq, 17, "{name}: {}", v.reason);
+        // And through the live Admin API.
+        let r = spawn(&c, Options::default()).await.unwrap();
+        let mut op = clients(&r, OPERATOR).await;
+        let v = op.admin.verify_audit(pb::VerifyAuditRequest {}).await.unwrap().into_inner();
+        assert!(!v.ok);
+        assert_eq!(v.first_bad_seq, 17, "{name}: {}", v.reason);
+        drop(op);
+        r.stop().await;
+    }
+    assert!(db_path.exists());
+}
+
+#[tokio::test]
+async fn no_secret_in_audit_export_or_metrics_and_counters_move() {
+    let dir = dev_dir();
+    let (r, secrets) = busy_broker(dir.path()).await;
+    let metrics = reqwest_get(r.ops_addr, "/metrics").await;
+    assert!(metrics.contains("jitbroker_credentials_issued_total{kind=\"token\"} 10"), "{metrics}");
+    assert!(metrics.contains("jitbroker_credentials_issued_total{kind=\"jwt\"} 10"));
+    assert!(metrics.contains("jitbroker_credentials_ended_total{reason=\"revoked\"} 8"), "{metrics}");
+    assert!(metrics.contains("jitbroker_credentials_ended_total{reason=\"completed\"} 12"), "{metrics}");
+    assert!(metrics.contains("jitbroker_policy_decisions_total{decision=\"denied\"} 1"));
+    assert!(reqwest_get(r.ops_addr, "/readyz").await.contains("ready"));
+    r.stop().await;
+
+    let cfg = config(dir.path(), |t| t);
+    let kek = jitbroker::store::crypto::Kek::load(&cfg.kek_file).unwrap();
+    let store = jitbroker::store::SledStore::open(&cfg.data_dir.join("db"), &kek).unwrap();
+    let mut export = Vec::new();
+    let n = jitbroker::audit::export(&store, &mut export).unwrap();
+    assert!(n > 80);
+    let text = String::from_utf8(export).unwrap();
+    assert!(text.contains("\"kind\":\"credential_issued\""));
+    assert!(text.contains("\"purpose\":\"summarise ticket 42\""));
+    assert!(text.contains("\"reason\":\"revoked\""));
+    for s in &secrets {
+        let tail = s.rsplit(['_', '.']).next().unwrap();
+        assert!(!text.contains(tail), "secret in the audit export");
+        assert!(!metrics.contains(tail), "secret in the metrics");
+    }
+}
+
+/// A plain HTTP/1 GET on the ops port.
+async fn reqwest_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
