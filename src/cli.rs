@@ -57,10 +57,27 @@ pub enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Key-encryption key tools (offline: stop the broker first).
+    Kek {
+        #[command(subcommand)]
+        command: KekCommand,
+    },
     /// Audit trail tools (offline: stop the broker first, the store is single-writer).
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KekCommand {
+    /// Re-wrap the data keys under a new KEK file; afterwards point `kek_file` at it and retire
+    /// the old one. Creates the new file (32 random bytes, hex) if it does not exist.
+    Rotate {
+        #[arg(long, env = "JITBROKER_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        new_kek: PathBuf,
     },
 }
 
@@ -138,6 +155,34 @@ pub async fn run(cli: Cli) -> Result<()> {
                 config.display(),
                 cfg.resources.len(),
                 &digest[..16]
+            );
+            Ok(())
+        }
+        Command::Kek {
+            command: KekCommand::Rotate { config, new_kek },
+        } => {
+            let cfg = Config::load(&config)?;
+            let old = Kek::load(&cfg.kek_file)?;
+            let new = if new_kek.exists() {
+                Kek::load(&new_kek)?
+            } else {
+                Kek::create(&new_kek)?
+            };
+            if new.id() == old.id() {
+                return Err(Error::Config(format!(
+                    "{} holds the same key as {}",
+                    new_kek.display(),
+                    cfg.kek_file.display()
+                )));
+            }
+            let (id, n) =
+                crate::store::SledStore::rotate_kek(&cfg.data_dir.join("db"), &old, &new)?;
+            println!(
+                "re-wrapped {n} keys under {} (KEK id {}); new data key {id}. Set kek_file = \"{}\" and retire {}",
+                new_kek.display(),
+                new.id(),
+                new_kek.display(),
+                cfg.kek_file.display()
             );
             Ok(())
         }

@@ -217,6 +217,44 @@ impl SledStore {
         Ok(store)
     }
 
+    /// Re-wraps every data key and the index key under `new`, and starts a new current data key
+    /// (so new ciphertexts carry a new key id). Everything stored before stays readable; after
+    /// this the old KEK opens nothing and can be retired. The broker must be stopped.
+    pub fn rotate_kek(dir: &Path, old: &Kek, new: &Kek) -> Result<(u32, usize)> {
+        let store = Self::open(dir, old)?;
+        let meta = &store.meta;
+        let mut rewrapped: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut max_id = 0u32;
+        for item in meta.scan_prefix("dek/id/") {
+            let (k, v) = item.map_err(st)?;
+            let dek = old.unwrap_key(&k, &v)?;
+            if let Some(id) = std::str::from_utf8(&k[7..]).ok().and_then(|s| s.parse::<u32>().ok()) {
+                max_id = max_id.max(id);
+            }
+            rewrapped.push((k.to_vec(), new.wrap(&k, &dek)?));
+        }
+        let wrapped_index = meta
+            .get("index_key")
+            .map_err(st)?
+            .ok_or_else(|| Error::Storage("secret index key is missing".into()))?;
+        let index_key = old.unwrap_key(b"index_key", &wrapped_index)?;
+        rewrapped.push((b"index_key".to_vec(), new.wrap(b"index_key", &index_key)?));
+        let new_id = max_id + 1;
+        let label = format!("dek/id/{new_id}").into_bytes();
+        rewrapped.push((label.clone(), new.wrap(&label, &random_key())?));
+        let count = rewrapped.len();
+        meta.transaction(|m| {
+            for (k, v) in &rewrapped {
+                m.insert(k.as_slice(), v.as_slice())?;
+            }
+            m.insert("dek/current", &new_id.to_be_bytes())?;
+            Ok::<_, ConflictableTransactionError<Error>>(())
+        })
+        .map_err(tx_err)?;
+        store.db.flush().map_err(st)?;
+        Ok((new_id, count))
+    }
+
     fn load_or_create_keys(meta: &sled::Tree, kek: &Kek) -> Result<Sealer> {
         let cur = meta.get("dek/current").map_err(st)?;
         match cur {
@@ -788,6 +826,48 @@ mod tests {
         s.update_credential(&dead).unwrap();
         assert_eq!(s.credential_by_secret("jbt_abc").unwrap(), None);
         assert!(s.credential_secret(&rec.id).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn kek_rotation_keeps_data_readable_and_retires_the_old_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Kek::create(&dir.path().join("old")).unwrap();
+        let db = dir.path().join("db");
+        let t = task("spiffe://x/a", 5_000);
+        let rec = CredentialRecord {
+            id: CredentialId::generate(),
+            task_id: t.id.clone(),
+            owner: t.owner.clone(),
+            resource: "r".into(),
+            action: "a".into(),
+            kind: "token".into(),
+            issued_at: 0,
+            expires_at: 2_000,
+            state: CredentialState::Active,
+            ended_at: None,
+            end_reason: None,
+            idempotency_key: None,
+            attributes: Default::default(),
+            delegation_chain: vec![],
+        };
+        {
+            let s = SledStore::open(&db, &old).unwrap();
+            s.create_credential(&rec, &Secret::new("jbt_before".into())).unwrap();
+            s.durable().await.unwrap();
+        }
+        let new = Kek::create(&dir.path().join("new")).unwrap();
+        let (id, _) = SledStore::rotate_kek(&db, &old, &new).unwrap();
+        assert_eq!(id, 2);
+        assert!(SledStore::open(&db, &old).is_err(), "the old KEK is retired");
+        let s = SledStore::open(&db, &new).unwrap();
+        assert_eq!(s.credential_secret(&rec.id).unwrap().unwrap().expose(), "jbt_before");
+        assert_eq!(s.credential_by_secret("jbt_before").unwrap(), Some(rec.id.clone()));
+        let mut rec2 = rec.clone();
+        rec2.id = CredentialId::generate();
+        s.create_credential(&rec2, &Secret::new("jbt_after".into())).unwrap();
+        let stored: StoredCredential = dec("c", &s.credentials.get(rec2.id.as_str()).unwrap().unwrap()).unwrap();
+        let sealed = stored.sealed.unwrap();
+        assert_eq!(u32::from_be_bytes(sealed[1..5].try_into().unwrap()), 2, "new key id");
     }
 
     #[test]
