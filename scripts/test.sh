@@ -24,6 +24,9 @@ cargo build --release --locked
 step "README walk-through with grpcurl"
 scripts/smoke-readme.sh
 
+step "operator runbook with grpcurl"
+scripts/runbook-test.sh
+
 step "Helm chart validation"
 JITBROKER_BIN="$root/target/release/jitbroker" scripts/validate-chart.sh
 

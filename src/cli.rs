@@ -337,10 +337,11 @@ verifiers = ["spiffe://jitbroker.dev/tool/demo"]
 }
 
 /// Demo identities minted on every dev start, so the printed example works at once.
-pub const DEV_IDENTITIES: [(&str, &str); 3] = [
+pub const DEV_IDENTITIES: [(&str, &str); 4] = [
     ("agent", "spiffe://jitbroker.dev/agent/demo"),
     ("tool", "spiffe://jitbroker.dev/tool/demo"),
     ("operator", "spiffe://jitbroker.dev/operator"),
+    ("approver", "spiffe://jitbroker.dev/approver"),
 ];
 
 /// Creates what a dev broker needs in `data_dir` (never overwriting anything) and returns the
@@ -385,7 +386,7 @@ fn print_dev_banner(data_dir: &Path, cfg: &Config) {
 jitbroker dev is running. DEV MODE: the dev CA key is stored in plaintext at {d}/dev/ca.key,
 and anyone who can read it can mint identities. Never use dev mode in production.
 
-Demo SVIDs (24 h) are in {d}/dev/svids/{{agent,tool,operator}}. Start a task as the demo agent:
+Demo SVIDs (24 h) are in {d}/dev/svids/{{agent,tool,operator,approver}}. Start a task as the demo agent:
 
   grpcurl -cacert {d}/dev/svids/agent/bundle.pem \
     -cert {d}/dev/svids/agent/svid.pem -key {d}/dev/svids/agent/svid.key \
