@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/jitbroker/v1/broker.proto",
         "proto/jitbroker/v1/verifier.proto",
         "proto/jitbroker/v1/admin.proto",
+        "proto/spiffe/workload.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
     let mut prost = prost_build::Config::new();

@@ -20,8 +20,8 @@ export JB_ADDR="localhost:$api" JB_OPS="127.0.0.1:$ops" JB_SVIDS="jitbroker-dev/
 mkdir -p jitbroker-dev
 cat > jitbroker-dev/policy.cedar <<'POLICY'
 @id("agents-read")
-permit(principal, action == Action::"read", resource in [Resource::"demo-token", Resource::"demo-jwt"])
-when { principal.path like "/agent/*" };
+permit(principal, action == Action::"read", resource)
+when { principal.path like "/agent/*" && (resource == Resource::"demo-token" || resource == Resource::"demo-jwt") };
 
 @id("jwt-writes-need-approval")
 @approval("required")

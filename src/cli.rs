@@ -296,12 +296,11 @@ pub const DEV_TRUST_DOMAIN: &str = "jitbroker.dev";
 /// The dev policy: any `spiffe://jitbroker.dev/agent/…` may read and write the demo resources.
 pub const DEV_POLICY: &str = r#"// Development policy: any agent of the dev trust domain may read and write the demo resources.
 @id("dev-agents-demo")
-permit(
-  principal,
-  action in [Action::"read", Action::"write"],
-  resource in [Resource::"demo-token", Resource::"demo-jwt"]
-)
-when { principal.spiffe_id like "spiffe://jitbroker.dev/agent/*" };
+permit(principal, action in [Action::"read", Action::"write"], resource)
+when {
+  principal.spiffe_id like "spiffe://jitbroker.dev/agent/*" &&
+  (resource == Resource::"demo-token" || resource == Resource::"demo-jwt")
+};
 "#;
 
 fn dev_config(data_dir: &Path) -> String {

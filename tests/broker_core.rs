@@ -336,8 +336,9 @@ async fn wrong_kek_fails_clearly_and_overwrites_nothing() {
     drop(agent);
     r.stop().await;
 
-    let before: Vec<_> = all_bytes(&dir.path().join("db"));
-    let wrong = dir.path().join("wrong-kek");
+    let before: Vec<_> = all_bytes(dir.path());
+    let elsewhere = tempfile::tempdir().unwrap();
+    let wrong = elsewhere.path().join("wrong-kek");
     std::fs::write(&wrong, format!("{}\n", "ab".repeat(32))).unwrap();
     let mut bad = cfg.clone();
     bad.kek_file = wrong.clone();
@@ -349,11 +350,11 @@ async fn wrong_kek_fails_clearly_and_overwrites_nothing() {
         err.contains(&wrong.display().to_string()),
         "error names the key file: {err}"
     );
-    let mut after: Vec<_> = all_bytes(&dir.path().join("db"));
+    let mut after: Vec<_> = all_bytes(dir.path());
     let mut before = before;
     before.sort();
     after.sort();
-    assert!(before == after, "nothing under the data store changed");
+    assert!(before == after, "nothing under the data directory changed");
 
     let r = spawn(&cfg, Options::default()).await.unwrap();
     let mut tool = clients(&r, TOOL).await;

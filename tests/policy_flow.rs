@@ -13,8 +13,8 @@ const APPROVER: &str = "spiffe://jitbroker.dev/approver";
 
 const POLICY: &str = r#"
 @id("agents-read-demo")
-permit(principal, action == Action::"read", resource in [Resource::"demo-token", Resource::"demo-jwt"])
-when { principal.path like "/agent/*" };
+permit(principal, action == Action::"read", resource)
+when { principal.path like "/agent/*" && (resource == Resource::"demo-token" || resource == Resource::"demo-jwt") };
 
 @id("refunds-need-approval")
 @approval("required")

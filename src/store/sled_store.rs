@@ -167,6 +167,12 @@ impl SledStore {
     /// Opens (or creates) the store in `dir`. On an existing store, the KEK must open the stored
     /// data keys; if it does not, this fails before writing anything.
     pub fn open(dir: &Path, kek: &Kek) -> Result<Self> {
+        // Check the KEK against a small file beside the store *before* opening sled: opening
+        // sled may write (recovery), and a wrong key must leave the data directory untouched.
+        let check = kek_check_path(dir);
+        if let Ok(wrapped) = std::fs::read(&check) {
+            kek.unwrap_key(KEK_CHECK_LABEL, &wrapped)?;
+        }
         let db = sled::Config::new()
             .path(dir)
             // Flushing is ours (group commit on every acknowledged write); no timer-driven flush.
@@ -183,6 +189,9 @@ impl SledStore {
         let meta = t(META)?;
         let sealer = Self::load_or_create_keys(&meta, kek)?;
         db.flush().map_err(st)?;
+        if !check.exists() {
+            write_kek_check(&check, kek)?;
+        }
         let (flushed, _) = watch::channel(0u64);
         let flush = Arc::new(Flush {
             stop: std::sync::atomic::AtomicBool::new(false),
@@ -252,6 +261,12 @@ impl SledStore {
         })
         .map_err(tx_err)?;
         store.db.flush().map_err(st)?;
+        let check = kek_check_path(dir);
+        let tmp = check.with_extension("kek-check.new");
+        let _ = std::fs::remove_file(&tmp);
+        write_kek_check(&tmp, new)?;
+        std::fs::rename(&tmp, &check)
+            .map_err(|e| Error::Storage(format!("cannot replace {}: {e}", check.display())))?;
         Ok((new_id, count))
     }
 
@@ -311,6 +326,20 @@ impl SledStore {
             None => Ok(None),
         }
     }
+}
+
+const KEK_CHECK_LABEL: &[u8] = b"kek-check";
+
+/// `<data>/db` → `<data>/db.kek-check`: a random value wrapped by the KEK, which tells a wrong KEK
+/// before sled is opened.
+fn kek_check_path(dir: &Path) -> std::path::PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(".kek-check");
+    dir.with_file_name(name)
+}
+
+fn write_kek_check(path: &Path, kek: &Kek) -> Result<()> {
+    super::crypto::write_new_private_file(path, &kek.wrap(KEK_CHECK_LABEL, &random_key())?)
 }
 
 fn flusher(db: sled::Db, f: Arc<Flush>) {
