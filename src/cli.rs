@@ -13,7 +13,11 @@ use crate::server::{self, App, Options};
 use crate::store::crypto::{Kek, write_new_private_file};
 
 #[derive(Parser, Debug)]
-#[command(name = "jitbroker", version, about = "SPIFFE-native just-in-time secrets broker for AI agents")]
+#[command(
+    name = "jitbroker",
+    version,
+    about = "SPIFFE-native just-in-time secrets broker for AI agents"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -346,12 +350,11 @@ pub const DEV_IDENTITIES: [(&str, &str); 4] = [
 /// Creates what a dev broker needs in `data_dir` (never overwriting anything) and returns the
 /// config path.
 pub fn prepare_dev(data_dir: &Path) -> Result<PathBuf> {
-    std::fs::create_dir_all(data_dir).map_err(|e| {
-        Error::Config(format!("cannot create {}: {e}", data_dir.display()))
-    })?;
-    let data_dir = data_dir.canonicalize().map_err(|e| {
-        Error::Config(format!("cannot resolve {}: {e}", data_dir.display()))
-    })?;
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| Error::Config(format!("cannot create {}: {e}", data_dir.display())))?;
+    let data_dir = data_dir
+        .canonicalize()
+        .map_err(|e| Error::Config(format!("cannot resolve {}: {e}", data_dir.display())))?;
     let kek = data_dir.join("kek");
     if !kek.exists() {
         Kek::create(&kek)?;

@@ -183,7 +183,9 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|e| {
             Error::Config(format!("cannot read config file {}: {e}", path.display()))
         })?;
-        Self::from_toml(&text, &path.display().to_string(), |k| std::env::var(k).ok())
+        Self::from_toml(&text, &path.display().to_string(), |k| {
+            std::env::var(k).ok()
+        })
     }
 
     /// Parses config text; `env` looks up `JITBROKER_…` overrides (injected so tests need no

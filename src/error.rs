@@ -102,7 +102,10 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (Error::invalid("purpose", "too long"), Code::InvalidArgument),
-            (Error::ResourceExhausted("x".into()), Code::ResourceExhausted),
+            (
+                Error::ResourceExhausted("x".into()),
+                Code::ResourceExhausted,
+            ),
             (Error::Storage("/secret/path".into()), Code::Internal),
         ];
         for (e, code) in cases {
@@ -110,8 +113,10 @@ mod tests {
         }
         let s = to_status(Error::invalid("purpose", "too long"));
         assert!(s.message().starts_with("purpose:"), "{}", s.message());
-        assert!(!to_status(Error::Storage("/secret/path".into()))
-            .message()
-            .contains("/secret/path"));
+        assert!(
+            !to_status(Error::Storage("/secret/path".into()))
+                .message()
+                .contains("/secret/path")
+        );
     }
 }

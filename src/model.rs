@@ -420,7 +420,10 @@ mod tests {
         let t = TaskId::generate();
         assert_eq!(TaskId::parse(t.as_str()).unwrap(), t);
         assert!(TaskId::parse("tsk_zz").is_err());
-        assert!(CredentialId::parse(t.as_str()).is_err(), "prefix is checked");
+        assert!(
+            CredentialId::parse(t.as_str()).is_err(),
+            "prefix is checked"
+        );
         let err = TaskId::parse("").unwrap_err().to_string();
         assert!(err.contains("task_id"), "{err}");
     }

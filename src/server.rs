@@ -113,7 +113,11 @@ pub fn load_policy(cfg: &Config) -> Result<PolicyEngine> {
 
 impl App {
     /// Opens the store (the KEK must open it), loads policy, starts the identity source.
-    pub async fn build(cfg: &Config, api_addr: Option<SocketAddr>, options: Options) -> Result<Self> {
+    pub async fn build(
+        cfg: &Config,
+        api_addr: Option<SocketAddr>,
+        options: Options,
+    ) -> Result<Self> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
             Error::Config(format!(
                 "cannot create data directory {}: {e}",
@@ -254,8 +258,10 @@ async fn accept_loop(
                 .transpose()
                 .map_err(|e| e.to_string())
                 .and_then(|o| {
-                    o.map(|s| SpiffeId::parse("peer certificate URI SAN", &s).map_err(|e| e.to_string()))
-                        .transpose()
+                    o.map(|s| {
+                        SpiffeId::parse("peer certificate URI SAN", &s).map_err(|e| e.to_string())
+                    })
+                    .transpose()
                 });
             let spiffe_id = match spiffe_id {
                 Ok(id) => id,
@@ -494,7 +500,10 @@ fn ops_response(
             if identity.is_ready() {
                 (200, "ready\n".into())
             } else {
-                (503, "not ready: no usable SVID from the identity source\n".into())
+                (
+                    503,
+                    "not ready: no usable SVID from the identity source\n".into(),
+                )
             }
         }
         "/metrics" => {

@@ -19,46 +19,149 @@ async fn revoke_identity_with_block_kills_everything_until_unblocked() {
     let mut tool = clients(&r, TOOL).await;
     let mut secrets = Vec::new();
     for _ in 0..3 {
-        let t = a.broker.start_task(start_req(vec![grant("demo-token", "read"), grant("demo-jwt", "read")], 600)).await.unwrap().into_inner();
+        let t = a
+            .broker
+            .start_task(start_req(
+                vec![grant("demo-token", "read"), grant("demo-jwt", "read")],
+                600,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
         for res in ["demo-token", "demo-jwt"] {
-            secrets.push((res, a.broker.issue_credential(issue_req(&t.task_id, res, 300)).await.unwrap().into_inner().secret));
+            secrets.push((
+                res,
+                a.broker
+                    .issue_credential(issue_req(&t.task_id, res, 300))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .secret,
+            ));
         }
     }
-    let tb = b.broker.start_task(start_req(vec![grant("demo-token", "read")], 600)).await.unwrap().into_inner();
-    let sb = b.broker.issue_credential(issue_req(&tb.task_id, "demo-token", 300)).await.unwrap().into_inner().secret;
+    let tb = b
+        .broker
+        .start_task(start_req(vec![grant("demo-token", "read")], 600))
+        .await
+        .unwrap()
+        .into_inner();
+    let sb = b
+        .broker
+        .issue_credential(issue_req(&tb.task_id, "demo-token", 300))
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
 
     // An agent calling Admin is refused.
-    let s = a.admin.revoke_identity(pb::RevokeIdentityRequest { spiffe_id: AGENT_B.into(), reason: "x".into(), block: true }).await.unwrap_err();
+    let s = a
+        .admin
+        .revoke_identity(pb::RevokeIdentityRequest {
+            spiffe_id: AGENT_B.into(),
+            reason: "x".into(),
+            block: true,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied);
-    assert_eq!(a.admin.status(pb::StatusRequest {}).await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(
+        a.admin
+            .status(pb::StatusRequest {})
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
 
-    let out = op.admin.revoke_identity(pb::RevokeIdentityRequest { spiffe_id: AGENT.into(), reason: "compromised".into(), block: true }).await.unwrap().into_inner();
+    let out = op
+        .admin
+        .revoke_identity(pb::RevokeIdentityRequest {
+            spiffe_id: AGENT.into(),
+            reason: "compromised".into(),
+            block: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(out.revoked_credential_ids.len(), 6);
     assert_eq!(out.revoked_tasks.len(), 3);
     for (res, s) in &secrets {
         assert!(!introspect(&mut tool, s, res).await.active);
     }
-    assert!(introspect(&mut tool, &sb, "demo-token").await.active, "other identities untouched");
-    let s = a.broker.start_task(start_req(vec![grant("demo-token", "read")], 600)).await.unwrap_err();
+    assert!(
+        introspect(&mut tool, &sb, "demo-token").await.active,
+        "other identities untouched"
+    );
+    let s = a
+        .broker
+        .start_task(start_req(vec![grant("demo-token", "read")], 600))
+        .await
+        .unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied);
     assert!(s.message().contains("blocked"));
 
-    let list = op.admin.list_tasks(pb::ListTasksRequest { spiffe_id: AGENT.into(), state: pb::TaskState::Revoked as i32, page_size: 2, page_token: String::new() }).await.unwrap().into_inner();
+    let list = op
+        .admin
+        .list_tasks(pb::ListTasksRequest {
+            spiffe_id: AGENT.into(),
+            state: pb::TaskState::Revoked as i32,
+            page_size: 2,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(list.tasks.len(), 2);
-    let rest = op.admin.list_tasks(pb::ListTasksRequest { spiffe_id: AGENT.into(), state: pb::TaskState::Revoked as i32, page_size: 2, page_token: list.next_page_token }).await.unwrap().into_inner();
+    let rest = op
+        .admin
+        .list_tasks(pb::ListTasksRequest {
+            spiffe_id: AGENT.into(),
+            state: pb::TaskState::Revoked as i32,
+            page_size: 2,
+            page_token: list.next_page_token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(rest.tasks.len(), 1);
 
-    let u = op.admin.unblock_identity(pb::UnblockIdentityRequest { spiffe_id: AGENT.into(), reason: "re-imaged".into() }).await.unwrap().into_inner();
+    let u = op
+        .admin
+        .unblock_identity(pb::UnblockIdentityRequest {
+            spiffe_id: AGENT.into(),
+            reason: "re-imaged".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(u.was_blocked);
-    a.broker.start_task(start_req(vec![grant("demo-token", "read")], 600)).await.unwrap();
+    a.broker
+        .start_task(start_req(vec![grant("demo-token", "read")], 600))
+        .await
+        .unwrap();
 
     // The block survives a restart.
-    op.admin.revoke_identity(pb::RevokeIdentityRequest { spiffe_id: AGENT_B.into(), reason: "x".into(), block: true }).await.unwrap();
+    op.admin
+        .revoke_identity(pb::RevokeIdentityRequest {
+            spiffe_id: AGENT_B.into(),
+            reason: "x".into(),
+            block: true,
+        })
+        .await
+        .unwrap();
     drop((a, b, op, tool));
     r.stop().await;
     let r = spawn(&cfg, Options::default()).await.unwrap();
     let mut b = clients(&r, AGENT_B).await;
-    assert_eq!(b.broker.start_task(start_req(vec![grant("demo-token", "read")], 600)).await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(
+        b.broker
+            .start_task(start_req(vec![grant("demo-token", "read")], 600))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
     drop(b);
     r.stop().await;
 }
@@ -70,18 +173,42 @@ async fn busy_broker(dir: &std::path::Path) -> (Running, Vec<String>) {
     let mut tool = clients(&r, TOOL).await;
     let mut secrets = Vec::new();
     for i in 0..10 {
-        let t = a.broker.start_task(start_req(vec![grant("demo-token", "read"), grant("demo-jwt", "read")], 600)).await.unwrap().into_inner();
+        let t = a
+            .broker
+            .start_task(start_req(
+                vec![grant("demo-token", "read"), grant("demo-jwt", "read")],
+                600,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
         for res in ["demo-token", "demo-jwt"] {
-            let c = a.broker.issue_credential(issue_req(&t.task_id, res, 300)).await.unwrap().into_inner();
+            let c = a
+                .broker
+                .issue_credential(issue_req(&t.task_id, res, 300))
+                .await
+                .unwrap()
+                .into_inner();
             assert!(introspect(&mut tool, &c.secret, res).await.active);
             if i % 3 == 0 {
-                a.broker.revoke_credential(pb::RevokeCredentialRequest { credential_id: c.credential_id }).await.unwrap();
+                a.broker
+                    .revoke_credential(pb::RevokeCredentialRequest {
+                        credential_id: c.credential_id,
+                    })
+                    .await
+                    .unwrap();
             }
             secrets.push(c.secret);
         }
-        a.broker.complete_task(pb::CompleteTaskRequest { task_id: t.task_id }).await.unwrap();
+        a.broker
+            .complete_task(pb::CompleteTaskRequest { task_id: t.task_id })
+            .await
+            .unwrap();
     }
-    let _ = tool.broker.start_task(start_req(vec![grant("demo-token", "read")], 60)).await; // a denial
+    let _ = tool
+        .broker
+        .start_task(start_req(vec![grant("demo-token", "read")], 60))
+        .await; // a denial
     (r, secrets)
 }
 
@@ -90,7 +217,12 @@ async fn audit_chain_detects_tampering_through_admin_and_offline() {
     let dir = dev_dir();
     let (r, _) = busy_broker(dir.path()).await;
     let mut op = clients(&r, OPERATOR).await;
-    let v = op.admin.verify_audit(pb::VerifyAuditRequest {}).await.unwrap().into_inner();
+    let v = op
+        .admin
+        .verify_audit(pb::VerifyAuditRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(v.ok, "{}", v.reason);
     assert!(v.entries > 80, "{} entries", v.entries);
     drop(op);
@@ -143,7 +275,12 @@ async fn audit_chain_detects_tampering_through_admin_and_offline() {
         // And through the live Admin API.
         let r = spawn(&c, Options::default()).await.unwrap();
         let mut op = clients(&r, OPERATOR).await;
-        let v = op.admin.verify_audit(pb::VerifyAuditRequest {}).await.unwrap().into_inner();
+        let v = op
+            .admin
+            .verify_audit(pb::VerifyAuditRequest {})
+            .await
+            .unwrap()
+            .into_inner();
         assert!(!v.ok);
         assert_eq!(v.first_bad_seq, 17, "{name}: {}", v.reason);
         drop(op);
@@ -157,10 +294,19 @@ async fn no_secret_in_audit_export_or_metrics_and_counters_move() {
     let dir = dev_dir();
     let (r, secrets) = busy_broker(dir.path()).await;
     let metrics = reqwest_get(r.ops_addr, "/metrics").await;
-    assert!(metrics.contains("jitbroker_credentials_issued_total{kind=\"token\"} 10"), "{metrics}");
+    assert!(
+        metrics.contains("jitbroker_credentials_issued_total{kind=\"token\"} 10"),
+        "{metrics}"
+    );
     assert!(metrics.contains("jitbroker_credentials_issued_total{kind=\"jwt\"} 10"));
-    assert!(metrics.contains("jitbroker_credentials_ended_total{reason=\"revoked\"} 8"), "{metrics}");
-    assert!(metrics.contains("jitbroker_credentials_ended_total{reason=\"completed\"} 12"), "{metrics}");
+    assert!(
+        metrics.contains("jitbroker_credentials_ended_total{reason=\"revoked\"} 8"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("jitbroker_credentials_ended_total{reason=\"completed\"} 12"),
+        "{metrics}"
+    );
     assert!(metrics.contains("jitbroker_policy_decisions_total{decision=\"denied\"} 1"));
     assert!(reqwest_get(r.ops_addr, "/readyz").await.contains("ready"));
     r.stop().await;
@@ -186,7 +332,9 @@ async fn no_secret_in_audit_export_or_metrics_and_counters_move() {
 async fn reqwest_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out

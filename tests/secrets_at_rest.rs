@@ -27,7 +27,7 @@ async fn no_plaintext_secret_on_disk_or_in_logs() {
             .into_inner();
         for res in ["demo-token", "demo-jwt"] {
             let mut req = issue_req(&task.task_id, res, 300);
-            req.idempotency_key = format!("k{i}");
+            req.idempotency_key = format!("k{i}-{res}");
             let c = agent
                 .broker
                 .issue_credential(req)

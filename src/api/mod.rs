@@ -16,7 +16,8 @@ pub mod pb {
     tonic::include_proto!("jitbroker.v1");
 
     /// Descriptor set for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("jitbroker_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("jitbroker_descriptor");
 }
 
 /// What the transport learnt about the caller: set by the TLS acceptor for each connection.
@@ -202,7 +203,11 @@ impl pb::broker_server::Broker for BrokerApi {
                 .into_iter()
                 .map(|c| c.to_string())
                 .collect(),
-            revoked_tasks: done.ended_tasks.into_iter().map(|t| t.to_string()).collect(),
+            revoked_tasks: done
+                .ended_tasks
+                .into_iter()
+                .map(|t| t.to_string())
+                .collect(),
         }))
     }
 

@@ -149,7 +149,6 @@ impl AuditLog {
 /// Walks the whole chain and reports the first entry at which it breaks.
 pub fn verify(store: &dyn Store) -> Result<Verification> {
     let mut prev = GENESIS;
-    let mut expected_seq = 1u64;
     let mut count = 0u64;
     let bad = |seq: u64, count: u64, reason: String| Verification {
         ok: false,
@@ -157,7 +156,7 @@ pub fn verify(store: &dyn Store) -> Result<Verification> {
         first_bad_seq: seq,
         reason,
     };
-    for item in store.audit_scan()? {
+    for (expected_seq, item) in (1u64..).zip(store.audit_scan()?) {
         let (key_seq, bytes) = item?;
         let entry: Entry = match serde_json::from_slice(&bytes) {
             Ok(e) => e,
@@ -193,7 +192,6 @@ pub fn verify(store: &dyn Store) -> Result<Verification> {
             ));
         }
         prev = h;
-        expected_seq += 1;
         count += 1;
     }
     Ok(Verification {

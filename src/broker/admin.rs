@@ -59,7 +59,10 @@ impl Broker {
             None
         } else {
             Some(TaskId::parse(page_token).map_err(|_| {
-                Error::invalid("page_token", format!("is not a page token: {}", preview(page_token)))
+                Error::invalid(
+                    "page_token",
+                    format!("is not a page token: {}", preview(page_token)),
+                )
             })?)
         };
         let now = self.now();
@@ -104,7 +107,13 @@ impl Broker {
                 .get_task(&id)?
                 .ok_or_else(|| Error::NotFound(format!("task {id}")))?;
             if task.state == TaskState::Active {
-                self.end_task(&mut task, TaskState::Revoked, RevokeReason::Admin, self.now(), &mut out)?;
+                self.end_task(
+                    &mut task,
+                    TaskState::Revoked,
+                    RevokeReason::Admin,
+                    self.now(),
+                    &mut out,
+                )?;
             }
         }
         self.revoke_descendants(&id, &mut out).await?;
@@ -160,7 +169,11 @@ impl Broker {
         }
         self.admin_event(
             caller,
-            if block { "revoke_identity+block" } else { "revoke_identity" },
+            if block {
+                "revoke_identity+block"
+            } else {
+                "revoke_identity"
+            },
             Event {
                 spiffe_id: target.to_string(),
                 reason: reason.into(),
@@ -236,7 +249,9 @@ impl Broker {
         let r = self.policy.reload(&text, &path.display().to_string());
         match &r {
             Ok((n, d)) => tracing::info!(policies = n, sha256 = %d, "policy reloaded"),
-            Err(e) => tracing::error!(error = %e, "policy reload refused; the previous set keeps serving"),
+            Err(e) => {
+                tracing::error!(error = %e, "policy reload refused; the previous set keeps serving")
+            }
         }
         r
     }

@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, HashSet};
 use super::{Broker, Completed, DecideCtx, secs_to_ms};
 use crate::audit::Event;
 use crate::error::{Error, Result};
-use crate::model::{Decision, Grant, GrantDecision, RevokeReason, SpiffeId, Task, TaskId, TaskState};
+use crate::model::{
+    Decision, Grant, GrantDecision, RevokeReason, SpiffeId, Task, TaskId, TaskState,
+};
 
 /// A `DelegateTask` request, already decoded from the wire.
 #[derive(Clone, Debug, Default)]
@@ -24,8 +26,8 @@ impl Broker {
     /// `Broker.DelegateTask`.
     pub async fn delegate_task(&self, caller: &SpiffeId, req: DelegateTask) -> Result<Task> {
         self.check_caller(caller)?;
-        let parent_id = TaskId::parse(&req.parent_task_id)
-            .map_err(|e| rename_field(e, "parent_task_id"))?;
+        let parent_id =
+            TaskId::parse(&req.parent_task_id).map_err(|e| rename_field(e, "parent_task_id"))?;
         let delegate = SpiffeId::parse("delegate_spiffe_id", &req.delegate_spiffe_id)?;
         if &delegate == caller {
             return Err(Error::invalid("delegate_spiffe_id", "is the caller itself"));
@@ -149,7 +151,11 @@ impl Broker {
             spiffe_id: delegate.to_string(),
             task_id: child.id.to_string(),
             purpose: child.purpose.clone(),
-            delegation_chain: child.delegation_chain.iter().map(|c| c.to_string()).collect(),
+            delegation_chain: child
+                .delegation_chain
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
             detail: format!("parent={parent_id} expires_at={}", child.expires_at),
             ..Default::default()
         })?;
@@ -159,7 +165,11 @@ impl Broker {
 
     /// Ends every live descendant of a task, depth first. Takes each child's lock in turn (never
     /// while holding the parent's), so it cannot deadlock with issuance.
-    pub(crate) async fn revoke_descendants(&self, root: &TaskId, out: &mut Completed) -> Result<()> {
+    pub(crate) async fn revoke_descendants(
+        &self,
+        root: &TaskId,
+        out: &mut Completed,
+    ) -> Result<()> {
         let mut stack = self.store.children_of(root)?;
         let mut seen = HashSet::new();
         while let Some(id) = stack.pop() {
@@ -171,7 +181,13 @@ impl Broker {
                 if let Some(mut t) = self.store.get_task(&id)?
                     && t.state == TaskState::Active
                 {
-                    self.end_task(&mut t, TaskState::Revoked, RevokeReason::Cascade, self.now(), out)?;
+                    self.end_task(
+                        &mut t,
+                        TaskState::Revoked,
+                        RevokeReason::Cascade,
+                        self.now(),
+                        out,
+                    )?;
                 }
             }
             stack.extend(self.store.children_of(&id)?);

@@ -275,15 +275,19 @@ impl Broker {
 
     fn resource(&self, field: &str, name: &str) -> Result<&ResourceSpec> {
         config::check_name(field, name)?;
-        self.limits.resources.get(name).ok_or_else(|| {
-            Error::invalid(
-                field,
-                format!("unknown resource {}", preview(name)),
-            )
-        })
+        self.limits
+            .resources
+            .get(name)
+            .ok_or_else(|| Error::invalid(field, format!("unknown resource {}", preview(name))))
     }
 
-    fn check_action(&self, field: &str, spec: &ResourceSpec, resource: &str, action: &str) -> Result<()> {
+    fn check_action(
+        &self,
+        field: &str,
+        spec: &ResourceSpec,
+        resource: &str,
+        action: &str,
+    ) -> Result<()> {
         config::check_name(field, action)?;
         if spec.actions.contains(action) {
             Ok(())
@@ -310,7 +314,10 @@ impl Broker {
             ));
         }
         if key.chars().any(char::is_control) {
-            return Err(Error::invalid("idempotency_key", "holds control characters"));
+            return Err(Error::invalid(
+                "idempotency_key",
+                "holds control characters",
+            ));
         }
         Ok(Some(key.to_owned()))
     }
@@ -352,7 +359,10 @@ impl Broker {
 
     fn check_purpose(&self, purpose: &str) -> Result<()> {
         if purpose.trim().is_empty() {
-            return Err(Error::invalid("purpose", "is required: say what the task is for"));
+            return Err(Error::invalid(
+                "purpose",
+                "is required: say what the task is for",
+            ));
         }
         if purpose.len() > MAX_PURPOSE_LEN {
             return Err(Error::invalid(
@@ -680,7 +690,8 @@ impl Broker {
                     Some(id) => id,
                     None => {
                         let mut t = task.clone();
-                        let id = self.request_approval(&mut t, &grant, v.policy_ids.clone(), now)?;
+                        let id =
+                            self.request_approval(&mut t, &grant, v.policy_ids.clone(), now)?;
                         self.store.update_task(&t)?;
                         id
                     }
@@ -742,7 +753,11 @@ impl Broker {
             resource: record.resource.clone(),
             action: record.action.clone(),
             purpose: task.purpose.clone(),
-            delegation_chain: task.delegation_chain.iter().map(|c| c.to_string()).collect(),
+            delegation_chain: task
+                .delegation_chain
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
             detail: format!("kind={} expires_at={}", record.kind, record.expires_at),
             ..Default::default()
         })?;
@@ -814,7 +829,11 @@ impl Broker {
             credential_id: rec.id.to_string(),
             resource: rec.resource.clone(),
             action: rec.action.clone(),
-            reason: rec.end_reason.map(RevokeReason::as_str).unwrap_or("").into(),
+            reason: rec
+                .end_reason
+                .map(RevokeReason::as_str)
+                .unwrap_or("")
+                .into(),
             ..Default::default()
         })?;
         Ok(true)
@@ -858,14 +877,26 @@ impl Broker {
         let mut out = Completed::default();
         match task.effective_state(now) {
             TaskState::Active => {
-                self.end_task(&mut task, TaskState::Completed, RevokeReason::Completed, now, &mut out)?;
+                self.end_task(
+                    &mut task,
+                    TaskState::Completed,
+                    RevokeReason::Completed,
+                    now,
+                    &mut out,
+                )?;
                 drop(guard);
                 self.revoke_descendants(&id, &mut out).await?;
             }
             TaskState::Completed => return Ok(out),
             TaskState::Expired if task.state == TaskState::Active => {
                 // Past its expiry but not yet reaped: end it now, as expired.
-                self.end_task(&mut task, TaskState::Expired, RevokeReason::Expired, now, &mut out)?;
+                self.end_task(
+                    &mut task,
+                    TaskState::Expired,
+                    RevokeReason::Expired,
+                    now,
+                    &mut out,
+                )?;
                 self.store.durable().await?;
                 return Err(Error::FailedPrecondition(format!("task {id} is EXPIRED")));
             }
@@ -890,7 +921,12 @@ impl Broker {
             return Err(not_found());
         }
         let _guard = self.stripes[stripe_of(rec.task_id.as_str())].lock().await;
-        self.end_credential(&id, CredentialState::Revoked, RevokeReason::Revoked, self.now())?;
+        self.end_credential(
+            &id,
+            CredentialState::Revoked,
+            RevokeReason::Revoked,
+            self.now(),
+        )?;
         self.store.durable().await
     }
 

@@ -35,7 +35,12 @@ impl Broker {
                             Some(t) => Some(self.lock_task(t).lock().await),
                             None => None,
                         };
-                        self.end_credential(id, CredentialState::Expired, RevokeReason::Expired, now)?;
+                        self.end_credential(
+                            id,
+                            CredentialState::Expired,
+                            RevokeReason::Expired,
+                            now,
+                        )?;
                     }
                     Expiring::Task(id) => {
                         let mut out = Completed::default();
@@ -44,7 +49,13 @@ impl Broker {
                             if let Some(mut task) = self.store.get_task(id)?
                                 && task.state == TaskState::Active
                             {
-                                self.end_task(&mut task, TaskState::Expired, RevokeReason::Expired, now, &mut out)?;
+                                self.end_task(
+                                    &mut task,
+                                    TaskState::Expired,
+                                    RevokeReason::Expired,
+                                    now,
+                                    &mut out,
+                                )?;
                             }
                         }
                         self.revoke_descendants(id, &mut out).await?;

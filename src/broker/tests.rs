@@ -103,9 +103,19 @@ async fn credential_never_outlives_its_task_and_expires_without_reaper() {
         .unwrap();
     assert_eq!(c.record.expires_at, task.expires_at, "capped by the task");
     let secret = c.secret.expose().to_owned();
-    assert!(f.broker.introspect(&tool, &secret, "demo-token").unwrap().is_some());
+    assert!(
+        f.broker
+            .introspect(&tool, &secret, "demo-token")
+            .unwrap()
+            .is_some()
+    );
     f.clock.advance(Duration::from_secs(60));
-    assert!(f.broker.introspect(&tool, &secret, "demo-token").unwrap().is_none());
+    assert!(
+        f.broker
+            .introspect(&tool, &secret, "demo-token")
+            .unwrap()
+            .is_none()
+    );
     let err = f
         .broker
         .issue_credential(&agent, issue(&task, 10, ""))
@@ -114,9 +124,17 @@ async fn credential_never_outlives_its_task_and_expires_without_reaper() {
     assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
     // The reaper then records it.
     assert!(f.broker.reap_due().await.unwrap() >= 2);
-    let rec = f.broker.store().get_credential(&c.record.id).unwrap().unwrap();
+    let rec = f
+        .broker
+        .store()
+        .get_credential(&c.record.id)
+        .unwrap()
+        .unwrap();
     assert_eq!(rec.state, CredentialState::Expired);
-    assert_eq!(f.broker.get_task(&agent, task.id.as_str()).unwrap().state, TaskState::Expired);
+    assert_eq!(
+        f.broker.get_task(&agent, task.id.as_str()).unwrap().state,
+        TaskState::Expired
+    );
 }
 
 #[tokio::test]
@@ -125,31 +143,65 @@ async fn idempotency_quota_and_ownership() {
     let agent = id("spiffe://td/agent/a");
     let other = id("spiffe://td/agent/b");
     let task = f.broker.start_task(&agent, start(0)).await.unwrap();
-    let a = f.broker.issue_credential(&agent, issue(&task, 0, "k")).await.unwrap();
-    let b = f.broker.issue_credential(&agent, issue(&task, 0, "k")).await.unwrap();
+    let a = f
+        .broker
+        .issue_credential(&agent, issue(&task, 0, "k"))
+        .await
+        .unwrap();
+    let b = f
+        .broker
+        .issue_credential(&agent, issue(&task, 0, "k"))
+        .await
+        .unwrap();
     assert_eq!(a.record.id, b.record.id);
     assert_eq!(a.secret, b.secret);
     assert!(matches!(
-        f.broker.issue_credential(&other, issue(&task, 0, "")).await.unwrap_err(),
+        f.broker
+            .issue_credential(&other, issue(&task, 0, ""))
+            .await
+            .unwrap_err(),
         Error::NotFound(_)
     ));
-    f.broker.issue_credential(&agent, issue(&task, 0, "")).await.unwrap();
-    f.broker.issue_credential(&agent, issue(&task, 0, "")).await.unwrap();
+    f.broker
+        .issue_credential(&agent, issue(&task, 0, ""))
+        .await
+        .unwrap();
+    f.broker
+        .issue_credential(&agent, issue(&task, 0, ""))
+        .await
+        .unwrap();
     assert!(matches!(
-        f.broker.issue_credential(&agent, issue(&task, 0, "")).await.unwrap_err(),
+        f.broker
+            .issue_credential(&agent, issue(&task, 0, ""))
+            .await
+            .unwrap_err(),
         Error::ResourceExhausted(_)
     ));
     // A replay does not count against the quota.
-    f.broker.issue_credential(&agent, issue(&task, 0, "k")).await.unwrap();
+    f.broker
+        .issue_credential(&agent, issue(&task, 0, "k"))
+        .await
+        .unwrap();
     f.broker.start_task(&agent, start(0)).await.unwrap();
     assert!(matches!(
         f.broker.start_task(&agent, start(0)).await.unwrap_err(),
         Error::ResourceExhausted(_)
     ));
-    let done = f.broker.complete_task(&agent, task.id.as_str()).await.unwrap();
+    let done = f
+        .broker
+        .complete_task(&agent, task.id.as_str())
+        .await
+        .unwrap();
     assert_eq!(done.revoked_credentials.len(), 3);
-    let again = f.broker.complete_task(&agent, task.id.as_str()).await.unwrap();
-    assert!(again.revoked_credentials.is_empty(), "completion is idempotent");
+    let again = f
+        .broker
+        .complete_task(&agent, task.id.as_str())
+        .await
+        .unwrap();
+    assert!(
+        again.revoked_credentials.is_empty(),
+        "completion is idempotent"
+    );
     f.broker.start_task(&agent, start(0)).await.unwrap();
 }
 
@@ -158,27 +210,60 @@ async fn bad_input_names_the_field() {
     let f = fixture();
     let agent = id("spiffe://td/agent/a");
     let cases: Vec<(StartTask, &str)> = vec![
-        (StartTask { purpose: "x".repeat(1 << 20), ..start(0) }, "purpose"),
-        (StartTask { purpose: "".into(), ..start(0) }, "purpose"),
-        (StartTask { ttl_seconds: 7200, ..start(0) }, "ttl_seconds"),
-        (StartTask { grants: vec![], ..start(0) }, "grants"),
         (
             StartTask {
-                grants: vec![Grant { resource: "r".repeat(10 * 1024), action: "read".into() }],
+                purpose: "x".repeat(1 << 20),
+                ..start(0)
+            },
+            "purpose",
+        ),
+        (
+            StartTask {
+                purpose: "".into(),
+                ..start(0)
+            },
+            "purpose",
+        ),
+        (
+            StartTask {
+                ttl_seconds: 7200,
+                ..start(0)
+            },
+            "ttl_seconds",
+        ),
+        (
+            StartTask {
+                grants: vec![],
+                ..start(0)
+            },
+            "grants",
+        ),
+        (
+            StartTask {
+                grants: vec![Grant {
+                    resource: "r".repeat(10 * 1024),
+                    action: "read".into(),
+                }],
                 ..start(0)
             },
             "grants[0].resource",
         ),
         (
             StartTask {
-                grants: vec![Grant { resource: "nope".into(), action: "read".into() }],
+                grants: vec![Grant {
+                    resource: "nope".into(),
+                    action: "read".into(),
+                }],
                 ..start(0)
             },
             "grants[0].resource",
         ),
         (
             StartTask {
-                grants: vec![Grant { resource: "demo-token".into(), action: "delete".into() }],
+                grants: vec![Grant {
+                    resource: "demo-token".into(),
+                    action: "delete".into(),
+                }],
                 ..start(0)
             },
             "grants[0].action",
@@ -198,7 +283,10 @@ async fn bad_input_names_the_field() {
         .start_task(
             &agent,
             StartTask {
-                grants: vec![Grant { resource: "demo-token".into(), action: "write".into() }],
+                grants: vec![Grant {
+                    resource: "demo-token".into(),
+                    action: "write".into(),
+                }],
                 ..start(0)
             },
         )

@@ -90,9 +90,10 @@ pub fn ensure_dev_ca(data_dir: &Path, trust_domain: &str) -> Result<DevCa, Ident
     create_private_dir(&dir)?;
     let key = KeyPair::generate().map_err(cert_err)?;
     let mut params = CertificateParams::default();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("jitbroker dev CA ({trust_domain})"));
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("jitbroker dev CA ({trust_domain})"),
+    );
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -100,7 +101,9 @@ pub fn ensure_dev_ca(data_dir: &Path, trust_domain: &str) -> Result<DevCa, Ident
         KeyUsagePurpose::DigitalSignature,
     ];
     params.subject_alt_names = vec![SanType::URI(
-        format!("spiffe://{trust_domain}").try_into().map_err(cert_err)?,
+        format!("spiffe://{trust_domain}")
+            .try_into()
+            .map_err(cert_err)?,
     )];
     params.not_before = now_offset(Duration::from_secs(3600), true);
     params.not_after = now_offset(CA_VALIDITY, false);
@@ -118,7 +121,8 @@ pub fn ensure_dev_ca(data_dir: &Path, trust_domain: &str) -> Result<DevCa, Ident
 fn ca_trust_domain(pem: &str) -> Option<String> {
     let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
     let uri = super::uri_sans(&der).ok()?.into_iter().next()?;
-    uri.strip_prefix("spiffe://").map(|s| s.trim_end_matches('/').to_owned())
+    uri.strip_prefix("spiffe://")
+        .map(|s| s.trim_end_matches('/').to_owned())
 }
 
 use rustls_pki_types::pem::PemObject;
@@ -145,7 +149,9 @@ impl DevCa {
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, ca_key).map_err(cert_err)?;
         let key = KeyPair::generate().map_err(cert_err)?;
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, spiffe_id);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, spiffe_id);
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -206,8 +212,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
 pub fn write_svid(dir: &Path, svid: &SvidPem) -> Result<(), IdentityError> {
     create_private_dir(dir)?;
     let w = |name: &str, b: &[u8]| {
-        std::fs::write(dir.join(name), b)
-            .map_err(|e| IdentityError::Files(format!("cannot write {}: {e}", dir.join(name).display())))
+        std::fs::write(dir.join(name), b).map_err(|e| {
+            IdentityError::Files(format!("cannot write {}: {e}", dir.join(name).display()))
+        })
     };
     w("svid.pem", svid.cert_chain_pem.as_bytes())?;
     write_private(&dir.join("svid.key"), svid.key_pem.as_bytes())?;

@@ -36,6 +36,18 @@ struct Service {
     rx: watch::Receiver<Option<Material>>,
 }
 
+/// What `X509SourceBuilder::client_factory` takes: a maker of Workload API clients.
+type ClientFactory = Arc<
+    dyn Fn() -> Pin<
+            Box<
+                dyn std::future::Future<
+                        Output = Result<spiffe::WorkloadApiClient, spiffe::WorkloadApiError>,
+                    > + Send,
+            >,
+        > + Send
+        + Sync,
+>;
+
 type SvidStream = Pin<Box<dyn Stream<Item = Result<pb::X509svidResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -87,19 +99,14 @@ pub async fn source(
         }));
     let endpoint = spiffe::transport::Endpoint::parse("unix:///in-process/workload-api")
         .map_err(|e| IdentityError::Source(format!("in-process endpoint: {e}")))?;
-    let factory: Arc<
-        dyn Fn() -> Pin<
-                Box<
-                    dyn std::future::Future<
-                            Output = Result<spiffe::WorkloadApiClient, spiffe::WorkloadApiError>,
-                        > + Send,
-                >,
-            > + Send
-            + Sync,
-    > = Arc::new(move || {
+    let factory: ClientFactory = Arc::new(move || {
         let channel = channel.clone();
         let endpoint = endpoint.clone();
-        Box::pin(async move { Ok(spiffe::WorkloadApiClient::new_with_channel(endpoint, channel)) })
+        Box::pin(async move {
+            Ok(spiffe::WorkloadApiClient::new_with_channel(
+                endpoint, channel,
+            ))
+        })
     });
     spiffe::X509Source::builder()
         .client_factory(factory)

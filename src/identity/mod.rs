@@ -112,7 +112,12 @@ pub async fn start(
         } => {
             let mint = move || -> Result<Material, IdentityError> {
                 let svid = ca.mint_svid(&server_id, &dns_names, &ips, DEV_SVID_TTL)?;
-                material_from_pem(&server_id, &svid.cert_chain_pem, &svid.key_pem, &svid.bundle_pem)
+                material_from_pem(
+                    &server_id,
+                    &svid.cert_chain_pem,
+                    &svid.key_pem,
+                    &svid.bundle_pem,
+                )
             };
             let (tx, rx) = watch::channel(Some(mint()?));
             let feed = tokio::spawn(async move {
@@ -122,7 +127,9 @@ pub async fn start(
                         Ok(m) => {
                             let _ = tx.send(Some(m));
                         }
-                        Err(e) => tracing::error!(error = %e, "re-minting the dev server SVID failed"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "re-minting the dev server SVID failed")
+                        }
                     }
                 }
             });
@@ -147,7 +154,9 @@ pub async fn start(
                         }
                         Ok(_) => {}
                         // A half-written file (spiffe-helper mid-rewrite) keeps the previous material.
-                        Err(e) => tracing::warn!(error = %e, "SVID files unusable; keeping the previous SVID"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "SVID files unusable; keeping the previous SVID")
+                        }
                     }
                 }
             });
@@ -213,10 +222,14 @@ impl Identity {
             .0
             .authorized
             .iter()
-            .map(|t| spiffe::TrustDomain::new(t).map_err(|e| IdentityError::Tls(format!("trust domain {t}: {e}"))))
+            .map(|t| {
+                spiffe::TrustDomain::new(t)
+                    .map_err(|e| IdentityError::Tls(format!("trust domain {t}: {e}")))
+            })
             .collect::<Result<_, _>>()?;
-        let authorizer = spiffe_rustls::authorizer::trust_domains(self.0.authorized.iter().map(String::as_str))
-            .map_err(|e| IdentityError::Tls(e.to_string()))?;
+        let authorizer =
+            spiffe_rustls::authorizer::trust_domains(self.0.authorized.iter().map(String::as_str))
+                .map_err(|e| IdentityError::Tls(e.to_string()))?;
         let cfg = spiffe_rustls::mtls_server(self.0.source.clone())
             .authorize(authorizer)
             .trust_domain_policy(spiffe_rustls::AllowList(tds))
@@ -240,10 +253,7 @@ impl Identity {
 
     /// The source is healthy and the current SVID has not expired.
     pub fn is_ready(&self) -> bool {
-        self.0.source.is_healthy()
-            && self
-                .svid_not_after()
-                .is_some_and(|t| t > SystemTime::now())
+        self.0.source.is_healthy() && self.svid_not_after().is_some_and(|t| t > SystemTime::now())
     }
 
     pub fn source_name(&self) -> &'static str {
@@ -280,9 +290,14 @@ pub fn peer_spiffe_id(peer_certs: &[CertificateDer<'_>]) -> Result<String, Ident
     let uris = uri_sans(leaf.as_ref())?;
     match uris.as_slice() {
         [one] if one.starts_with("spiffe://") => Ok(one.clone()),
-        [one] => Err(IdentityError::Peer(format!("URI SAN {one:?} is not a spiffe:// ID"))),
+        [one] => Err(IdentityError::Peer(format!(
+            "URI SAN {one:?} is not a spiffe:// ID"
+        ))),
         [] => Err(IdentityError::Peer("no URI SAN".into())),
-        _ => Err(IdentityError::Peer(format!("{} URI SANs; an X.509-SVID has exactly one", uris.len()))),
+        _ => Err(IdentityError::Peer(format!(
+            "{} URI SANs; an X.509-SVID has exactly one",
+            uris.len()
+        ))),
     }
 }
 
@@ -291,7 +306,9 @@ fn pem_certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, Iden
         .collect::<Result<_, _>>()
         .map_err(|e| IdentityError::Certificate(format!("{what}: {e}")))?;
     if certs.is_empty() {
-        return Err(IdentityError::Certificate(format!("{what}: no certificate")));
+        return Err(IdentityError::Certificate(format!(
+            "{what}: no certificate"
+        )));
     }
     Ok(certs)
 }
@@ -333,6 +350,10 @@ fn read_files(svid: &Path, key: &Path, bundle: &Path) -> Result<(Material, Stamp
     let key_pem = zeroize::Zeroizing::new(read(key)?);
     let bundle_pem = read(bundle)?;
     let leaf = pem_certs(&chain_pem, &svid.display().to_string())?;
-    let id = peer_spiffe_id(&leaf).map_err(|e| IdentityError::Files(format!("{}: {e}", svid.display())))?;
-    Ok((material_from_pem(&id, &chain_pem, &key_pem, &bundle_pem)?, stamp))
+    let id = peer_spiffe_id(&leaf)
+        .map_err(|e| IdentityError::Files(format!("{}: {e}", svid.display())))?;
+    Ok((
+        material_from_pem(&id, &chain_pem, &key_pem, &bundle_pem)?,
+        stamp,
+    ))
 }

@@ -139,7 +139,10 @@ impl PolicyEngine {
             return Ok(deny_default(req, "the resource is not configured"));
         };
         if !self.actions.iter().any(|a| a == req.action) {
-            return Ok(deny_default(req, "the action is not declared by any resource"));
+            return Ok(deny_default(
+                req,
+                "the action is not declared by any resource",
+            ));
         }
         let cerr = |e: &dyn std::fmt::Display| Error::Internal(format!("cedar: {e}"));
         let agent = uid("Agent", req.principal.as_str())?;
@@ -162,8 +165,9 @@ impl PolicyEngine {
             HashSet::new(),
         )
         .map_err(|e| cerr(&e))?;
-        let entities = Entities::from_entities([principal_entity, resource_entity], Some(&l.schema))
-            .map_err(|e| cerr(&e))?;
+        let entities =
+            Entities::from_entities([principal_entity, resource_entity], Some(&l.schema))
+                .map_err(|e| cerr(&e))?;
         let chain: Vec<RestrictedExpression> = req
             .delegation_chain
             .iter()
@@ -197,7 +201,10 @@ impl PolicyEngine {
                 RestrictedExpression::new_bool(req.approved),
             ),
             ("labels".to_owned(), RestrictedExpression::new_set(labels)),
-            ("now".to_owned(), RestrictedExpression::new_long(req.now_unix)),
+            (
+                "now".to_owned(),
+                RestrictedExpression::new_long(req.now_unix),
+            ),
             ("trust_domain".to_owned(), s(req.principal.trust_domain())),
         ])
         .map_err(|e| cerr(&e))?;
@@ -263,7 +270,9 @@ fn load(actions: &[String], text: &str, origin: &str) -> Result<Loaded> {
         .map_err(|e| Error::Internal(format!("generated Cedar schema is invalid: {e}")))?;
     let parsed = PolicySet::from_str(text).map_err(|e| bad(format!("does not parse: {e}")))?;
     if parsed.templates().next().is_some() {
-        return Err(bad("templates are not supported; write plain policies".into()));
+        return Err(bad(
+            "templates are not supported; write plain policies".into()
+        ));
     }
     let mut policies = PolicySet::new();
     let mut approval_required = HashSet::new();
@@ -394,7 +403,10 @@ when { context.labels.contains("env=forbidden") };
         let e = engine();
         let before = e.info();
         let err = e
-            .reload("permit(principal, action == Action::\"nope\", resource);", "x")
+            .reload(
+                "permit(principal, action == Action::\"nope\", resource);",
+                "x",
+            )
             .unwrap_err()
             .to_string();
         assert!(err.contains("nope") || err.contains("validate"), "{err}");

@@ -116,7 +116,9 @@ impl Kek {
             ))
         })?;
         if plain.len() != 32 {
-            return Err(Error::Crypto("unwrapped data key has the wrong length".into()));
+            return Err(Error::Crypto(
+                "unwrapped data key has the wrong length".into(),
+            ));
         }
         let mut k = Zeroizing::new([0u8; 32]);
         k.copy_from_slice(&plain);
@@ -171,7 +173,9 @@ impl Sealer {
     pub fn open(&self, tree: &str, key: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
         let aad = aad(tree, key);
         if sealed.len() < HEADER_LEN || sealed[0] != SEALED_VERSION {
-            return Err(Error::Crypto(format!("sealed value in {tree} is malformed")));
+            return Err(Error::Crypto(format!(
+                "sealed value in {tree} is malformed"
+            )));
         }
         let key_id = u32::from_be_bytes([sealed[1], sealed[2], sealed[3], sealed[4]]);
         let dek = if key_id == self.current.0 {
@@ -266,7 +270,10 @@ mod tests {
     fn seal_open_round_trip_and_binding() {
         let s = sealer();
         let ct = s.seal("credentials", b"crd_1", b"top secret").unwrap();
-        assert_eq!(&s.open("credentials", b"crd_1", &ct).unwrap()[..], b"top secret");
+        assert_eq!(
+            &s.open("credentials", b"crd_1", &ct).unwrap()[..],
+            b"top secret"
+        );
         assert_eq!(u32::from_be_bytes(ct[1..5].try_into().unwrap()), 7);
         assert!(!ct.windows(10).any(|w| w == b"top secret"));
         // Bound to its place: another record key or tree does not open it.
@@ -283,7 +290,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("kek");
         let kek = Kek::create(&p).unwrap();
-        assert!(Kek::create(&p).is_err(), "never overwrites an existing key file");
+        assert!(
+            Kek::create(&p).is_err(),
+            "never overwrites an existing key file"
+        );
         let again = Kek::load(&p).unwrap();
         assert_eq!(kek.id(), again.id());
         let dek = random_key();
@@ -292,7 +302,10 @@ mod tests {
 
         let other_path = dir.path().join("other");
         let other = Kek::create(&other_path).unwrap();
-        let err = other.unwrap_key(b"dek/1", &wrapped).unwrap_err().to_string();
+        let err = other
+            .unwrap_key(b"dek/1", &wrapped)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(&other_path.display().to_string()), "{err}");
 
         let raw = dir.path().join("raw");

@@ -18,8 +18,8 @@ use super::crypto::{Kek, Sealer, random_key};
 use super::{AuditIter, Counts, Durable, Expiring, Store};
 use crate::error::{Error, Result};
 use crate::model::{
-    Approval, ApprovalId, CredentialId, Grant, CredentialRecord, CredentialState, Secret, SpiffeId, Task, TaskId, TaskState,
-    UnixMillis,
+    Approval, ApprovalId, CredentialId, CredentialRecord, CredentialState, Grant, Secret, SpiffeId,
+    Task, TaskId, TaskState, UnixMillis,
 };
 
 const CREDENTIALS: &str = "credentials";
@@ -237,7 +237,10 @@ impl SledStore {
         for item in meta.scan_prefix("dek/id/") {
             let (k, v) = item.map_err(st)?;
             let dek = old.unwrap_key(&k, &v)?;
-            if let Some(id) = std::str::from_utf8(&k[7..]).ok().and_then(|s| s.parse::<u32>().ok()) {
+            if let Some(id) = std::str::from_utf8(&k[7..])
+                .ok()
+                .and_then(|s| s.parse::<u32>().ok())
+            {
                 max_id = max_id.max(id);
             }
             rewrapped.push((k.to_vec(), new.wrap(&k, &dek)?));
@@ -306,7 +309,9 @@ impl SledStore {
             }
             None => {
                 if meta.get("index_key").map_err(st)?.is_some() {
-                    return Err(Error::Storage("meta has an index key but no data key".into()));
+                    return Err(Error::Storage(
+                        "meta has an index key but no data key".into(),
+                    ));
                 }
                 let dek = random_key();
                 let index_key = random_key();
@@ -314,7 +319,8 @@ impl SledStore {
                 meta.insert(&label, kek.wrap(&label, &dek)?).map_err(st)?;
                 meta.insert("index_key", kek.wrap(b"index_key", &index_key)?)
                     .map_err(st)?;
-                meta.insert("dek/current", &1u32.to_be_bytes()).map_err(st)?;
+                meta.insert("dek/current", &1u32.to_be_bytes())
+                    .map_err(st)?;
                 Ok(Sealer::new((1, dek), Vec::new(), index_key))
             }
         }
@@ -771,7 +777,12 @@ impl Drop for SledStore {
             let _g = self.flush.kick.lock().unwrap_or_else(|p| p.into_inner());
             self.flush.cv.notify_all();
         }
-        if let Some(h) = self.flusher.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(h) = self
+            .flusher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             let _ = h.join();
         }
         let _ = self.db.flush();
@@ -881,22 +892,38 @@ mod tests {
         };
         {
             let s = SledStore::open(&db, &old).unwrap();
-            s.create_credential(&rec, &Secret::new("jbt_before".into())).unwrap();
+            s.create_credential(&rec, &Secret::new("jbt_before".into()))
+                .unwrap();
             s.durable().await.unwrap();
         }
         let new = Kek::create(&dir.path().join("new")).unwrap();
         let (id, _) = SledStore::rotate_kek(&db, &old, &new).unwrap();
         assert_eq!(id, 2);
-        assert!(SledStore::open(&db, &old).is_err(), "the old KEK is retired");
+        assert!(
+            SledStore::open(&db, &old).is_err(),
+            "the old KEK is retired"
+        );
         let s = SledStore::open(&db, &new).unwrap();
-        assert_eq!(s.credential_secret(&rec.id).unwrap().unwrap().expose(), "jbt_before");
-        assert_eq!(s.credential_by_secret("jbt_before").unwrap(), Some(rec.id.clone()));
+        assert_eq!(
+            s.credential_secret(&rec.id).unwrap().unwrap().expose(),
+            "jbt_before"
+        );
+        assert_eq!(
+            s.credential_by_secret("jbt_before").unwrap(),
+            Some(rec.id.clone())
+        );
         let mut rec2 = rec.clone();
         rec2.id = CredentialId::generate();
-        s.create_credential(&rec2, &Secret::new("jbt_after".into())).unwrap();
-        let stored: StoredCredential = dec("c", &s.credentials.get(rec2.id.as_str()).unwrap().unwrap()).unwrap();
+        s.create_credential(&rec2, &Secret::new("jbt_after".into()))
+            .unwrap();
+        let stored: StoredCredential =
+            dec("c", &s.credentials.get(rec2.id.as_str()).unwrap().unwrap()).unwrap();
         let sealed = stored.sealed.unwrap();
-        assert_eq!(u32::from_be_bytes(sealed[1..5].try_into().unwrap()), 2, "new key id");
+        assert_eq!(
+            u32::from_be_bytes(sealed[1..5].try_into().unwrap()),
+            2,
+            "new key id"
+        );
     }
 
     #[test]
