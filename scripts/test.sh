@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite, on a fresh machine: installs what the tests need (grpcurl and helm built once
-# from their Go modules into ~/.cache/jitbroker/tools; Python's kubernetes-validate in a venv there),
+# The whole test suite, on a fresh machine: installs what the tests need (grpcurl, helm, and SPIRE's
+# server and agent, built once from their Go modules into ~/.cache/jitbroker/tools; Python's
+# kubernetes-validate in a venv there),
 # then runs the Rust unit and integration tests, the README walk-through against a real
 # `jitbroker dev` with the real grpcurl, and the Helm chart validation.
 set -euo pipefail
@@ -12,8 +13,10 @@ source scripts/tools.sh
 step() { printf '\n==> %s\n' "$*"; }
 
 step "installing test tools (cached)"
-jb_tools_install grpcurl helm
+jb_tools_install grpcurl helm spire-server spire-agent
 export PATH="$(jb_tools_bin_dir):$PATH"
+# The SPIRE integration test must run, not skip, here.
+export JITBROKER_REQUIRE_SPIRE=1
 
 step "cargo test"
 cargo test --all-targets --locked

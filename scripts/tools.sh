@@ -19,7 +19,8 @@
 #   build/<tool>/           a scratch Go module per tool: go mod init tools; go get -tool PKG@VER
 #   venv/                   Python tools (kubernetes-validate), made by scripts/validate-chart.sh
 #
-# Builds run under `nice -n 19` with GOFLAGS=-p=1 so they leave CPU to everything else.
+# Builds run under `nice -n 19` with GOFLAGS=-p=1 (JB_TOOLS_GO_PARALLEL overrides; CI uses 2)
+# so they leave CPU to everything else.
 # Only the Go module proxy is needed.
 #
 # Adding a tool: one line in _jb_tools_define below (NAME PACKAGE VERSION [CGO_ENABLED]), and, if
@@ -116,10 +117,10 @@ _jb_tools_build() {
 	rm -rf "$work"
 	mkdir -p "$work"
 	start=$SECONDS
-	_jb_log "building $name from $pkg@$ver (nice 19, GOFLAGS=-p=1; log: $log)"
+	_jb_log "building $name from $pkg@$ver (nice 19, GOFLAGS=-p=${JB_TOOLS_GO_PARALLEL:-1}; log: $log)"
 	if ! (
 		cd "$work" &&
-			export GOFLAGS="-p=1${GOFLAGS:+ $GOFLAGS}" GOBIN="$bin" CGO_ENABLED="$cgo" GOWORK=off &&
+			export GOFLAGS="-p=${JB_TOOLS_GO_PARALLEL:-1}${GOFLAGS:+ $GOFLAGS}" GOBIN="$bin" CGO_ENABLED="$cgo" GOWORK=off &&
 			nice -n 19 go mod init tools &&
 			nice -n 19 go get -tool "$pkg@$ver" &&
 			ldflags="-s -w" &&
