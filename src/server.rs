@@ -456,7 +456,16 @@ async fn serve_ops(
             }
         })
     };
-    let router = tonic::service::Routes::new(health)
+    // Reflection of the health service only, so `grpcurl -plaintext` works without proto files.
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1();
+    let mut routes = tonic::service::Routes::new(health);
+    match reflection {
+        Ok(r) => routes = routes.add_service(r),
+        Err(e) => tracing::warn!(error = %e, "ops port: no reflection service"),
+    }
+    let router = routes
         .into_axum_router()
         .route("/healthz", page("/healthz"))
         .route("/readyz", page("/readyz"))
