@@ -218,7 +218,7 @@ async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     tx: mpsc::Sender<std::io::Result<TlsConn>>,
-    metrics: Arc<Metrics>,
+    broker: Arc<Broker>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -236,13 +236,15 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let tx = tx.clone();
-        let metrics = metrics.clone();
+        let broker = broker.clone();
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    metrics.auth_failure();
                     tracing::warn!(event = "tls_handshake_failed", remote = %remote, reason = %e, "TLS handshake refused");
+                    broker
+                        .auth_failed(&remote.to_string(), &e.to_string())
+                        .await;
                     return;
                 }
                 Err(_) => {
@@ -266,8 +268,8 @@ async fn accept_loop(
             let spiffe_id = match spiffe_id {
                 Ok(id) => id,
                 Err(reason) => {
-                    metrics.auth_failure();
                     tracing::warn!(event = "authentication_failed", remote = %remote, reason = %reason, "peer certificate refused");
+                    broker.auth_failed(&remote.to_string(), &reason).await;
                     return;
                 }
             };
@@ -301,7 +303,7 @@ pub async fn run(
         api,
         acceptor,
         conn_tx,
-        app.metrics.clone(),
+        app.broker.clone(),
         stop_rx.clone(),
     ));
 
@@ -339,15 +341,12 @@ pub async fn run(
 
     let broker_api = BrokerApi {
         broker: app.broker.clone(),
-        metrics: app.metrics.clone(),
     };
     let verifier_api = VerifierApi {
         broker: app.broker.clone(),
-        metrics: app.metrics.clone(),
     };
     let admin_api = AdminApi {
         broker: app.broker.clone(),
-        metrics: app.metrics.clone(),
         facts: app.facts.clone(),
     };
 
@@ -362,6 +361,7 @@ pub async fn run(
     let mut grpc_stop = stop_rx.clone();
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .layer(crate::telemetry::LatencyLayer(app.metrics.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

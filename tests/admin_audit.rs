@@ -308,6 +308,13 @@ async fn no_secret_in_audit_export_or_metrics_and_counters_move() {
         "{metrics}"
     );
     assert!(metrics.contains("jitbroker_policy_decisions_total{decision=\"denied\"} 1"));
+    assert!(
+        metrics.contains(
+            "jitbroker_request_duration_seconds_count{method=\"jitbroker.v1.Broker/StartTask\"} 11"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("jitbroker_request_duration_seconds_bucket{method=\"jitbroker.v1.Broker/IssueCredential\",le=\"+Inf\"} 20"));
     assert!(reqwest_get(r.ops_addr, "/readyz").await.contains("ready"));
     r.stop().await;
 
@@ -322,7 +329,7 @@ async fn no_secret_in_audit_export_or_metrics_and_counters_move() {
     assert!(text.contains("\"purpose\":\"summarise ticket 42\""));
     assert!(text.contains("\"reason\":\"revoked\""));
     for s in &secrets {
-        let tail = s.rsplit(['_', '.']).next().unwrap();
+        let tail = distinctive_part(s);
         assert!(!text.contains(tail), "secret in the audit export");
         assert!(!metrics.contains(tail), "secret in the metrics");
     }

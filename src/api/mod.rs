@@ -46,16 +46,19 @@ fn ts(ms: UnixMillis) -> prost_types::Timestamp {
 }
 
 /// The caller's verified SPIFFE ID, or `UNAUTHENTICATED`.
-fn caller<T>(req: &Request<T>, metrics: &crate::telemetry::Metrics) -> Result<SpiffeId, Status> {
+async fn caller<T>(req: &Request<T>, broker: &Broker) -> Result<SpiffeId, Status> {
     match req.extensions().get::<PeerInfo>() {
         Some(PeerInfo {
             spiffe_id: Some(id),
             ..
         }) => Ok(id.clone()),
         other => {
-            metrics.auth_failure();
             let addr = other.and_then(|p| p.remote_addr);
-            tracing::warn!(event = "authentication_failed", remote = ?addr, reason = "no X.509-SVID on the connection");
+            let reason = "no X.509-SVID on the connection";
+            tracing::warn!(event = "authentication_failed", remote = ?addr, reason);
+            broker
+                .auth_failed(&addr.map(|a| a.to_string()).unwrap_or_default(), reason)
+                .await;
             Err(Status::unauthenticated(
                 "no verified SPIFFE identity: connect with mTLS using an X.509-SVID",
             ))
@@ -135,7 +138,6 @@ fn grants(v: Vec<pb::Grant>) -> Vec<model::Grant> {
 #[derive(Clone)]
 pub struct BrokerApi {
     pub broker: Arc<Broker>,
-    pub metrics: Arc<crate::telemetry::Metrics>,
 }
 
 #[tonic::async_trait]
@@ -144,7 +146,7 @@ impl pb::broker_server::Broker for BrokerApi {
         &self,
         request: Request<pb::StartTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
-        let who = caller(&request, &self.metrics)?;
+        let who = caller(&request, &self.broker).await?;
         let r = request.into_inner();
         let task = self
             .broker
@@ -167,7 +169,7 @@ impl pb::broker_server::Broker for BrokerApi {
         &self,
         request: Request<pb::IssueCredentialRequest>,
     ) -> Result<Response<pb::Credential>, Status> {
-        let who = caller(&request, &self.metrics)?;
+        let who = caller(&request, &self.broker).await?;
         let r = request.into_inner();
         let issued = self
             .broker
@@ -190,7 +192,7 @@ impl pb::broker_server::Broker for BrokerApi {
         &self,
         request: Request<pb::CompleteTaskRequest>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
-        let who = caller(&request, &self.metrics)?;
+        let who = caller(&request, &self.broker).await?;
         let r = request.into_inner();
         let done = self
             .broker
@@ -215,7 +217,7 @@ impl pb::broker_server::Broker for BrokerApi {
         &self,
         request: Request<pb::RevokeCredentialRequest>,
     ) -> Result<Response<pb::RevokeCredentialResponse>, Status> {
-        let who = caller(&request, &self.metrics)?;
+        let who = caller(&request, &self.broker).await?;
         let r = request.into_inner();
         self.broker
             .revoke_credential(&who, &r.credential_id)
@@ -228,7 +230,7 @@ impl pb::broker_server::Broker for BrokerApi {
         &self,
         request: Request<pb::DelegateTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
-        let who = caller(&request, &self.metrics)?;
+        let who = caller(&request, &self.broker).await?;
         let r = request.into_inner();
         let task = self
             .broker
@@ -251,7 +253,7 @@ impl pb::broker_server::Broker for BrokerApi {
         &self,
         request: Request<pb::GetTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
-        let who = caller(&request, &self.metrics)?;
+        let who = caller(&request, &self.broker).await?;
         let r = request.into_inner();
         let task = self.broker.get_task(&who, &r.task_id).map_err(to_status)?;
         Ok(Response::new(task_pb(task, self.broker.now())))
@@ -262,7 +264,6 @@ impl pb::broker_server::Broker for BrokerApi {
 #[derive(Clone)]
 pub struct VerifierApi {
     pub broker: Arc<Broker>,
-    pub metrics: Arc<crate::telemetry::Metrics>,
 }
 
 #[tonic::async_trait]
@@ -271,7 +272,7 @@ impl pb::verifier_server::Verifier for VerifierApi {
         &self,
         request: Request<pb::IntrospectRequest>,
     ) -> Result<Response<pb::IntrospectResponse>, Status> {
-        let who = caller(&request, &self.metrics)?;
+        let who = caller(&request, &self.broker).await?;
         let r = request.into_inner();
         let found = self
             .broker
@@ -301,7 +302,7 @@ impl pb::verifier_server::Verifier for VerifierApi {
         &self,
         request: Request<pb::GetJwksRequest>,
     ) -> Result<Response<pb::GetJwksResponse>, Status> {
-        let _who = caller(&request, &self.metrics)?;
+        let _who = caller(&request, &self.broker).await?;
         Ok(Response::new(pb::GetJwksResponse {
             jwks_json: self.broker.jwks_json(),
         }))
@@ -312,7 +313,6 @@ impl pb::verifier_server::Verifier for VerifierApi {
 #[derive(Clone)]
 pub struct AdminApi {
     pub broker: Arc<Broker>,
-    pub metrics: Arc<crate::telemetry::Metrics>,
     pub facts: ServerFacts,
 }
 
@@ -322,7 +322,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let who = caller(&request, &self.metrics)?;
+        let who = caller(&request, &self.broker).await?;
         let s = self.broker.status(&who).map_err(to_status)?;
         let f = &self.facts;
         let (own_id, svid_exp) = match &f.identity {
@@ -354,7 +354,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::ListTasksRequest>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
-        let who = caller(&request, &self.metrics)?;
+        let who = caller(&request, &self.broker).await?;
         let r = request.into_inner();
         let state = match pb::TaskState::try_from(r.state) {
             Ok(pb::TaskState::Unspecified) => None,
@@ -384,7 +384,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::RevokeTaskRequest>,
     ) -> Result<Response<pb::RevokeTaskResponse>, Status> {
-        let who = caller(&request, &self.metrics)?;
+        let who = caller(&request, &self.broker).await?;
         let r = request.into_inner();
         let done = self
             .broker
@@ -401,7 +401,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::RevokeIdentityRequest>,
     ) -> Result<Response<pb::RevokeIdentityResponse>, Status> {
-        let who = caller(&request, &self.metrics)?;
+        let who = caller(&request, &self.broker).await?;
         let r = request.into_inner();
         let done = self
             .broker
@@ -419,7 +419,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::UnblockIdentityRequest>,
     ) -> Result<Response<pb::UnblockIdentityResponse>, Status> {
-        let who = caller(&request, &self.metrics)?;
+        let who = caller(&request, &self.broker).await?;
         let r = request.into_inner();
         let was_blocked = self
             .broker
@@ -433,7 +433,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::ListApprovalsRequest>,
     ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
-        let who = caller(&request, &self.metrics)?;
+        let who = caller(&request, &self.broker).await?;
         let r = request.into_inner();
         let now = self.broker.now();
         let list = self
@@ -449,7 +449,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::ApproveRequest>,
     ) -> Result<Response<pb::Approval>, Status> {
-        let who = caller(&request, &self.metrics)?;
+        let who = caller(&request, &self.broker).await?;
         let r = request.into_inner();
         let a = self
             .broker
@@ -463,7 +463,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::DenyRequest>,
     ) -> Result<Response<pb::Approval>, Status> {
-        let who = caller(&request, &self.metrics)?;
+        let who = caller(&request, &self.broker).await?;
         let r = request.into_inner();
         let a = self
             .broker
@@ -477,7 +477,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::ReloadPolicyRequest>,
     ) -> Result<Response<pb::ReloadPolicyResponse>, Status> {
-        let who = caller(&request, &self.metrics)?;
+        let who = caller(&request, &self.broker).await?;
         let (n, digest) = self.broker.reload_policy(&who).await.map_err(to_status)?;
         Ok(Response::new(pb::ReloadPolicyResponse {
             policy_count: n as u32,
@@ -489,7 +489,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
-        let who = caller(&request, &self.metrics)?;
+        let who = caller(&request, &self.broker).await?;
         let v = self.broker.verify_audit(&who).map_err(to_status)?;
         Ok(Response::new(pb::VerifyAuditResponse {
             ok: v.ok,

@@ -465,14 +465,19 @@ impl Broker {
         Ok(())
     }
 
-    /// Records a refused authentication (no, or an invalid, SVID).
-    pub fn audit_auth_failure(&self, remote: &str, reason: &str) {
+    /// Records a refused authentication (no, or an invalid, SVID): counted, audited, flushed.
+    pub async fn auth_failed(&self, remote: &str, reason: &str) {
+        self.metrics.auth_failure();
         let r = self.audit(Event {
             kind: "auth_failed".into(),
-            reason: reason.to_owned(),
+            reason: preview(reason),
             detail: format!("remote {remote}"),
             ..Default::default()
         });
+        let r = match r {
+            Ok(()) => self.store.durable().await,
+            Err(e) => Err(e),
+        };
         if let Err(e) = r {
             tracing::error!(error = %e, "could not audit an authentication failure");
         }

@@ -2,8 +2,14 @@
 //! here and rendered in the Prometheus text format on the ops port. Neither ever carries a secret:
 //! only ids, names and counts are recorded.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use crate::config::LogFormat;
 use crate::model::{Decision, RevokeReason};
@@ -31,9 +37,23 @@ const REASONS: [RevokeReason; 6] = [
     RevokeReason::IdentityRevoked,
 ];
 
+/// Upper bounds (seconds) of the request latency histogram buckets.
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+#[derive(Debug, Default)]
+struct Histogram {
+    buckets: [AtomicU64; 12],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
 /// The broker's counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// Request latency by gRPC method (only the broker's own methods; others share "other").
+    latency: RwLock<BTreeMap<String, Arc<Histogram>>>,
     issued_token: AtomicU64,
     issued_jwt: AtomicU64,
     allowed: AtomicU64,
@@ -65,6 +85,38 @@ impl Metrics {
         if let Some(i) = REASONS.iter().position(|x| *x == r) {
             self.ended[i].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Records one request's latency under its gRPC path.
+    pub fn observe(&self, path: &str, elapsed: Duration) {
+        let method = if path.starts_with("/jitbroker.v1.") {
+            path.trim_start_matches('/')
+        } else {
+            "other"
+        };
+        let h = {
+            let map = self.latency.read().unwrap_or_else(|p| p.into_inner());
+            map.get(method).cloned()
+        };
+        let h = match h {
+            Some(h) => h,
+            None => self
+                .latency
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(method.to_owned())
+                .or_default()
+                .clone(),
+        };
+        let secs = elapsed.as_secs_f64();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                h.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        h.count.fetch_add(1, Ordering::Relaxed);
+        h.sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
 
     pub fn auth_failure(&self) {
@@ -115,6 +167,33 @@ impl Metrics {
              jitbroker_authentication_failures_total {}",
             g(&self.auth_failures)
         );
+        let _ = writeln!(
+            s,
+            "# HELP jitbroker_request_duration_seconds gRPC request latency by method.\n\
+             # TYPE jitbroker_request_duration_seconds histogram"
+        );
+        for (method, h) in self
+            .latency
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            for (i, b) in BUCKETS.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "jitbroker_request_duration_seconds_bucket{{method=\"{method}\",le=\"{b}\"}} {}",
+                    g(&h.buckets[i])
+                );
+            }
+            let count = g(&h.count);
+            let _ = writeln!(
+                s,
+                "jitbroker_request_duration_seconds_bucket{{method=\"{method}\",le=\"+Inf\"}} {count}\n\
+                 jitbroker_request_duration_seconds_sum{{method=\"{method}\"}} {}\n\
+                 jitbroker_request_duration_seconds_count{{method=\"{method}\"}} {count}",
+                g(&h.sum_micros) as f64 / 1e6
+            );
+        }
         for (name, help, v) in gauges {
             let _ = writeln!(
                 s,
@@ -122,5 +201,53 @@ impl Metrics {
             );
         }
         s
+    }
+}
+
+/// A tower layer that records each request's latency in [`Metrics`].
+#[derive(Clone)]
+pub struct LatencyLayer(pub Arc<Metrics>);
+
+impl<S> tower::Layer<S> for LatencyLayer {
+    type Service = Latency<S>;
+    fn layer(&self, inner: S) -> Latency<S> {
+        Latency {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Latency<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B> tower::Service<tonic::codegen::http::Request<B>> for Latency<S>
+where
+    S: tower::Service<tonic::codegen::http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        let path = req.uri().path().to_owned();
+        let start = Instant::now();
+        let fut = self.inner.call(req);
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let r = fut.await;
+            metrics.observe(&path, start.elapsed());
+            r
+        })
     }
 }

@@ -281,3 +281,17 @@ pub fn all_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
+
+/// The part of a secret that cannot occur by chance: a token's random part, a JWT's signature.
+pub fn distinctive_part(secret: &str) -> &str {
+    let part = match secret.strip_prefix("jbt_") {
+        Some(random) => random,
+        None => secret.rsplit('.').next().unwrap_or(secret),
+    };
+    assert!(
+        part.len() >= 40,
+        "secret part too short to be distinctive: {}",
+        part.len()
+    );
+    part
+}
