@@ -273,6 +273,14 @@ impl Config {
                     .into(),
             );
         }
+        if self.identity.jwt_audience.is_some() {
+            // Fail closed rather than silently ignore an authentication setting.
+            return bad(
+                "identity.jwt_audience: JWT-SVID authentication is not available in this \
+                        version; remove the key (callers authenticate with X.509-SVIDs over mTLS)"
+                    .into(),
+            );
+        }
         if self.identity.source == SourceKind::Files {
             for (k, v) in [
                 ("identity.svid_file", &self.identity.svid_file),

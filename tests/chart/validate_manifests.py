@@ -60,7 +60,7 @@ STANDARD_LABELS = (
 TOP_KEYS = {
     "listen", "ops_listen", "data_dir", "kek_file", "policy_file", "admin_ids", "approver_ids",
     "max_ttl_seconds", "default_ttl_seconds", "max_active_tasks_per_identity",
-    "max_credentials_per_task", "log_format", "jwt_issuer", "identity", "resources",
+    "max_credentials_per_task", "approval_ttl_seconds", "max_delegation_depth", "log_format", "jwt_issuer", "identity", "resources",
 }
 REQUIRED_TOP = {"data_dir", "kek_file", "policy_file", "identity"}
 IDENTITY_KEYS = {
