@@ -24,6 +24,11 @@ cargo test --all-targets --locked
 step "release build (the README's run command)"
 cargo build --release --locked
 
+step "example policies pass their cases (jitbroker policy test)"
+for d in policies/*/; do
+  target/release/jitbroker policy test --config "$d/jitbroker.toml" "$d/cases.toml"
+done
+
 step "README walk-through with grpcurl"
 scripts/smoke-readme.sh
 

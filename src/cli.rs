@@ -103,6 +103,17 @@ pub enum AuditCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum PolicyCommand {
+    /// Run a file of requests with expected decisions ([[case]] entries) against the policy;
+    /// exits 1 if any case fails.
+    Test {
+        #[arg(long, env = "JITBROKER_CONFIG")]
+        config: PathBuf,
+        /// Policy file to test instead of the one the configuration names.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// The cases file (TOML).
+        cases: PathBuf,
+    },
     /// Validate a policy file against the schema generated from a configuration.
     Validate {
         #[arg(long, env = "JITBROKER_CONFIG")]
@@ -224,6 +235,35 @@ pub async fn run(cli: Cli) -> Result<()> {
                     eprintln!("exported {n} audit entries");
                     Ok(())
                 }
+            }
+        }
+        Command::Policy {
+            command:
+                PolicyCommand::Test {
+                    config,
+                    policy,
+                    cases,
+                },
+        } => {
+            let mut cfg = Config::load(&config)?;
+            if let Some(p) = policy {
+                cfg.policy_file = p;
+            }
+            let engine = server::load_policy(&cfg)?;
+            let text = std::fs::read_to_string(&cases).map_err(|e| {
+                Error::Config(format!("cannot read cases file {}: {e}", cases.display()))
+            })?;
+            let report =
+                crate::policy::testing::run_cases(&engine, &text, &cases.display().to_string())?;
+            println!("{report}");
+            if report.passed() {
+                Ok(())
+            } else {
+                Err(Error::Config(format!(
+                    "{} of {} policy cases failed",
+                    report.failed(),
+                    report.results.len()
+                )))
             }
         }
         Command::Policy {

@@ -8,12 +8,12 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use cedar_policy::{
-    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityTypeName,
-    EntityUid, PolicyId, PolicySet, Request, RestrictedExpression, Schema, ValidationMode,
-    Validator,
+    ActionConstraint, Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId,
+    EntityTypeName, EntityUid, Policy, PolicyId, PolicySet, PrincipalConstraint, Request,
+    ResourceConstraint, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use sha2::{Digest, Sha256};
 
@@ -48,9 +48,81 @@ pub struct Verdict {
 struct Loaded {
     schema: Schema,
     policies: PolicySet,
+    /// Each policy with the part of its scope that can rule it out for a request.
+    scoped: Vec<(Scope, Policy)>,
+    /// Per (principal, action, resource): the policies whose scope can match it. Evaluating
+    /// only those keeps a decision's cost flat as per-agent policies grow; a policy whose scope
+    /// cannot match is not applicable, so decisions are the same as over the full set.
+    subsets: Mutex<HashMap<(String, String, String), Arc<PolicySet>>>,
     approval_required: HashSet<PolicyId>,
     digest: String,
     count: usize,
+}
+
+/// Cached policy subsets kept at most; the cache is dropped whole when it fills.
+const SUBSET_CACHE: usize = 4096;
+
+/// What a policy's scope says about which requests it can apply to (`None` = any).
+#[derive(Clone, Debug, Default)]
+struct Scope {
+    principal: Option<String>,
+    actions: Option<HashSet<String>>,
+    resource: Option<String>,
+}
+
+impl Scope {
+    fn of(p: &Policy) -> Self {
+        // `==` pins the entity; `in`/`is` are kept as "any" (a superset is always safe).
+        let principal = match p.principal_constraint() {
+            PrincipalConstraint::Eq(uid) => Some(uid.id().unescaped().to_owned()),
+            _ => None,
+        };
+        let actions = match p.action_constraint() {
+            ActionConstraint::Any => None,
+            ActionConstraint::Eq(uid) => Some(HashSet::from([uid.id().unescaped().to_owned()])),
+            ActionConstraint::In(uids) => {
+                Some(uids.iter().map(|u| u.id().unescaped().to_owned()).collect())
+            }
+        };
+        let resource = match p.resource_constraint() {
+            ResourceConstraint::Eq(uid) => Some(uid.id().unescaped().to_owned()),
+            _ => None,
+        };
+        Self {
+            principal,
+            actions,
+            resource,
+        }
+    }
+
+    fn can_match(&self, principal: &str, action: &str, resource: &str) -> bool {
+        self.principal.as_deref().is_none_or(|p| p == principal)
+            && self.actions.as_ref().is_none_or(|a| a.contains(action))
+            && self.resource.as_deref().is_none_or(|r| r == resource)
+    }
+}
+
+impl Loaded {
+    fn subset(&self, principal: &str, action: &str, resource: &str) -> Result<Arc<PolicySet>> {
+        let key = (principal.to_owned(), action.to_owned(), resource.to_owned());
+        let mut cache = self.subsets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = cache.get(&key) {
+            return Ok(s.clone());
+        }
+        let mut set = PolicySet::new();
+        for (scope, p) in &self.scoped {
+            if scope.can_match(principal, action, resource) {
+                set.add(p.clone())
+                    .map_err(|e| Error::Internal(format!("policy subset: {e}")))?;
+            }
+        }
+        let set = Arc::new(set);
+        if cache.len() >= SUBSET_CACHE {
+            cache.clear();
+        }
+        cache.insert(key, set.clone());
+        Ok(set)
+    }
 }
 
 /// The policy set currently serving; replaced whole on a good reload, kept on a bad one.
@@ -60,6 +132,8 @@ pub struct PolicyEngine {
     actions: Vec<String>,
     authorizer: Authorizer,
 }
+
+pub mod testing;
 
 /// The Cedar schema for a set of actions: principals are `Agent`s, resources `Resource`s.
 pub fn schema_text(actions: &[String]) -> String {
@@ -123,8 +197,18 @@ impl PolicyEngine {
     /// Decides one request. Never fails: anything that keeps Cedar from deciding is a deny that
     /// says why (fail closed).
     pub fn decide(&self, req: &PolicyRequest<'_>) -> Verdict {
+        self.decide_with(req, true)
+    }
+
+    /// Decides over the whole policy set, without the scope index (for tests and benchmarks that
+    /// compare the two).
+    pub fn decide_unindexed(&self, req: &PolicyRequest<'_>) -> Verdict {
+        self.decide_with(req, false)
+    }
+
+    fn decide_with(&self, req: &PolicyRequest<'_>, indexed: bool) -> Verdict {
         let l = self.current();
-        match self.evaluate(&l, req) {
+        match self.evaluate(&l, req, indexed) {
             Ok(v) => v,
             Err(e) => Verdict {
                 decision: Decision::Denied,
@@ -134,7 +218,7 @@ impl PolicyEngine {
         }
     }
 
-    fn evaluate(&self, l: &Loaded, req: &PolicyRequest<'_>) -> Result<Verdict> {
+    fn evaluate(&self, l: &Loaded, req: &PolicyRequest<'_>, indexed: bool) -> Result<Verdict> {
         let Some(kind) = self.resources.get(req.resource) else {
             return Ok(deny_default(req, "the resource is not configured"));
         };
@@ -210,9 +294,14 @@ impl PolicyEngine {
         .map_err(|e| cerr(&e))?;
         let request = Request::new(agent, action, resource, context, Some(&l.schema))
             .map_err(|e| cerr(&e))?;
-        let response = self
-            .authorizer
-            .is_authorized(&request, &l.policies, &entities);
+        let subset;
+        let policies = if indexed {
+            subset = l.subset(req.principal.as_str(), req.action, req.resource)?;
+            subset.as_ref()
+        } else {
+            &l.policies
+        };
+        let response = self.authorizer.is_authorized(&request, policies, &entities);
         let diag = response.diagnostics();
         let mut ids: Vec<String> = diag.reason().map(|p| p.to_string()).collect();
         ids.sort();
@@ -312,9 +401,15 @@ fn load(actions: &[String], text: &str, origin: &str) -> Result<Loaded> {
         )));
     }
     let count = policies.policies().count();
+    let scoped = policies
+        .policies()
+        .map(|p| (Scope::of(p), p.clone()))
+        .collect();
     Ok(Loaded {
         schema,
         policies,
+        scoped,
+        subsets: Mutex::new(HashMap::new()),
         approval_required,
         digest: hex::encode(Sha256::digest(text.as_bytes())),
         count,
@@ -396,6 +491,91 @@ when { context.labels.contains("env=forbidden") };
         assert!(v.reason.contains("no-exports"), "{}", v.reason);
         let v = e.decide(&req(&agent, "read", "unknown", &none));
         assert_eq!(v.decision, Decision::Denied);
+    }
+
+    /// The scope index never changes a decision: random per-agent permits, forbids and approval
+    /// policies, random requests, indexed against full-set evaluation.
+    #[test]
+    fn indexed_decisions_equal_full_set_decisions() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let actions = ["read", "write", "delete"];
+        let resources = ["r0", "r1", "r2", "r3"];
+        let mut text = String::new();
+        for i in 0..300 {
+            let agent = format!("spiffe://td/agent/a{}", rng.gen_range(0..20));
+            let principal = match rng.gen_range(0..3) {
+                0 => "principal".to_string(),
+                _ => format!("principal == Agent::\"{agent}\""),
+            };
+            let action = match rng.gen_range(0..3) {
+                0 => "action".to_string(),
+                1 => format!("action == Action::\"{}\"", actions[rng.gen_range(0..3)]),
+                _ => format!(
+                    "action in [Action::\"{}\", Action::\"{}\"]",
+                    actions[rng.gen_range(0..3)],
+                    actions[rng.gen_range(0..3)]
+                ),
+            };
+            let resource = match rng.gen_range(0..2) {
+                0 => "resource".to_string(),
+                _ => format!(
+                    "resource == Resource::\"{}\"",
+                    resources[rng.gen_range(0..4)]
+                ),
+            };
+            let effect = if rng.gen_range(0..6) == 0 {
+                "forbid"
+            } else {
+                "permit"
+            };
+            let approval = if effect == "permit" && rng.gen_range(0..5) == 0 {
+                "@approval(\"required\") "
+            } else {
+                ""
+            };
+            let cond = format!("context.requested_ttl_seconds < {}", rng.gen_range(30..600));
+            text.push_str(&format!(
+                "@id(\"p{i}\") {approval}{effect}({principal}, {action}, {resource}) when {{ {cond} }};\n"
+            ));
+        }
+        let engine = PolicyEngine::new(
+            resources
+                .iter()
+                .map(|r| (r.to_string(), "token".to_string()))
+                .collect(),
+            actions.iter().map(|a| a.to_string()).collect(),
+            &text,
+            "random",
+        )
+        .unwrap();
+        let labels = BTreeMap::new();
+        let mut kinds = HashSet::new();
+        for _ in 0..3000 {
+            let p = SpiffeId::parse("p", &format!("spiffe://td/agent/a{}", rng.gen_range(0..22)))
+                .unwrap();
+            let req = PolicyRequest {
+                principal: &p,
+                action: actions[rng.gen_range(0..3)],
+                resource: resources[rng.gen_range(0..4)],
+                purpose: "x",
+                task_age_seconds: 0,
+                requested_ttl_seconds: rng.gen_range(0..700),
+                delegation_chain: std::slice::from_ref(&p),
+                approved: rng.gen_range(0..2) == 0,
+                labels: &labels,
+                now_unix: 0,
+            };
+            let a = engine.decide(&req);
+            let b = engine.decide_unindexed(&req);
+            assert_eq!(a, b, "{req:?}");
+            kinds.insert(format!("{:?}", a.decision));
+        }
+        assert_eq!(
+            kinds.len(),
+            3,
+            "all three decision kinds were exercised: {kinds:?}"
+        );
     }
 
     #[test]
