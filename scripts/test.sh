@@ -22,7 +22,7 @@ step "cargo test"
 cargo test --all-targets --locked
 
 step "release build (the README's run command)"
-cargo build --release --locked
+cargo build --release --locked --bins
 
 step "example policies pass their cases (jitbroker policy test)"
 for d in policies/*/; do
@@ -34,6 +34,9 @@ scripts/smoke-readme.sh
 
 step "operator runbook with grpcurl"
 scripts/runbook-test.sh
+
+step "benchmark harness smoke (no figures asserted)"
+scripts/bench.sh 2 2 2
 
 step "Helm chart validation"
 JITBROKER_BIN="$root/target/release/jitbroker" scripts/validate-chart.sh
