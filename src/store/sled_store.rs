@@ -105,6 +105,30 @@ fn dec<T: for<'de> Deserialize<'de>>(what: &str, b: &[u8]) -> Result<T> {
     serde_json::from_slice(b).map_err(|e| Error::Storage(format!("corrupt {what} record: {e}")))
 }
 
+/// Reads and decodes one JSON record.
+fn get_record<T: for<'de> Deserialize<'de>>(
+    tree: &sled::Tree,
+    key: impl AsRef<[u8]>,
+    what: &str,
+) -> Result<Option<T>> {
+    tree.get(key)
+        .map_err(st)?
+        .map(|v| dec(what, &v))
+        .transpose()
+}
+
+/// Reads one index entry whose value is an id.
+fn get_ref<T>(
+    tree: &sled::Tree,
+    key: impl AsRef<[u8]>,
+    parse: impl Fn(&str) -> Result<T>,
+) -> Result<Option<T>> {
+    tree.get(key)
+        .map_err(st)?
+        .map(|v| parse(&String::from_utf8_lossy(&v)))
+        .transpose()
+}
+
 fn cat(parts: &[&[u8]]) -> Vec<u8> {
     let mut v = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
     for (i, p) in parts.iter().enumerate() {
@@ -327,10 +351,7 @@ impl SledStore {
     }
 
     fn load_stored(&self, id: &CredentialId) -> Result<Option<StoredCredential>> {
-        match self.credentials.get(id.as_str()).map_err(st)? {
-            Some(v) => Ok(Some(dec("credential", &v)?)),
-            None => Ok(None),
-        }
+        get_record(&self.credentials, id.as_str(), "credential")
     }
 }
 
@@ -430,21 +451,11 @@ impl Store for SledStore {
     }
 
     fn get_task(&self, id: &TaskId) -> Result<Option<Task>> {
-        match self.tasks.get(id.as_str()).map_err(st)? {
-            Some(v) => Ok(Some(dec("task", &v)?)),
-            None => Ok(None),
-        }
+        get_record(&self.tasks, id.as_str(), "task")
     }
 
     fn task_by_idempotency_key(&self, owner: &SpiffeId, key: &str) -> Result<Option<TaskId>> {
-        match self
-            .idempotency
-            .get(idem_task_key(owner, key))
-            .map_err(st)?
-        {
-            Some(v) => Ok(Some(TaskId::parse(&String::from_utf8_lossy(&v))?)),
-            None => Ok(None),
-        }
+        get_ref(&self.idempotency, idem_task_key(owner, key), TaskId::parse)
     }
 
     fn tasks_of_identity(&self, owner: &SpiffeId) -> Result<Vec<TaskId>> {
@@ -550,18 +561,16 @@ impl Store for SledStore {
         task: &TaskId,
         key: &str,
     ) -> Result<Option<CredentialId>> {
-        match self.idempotency.get(idem_cred_key(task, key)).map_err(st)? {
-            Some(v) => Ok(Some(CredentialId::parse(&String::from_utf8_lossy(&v))?)),
-            None => Ok(None),
-        }
+        get_ref(
+            &self.idempotency,
+            idem_cred_key(task, key),
+            CredentialId::parse,
+        )
     }
 
     fn credential_by_secret(&self, secret: &str) -> Result<Option<CredentialId>> {
         let hash = self.sealer.index_hash(secret.as_bytes());
-        match self.secret_index.get(hash).map_err(st)? {
-            Some(v) => Ok(Some(CredentialId::parse(&String::from_utf8_lossy(&v))?)),
-            None => Ok(None),
-        }
+        get_ref(&self.secret_index, hash, CredentialId::parse)
     }
 
     fn credentials_of_task(&self, task: &TaskId) -> Result<Vec<CredentialId>> {
@@ -659,21 +668,15 @@ impl Store for SledStore {
     }
 
     fn get_approval(&self, id: &ApprovalId) -> Result<Option<Approval>> {
-        match self.approvals.get(id.as_str()).map_err(st)? {
-            Some(v) => Ok(Some(dec("approval", &v)?)),
-            None => Ok(None),
-        }
+        get_record(&self.approvals, id.as_str(), "approval")
     }
 
     fn approval_for_grant(&self, task: &TaskId, grant: &Grant) -> Result<Option<ApprovalId>> {
-        match self
-            .idempotency
-            .get(approval_grant_key(task, grant))
-            .map_err(st)?
-        {
-            Some(v) => Ok(Some(ApprovalId::parse(&String::from_utf8_lossy(&v))?)),
-            None => Ok(None),
-        }
+        get_ref(
+            &self.idempotency,
+            approval_grant_key(task, grant),
+            ApprovalId::parse,
+        )
     }
 
     fn list_approvals(&self) -> Result<Vec<Approval>> {
