@@ -54,6 +54,47 @@ async fn revoke_identity_with_block_kills_everything_until_unblocked() {
         .into_inner()
         .secret;
 
+    // An operator ends one task of another agent: its credential dies, the rest stays.
+    let tb2 = b
+        .broker
+        .start_task(start_req(vec![grant("demo-token", "read")], 600))
+        .await
+        .unwrap()
+        .into_inner();
+    let sb2 = b
+        .broker
+        .issue_credential(issue_req(&tb2.task_id, "demo-token", 300))
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let mut opr = clients(&r, OPERATOR).await;
+    let rt = opr
+        .admin
+        .revoke_task(pb::RevokeTaskRequest {
+            task_id: tb2.task_id.clone(),
+            reason: "suspicious".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rt.revoked_tasks, vec![tb2.task_id.clone()]);
+    assert_eq!(rt.revoked_credential_ids.len(), 1);
+    assert!(!introspect(&mut tool, &sb2, "demo-token").await.active);
+    let unknown = "tsk_00000000000000000000000000000000";
+    assert_eq!(
+        opr.admin
+            .revoke_task(pb::RevokeTaskRequest {
+                task_id: unknown.into(),
+                reason: String::new()
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    drop(opr);
+
     // An agent calling Admin is refused.
     let s = a
         .admin

@@ -99,24 +99,11 @@ impl Broker {
         self.require_admin(caller)?;
         check_reason(reason)?;
         let id = TaskId::parse(task_id)?;
-        let mut out = Completed::default();
-        {
-            let _guard = self.lock_task(&id).lock().await;
-            let mut task = self
-                .store
-                .get_task(&id)?
-                .ok_or_else(|| Error::NotFound(format!("task {id}")))?;
-            if task.state == TaskState::Active {
-                self.end_task(
-                    &mut task,
-                    TaskState::Revoked,
-                    RevokeReason::Admin,
-                    self.now(),
-                    &mut out,
-                )?;
-            }
+        if self.store.get_task(&id)?.is_none() {
+            return Err(Error::NotFound(format!("task {id}")));
         }
-        self.revoke_descendants(&id, &mut out).await?;
+        let mut out = Completed::default();
+        self.revoke_tree(&id, RevokeReason::Admin, &mut out).await?;
         self.admin_event(
             caller,
             "revoke_task",
@@ -151,21 +138,8 @@ impl Broker {
         }
         let mut out = Completed::default();
         for id in self.store.tasks_of_identity(&target)? {
-            {
-                let _guard = self.lock_task(&id).lock().await;
-                if let Some(mut task) = self.store.get_task(&id)?
-                    && task.state == TaskState::Active
-                {
-                    self.end_task(
-                        &mut task,
-                        TaskState::Revoked,
-                        RevokeReason::IdentityRevoked,
-                        self.now(),
-                        &mut out,
-                    )?;
-                }
-            }
-            self.revoke_descendants(&id, &mut out).await?;
+            self.revoke_tree(&id, RevokeReason::IdentityRevoked, &mut out)
+                .await?;
         }
         self.admin_event(
             caller,
@@ -182,6 +156,24 @@ impl Broker {
         )?;
         self.store.durable().await?;
         Ok(out)
+    }
+
+    /// Ends a task if it is still active (state REVOKED, `reason`) and then all its descendants.
+    async fn revoke_tree(
+        &self,
+        id: &TaskId,
+        reason: RevokeReason,
+        out: &mut Completed,
+    ) -> Result<()> {
+        {
+            let _guard = self.lock_task(id).lock().await;
+            if let Some(mut task) = self.store.get_task(id)?
+                && task.state == TaskState::Active
+            {
+                self.end_task(&mut task, TaskState::Revoked, reason, self.now(), out)?;
+            }
+        }
+        self.revoke_descendants(id, out).await
     }
 
     /// `Admin.UnblockIdentity`. Returns whether it was blocked.
