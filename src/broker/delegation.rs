@@ -8,9 +8,7 @@ use std::collections::{BTreeMap, HashSet};
 use super::{Broker, Completed, DecideCtx, secs_to_ms};
 use crate::audit::Event;
 use crate::error::{Error, Result};
-use crate::model::{
-    Decision, Grant, GrantDecision, RevokeReason, SpiffeId, Task, TaskId, TaskState,
-};
+use crate::model::{Decision, Grant, RevokeReason, SpiffeId, Task, TaskId, TaskState};
 
 /// A `DelegateTask` request, already decoded from the wire.
 #[derive(Clone, Debug, Default)]
@@ -89,41 +87,22 @@ impl Broker {
         let mut chain = parent.delegation_chain.clone();
         chain.push(delegate.clone());
         let labels: BTreeMap<String, String> = parent.labels.clone();
-        let mut decided = Vec::new();
-        for g in &req.grants {
-            let v = self.decide(
+        let ctx = DecideCtx {
+            task: None,
+            purpose: &req.purpose,
+            labels: &labels,
+            requested_ttl_ms: ttl_ms,
+            chain: &chain,
+            approved: false,
+        };
+        let decided = self
+            .decide_grants(
                 &delegate,
-                g,
-                &DecideCtx {
-                    task: None,
-                    purpose: &req.purpose,
-                    labels: &labels,
-                    requested_ttl_ms: ttl_ms,
-                    chain: &chain,
-                    approved: false,
-                },
-            )?;
-            decided.push((
-                GrantDecision {
-                    grant: g.clone(),
-                    decision: v.decision,
-                    reason: v.reason,
-                    approval_id: None,
-                },
-                v.policy_ids,
-            ));
-        }
-        if decided.iter().all(|(g, _)| g.decision == Decision::Denied) {
-            self.store.durable().await?;
-            let reasons: Vec<String> = decided
-                .iter()
-                .map(|(g, _)| format!("({}, {}): {}", g.grant.resource, g.grant.action, g.reason))
-                .collect();
-            return Err(Error::PermissionDenied(format!(
-                "no grant was allowed for delegate {delegate}: {}",
-                reasons.join("; ")
-            )));
-        }
+                &req.grants,
+                &ctx,
+                &format!(" for delegate {delegate}"),
+            )
+            .await?;
         let mut child = Task {
             id: TaskId::generate(),
             owner: delegate.clone(),

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::Mutex;
 
 use crate::audit::{AuditLog, Event};
 use crate::config::{self, Config, ResourceKind};
@@ -174,7 +174,6 @@ pub struct Broker {
     policy_file: Option<std::path::PathBuf>,
     /// Serialises changes to one task (issue vs complete) and to one owner's task creation.
     stripes: Vec<Mutex<()>>,
-    reaper_wake: Notify,
 }
 
 fn stripe_of(key: &str) -> usize {
@@ -234,7 +233,6 @@ impl Broker {
             blocked: std::sync::RwLock::new(blocked),
             policy_file,
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
-            reaper_wake: Notify::new(),
         })
     }
 
@@ -458,6 +456,43 @@ impl Broker {
         Ok(v)
     }
 
+    /// Decides every grant of a new task (with the policy ids of each verdict). If none is
+    /// allowed, nothing is created: the audited denials are made durable and the caller gets
+    /// `PERMISSION_DENIED` naming each grant's reason; `whom` completes "no grant was allowed…".
+    async fn decide_grants(
+        &self,
+        principal: &SpiffeId,
+        grants: &[Grant],
+        ctx: &DecideCtx<'_>,
+        whom: &str,
+    ) -> Result<Vec<(GrantDecision, Vec<String>)>> {
+        let mut decided = Vec::with_capacity(grants.len());
+        for g in grants {
+            let v = self.decide(principal, g, ctx)?;
+            decided.push((
+                GrantDecision {
+                    grant: g.clone(),
+                    decision: v.decision,
+                    reason: v.reason,
+                    approval_id: None,
+                },
+                v.policy_ids,
+            ));
+        }
+        if decided.iter().all(|(g, _)| g.decision == Decision::Denied) {
+            self.store.durable().await?;
+            let reasons: Vec<String> = decided
+                .iter()
+                .map(|(g, _)| format!("({}, {}): {}", g.grant.resource, g.grant.action, g.reason))
+                .collect();
+            return Err(Error::PermissionDenied(format!(
+                "no grant was allowed{whom}: {}",
+                reasons.join("; ")
+            )));
+        }
+        Ok(decided)
+    }
+
     /// Appends to the audit chain. The caller's next `durable()` makes it durable with the
     /// change it records; a failure to audit fails the operation (fail closed).
     pub(crate) fn audit(&self, event: Event) -> Result<()> {
@@ -514,51 +549,21 @@ impl Broker {
             )));
         }
         let chain = vec![caller.clone()];
-        let decided: Vec<(GrantDecision, Vec<String>)> = req
-            .grants
-            .iter()
-            .map(|g| -> Result<(GrantDecision, Vec<String>)> {
-                let v = self.decide(
-                    caller,
-                    g,
-                    &DecideCtx {
-                        task: None,
-                        purpose: &req.purpose,
-                        labels: &labels,
-                        requested_ttl_ms: ttl_ms,
-                        chain: &chain,
-                        approved: false,
-                    },
-                )?;
-                Ok((
-                    GrantDecision {
-                        grant: g.clone(),
-                        decision: v.decision,
-                        reason: v.reason,
-                        approval_id: None,
-                    },
-                    v.policy_ids,
-                ))
-            })
-            .collect::<Result<_>>()?;
+        let ctx = DecideCtx {
+            task: None,
+            purpose: &req.purpose,
+            labels: &labels,
+            requested_ttl_ms: ttl_ms,
+            chain: &chain,
+            approved: false,
+        };
+        let decided = self.decide_grants(caller, &req.grants, &ctx, "").await?;
         let needing: Vec<(Grant, Vec<String>)> = decided
             .iter()
             .filter(|(g, _)| g.decision == Decision::NeedsApproval)
             .map(|(g, ids)| (g.grant.clone(), ids.clone()))
             .collect();
         let grants: Vec<GrantDecision> = decided.into_iter().map(|(g, _)| g).collect();
-        if grants.iter().all(|g| g.decision == Decision::Denied) {
-            // The denials are audited; make that durable before answering.
-            self.store.durable().await?;
-            let reasons: Vec<String> = grants
-                .iter()
-                .map(|g| format!("({}, {}): {}", g.grant.resource, g.grant.action, g.reason))
-                .collect();
-            return Err(Error::PermissionDenied(format!(
-                "no grant was allowed: {}",
-                reasons.join("; ")
-            )));
-        }
         let mut task = Task {
             id: TaskId::generate(),
             owner: caller.clone(),
@@ -1011,11 +1016,6 @@ impl Broker {
             policy_count,
             policy_digest,
         })
-    }
-
-    /// Wakes the reaper (a new expiry may be earlier than the one it sleeps until).
-    pub fn reaper_wake(&self) -> &Notify {
-        &self.reaper_wake
     }
 
     pub fn policy_file(&self) -> Option<&std::path::Path> {

@@ -12,7 +12,7 @@ use crate::store::Expiring;
 
 /// Entries handled per pass, so one pass never holds up the runtime for long.
 const BATCH: usize = 512;
-/// The reaper never sleeps longer than this, so a moved clock or missed wake-up is caught.
+/// The reaper never sleeps longer than this, so a moved clock or a new earlier expiry is caught.
 const MAX_SLEEP: Duration = Duration::from_secs(1);
 
 impl Broker {
@@ -83,14 +83,14 @@ impl Broker {
                 tracing::error!(error = %e, "reaper pass failed; retrying");
             }
             let sleep = match self.store.next_due() {
-                Ok(Some(at)) => Duration::from_millis((at - self.now()).clamp(0, 1000) as u64),
+                Ok(Some(at)) => {
+                    Duration::from_millis((at - self.now()).max(0) as u64).min(MAX_SLEEP)
+                }
                 _ => MAX_SLEEP,
-            }
-            .min(MAX_SLEEP);
+            };
             tokio::select! {
                 _ = &mut shutdown => return,
                 _ = tokio::time::sleep(sleep) => {}
-                _ = self.reaper_wake().notified() => {}
             }
         }
     }

@@ -12,7 +12,7 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 
@@ -251,11 +251,6 @@ pub fn random_key() -> Zeroizing<[u8; 32]> {
     let mut k = Zeroizing::new([0u8; 32]);
     rand::rngs::OsRng.fill_bytes(&mut k[..]);
     k
-}
-
-/// Wipes a byte buffer in place (for plaintext that must leave no copy behind).
-pub fn wipe(buf: &mut Vec<u8>) {
-    buf.zeroize();
 }
 
 #[cfg(test)]

@@ -822,19 +822,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn round_trip_index_and_expiry() {
-        let dir = tempfile::tempdir().unwrap();
-        let kek = Kek::create(&dir.path().join("kek")).unwrap();
-        let s = SledStore::open(&dir.path().join("db"), &kek).unwrap();
-        let t = task("spiffe://x/a", 5_000);
-        s.create_task(&t).unwrap();
-        assert_eq!(
-            s.task_by_idempotency_key(&t.owner, "k1").unwrap(),
-            Some(t.id.clone())
-        );
-        assert_eq!(s.tasks_of_identity(&t.owner).unwrap(), vec![t.id.clone()]);
-        let rec = CredentialRecord {
+    fn credential(t: &Task) -> CredentialRecord {
+        CredentialRecord {
             id: CredentialId::generate(),
             task_id: t.id.clone(),
             owner: t.owner.clone(),
@@ -849,7 +838,22 @@ mod tests {
             idempotency_key: None,
             attributes: Default::default(),
             delegation_chain: vec![],
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn round_trip_index_and_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = Kek::create(&dir.path().join("kek")).unwrap();
+        let s = SledStore::open(&dir.path().join("db"), &kek).unwrap();
+        let t = task("spiffe://x/a", 5_000);
+        s.create_task(&t).unwrap();
+        assert_eq!(
+            s.task_by_idempotency_key(&t.owner, "k1").unwrap(),
+            Some(t.id.clone())
+        );
+        assert_eq!(s.tasks_of_identity(&t.owner).unwrap(), vec![t.id.clone()]);
+        let rec = credential(&t);
         s.create_credential(&rec, &Secret::new("jbt_abc".into()))
             .unwrap();
         s.durable().await.unwrap();
@@ -877,22 +881,7 @@ mod tests {
         let old = Kek::create(&dir.path().join("old")).unwrap();
         let db = dir.path().join("db");
         let t = task("spiffe://x/a", 5_000);
-        let rec = CredentialRecord {
-            id: CredentialId::generate(),
-            task_id: t.id.clone(),
-            owner: t.owner.clone(),
-            resource: "r".into(),
-            action: "a".into(),
-            kind: "token".into(),
-            issued_at: 0,
-            expires_at: 2_000,
-            state: CredentialState::Active,
-            ended_at: None,
-            end_reason: None,
-            idempotency_key: None,
-            attributes: Default::default(),
-            delegation_chain: vec![],
-        };
+        let rec = credential(&t);
         {
             let s = SledStore::open(&db, &old).unwrap();
             s.create_credential(&rec, &Secret::new("jbt_before".into()))

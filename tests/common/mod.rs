@@ -244,11 +244,14 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogCapture {
 }
 
 impl LogCapture {
-    /// Installs a global subscriber logging everything (trace level, JSON) into the capture.
+    /// Installs a global subscriber logging everything the broker logs (trace level) and
+    /// everything else at info, as JSON, into the capture. Dependencies' trace logging stays off:
+    /// tokio's runtime threads log while their thread-locals are torn down at exit, which aborts
+    /// the test process.
     pub fn install() -> Self {
         let cap = LogCapture::default();
         tracing_subscriber::fmt()
-            .with_env_filter("trace")
+            .with_env_filter("info,jitbroker=trace")
             .json()
             .with_writer(cap.clone())
             .try_init()
