@@ -40,14 +40,18 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:9090")]
         ops_listen: SocketAddr,
     },
-    /// Mint an X.509-SVID from the dev CA (for demo agents, tools and operators).
+    /// Mint an X.509-SVID from the dev CA into --out (for demo agents, tools and operators), or
+    /// with --jwt-audience print a JWT-SVID signed by the dev JWT key.
     DevSvid {
         #[arg(long, default_value = "jitbroker-dev")]
         data_dir: PathBuf,
         #[arg(long)]
         spiffe_id: String,
-        #[arg(long)]
-        out: PathBuf,
+        #[arg(long, required_unless_present = "jwt_audience")]
+        out: Option<PathBuf>,
+        /// Print a JWT-SVID for this audience (the broker's identity.jwt_audience) instead.
+        #[arg(long, conflicts_with = "out")]
+        jwt_audience: Option<String>,
         #[arg(long, default_value_t = 86_400)]
         ttl_seconds: u64,
     },
@@ -148,13 +152,22 @@ pub async fn run(cli: Cli) -> Result<()> {
             data_dir,
             spiffe_id,
             out,
+            jwt_audience,
             ttl_seconds,
         } => {
             let id = SpiffeId::parse("--spiffe-id", &spiffe_id)?;
             let td = id.trust_domain().to_owned();
+            let ttl = Duration::from_secs(ttl_seconds);
+            if let Some(aud) = jwt_audience {
+                let key = crate::identity::dev::ensure_dev_jwt_key(&data_dir, &td)
+                    .map_err(|e| Error::Config(e.to_string()))?;
+                println!("{}", key.mint(id.as_str(), &aud, ttl));
+                return Ok(());
+            }
+            let out = out.ok_or_else(|| Error::Config("--out is required".into()))?;
             let ca = crate::identity::dev::ensure_dev_ca(&data_dir, &td)
                 .map_err(|e| Error::Config(e.to_string()))?;
-            mint_to(&ca, id.as_str(), &out, Duration::from_secs(ttl_seconds))?;
+            mint_to(&ca, id.as_str(), &out, ttl)?;
             println!(
                 "wrote {0}/svid.pem, {0}/svid.key and {0}/bundle.pem for {id}",
                 out.display()
@@ -365,6 +378,9 @@ log_format = "plain"
 [identity]
 source = "dev"
 trust_domain = "jitbroker.dev"
+# Accept JWT-SVIDs (authorization: Bearer) for this audience besides X.509-SVIDs; mint one with
+# `jitbroker dev-svid --spiffe-id ID --jwt-audience jitbroker`.
+# jwt_audience = "jitbroker"
 
 [resources.demo-token]
 kind = "token"

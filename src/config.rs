@@ -85,8 +85,13 @@ pub struct IdentityConfig {
     pub authorized_trust_domains: Vec<String>,
     #[serde(default)]
     pub workload_api_socket: Option<String>,
+    /// Enables JWT-SVID authentication for this audience (client certificates become optional
+    /// at the TLS layer; every request still needs one valid identity).
     #[serde(default)]
     pub jwt_audience: Option<String>,
+    /// `files` source: JSON `{ "<trust domain>": <JWKS>, … }`, reloaded when it changes.
+    #[serde(default)]
+    pub jwt_bundle_file: Option<PathBuf>,
     #[serde(default)]
     pub svid_file: Option<PathBuf>,
     #[serde(default)]
@@ -273,13 +278,38 @@ impl Config {
                     .into(),
             );
         }
-        if self.identity.jwt_audience.is_some() {
-            // Fail closed rather than silently ignore an authentication setting.
-            return bad(
-                "identity.jwt_audience: JWT-SVID authentication is not available in this \
-                        version; remove the key (callers authenticate with X.509-SVIDs over mTLS)"
-                    .into(),
-            );
+        if let Some(aud) = &self.identity.jwt_audience
+            && aud.trim().is_empty()
+        {
+            return bad("identity.jwt_audience must not be empty (or remove the key)".into());
+        }
+        match (
+            self.identity.source,
+            &self.identity.jwt_audience,
+            &self.identity.jwt_bundle_file,
+        ) {
+            (SourceKind::Files, Some(_), None) => {
+                return bad(
+                    "identity.jwt_bundle_file is required when identity.source = \"files\" and \
+                     identity.jwt_audience is set"
+                        .into(),
+                );
+            }
+            (_, None, Some(_)) => {
+                return bad(
+                    "identity.jwt_bundle_file is set but identity.jwt_audience is not; set the \
+                     audience to enable JWT-SVIDs, or remove the file"
+                        .into(),
+                );
+            }
+            (SourceKind::Spire | SourceKind::Dev, _, Some(_)) => {
+                return bad(format!(
+                    "identity.jwt_bundle_file only applies to identity.source = \"files\" \
+                     (source {:?} has its own JWT bundles)",
+                    self.identity.source.as_str()
+                ));
+            }
+            _ => {}
         }
         if self.identity.source == SourceKind::Files {
             for (k, v) in [

@@ -90,6 +90,32 @@ pub fn identity_source(cfg: &Config, api_addr: Option<SocketAddr>) -> Result<Ide
     })
 }
 
+/// JWT-SVID settings, when `identity.jwt_audience` is set: the bundles come from the same kind
+/// of source as the X.509 material.
+pub fn jwt_settings(cfg: &Config) -> Result<Option<identity::JwtSettings>> {
+    let id = &cfg.identity;
+    let Some(audience) = id.jwt_audience.clone() else {
+        return Ok(None);
+    };
+    let bundles = match id.source {
+        SourceKind::Dev => {
+            let key = identity::dev::ensure_dev_jwt_key(&cfg.data_dir, &id.trust_domain)
+                .map_err(|e| Error::Config(e.to_string()))?;
+            let json = key.bundle_json().to_string();
+            let set = identity::parse_bundle_set(json.as_bytes())
+                .map_err(|e| Error::Config(format!("dev JWT bundle: {e}")))?;
+            identity::JwtBundleSource::Fixed(set)
+        }
+        SourceKind::Files => {
+            identity::JwtBundleSource::File(id.jwt_bundle_file.clone().unwrap_or_default())
+        }
+        SourceKind::Spire => identity::JwtBundleSource::Spire {
+            endpoint: id.workload_api_socket.clone(),
+        },
+    };
+    Ok(Some(identity::JwtSettings { audience, bundles }))
+}
+
 /// Reads the policy file named by the configuration and builds the policy engine.
 pub fn load_policy(cfg: &Config) -> Result<PolicyEngine> {
     let text = std::fs::read_to_string(&cfg.policy_file).map_err(|e| {
@@ -143,6 +169,7 @@ impl App {
             source,
             &cfg.identity.trust_domain,
             &cfg.identity.authorized_trust_domains,
+            jwt_settings(cfg)?,
         )
         .await
         .map_err(|e| Error::Config(e.to_string()))?;
@@ -341,9 +368,11 @@ pub async fn run(
 
     let broker_api = BrokerApi {
         broker: app.broker.clone(),
+        identity: Some(app.identity.clone()),
     };
     let verifier_api = VerifierApi {
         broker: app.broker.clone(),
+        identity: Some(app.identity.clone()),
     };
     let admin_api = AdminApi {
         broker: app.broker.clone(),

@@ -68,13 +68,28 @@ fn mint_case(dir: &std::path::Path, other: &std::path::Path, c: &Case) -> (Strin
     (cert.pem(), key.serialize_pem())
 }
 
+/// The table runs twice: with mandatory mTLS, and with JWT-SVIDs enabled, where the client
+/// certificate is optional but one that is presented is held to exactly the same rules. (One
+/// test, so that the two runs never read each other's log lines.)
 #[tokio::test]
 async fn hostile_client_certificates_are_refused_with_a_logged_reason() {
     let logs = LogCapture::install();
+    hostile_table(&logs, false).await;
+    hostile_table(&logs, true).await;
+}
+
+async fn hostile_table(logs: &LogCapture, jwt: bool) {
     let dir = dev_dir();
     let other = tempfile::tempdir().unwrap();
     jitbroker::identity::dev::ensure_dev_ca(other.path(), "jitbroker.dev").unwrap();
-    let cfg = config(dir.path(), |t| t);
+    let cfg = config(dir.path(), |t| {
+        if jwt {
+            t.replace("# jwt_audience = ", "jwt_audience = ")
+        } else {
+            t
+        }
+    });
+    assert_eq!(cfg.identity.jwt_audience.is_some(), jwt);
     let r = spawn(&cfg, Options::default()).await.unwrap();
     let now = time::OffsetDateTime::now_utc();
     let cases = vec![
@@ -162,7 +177,7 @@ async fn hostile_client_certificates_are_refused_with_a_logged_reason() {
             .unwrap_or_else(|| panic!("{}: refused ({outcome}) but nothing logged", c.name));
         assert!(line.contains("\"reason\""), "{}: {line}", c.name);
         eprintln!(
-            "{:<32} -> {outcome}; logged: {}",
+            "[jwt {jwt}] {:<32} -> {outcome}; logged: {}",
             c.name,
             line.split("\"reason\":").nth(1).unwrap_or("")
         );

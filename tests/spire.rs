@@ -395,6 +395,7 @@ admin_ids = ["spiffe://{TD}/agent/test"]
 source = "spire"
 trust_domain = "{TD}"
 workload_api_socket = "unix://{sock}"
+jwt_audience = "jitbroker"
 [resources.demo-token]
 kind = "token"
 actions = ["read"]
@@ -526,6 +527,40 @@ verifiers = ["spiffe://{TD}/agent/test"]
             .active
     );
 
+    // JWT-SVIDs from the real agent: one for the broker's audience is an identity on its own (on
+    // a channel without a client certificate); one for another audience is refused.
+    let wl = spiffe::WorkloadApiClient::connect_to(format!("unix://{sock}"))
+        .await
+        .unwrap();
+    let jwt = wl
+        .fetch_jwt_svid(["jitbroker"], None)
+        .await
+        .expect("a JWT-SVID for the broker's audience");
+    let wrong = wl
+        .fetch_jwt_svid(["someone-else"], None)
+        .await
+        .expect("a JWT-SVID for another audience");
+    let bare = channel(addr, tls_config(&bundle, None))
+        .await
+        .expect("TLS without a client certificate (JWT-SVIDs enabled)");
+    let jt = authed(bare.clone(), format!("Bearer {}", jwt.token()))
+        .start_task(start_req(vec![grant("demo-token", "read")], 60))
+        .await
+        .expect("the agent's JWT-SVID authenticates")
+        .into_inner();
+    assert_eq!(jt.spiffe_id, format!("spiffe://{TD}/agent/test"));
+    let refused = authed(bare.clone(), format!("Bearer {}", wrong.token()))
+        .start_task(start_req(vec![grant("demo-token", "read")], 60))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    assert!(refused.message().contains("audience"), "{refused:?}");
+    let none = BrokerClient::new(bare)
+        .start_task(start_req(vec![grant("demo-token", "read")], 60))
+        .await
+        .unwrap_err();
+    assert_eq!(none.code(), tonic::Code::Unauthenticated);
+
     // Rotation: the broker's SVID lives 20 s; the agent renews it at half-life. New handshakes
     // must see a new certificate while the old channel keeps working.
     let first = server_cert_serial(addr, tls.clone()).await;
@@ -546,6 +581,10 @@ verifiers = ["spiffe://{TD}/agent/test"]
         .start_task(start_req(vec![grant("demo-token", "read")], 60))
         .await
         .unwrap();
+
+    // Bundle rotation: SPIRE prepares a new X.509 authority (the bundle now carries both CAs),
+    // then activates it. A client SVID signed by the new CA is accepted without a restart.
+    bundle_rotation(&spire, addr, &bundle).await;
 
     // The agent goes away: requests keep working with the current SVID; readiness drops once
     // the source notices; it recovers when the agent returns.
@@ -585,6 +624,122 @@ verifiers = ["spiffe://{TD}/agent/test"]
     drop((b, v, admin, ch));
     let _ = broker.kill().await;
     let _ = spire.port;
+}
+
+/// `spire-server localauthority x509 prepare` + `activate`, then an SVID minted by the new CA
+/// must be accepted by the running broker (its bundle came from the Workload API).
+async fn bundle_rotation(spire: &Spire, addr: std::net::SocketAddr, old_bundle: &str) {
+    let srv = spire.server_sock().display().to_string();
+    let out = spire
+        .cli(
+            "spire-server",
+            &["localauthority", "x509", "prepare", "-socketPath", &srv],
+        )
+        .await;
+    // "Prepared X.509 authority:\n  Authority ID: <hex>\n …"
+    let id = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Authority ID:"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|| panic!("no authority ID in: {out}"));
+    spire
+        .cli(
+            "spire-server",
+            &[
+                "localauthority",
+                "x509",
+                "activate",
+                "-authorityID",
+                &id,
+                "-socketPath",
+                &srv,
+            ],
+        )
+        .await;
+    let mint_dir = tempfile::tempdir().unwrap();
+    let md = mint_dir.path().display().to_string();
+    spire
+        .cli(
+            "spire-server",
+            &[
+                "x509",
+                "mint",
+                "-spiffeID",
+                &format!("spiffe://{TD}/agent/minted"),
+                "-ttl",
+                "10m",
+                "-write",
+                &md,
+                "-socketPath",
+                &srv,
+            ],
+        )
+        .await;
+    let read = |n: &str| std::fs::read_to_string(mint_dir.path().join(n)).unwrap();
+    let (chain, key, new_bundle) = (read("svid.pem"), read("key.pem"), read("bundle.pem"));
+    // The minted SVID is really from the new authority: no CA of the old bundle issued it.
+    let leaf_aki = aki_of_first(&chain);
+    for ca in pem_blocks(old_bundle) {
+        assert_ne!(
+            Some(leaf_aki.clone()),
+            ski_of(&ca),
+            "minted by an old authority"
+        );
+    }
+    // The broker learns the new bundle from the agent asynchronously: retry, bounded.
+    let tls = tls_config(&new_bundle, Some((&chain, &key)));
+    let mut last = String::new();
+    for _ in 0..60 {
+        match channel(addr, tls.clone()).await {
+            Ok(ch) => match BrokerClient::new(ch)
+                .start_task(start_req(vec![grant("demo-token", "read")], 60))
+                .await
+            {
+                Ok(t) => {
+                    assert_eq!(
+                        t.into_inner().spiffe_id,
+                        format!("spiffe://{TD}/agent/minted")
+                    );
+                    return;
+                }
+                Err(e) => last = format!("{e:?}"),
+            },
+            Err(e) => last = format!("{e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("a client SVID from the new authority was never accepted: {last}");
+}
+
+fn pem_blocks(pem: &str) -> Vec<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .map(|c| c.unwrap().as_ref().to_vec())
+        .collect()
+}
+
+fn aki_of_first(pem: &str) -> Vec<u8> {
+    let der = pem_blocks(pem).remove(0);
+    let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
+    c.extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(a) => {
+                a.key_identifier.as_ref().map(|k| k.0.to_vec())
+            }
+            _ => None,
+        })
+        .expect("leaf has an authority key identifier")
+}
+
+fn ski_of(der: &[u8]) -> Option<Vec<u8>> {
+    let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
+    c.extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+            _ => None,
+        })
 }
 
 fn pem_of_certs<'a>(certs: impl IntoIterator<Item = &'a spiffe::Certificate>) -> (String, usize) {

@@ -45,25 +45,74 @@ fn ts(ms: UnixMillis) -> prost_types::Timestamp {
     }
 }
 
-/// The caller's verified SPIFFE ID, or `UNAUTHENTICATED`.
-async fn caller<T>(req: &Request<T>, broker: &Broker) -> Result<SpiffeId, Status> {
-    match req.extensions().get::<PeerInfo>() {
-        Some(PeerInfo {
-            spiffe_id: Some(id),
-            ..
-        }) => Ok(id.clone()),
-        other => {
-            let addr = other.and_then(|p| p.remote_addr);
-            let reason = "no X.509-SVID on the connection";
-            tracing::warn!(event = "authentication_failed", remote = ?addr, reason);
-            broker
-                .auth_failed(&addr.map(|a| a.to_string()).unwrap_or_default(), reason)
-                .await;
-            Err(Status::unauthenticated(
-                "no verified SPIFFE identity: connect with mTLS using an X.509-SVID",
-            ))
+/// The caller's verified SPIFFE ID, or `UNAUTHENTICATED` naming the reason.
+///
+/// One identity per request: the X.509-SVID of the connection, or a JWT-SVID in
+/// `authorization: Bearer …` (when enabled). When both are present they must name the same
+/// SPIFFE ID.
+async fn caller<T>(
+    req: &Request<T>,
+    broker: &Broker,
+    identity: &Option<crate::identity::Identity>,
+) -> Result<SpiffeId, Status> {
+    let peer = req.extensions().get::<PeerInfo>();
+    let addr = peer.and_then(|p| p.remote_addr);
+    let x509 = peer.and_then(|p| p.spiffe_id.clone());
+    let jwt_enabled = identity.as_ref().is_some_and(|i| i.jwt_enabled());
+    let outcome = match (x509, bearer(req)) {
+        (_, Err(reason)) => Err(reason),
+        (Some(id), Ok(None)) => Ok(id),
+        (None, Ok(None)) if jwt_enabled => Err(
+            "no X.509-SVID on the connection and no JWT-SVID (authorization: Bearer …)".to_owned(),
+        ),
+        (None, Ok(None)) => {
+            Err("no X.509-SVID on the connection: connect with mTLS using an X.509-SVID".to_owned())
+        }
+        (x509, Ok(Some(token))) => {
+            let verified = match identity {
+                Some(i) => i.verify_jwt(token).map_err(|e| e.to_string()),
+                None => Err("JWT-SVIDs are not enabled on this broker".to_owned()),
+            };
+            verified
+                .and_then(|s| SpiffeId::parse("JWT-SVID sub", &s).map_err(|e| e.to_string()))
+                .and_then(|jwt_id| match x509 {
+                    Some(x) if x != jwt_id => Err(format!(
+                        "JWT-SVID refused: its SPIFFE ID {jwt_id} differs from the mTLS peer's {x}"
+                    )),
+                    _ => Ok(jwt_id),
+                })
+        }
+    };
+    match outcome {
+        Ok(id) => Ok(id),
+        Err(reason) => {
+            tracing::warn!(event = "authentication_failed", remote = ?addr, reason = %reason, "request refused");
+            let remote = addr.map(|a| a.to_string()).unwrap_or_default();
+            broker.auth_failed(&remote, &reason).await;
+            Err(Status::unauthenticated(format!(
+                "no verified SPIFFE identity: {reason}"
+            )))
         }
     }
+}
+
+/// The bearer token of `authorization` metadata: none, a token, or why it is unusable.
+fn bearer<T>(req: &Request<T>) -> Result<Option<&str>, String> {
+    let Some(v) = req.metadata().get("authorization") else {
+        return Ok(None);
+    };
+    let s = v
+        .to_str()
+        .map_err(|_| "authorization metadata is not valid ASCII".to_owned())?;
+    let token = s
+        .strip_prefix("Bearer ")
+        .or_else(|| s.strip_prefix("bearer "))
+        .map(str::trim)
+        .ok_or_else(|| "authorization metadata is not \"Bearer <JWT-SVID>\"".to_owned())?;
+    if token.is_empty() {
+        return Err("authorization: Bearer carries no token".to_owned());
+    }
+    Ok(Some(token))
 }
 
 fn decision(d: model::Decision) -> i32 {
@@ -138,6 +187,7 @@ fn grants(v: Vec<pb::Grant>) -> Vec<model::Grant> {
 #[derive(Clone)]
 pub struct BrokerApi {
     pub broker: Arc<Broker>,
+    pub identity: Option<crate::identity::Identity>,
 }
 
 #[tonic::async_trait]
@@ -146,7 +196,7 @@ impl pb::broker_server::Broker for BrokerApi {
         &self,
         request: Request<pb::StartTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
-        let who = caller(&request, &self.broker).await?;
+        let who = caller(&request, &self.broker, &self.identity).await?;
         let r = request.into_inner();
         let task = self
             .broker
@@ -169,7 +219,7 @@ impl pb::broker_server::Broker for BrokerApi {
         &self,
         request: Request<pb::IssueCredentialRequest>,
     ) -> Result<Response<pb::Credential>, Status> {
-        let who = caller(&request, &self.broker).await?;
+        let who = caller(&request, &self.broker, &self.identity).await?;
         let r = request.into_inner();
         let issued = self
             .broker
@@ -192,7 +242,7 @@ impl pb::broker_server::Broker for BrokerApi {
         &self,
         request: Request<pb::CompleteTaskRequest>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
-        let who = caller(&request, &self.broker).await?;
+        let who = caller(&request, &self.broker, &self.identity).await?;
         let r = request.into_inner();
         let done = self
             .broker
@@ -217,7 +267,7 @@ impl pb::broker_server::Broker for BrokerApi {
         &self,
         request: Request<pb::RevokeCredentialRequest>,
     ) -> Result<Response<pb::RevokeCredentialResponse>, Status> {
-        let who = caller(&request, &self.broker).await?;
+        let who = caller(&request, &self.broker, &self.identity).await?;
         let r = request.into_inner();
         self.broker
             .revoke_credential(&who, &r.credential_id)
@@ -230,7 +280,7 @@ impl pb::broker_server::Broker for BrokerApi {
         &self,
         request: Request<pb::DelegateTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
-        let who = caller(&request, &self.broker).await?;
+        let who = caller(&request, &self.broker, &self.identity).await?;
         let r = request.into_inner();
         let task = self
             .broker
@@ -253,7 +303,7 @@ impl pb::broker_server::Broker for BrokerApi {
         &self,
         request: Request<pb::GetTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
-        let who = caller(&request, &self.broker).await?;
+        let who = caller(&request, &self.broker, &self.identity).await?;
         let r = request.into_inner();
         let task = self.broker.get_task(&who, &r.task_id).map_err(to_status)?;
         Ok(Response::new(task_pb(task, self.broker.now())))
@@ -264,6 +314,7 @@ impl pb::broker_server::Broker for BrokerApi {
 #[derive(Clone)]
 pub struct VerifierApi {
     pub broker: Arc<Broker>,
+    pub identity: Option<crate::identity::Identity>,
 }
 
 #[tonic::async_trait]
@@ -272,7 +323,7 @@ impl pb::verifier_server::Verifier for VerifierApi {
         &self,
         request: Request<pb::IntrospectRequest>,
     ) -> Result<Response<pb::IntrospectResponse>, Status> {
-        let who = caller(&request, &self.broker).await?;
+        let who = caller(&request, &self.broker, &self.identity).await?;
         let r = request.into_inner();
         let found = self
             .broker
@@ -302,7 +353,7 @@ impl pb::verifier_server::Verifier for VerifierApi {
         &self,
         request: Request<pb::GetJwksRequest>,
     ) -> Result<Response<pb::GetJwksResponse>, Status> {
-        let _who = caller(&request, &self.broker).await?;
+        let _who = caller(&request, &self.broker, &self.identity).await?;
         Ok(Response::new(pb::GetJwksResponse {
             jwks_json: self.broker.jwks_json(),
         }))
@@ -322,7 +373,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let who = caller(&request, &self.broker).await?;
+        let who = caller(&request, &self.broker, &self.facts.identity).await?;
         let s = self.broker.status(&who).map_err(to_status)?;
         let f = &self.facts;
         let (own_id, svid_exp) = match &f.identity {
@@ -354,7 +405,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::ListTasksRequest>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
-        let who = caller(&request, &self.broker).await?;
+        let who = caller(&request, &self.broker, &self.facts.identity).await?;
         let r = request.into_inner();
         let state = match pb::TaskState::try_from(r.state) {
             Ok(pb::TaskState::Unspecified) => None,
@@ -384,7 +435,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::RevokeTaskRequest>,
     ) -> Result<Response<pb::RevokeTaskResponse>, Status> {
-        let who = caller(&request, &self.broker).await?;
+        let who = caller(&request, &self.broker, &self.facts.identity).await?;
         let r = request.into_inner();
         let done = self
             .broker
@@ -401,7 +452,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::RevokeIdentityRequest>,
     ) -> Result<Response<pb::RevokeIdentityResponse>, Status> {
-        let who = caller(&request, &self.broker).await?;
+        let who = caller(&request, &self.broker, &self.facts.identity).await?;
         let r = request.into_inner();
         let done = self
             .broker
@@ -419,7 +470,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::UnblockIdentityRequest>,
     ) -> Result<Response<pb::UnblockIdentityResponse>, Status> {
-        let who = caller(&request, &self.broker).await?;
+        let who = caller(&request, &self.broker, &self.facts.identity).await?;
         let r = request.into_inner();
         let was_blocked = self
             .broker
@@ -433,7 +484,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::ListApprovalsRequest>,
     ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
-        let who = caller(&request, &self.broker).await?;
+        let who = caller(&request, &self.broker, &self.facts.identity).await?;
         let r = request.into_inner();
         let now = self.broker.now();
         let list = self
@@ -449,7 +500,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::ApproveRequest>,
     ) -> Result<Response<pb::Approval>, Status> {
-        let who = caller(&request, &self.broker).await?;
+        let who = caller(&request, &self.broker, &self.facts.identity).await?;
         let r = request.into_inner();
         let a = self
             .broker
@@ -463,7 +514,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::DenyRequest>,
     ) -> Result<Response<pb::Approval>, Status> {
-        let who = caller(&request, &self.broker).await?;
+        let who = caller(&request, &self.broker, &self.facts.identity).await?;
         let r = request.into_inner();
         let a = self
             .broker
@@ -477,7 +528,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::ReloadPolicyRequest>,
     ) -> Result<Response<pb::ReloadPolicyResponse>, Status> {
-        let who = caller(&request, &self.broker).await?;
+        let who = caller(&request, &self.broker, &self.facts.identity).await?;
         let (n, digest) = self.broker.reload_policy(&who).await.map_err(to_status)?;
         Ok(Response::new(pb::ReloadPolicyResponse {
             policy_count: n as u32,
@@ -489,7 +540,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
-        let who = caller(&request, &self.broker).await?;
+        let who = caller(&request, &self.broker, &self.facts.identity).await?;
         let v = self.broker.verify_audit(&who).map_err(to_status)?;
         Ok(Response::new(pb::VerifyAuditResponse {
             ok: v.ok,

@@ -128,14 +128,6 @@ fn ca_trust_domain(pem: &str) -> Option<String> {
 use rustls_pki_types::pem::PemObject;
 
 impl DevCa {
-    pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
-    }
-
-    pub fn cert_pem(&self) -> &str {
-        &self.cert_pem
-    }
-
     /// Mints an X.509-SVID: a leaf (not a CA) with exactly one URI SAN, plus any DNS and IP SANs
     /// (servers need them for host-name checks by standard clients).
     pub fn mint_svid(
@@ -219,4 +211,102 @@ pub fn write_svid(dir: &Path, svid: &SvidPem) -> Result<(), IdentityError> {
     w("svid.pem", svid.cert_chain_pem.as_bytes())?;
     write_private(&dir.join("svid.key"), svid.key_pem.as_bytes())?;
     w("bundle.pem", svid.bundle_pem.as_bytes())
+}
+
+/// The dev JWT-SVID signing key: `dev/jwt.key` (P-256, PKCS#8 PEM), made on first use and kept
+/// in plaintext like the dev CA key, so tests and `jitbroker dev-svid --jwt-audience` can mint
+/// JWT-SVIDs that the dev broker accepts.
+pub struct DevJwtKey {
+    key: p256::ecdsa::SigningKey,
+    kid: String,
+    trust_domain: String,
+}
+
+impl std::fmt::Debug for DevJwtKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DevJwtKey({}, kid {})", self.trust_domain, self.kid)
+    }
+}
+
+/// Loads the dev JWT key of `data_dir`, creating it on first use.
+pub fn ensure_dev_jwt_key(data_dir: &Path, trust_domain: &str) -> Result<DevJwtKey, IdentityError> {
+    use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
+    let dir = data_dir.join("dev");
+    let path = dir.join("jwt.key");
+    let key = if path.exists() {
+        let pem = Zeroizing::new(
+            std::fs::read_to_string(&path)
+                .map_err(|e| IdentityError::Files(format!("{}: {e}", path.display())))?,
+        );
+        p256::ecdsa::SigningKey::from_pkcs8_pem(&pem).map_err(|e| {
+            IdentityError::Files(format!("{}: not a P-256 PKCS#8 key: {e}", path.display()))
+        })?
+    } else {
+        create_private_dir(&dir)?;
+        let key = p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng);
+        let pem = key.to_pkcs8_pem(LineEnding::LF).map_err(cert_err)?;
+        write_private(&path, pem.as_bytes())?;
+        key
+    };
+    Ok(DevJwtKey::new(key, trust_domain))
+}
+
+impl DevJwtKey {
+    /// A signer for `trust_domain` (tests use this to make keys the broker does not know).
+    pub fn new(key: p256::ecdsa::SigningKey, trust_domain: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        let point = key.verifying_key().to_encoded_point(false);
+        let kid = hex::encode(&Sha256::digest(point.as_bytes())[..12]);
+        Self {
+            key,
+            kid,
+            trust_domain: trust_domain.to_owned(),
+        }
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The public key as a JWK (`use: jwt-svid`, as in SPIFFE bundles).
+    pub fn jwk(&self) -> serde_json::Value {
+        use base64::Engine;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let point = self.key.verifying_key().to_encoded_point(false);
+        let b64 =
+            |b: Option<&p256::FieldBytes>| b.map(|b| URL_SAFE_NO_PAD.encode(b)).unwrap_or_default();
+        serde_json::json!({
+            "kty": "EC", "crv": "P-256", "x": b64(point.x()), "y": b64(point.y()),
+            "kid": self.kid, "use": "jwt-svid", "alg": "ES256",
+        })
+    }
+
+    /// The JWT bundle file content for this key's trust domain (`{td: JWKS}`).
+    pub fn bundle_json(&self) -> serde_json::Value {
+        serde_json::json!({ self.trust_domain.clone(): { "keys": [self.jwk()] } })
+    }
+
+    /// Signs a JWT-SVID with arbitrary claims (tests use this for hostile tokens too).
+    pub fn sign(&self, header: &serde_json::Value, claims: &serde_json::Value) -> String {
+        use base64::Engine;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use p256::ecdsa::signature::Signer;
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let sig: p256::ecdsa::Signature = self.key.sign(input.as_bytes());
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
+    }
+
+    /// Mints a JWT-SVID for `spiffe_id` and `audience`, valid for `ttl`.
+    pub fn mint(&self, spiffe_id: &str, audience: &str, ttl: Duration) -> String {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let exp = now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2));
+        self.sign(
+            &serde_json::json!({"alg": "ES256", "typ": "JWT", "kid": self.kid}),
+            &serde_json::json!({"sub": spiffe_id, "aud": [audience], "iat": now, "exp": exp}),
+        )
+    }
 }

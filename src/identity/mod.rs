@@ -11,6 +11,8 @@
 
 pub mod dev;
 mod inproc;
+mod jwt;
+mod optional_mtls;
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -22,8 +24,9 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::sync::watch;
 
-pub use dev::{DevCa, SvidPem};
+pub use dev::{DevCa, DevJwtKey, SvidPem};
 use inproc::Material;
+pub use jwt::{JwtAuth, JwtBundleSource, parse_bundle_set};
 
 /// How long the broker waits for a Workload API before giving up at start.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,6 +50,9 @@ pub enum IdentityError {
     /// A peer certificate is not an acceptable X.509-SVID.
     #[error("peer certificate: {0}")]
     Peer(String),
+    /// A bearer JWT-SVID is not acceptable.
+    #[error("JWT-SVID refused: {0}")]
+    Jwt(String),
     /// The TLS configuration could not be built.
     #[error("TLS configuration: {0}")]
     Tls(String),
@@ -75,6 +81,8 @@ struct Inner {
     kind: &'static str,
     trust_domain: String,
     authorized: Vec<String>,
+    /// JWT-SVID authentication, when `identity.jwt_audience` is set.
+    jwt: Option<JwtAuth>,
     /// Keeps the in-process Workload API's feed alive (dev and files).
     _feed: Option<tokio::task::JoinHandle<()>>,
 }
@@ -97,11 +105,32 @@ impl std::fmt::Debug for Identity {
     }
 }
 
-/// Starts the identity source and waits (bounded) for the first SVID.
+/// JWT-SVID settings: the broker's audience and where the JWT bundles come from.
+pub struct JwtSettings {
+    pub audience: String,
+    pub bundles: JwtBundleSource,
+}
+
+/// The Workload API endpoint: the configured one, else `SPIFFE_ENDPOINT_SOCKET`.
+fn workload_endpoint(configured: Option<String>) -> Result<String, IdentityError> {
+    configured
+        .or_else(|| std::env::var("SPIFFE_ENDPOINT_SOCKET").ok())
+        .ok_or_else(|| {
+            IdentityError::Source(
+                "no SPIFFE Workload API endpoint: set identity.workload_api_socket or \
+                 SPIFFE_ENDPOINT_SOCKET (e.g. unix:///run/spire/agent.sock)"
+                    .into(),
+            )
+        })
+}
+
+/// Starts the identity source and waits (bounded) for the first SVID (and JWT bundles, when
+/// JWT-SVIDs are enabled).
 pub async fn start(
     source: IdentitySource,
     trust_domain: &str,
     authorized_trust_domains: &[String],
+    jwt: Option<JwtSettings>,
 ) -> Result<Identity, IdentityError> {
     let (kind, x509, feed) = match source {
         IdentitySource::Dev {
@@ -163,15 +192,7 @@ pub async fn start(
             ("files", bounded(inproc::source(rx)).await?, Some(feed))
         }
         IdentitySource::Spire { endpoint } => {
-            let endpoint = endpoint
-                .or_else(|| std::env::var("SPIFFE_ENDPOINT_SOCKET").ok())
-                .ok_or_else(|| {
-                    IdentityError::Source(
-                        "no SPIFFE Workload API endpoint: set identity.workload_api_socket or \
-                         SPIFFE_ENDPOINT_SOCKET (e.g. unix:///run/spire/agent.sock)"
-                            .into(),
-                    )
-                })?;
+            let endpoint = workload_endpoint(endpoint)?;
             let build = spiffe::X509Source::builder().endpoint(&endpoint).build();
             let src = match tokio::time::timeout(CONNECT_TIMEOUT, build).await {
                 Ok(Ok(s)) => s,
@@ -197,11 +218,16 @@ pub async fn start(
     if authorized.is_empty() {
         authorized.push(trust_domain.to_owned());
     }
+    let jwt = match jwt {
+        Some(j) => Some(JwtAuth::start(&j.audience, &authorized, j.bundles).await?),
+        None => None,
+    };
     Ok(Identity(Arc::new(Inner {
         source: x509,
         kind,
         trust_domain: trust_domain.to_owned(),
         authorized,
+        jwt,
         _feed: feed,
     })))
 }
@@ -216,8 +242,52 @@ async fn bounded(
 
 impl Identity {
     /// The server's rustls configuration: mTLS with X.509-SVIDs via spiffe-rustls, client
-    /// identities limited to the authorised trust domains, ALPN `h2`.
+    /// identities limited to the authorised trust domains, ALPN `h2`. With JWT-SVIDs enabled,
+    /// the client certificate is optional (see [`optional_mtls`]); without, it is mandatory.
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
+        let mandatory = self.mandatory_mtls_config()?;
+        if self.0.jwt.is_none() {
+            return Ok(mandatory);
+        }
+        let provider = rustls::crypto::CryptoProvider::get_default()
+            .cloned()
+            .ok_or_else(|| IdentityError::Tls("no rustls crypto provider installed".into()))?;
+        let verifier = Arc::new(optional_mtls::OptionalSvidVerifier::new(
+            self.0.source.clone(),
+            self.0.authorized.clone(),
+            provider.clone(),
+        ));
+        // The server certificate still comes from spiffe-rustls' resolver (it follows rotation).
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| IdentityError::Tls(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(mandatory.cert_resolver.clone());
+        cfg.alpn_protocols = mandatory.alpn_protocols.clone();
+        // As spiffe-rustls does: no resumption, so every connection is verified afresh.
+        cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        cfg.send_tls13_tickets = 0;
+        Ok(Arc::new(cfg))
+    }
+
+    /// JWT-SVIDs are accepted on this broker.
+    pub fn jwt_enabled(&self) -> bool {
+        self.0.jwt.is_some()
+    }
+
+    /// Verifies a bearer JWT-SVID; the SPIFFE ID, or why it is refused.
+    pub fn verify_jwt(&self, token: &str) -> Result<String, IdentityError> {
+        match &self.0.jwt {
+            Some(j) => j.verify(token),
+            None => Err(IdentityError::Jwt(
+                "JWT-SVIDs are not enabled on this broker (identity.jwt_audience); connect with \
+                 mTLS using an X.509-SVID"
+                    .into(),
+            )),
+        }
+    }
+
+    fn mandatory_mtls_config(&self) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
         let tds: BTreeSet<spiffe::TrustDomain> = self
             .0
             .authorized
@@ -253,11 +323,9 @@ impl Identity {
 
     /// The source is healthy and the current SVID has not expired.
     pub fn is_ready(&self) -> bool {
-        self.0.source.is_healthy() && self.svid_not_after().is_some_and(|t| t > SystemTime::now())
-    }
-
-    pub fn source_name(&self) -> &'static str {
-        self.0.kind
+        self.0.source.is_healthy()
+            && self.svid_not_after().is_some_and(|t| t > SystemTime::now())
+            && self.0.jwt.as_ref().is_none_or(JwtAuth::is_ready)
     }
 }
 

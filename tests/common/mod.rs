@@ -165,6 +165,23 @@ pub async fn channel(
         .await
 }
 
+/// Adds `authorization` metadata to every call.
+pub type BearerInterceptor =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+
+pub type Authed =
+    BrokerClient<tonic::service::interceptor::InterceptedService<Channel, BearerInterceptor>>;
+
+/// A Broker client that sends `authorization: <value>` on every call.
+pub fn authed(ch: Channel, value: String) -> Authed {
+    let f: BearerInterceptor = Box::new(move |mut req: tonic::Request<()>| {
+        req.metadata_mut()
+            .insert("authorization", value.parse().expect("ascii header"));
+        Ok(req)
+    });
+    BrokerClient::with_interceptor(ch, f)
+}
+
 /// Clients for one identity.
 #[derive(Clone)]
 pub struct Clients {
