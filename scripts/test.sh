@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs what the tests need (grpcurl, helm, and SPIRE's
 # server and agent, built once from their Go modules into ~/.cache/jitbroker/tools; Python's
-# kubernetes-validate in a venv there),
+# kubernetes-validate in a venv there; PostgreSQL from the OS packages),
 # then runs the Rust unit and integration tests, the README walk-through against a real
 # `jitbroker dev` with the real grpcurl, and the Helm chart validation.
 set -euo pipefail
@@ -17,6 +17,18 @@ jb_tools_install grpcurl helm spire-server spire-agent
 export PATH="$(jb_tools_bin_dir):$PATH"
 # The SPIRE integration test must run, not skip, here.
 export JITBROKER_REQUIRE_SPIRE=1
+
+step "PostgreSQL server binaries (OS packages, if missing)"
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v pg_config >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  fi
+fi
+# The Debian package starts a cluster of its own; the tests start throwaway servers instead and
+# never touch it. As root they run PostgreSQL as the package's `postgres` user.
+export JITBROKER_REQUIRE_POSTGRES=1
 
 step "cargo test"
 cargo test --all-targets --locked

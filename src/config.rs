@@ -48,6 +48,8 @@ pub struct Config {
     pub identity: IdentityConfig,
     #[serde(default)]
     pub resources: BTreeMap<String, ResourceConfig>,
+    #[serde(default)]
+    pub revocation: RevocationConfig,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -105,6 +107,7 @@ pub struct IdentityConfig {
 pub enum ResourceKind {
     Token,
     Jwt,
+    Postgres,
 }
 
 impl ResourceKind {
@@ -112,8 +115,85 @@ impl ResourceKind {
         match self {
             Self::Token => "token",
             Self::Jwt => "jwt",
+            Self::Postgres => "postgres",
         }
     }
+}
+
+/// `[resources.NAME.postgres]`: how the broker makes per-credential login roles.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// A file holding the admin connection string (libpq `key=value` form or a
+    /// `postgresql://` URL). The role needs CREATEROLE (and the grants it hands out).
+    pub admin_dsn_file: PathBuf,
+    /// Every role the broker makes starts with this; the reconciler drops unknown ones.
+    #[serde(default = "default_role_prefix")]
+    pub role_prefix: String,
+    /// What agents connect to; defaults to the admin connection's host, port and database.
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub database: Option<String>,
+    /// Per action: group roles to join and GRANT statements (`{role}` is the new role).
+    #[serde(default)]
+    pub grants: BTreeMap<String, PostgresGrant>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresGrant {
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub statements: Vec<String>,
+}
+
+fn default_role_prefix() -> String {
+    "jb_".to_owned()
+}
+
+/// `[revocation]`: the durable queue of upstream revocations (DESIGN §8).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationConfig {
+    /// First retry delay; doubles per failed attempt up to `backoff_max_ms`. Never gives up.
+    #[serde(default = "default_backoff_initial")]
+    pub backoff_initial_ms: u64,
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max_ms: u64,
+    /// One upstream call (create, revoke, list) longer than this counts as failed.
+    #[serde(default = "default_attempt_timeout")]
+    pub attempt_timeout_ms: u64,
+    /// How often the reconciler compares upstream accounts with the ledger (also at start).
+    #[serde(default = "default_reconcile_interval")]
+    pub reconcile_interval_seconds: u64,
+}
+
+impl Default for RevocationConfig {
+    fn default() -> Self {
+        Self {
+            backoff_initial_ms: default_backoff_initial(),
+            backoff_max_ms: default_backoff_max(),
+            attempt_timeout_ms: default_attempt_timeout(),
+            reconcile_interval_seconds: default_reconcile_interval(),
+        }
+    }
+}
+
+fn default_backoff_initial() -> u64 {
+    500
+}
+fn default_backoff_max() -> u64 {
+    30_000
+}
+fn default_attempt_timeout() -> u64 {
+    10_000
+}
+fn default_reconcile_interval() -> u64 {
+    300
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -125,6 +205,9 @@ pub struct ResourceConfig {
     pub verifiers: Vec<String>,
     #[serde(default)]
     pub max_ttl_seconds: Option<u64>,
+    /// Required for `kind = "postgres"`.
+    #[serde(default)]
+    pub postgres: Option<PostgresConfig>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -336,6 +419,58 @@ impl Config {
                 SpiffeId::parse("verifiers", v)
                     .map_err(|e| Error::Config(format!("[resources.{name}]: {e}")))?;
             }
+            match (r.kind, &r.postgres) {
+                (ResourceKind::Postgres, None) => {
+                    return bad(format!(
+                        "[resources.{name}] kind = \"postgres\" needs a [resources.{name}.postgres] \
+                         section (admin_dsn_file, grants)"
+                    ));
+                }
+                (ResourceKind::Postgres, Some(pg)) => {
+                    let p = &pg.role_prefix;
+                    let ok = (2..=20).contains(&p.len())
+                        && p.starts_with(|c: char| c.is_ascii_lowercase())
+                        && p.bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                    if !ok {
+                        return bad(format!(
+                            "[resources.{name}.postgres] role_prefix = {p:?}: 2 to 20 of a-z, 0-9 \
+                             and _, starting with a letter"
+                        ));
+                    }
+                    for (action, g) in &pg.grants {
+                        if !r.actions.contains(action) {
+                            return bad(format!(
+                                "[resources.{name}.postgres.grants] {action:?} is not one of the \
+                                 resource's actions {:?}",
+                                r.actions
+                            ));
+                        }
+                        for role in &g.roles {
+                            if role.is_empty() || role.len() > 63 || role.contains('\0') {
+                                return bad(format!(
+                                    "[resources.{name}.postgres.grants.{action}] role {role:?} is \
+                                     not a valid role name"
+                                ));
+                            }
+                        }
+                        for st in &g.statements {
+                            if !st.contains("{role}") {
+                                return bad(format!(
+                                    "[resources.{name}.postgres.grants.{action}] statement {st:?} \
+                                     does not mention {{role}}"
+                                ));
+                            }
+                        }
+                    }
+                }
+                (_, Some(_)) => {
+                    return bad(format!(
+                        "[resources.{name}.postgres] only applies to kind = \"postgres\""
+                    ));
+                }
+                (_, None) => {}
+            }
             if let Some(m) = r.max_ttl_seconds
                 && (m == 0 || m > self.max_ttl_seconds)
             {
@@ -345,6 +480,17 @@ impl Config {
                     self.max_ttl_seconds
                 ));
             }
+        }
+        let rv = &self.revocation;
+        if rv.backoff_initial_ms == 0
+            || rv.backoff_max_ms < rv.backoff_initial_ms
+            || rv.attempt_timeout_ms == 0
+            || rv.reconcile_interval_seconds == 0
+        {
+            return bad(format!(
+                "[revocation] needs backoff_initial_ms >= 1, backoff_max_ms >= backoff_initial_ms, \
+                 attempt_timeout_ms >= 1 and reconcile_interval_seconds >= 1 (got {rv:?})"
+            ));
         }
         Ok(())
     }

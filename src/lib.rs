@@ -27,6 +27,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod failpoint;
 pub mod identity;
 pub mod issuers;
 pub mod model;

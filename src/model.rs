@@ -358,6 +358,44 @@ impl RevokeReason {
     }
 }
 
+/// Where an account the broker made upstream (a PostgreSQL role…) stands in the ledger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpstreamState {
+    /// Written (and flushed) before the account is created: a crash between the two leaves a
+    /// known name to clean up, never an unknown account.
+    Creating,
+    /// Created and recorded with its credential.
+    Live,
+}
+
+/// An upstream account in the ledger (tree `upstream`, key resource ‖ 0 ‖ name).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UpstreamObject {
+    pub resource: String,
+    pub name: String,
+    pub credential_id: CredentialId,
+    pub state: UpstreamState,
+    pub created_at: UnixMillis,
+    pub expires_at: UnixMillis,
+}
+
+/// A pending upstream revocation (tree `revocations`, same key): written before it is
+/// attempted, retried with capped backoff until it succeeds, never dropped.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Revocation {
+    pub resource: String,
+    pub name: String,
+    #[serde(default)]
+    pub credential_id: Option<CredentialId>,
+    /// Why it is revoked (credential end reason, or what the reconciler found).
+    pub reason: String,
+    pub enqueued_at: UnixMillis,
+    pub attempts: u32,
+    pub next_attempt_at: UnixMillis,
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
 /// A credential's record. The secret itself is not here: the store keeps it sealed beside the record.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CredentialRecord {

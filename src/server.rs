@@ -2,6 +2,7 @@
 //! plain-HTTP ops port. [`run`] takes already-bound listeners and a shutdown future, so tests bind
 //! `127.0.0.1:0` and start the real server in-process.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -21,6 +22,7 @@ use crate::broker::{Broker, Clock, Limits, SystemClock};
 use crate::config::{Config, SourceKind};
 use crate::error::{Error, Result};
 use crate::identity::{self, Identity, IdentitySource};
+use crate::issuers::Upstream;
 use crate::model::SpiffeId;
 use crate::policy::PolicyEngine;
 use crate::store::SledStore;
@@ -116,6 +118,21 @@ pub fn jwt_settings(cfg: &Config) -> Result<Option<identity::JwtSettings>> {
     Ok(Some(identity::JwtSettings { audience, bundles }))
 }
 
+/// The upstream systems of the configured resources (one PostgreSQL issuer per `postgres`
+/// resource). Nothing connects yet: a database that is down at start only delays issuance.
+pub fn upstreams(cfg: &Config) -> Result<HashMap<String, Arc<dyn Upstream>>> {
+    let mut out: HashMap<String, Arc<dyn Upstream>> = HashMap::new();
+    for (name, r) in &cfg.resources {
+        if let Some(pg) = &r.postgres {
+            out.insert(
+                name.clone(),
+                Arc::new(crate::issuers::postgres::PostgresIssuer::new(name, pg)?),
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// Reads the policy file named by the configuration and builds the policy engine.
 pub fn load_policy(cfg: &Config) -> Result<PolicyEngine> {
     let text = std::fs::read_to_string(&cfg.policy_file).map_err(|e| {
@@ -155,15 +172,18 @@ impl App {
         drop(kek);
         let policy = Arc::new(load_policy(cfg)?);
         let metrics = Arc::new(Metrics::default());
-        let broker = Arc::new(Broker::new(
-            store,
-            policy,
-            options.clock.clone(),
-            Limits::from_config(cfg)?,
-            cfg.jwt_issuer(),
-            metrics.clone(),
-            Some(cfg.policy_file.clone()),
-        )?);
+        let broker = Arc::new(
+            Broker::new(
+                store,
+                policy,
+                options.clock.clone(),
+                Limits::from_config(cfg)?,
+                cfg.jwt_issuer(),
+                metrics.clone(),
+                Some(cfg.policy_file.clone()),
+            )?
+            .with_upstreams(upstreams(cfg)?, cfg.revocation.clone()),
+        );
         let source = identity_source(cfg, api_addr)?;
         let identity = identity::start(
             source,
@@ -334,6 +354,16 @@ pub async fn run(
         stop_rx.clone(),
     ));
 
+    // What a crash left half-done upstream is queued before the first call is accepted.
+    let recovered = app.broker.recover_upstream_ledger().await?;
+    if recovered > 0 {
+        tracing::warn!(
+            queued = recovered,
+            "upstream accounts left by an interrupted run are queued for removal"
+        );
+    }
+    let revoker = tokio::spawn(app.broker.clone().run_revocations(stop_rx.clone()));
+    let reconciler = tokio::spawn(app.broker.clone().run_reconciler(stop_rx.clone()));
     let reaper = if app.options.reaper {
         let mut rx = stop_rx.clone();
         Some(tokio::spawn(app.broker.clone().run_reaper(async move {
@@ -412,6 +442,8 @@ pub async fn run(
     if let Some(r) = reaper {
         let _ = r.await;
     }
+    let _ = revoker.await;
+    let _ = reconciler.await;
     let _ = ops_task.await;
     let _ = watcher.await;
     let served = grpc.await.map_err(Error::internal)?;
@@ -551,9 +583,20 @@ fn ops_response(
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map_or(0.0, |d| d.as_secs_f64());
             let (policies, _) = broker.policy().info();
+            let (debt, oldest) = broker.revocation_debt();
             (
                 200,
                 metrics.render(&[
+                    (
+                        "revocation_debt",
+                        "Upstream revocations queued and not yet done.",
+                        debt as f64,
+                    ),
+                    (
+                        "revocation_oldest_pending_seconds",
+                        "Age of the oldest queued upstream revocation (0 when none).",
+                        oldest,
+                    ),
                     ("active_tasks", "Tasks not yet ended.", counts.tasks as f64),
                     (
                         "active_credentials",

@@ -6,6 +6,7 @@ pub mod approvals;
 pub mod clock;
 pub mod delegation;
 pub mod reaper;
+pub mod upstream;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -14,13 +15,13 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 
 use crate::audit::{AuditLog, Event};
-use crate::config::{self, Config, ResourceKind};
+use crate::config::{self, Config, ResourceKind, RevocationConfig};
 use crate::error::{Error, Result};
 use crate::issuers::jwt::JwtIssuer;
-use crate::issuers::{IssueRequest, Issued, token};
+use crate::issuers::{IssueRequest, Issued, Upstream, token};
 use crate::model::{
     CredentialId, CredentialRecord, CredentialState, Decision, Grant, GrantDecision, RevokeReason,
-    Secret, SpiffeId, Task, TaskId, TaskState, UnixMillis, preview,
+    Secret, SpiffeId, Task, TaskId, TaskState, UnixMillis, UpstreamObject, UpstreamState, preview,
 };
 use crate::policy::{PolicyEngine, PolicyRequest};
 use crate::store::Store;
@@ -174,6 +175,11 @@ pub struct Broker {
     policy_file: Option<std::path::PathBuf>,
     /// Serialises changes to one task (issue vs complete) and to one owner's task creation.
     stripes: Vec<Mutex<()>>,
+    /// Upstream systems by resource name (PostgreSQL…), and how their revocations are retried.
+    upstreams: HashMap<String, Arc<dyn Upstream>>,
+    revocation: RevocationConfig,
+    /// Wakes the revocation worker when something is queued.
+    revoke_wake: tokio::sync::Notify,
 }
 
 fn stripe_of(key: &str) -> usize {
@@ -233,7 +239,21 @@ impl Broker {
             blocked: std::sync::RwLock::new(blocked),
             policy_file,
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            upstreams: HashMap::new(),
+            revocation: RevocationConfig::default(),
+            revoke_wake: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Adds the upstream systems (one per `postgres` resource) and the revocation settings.
+    pub fn with_upstreams(
+        mut self,
+        upstreams: HashMap<String, Arc<dyn Upstream>>,
+        revocation: RevocationConfig,
+    ) -> Self {
+        self.upstreams = upstreams;
+        self.revocation = revocation;
+        self
     }
 
     pub fn policy(&self) -> &Arc<PolicyEngine> {
@@ -731,9 +751,17 @@ impl Broker {
             expires_at,
             delegation_chain: &task.delegation_chain,
         };
+        let mut upstream_name = None;
         let Issued { secret, attributes } = match spec.kind {
             ResourceKind::Token => token::issue(),
             ResourceKind::Jwt => self.jwt.issue(&ireq)?,
+            ResourceKind::Postgres => {
+                let (name, issued) = self
+                    .create_upstream(&req.resource, &id, &req.action, now, expires_at)
+                    .await?;
+                upstream_name = Some(name);
+                issued
+            }
         };
         let record = CredentialRecord {
             id,
@@ -752,6 +780,16 @@ impl Broker {
             delegation_chain: task.delegation_chain.clone(),
         };
         self.store.create_credential(&record, &secret)?;
+        if let Some(name) = upstream_name {
+            self.store.put_upstream(&UpstreamObject {
+                resource: record.resource.clone(),
+                name,
+                credential_id: record.id.clone(),
+                state: UpstreamState::Live,
+                created_at: now,
+                expires_at,
+            })?;
+        }
         if let Some(a) = approval {
             self.use_approval(a, record.id.as_str())?;
         }
@@ -772,6 +810,7 @@ impl Broker {
             ..Default::default()
         })?;
         self.store.durable().await?;
+        crate::failpoint::hit("issue-before-reply");
         self.metrics.issued(&record.kind);
         Ok(IssuedCredential { record, secret })
     }
@@ -831,6 +870,17 @@ impl Broker {
             reason
         });
         self.store.update_credential(&rec)?;
+        if let Some(name) = rec.attributes.get("user")
+            && self.upstreams.contains_key(&rec.resource)
+        {
+            self.queue_upstream_revocation(
+                &rec.resource,
+                name,
+                Some(rec.id.clone()),
+                rec.end_reason.map(RevokeReason::as_str).unwrap_or(""),
+                now,
+            )?;
+        }
         self.metrics.ended(rec.end_reason.unwrap_or(reason));
         self.audit(Event {
             kind: "credential_ended".into(),

@@ -2,6 +2,7 @@
 //! records, seals and expires it.
 
 pub mod jwt;
+pub mod postgres;
 pub mod token;
 
 use std::collections::BTreeMap;
@@ -27,4 +28,26 @@ pub struct IssueRequest<'a> {
 pub struct Issued {
     pub secret: Secret,
     pub attributes: BTreeMap<String, String>,
+}
+
+/// An upstream system where each credential is a real account (a PostgreSQL role…). Every call
+/// is idempotent where it can be: `revoke` of an absent account succeeds, so the revocation queue
+/// may retry blindly. The broker bounds each call with a timeout.
+pub trait Upstream: Send + Sync {
+    /// Every account this broker makes starts with this prefix (and nothing else should).
+    fn prefix(&self) -> &str;
+    /// Creates account `name` for `action`, valid until `expires_at`, in one step.
+    fn create<'a>(
+        &'a self,
+        name: &'a str,
+        action: &'a str,
+        expires_at: UnixMillis,
+    ) -> futures::future::BoxFuture<'a, crate::error::Result<Issued>>;
+    /// Ends the account's sessions and removes it; succeeds if it does not exist.
+    fn revoke<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> futures::future::BoxFuture<'a, crate::error::Result<()>>;
+    /// The names of existing accounts with the prefix.
+    fn list<'a>(&'a self) -> futures::future::BoxFuture<'a, crate::error::Result<Vec<String>>>;
 }

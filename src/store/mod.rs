@@ -9,8 +9,8 @@ use std::pin::Pin;
 
 use crate::error::Result;
 use crate::model::{
-    Approval, ApprovalId, CredentialId, CredentialRecord, Grant, Secret, SpiffeId, Task, TaskId,
-    UnixMillis,
+    Approval, ApprovalId, CredentialId, CredentialRecord, Grant, Revocation, Secret, SpiffeId,
+    Task, TaskId, UnixMillis, UpstreamObject,
 };
 
 pub use sled_store::SledStore;
@@ -93,6 +93,19 @@ pub trait Store: Send + Sync + 'static {
     fn audit_put(&self, seq: u64, entry: &[u8]) -> Result<()>;
     /// Every audit entry in sequence order, with the sequence number it is stored under.
     fn audit_scan(&self) -> Result<AuditIter<'_>>;
+
+    /// Records an upstream account in the ledger (write-ahead `Creating`, then `Live`).
+    fn put_upstream(&self, o: &UpstreamObject) -> Result<()>;
+    /// Every upstream account in the ledger.
+    fn upstream_objects(&self) -> Result<Vec<UpstreamObject>>;
+    /// Removes the account from the ledger and queues its revocation, in one step.
+    fn queue_revocation(&self, r: &Revocation) -> Result<()>;
+    /// Replaces a queued revocation (attempt count, next attempt, last error).
+    fn update_revocation(&self, r: &Revocation) -> Result<()>;
+    /// Removes a revocation that succeeded.
+    fn remove_revocation(&self, resource: &str, name: &str) -> Result<()>;
+    /// The revocation queue, in key order.
+    fn revocations(&self) -> Result<Vec<Revocation>>;
 
     /// Counts of records not yet ended, for status and metrics.
     fn counts(&self) -> Result<Counts>;

@@ -18,8 +18,8 @@ use super::crypto::{Kek, Sealer, random_key};
 use super::{AuditIter, Counts, Durable, Expiring, Store};
 use crate::error::{Error, Result};
 use crate::model::{
-    Approval, ApprovalId, CredentialId, CredentialRecord, CredentialState, Grant, Secret, SpiffeId,
-    Task, TaskId, TaskState, UnixMillis,
+    Approval, ApprovalId, CredentialId, CredentialRecord, CredentialState, Grant, Revocation,
+    Secret, SpiffeId, Task, TaskId, TaskState, UnixMillis, UpstreamObject,
 };
 
 const CREDENTIALS: &str = "credentials";
@@ -76,10 +76,21 @@ pub struct SledStore {
     blocked: sled::Tree,
     children: sled::Tree,
     approvals: sled::Tree,
+    upstream: sled::Tree,
+    revocations: sled::Tree,
     meta: sled::Tree,
     sealer: Sealer,
     flush: Arc<Flush>,
     flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Key of the `upstream` and `revocations` trees: resource ‖ 0 ‖ account name.
+fn upstream_key(resource: &str, name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(resource.len() + 1 + name.len());
+    k.extend_from_slice(resource.as_bytes());
+    k.push(0);
+    k.extend_from_slice(name.as_bytes());
+    k
 }
 
 fn st<E: std::fmt::Display>(e: E) -> Error {
@@ -236,6 +247,8 @@ impl SledStore {
             blocked: t("blocked")?,
             children: t("children")?,
             approvals: t("approvals")?,
+            upstream: t("upstream")?,
+            revocations: t("revocations")?,
             meta,
             sealer,
             flush: flush.clone(),
@@ -684,6 +697,57 @@ impl Store for SledStore {
         for item in self.approvals.iter() {
             let (_, v) = item.map_err(st)?;
             out.push(dec("approval", &v)?);
+        }
+        Ok(out)
+    }
+
+    fn put_upstream(&self, o: &UpstreamObject) -> Result<()> {
+        self.upstream
+            .insert(upstream_key(&o.resource, &o.name), enc(o)?)
+            .map_err(st)?;
+        Ok(())
+    }
+
+    fn upstream_objects(&self) -> Result<Vec<UpstreamObject>> {
+        let mut out = Vec::new();
+        for item in self.upstream.iter() {
+            let (_, v) = item.map_err(st)?;
+            out.push(dec("upstream object", &v)?);
+        }
+        Ok(out)
+    }
+
+    fn queue_revocation(&self, r: &Revocation) -> Result<()> {
+        let key = upstream_key(&r.resource, &r.name);
+        let v = enc(r)?;
+        (&self.upstream, &self.revocations)
+            .transaction(|(upstream, revocations)| {
+                upstream.remove(key.as_slice())?;
+                revocations.insert(key.as_slice(), v.as_slice())?;
+                Ok(())
+            })
+            .map_err(tx_err)
+    }
+
+    fn update_revocation(&self, r: &Revocation) -> Result<()> {
+        self.revocations
+            .insert(upstream_key(&r.resource, &r.name), enc(r)?)
+            .map_err(st)?;
+        Ok(())
+    }
+
+    fn remove_revocation(&self, resource: &str, name: &str) -> Result<()> {
+        self.revocations
+            .remove(upstream_key(resource, name))
+            .map_err(st)?;
+        Ok(())
+    }
+
+    fn revocations(&self) -> Result<Vec<Revocation>> {
+        let mut out = Vec::new();
+        for item in self.revocations.iter() {
+            let (_, v) = item.map_err(st)?;
+            out.push(dec("revocation", &v)?);
         }
         Ok(out)
     }

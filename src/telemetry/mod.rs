@@ -56,6 +56,7 @@ pub struct Metrics {
     latency: RwLock<BTreeMap<String, Arc<Histogram>>>,
     issued_token: AtomicU64,
     issued_jwt: AtomicU64,
+    issued_postgres: AtomicU64,
     allowed: AtomicU64,
     needs_approval: AtomicU64,
     denied: AtomicU64,
@@ -67,6 +68,7 @@ impl Metrics {
     pub fn issued(&self, kind: &str) {
         match kind {
             "jwt" => &self.issued_jwt,
+            "postgres" => &self.issued_postgres,
             _ => &self.issued_token,
         }
         .fetch_add(1, Ordering::Relaxed);
@@ -132,9 +134,11 @@ impl Metrics {
             "# HELP jitbroker_credentials_issued_total Credentials issued.\n\
              # TYPE jitbroker_credentials_issued_total counter\n\
              jitbroker_credentials_issued_total{{kind=\"token\"}} {}\n\
-             jitbroker_credentials_issued_total{{kind=\"jwt\"}} {}",
+             jitbroker_credentials_issued_total{{kind=\"jwt\"}} {}\n\
+             jitbroker_credentials_issued_total{{kind=\"postgres\"}} {}",
             g(&self.issued_token),
-            g(&self.issued_jwt)
+            g(&self.issued_jwt),
+            g(&self.issued_postgres)
         );
         let _ = writeln!(
             s,

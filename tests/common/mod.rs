@@ -2,6 +2,8 @@
 //! gRPC clients over mTLS with rcgen-minted SVIDs.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,367 @@
+//! Accounts in upstream systems (DESIGN §8): write-ahead creation, the durable revocation queue
+//! and the reconciler.
+//!
+//! - Creation: the name is recorded as `Creating` and flushed *before* the account exists, so a
+//!   crash between the two leaves a name the ledger knows, never an unknown account.
+//! - Revocation: ending a credential moves its account from the ledger to the `revocations`
+//!   queue in one store step. A worker attempts each entry with a per-attempt timeout and, on
+//!   failure, retries with capped exponential backoff, forever: a database that is down for an
+//!   hour gets its revocations the moment it is back. Entries survive restarts.
+//! - Reconciliation (at start and every `reconcile_interval_seconds`): every account upstream with
+//!   the broker's prefix that the ledger does not hold as live is queued for revocation; ledger
+//!   entries left by a crash (`Creating` at start, `Live` whose credential has ended) likewise.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::watch;
+
+use super::Broker;
+use crate::audit::Event;
+use crate::error::{Error, Result};
+use crate::issuers::Issued;
+use crate::model::{CredentialId, Revocation, UnixMillis, UpstreamObject, UpstreamState, preview};
+
+/// The worker sleeps at most this long between queue scans (it is woken when work arrives).
+const MAX_IDLE: Duration = Duration::from_secs(5);
+
+/// The account name for a credential: the resource's prefix and the credential id's random part.
+pub fn account_name(prefix: &str, id: &CredentialId) -> String {
+    let s = id.as_str();
+    format!("{prefix}{}", s.strip_prefix("crd_").unwrap_or(s))
+}
+
+impl Broker {
+    fn attempt_timeout(&self) -> Duration {
+        Duration::from_millis(self.revocation.attempt_timeout_ms)
+    }
+
+    /// Backoff after `attempts` failures: initial × 2^(attempts−1), capped, with ±20% jitter.
+    fn backoff_ms(&self, attempts: u32) -> i64 {
+        let r = &self.revocation;
+        let exp = attempts.saturating_sub(1).min(30);
+        let base = r
+            .backoff_initial_ms
+            .saturating_mul(1u64 << exp)
+            .min(r.backoff_max_ms);
+        let jitter = rand::thread_rng().gen_range(0.8..1.2);
+        ((base as f64) * jitter).max(1.0) as i64
+    }
+
+    /// Creates the upstream account for a new credential, write-ahead.
+    pub(super) async fn create_upstream(
+        &self,
+        resource: &str,
+        id: &CredentialId,
+        action: &str,
+        now: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> Result<(String, Issued)> {
+        let up = self.upstreams.get(resource).cloned().ok_or_else(|| {
+            Error::Internal(format!("resource {resource} has no upstream configured"))
+        })?;
+        let name = account_name(up.prefix(), id);
+        self.store.put_upstream(&UpstreamObject {
+            resource: resource.to_owned(),
+            name: name.clone(),
+            credential_id: id.clone(),
+            state: UpstreamState::Creating,
+            created_at: now,
+            expires_at,
+        })?;
+        self.store.durable().await?;
+        crate::failpoint::hit("issue-after-intent");
+        let made = match tokio::time::timeout(
+            self.attempt_timeout(),
+            up.create(&name, action, expires_at),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(Error::Unavailable(format!(
+                "resource {resource}: creating the account timed out after {} ms",
+                self.revocation.attempt_timeout_ms
+            ))),
+        };
+        match made {
+            Ok(issued) => {
+                crate::failpoint::hit("issue-after-create");
+                Ok((name, issued))
+            }
+            Err(e) => {
+                // Whatever part of it may exist is cleaned up by the queue.
+                tracing::warn!(resource, account = %name, error = %e, "upstream account creation failed");
+                self.queue_upstream_revocation(
+                    resource,
+                    &name,
+                    Some(id.clone()),
+                    "creation-failed",
+                    now,
+                )?;
+                self.store.durable().await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Moves an account from the ledger to the revocation queue (one store step) and wakes the
+    /// worker. The caller makes it durable with the rest of its change.
+    pub(super) fn queue_upstream_revocation(
+        &self,
+        resource: &str,
+        name: &str,
+        credential_id: Option<CredentialId>,
+        reason: &str,
+        now: UnixMillis,
+    ) -> Result<()> {
+        self.store.queue_revocation(&Revocation {
+            resource: resource.to_owned(),
+            name: name.to_owned(),
+            credential_id,
+            reason: reason.to_owned(),
+            enqueued_at: now,
+            attempts: 0,
+            next_attempt_at: now,
+            last_error: None,
+        })?;
+        self.audit(Event {
+            kind: "upstream_revocation_queued".into(),
+            resource: resource.to_owned(),
+            reason: reason.to_owned(),
+            detail: format!("account {name}"),
+            ..Default::default()
+        })?;
+        self.revoke_wake.notify_one();
+        Ok(())
+    }
+
+    /// Queue depth and the age in seconds of the oldest entry (for metrics).
+    pub fn revocation_debt(&self) -> (usize, f64) {
+        let q = self.store.revocations().unwrap_or_default();
+        let now = self.now();
+        let oldest = q
+            .iter()
+            .map(|r| now - r.enqueued_at)
+            .max()
+            .unwrap_or(0)
+            .max(0);
+        (q.len(), oldest as f64 / 1000.0)
+    }
+
+    /// Attempts every due revocation once; returns when the next one is due.
+    pub async fn revoke_due(&self) -> Result<Option<UnixMillis>> {
+        let now = self.now();
+        let mut next: Option<UnixMillis> = None;
+        // A resource that failed in this pass is not tried again in it (it is probably down).
+        let mut failing: HashMap<String, String> = HashMap::new();
+        for mut r in self.store.revocations()? {
+            if r.next_attempt_at > now {
+                next = Some(next.map_or(r.next_attempt_at, |n| n.min(r.next_attempt_at)));
+                continue;
+            }
+            let outcome = match (failing.get(&r.resource), self.upstreams.get(&r.resource)) {
+                (Some(e), _) => Err(e.clone()),
+                (None, None) => Err(format!(
+                    "resource {} is not configured (restore it so this account can be dropped)",
+                    r.resource
+                )),
+                (None, Some(up)) => {
+                    match tokio::time::timeout(self.attempt_timeout(), up.revoke(&r.name)).await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err(format!(
+                            "timed out after {} ms",
+                            self.revocation.attempt_timeout_ms
+                        )),
+                    }
+                }
+            };
+            match outcome {
+                Ok(()) => {
+                    crate::failpoint::hit("revoke-after-drop");
+                    self.store.remove_revocation(&r.resource, &r.name)?;
+                    self.audit(Event {
+                        kind: "upstream_revoked".into(),
+                        resource: r.resource.clone(),
+                        credential_id: r
+                            .credential_id
+                            .as_ref()
+                            .map(|c| c.to_string())
+                            .unwrap_or_default(),
+                        reason: r.reason.clone(),
+                        detail: format!("account {} after {} failed attempts", r.name, r.attempts),
+                        ..Default::default()
+                    })?;
+                    tracing::info!(resource = %r.resource, account = %r.name, attempts = r.attempts, "upstream account revoked");
+                }
+                Err(e) => {
+                    failing
+                        .entry(r.resource.clone())
+                        .or_insert_with(|| e.clone());
+                    r.attempts = r.attempts.saturating_add(1);
+                    r.next_attempt_at = now + self.backoff_ms(r.attempts);
+                    r.last_error = Some(preview(&e));
+                    tracing::warn!(resource = %r.resource, account = %r.name, attempts = r.attempts,
+                        retry_in_ms = r.next_attempt_at - now, error = %e, "upstream revocation failed; will retry");
+                    self.store.update_revocation(&r)?;
+                    next = Some(next.map_or(r.next_attempt_at, |n| n.min(r.next_attempt_at)));
+                }
+            }
+        }
+        self.store.durable().await?;
+        Ok(next)
+    }
+
+    /// The revocation worker: runs until `stop` turns true.
+    pub async fn run_revocations(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            let next = match self.revoke_due().await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(error = %e, "revocation pass failed");
+                    Some(self.now() + 1000)
+                }
+            };
+            let wait = next.map_or(MAX_IDLE, |at| {
+                Duration::from_millis((at - self.now()).max(0) as u64).min(MAX_IDLE)
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.revoke_wake.notified() => {}
+                _ = stop.changed() => return,
+            }
+            if *stop.borrow() {
+                return;
+            }
+        }
+    }
+
+    /// Queues what a crash left in the ledger: `Creating` entries (no issuance is in flight
+    /// before the server accepts calls) and `Live` entries whose credential has ended. Runs
+    /// before serving; needs only the store, so it works while the upstream is down.
+    pub async fn recover_upstream_ledger(&self) -> Result<usize> {
+        let now = self.now();
+        let mut n = 0;
+        for o in self.store.upstream_objects()? {
+            let why = match o.state {
+                UpstreamState::Creating => "recovery: creation interrupted",
+                UpstreamState::Live
+                    if !self
+                        .store
+                        .get_credential(&o.credential_id)?
+                        .is_some_and(|c| c.is_live(now)) =>
+                {
+                    "recovery: credential no longer live"
+                }
+                UpstreamState::Live => continue,
+            };
+            self.queue_upstream_revocation(&o.resource, &o.name, Some(o.credential_id), why, now)?;
+            n += 1;
+        }
+        if n > 0 {
+            self.store.durable().await?;
+        }
+        Ok(n)
+    }
+
+    /// Compares upstream accounts with the ledger and queues every account with the broker's
+    /// prefix that the ledger neither holds (live or being created) nor has queued. Returns how
+    /// many accounts were queued.
+    pub async fn reconcile(&self) -> Result<usize> {
+        let mut n = 0;
+        for (resource, up) in &self.upstreams {
+            let names = match tokio::time::timeout(self.attempt_timeout(), up.list()).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    tracing::warn!(resource = %resource, error = %e, "reconciler cannot list upstream accounts; will try again");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!(resource = %resource, "reconciler timed out listing upstream accounts; will try again");
+                    continue;
+                }
+            };
+            // Read the ledger *after* listing: an account is created only after its name is
+            // in the ledger, so every listed account made by this broker is known by now.
+            let mut known: HashSet<String> = self
+                .store
+                .upstream_objects()?
+                .into_iter()
+                .filter(|o| o.resource == *resource)
+                .map(|o| o.name)
+                .collect();
+            known.extend(
+                self.store
+                    .revocations()?
+                    .into_iter()
+                    .filter(|r| r.resource == *resource)
+                    .map(|r| r.name),
+            );
+            let now = self.now();
+            for name in names {
+                if known.contains(&name) {
+                    continue;
+                }
+                tracing::warn!(resource = %resource, account = %name, "upstream account unknown to the ledger; queued for removal");
+                self.queue_upstream_revocation(
+                    resource,
+                    &name,
+                    None,
+                    "reconciler: unknown to the ledger",
+                    now,
+                )?;
+                n += 1;
+            }
+        }
+        // Ledger entries whose credential ended without reaching the queue.
+        let now = self.now();
+        for o in self.store.upstream_objects()? {
+            if o.state == UpstreamState::Live
+                && !self
+                    .store
+                    .get_credential(&o.credential_id)?
+                    .is_some_and(|c| c.is_live(now))
+            {
+                self.queue_upstream_revocation(
+                    &o.resource,
+                    &o.name,
+                    Some(o.credential_id),
+                    "reconciler: credential no longer live",
+                    now,
+                )?;
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.store.durable().await?;
+        }
+        Ok(n)
+    }
+
+    /// Runs the reconciler at start and then every `reconcile_interval_seconds` until `stop`.
+    pub async fn run_reconciler(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        if self.upstreams.is_empty() && self.store.upstream_objects().is_ok_and(|o| o.is_empty()) {
+            return;
+        }
+        loop {
+            match self.reconcile().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    queued = n,
+                    "reconciler queued upstream accounts for removal"
+                ),
+                Err(e) => tracing::error!(error = %e, "reconciliation failed"),
+            }
+            let every = Duration::from_secs(self.revocation.reconcile_interval_seconds);
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.changed() => return,
+            }
+            if *stop.borrow() {
+                return;
+            }
+        }
+    }
+}

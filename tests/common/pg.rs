@@ -1,0 +1,227 @@
+//! A throwaway PostgreSQL server for tests: `initdb` into a temp dir, TCP on 127.0.0.1 and a free
+//! port only (no unix socket), password authentication (SCRAM) for every TCP login, stopped when
+//! dropped. PostgreSQL refuses to run as root, so as root the server runs as the `postgres` user
+//! (created by the Debian package) through `runuser`.
+//!
+//! Binaries: `$JITBROKER_PG_BIN`, else `pg_config --bindir`, else /usr/lib/postgresql/*/bin.
+//! Missing binaries skip the test unless `JITBROKER_REQUIRE_POSTGRES=1` (set by scripts/test.sh,
+//! which installs PostgreSQL from the OS packages when it is absent).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const ADMIN: &str = "jbadmin";
+
+pub struct Pg {
+    pub port: u16,
+    pub password: String,
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    as_root: bool,
+}
+
+fn find_bin() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("JITBROKER_PG_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+        && out.status.success()
+    {
+        let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if p.join("initdb").exists() {
+            return Some(p);
+        }
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Pg {
+    /// Starts a server, or returns None (test skipped) when PostgreSQL is not installed.
+    pub fn start() -> Option<Pg> {
+        let required = std::env::var("JITBROKER_REQUIRE_POSTGRES").is_ok_and(|v| v == "1");
+        let Some(bin) = find_bin() else {
+            assert!(
+                !required,
+                "PostgreSQL is required but not installed (apt-get install postgresql)"
+            );
+            eprintln!("SKIP: PostgreSQL not installed");
+            return None;
+        };
+        let as_root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        let dir = tempfile::tempdir().unwrap();
+        let password = hex::encode(rand::random::<[u8; 16]>());
+        std::fs::write(dir.path().join("pw"), &password).unwrap();
+        if as_root {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown of the PostgreSQL test dir to the postgres user");
+        }
+        let pg = Pg {
+            port: free_port(),
+            password,
+            dir,
+            bin,
+            as_root,
+        };
+        let data = pg.data();
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                &data.display().to_string(),
+                "-U",
+                ADMIN,
+                &format!("--pwfile={}", pg.dir.path().join("pw").display()),
+                "--auth-host=scram-sha-256",
+                "--auth-local=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        );
+        let conf = format!(
+            "listen_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = ''\n\
+             fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
+             password_encryption = 'scram-sha-256'\nmax_connections = 100\n",
+            pg.port
+        );
+        let mut text = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        text.push_str(&conf);
+        std::fs::write(data.join("postgresql.conf"), text).unwrap();
+        pg.start_server();
+        Some(pg)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let exe = self.bin.join(tool);
+        let mut cmd = if self.as_root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        let out = cmd.args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{tool} {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn start_server(&self) {
+        let log = self.dir.path().join("server.log");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data().display().to_string(),
+                "-l",
+                &log.display().to_string(),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        );
+    }
+
+    /// Stops the server at once (sessions are cut, as in a crash or an outage).
+    pub fn stop_server(&self) {
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data().display().to_string(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
+    }
+
+    pub fn admin_dsn(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={ADMIN} password={} dbname=postgres",
+            self.port, self.password
+        )
+    }
+
+    /// Writes the admin connection string to `dir/pg-admin.dsn` and returns its path.
+    pub fn write_admin_dsn(&self, dir: &Path) -> PathBuf {
+        let p = dir.join("pg-admin.dsn");
+        std::fs::write(&p, self.admin_dsn()).unwrap();
+        p
+    }
+
+    pub async fn connect(dsn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    pub async fn admin(&self) -> tokio_postgres::Client {
+        Self::connect(&self.admin_dsn()).await.expect("admin login")
+    }
+
+    /// Login roles whose name starts with `prefix`.
+    pub async fn roles(&self, prefix: &str) -> Vec<String> {
+        let c = self.admin().await;
+        let rows = c
+            .query(
+                "SELECT rolname FROM pg_roles WHERE starts_with(rolname, $1) ORDER BY 1",
+                &[&prefix],
+            )
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.get(0)).collect()
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        let exe = self.bin.join("pg_ctl");
+        let data = self.data().display().to_string();
+        let mut cmd = if self.as_root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        let _ = cmd
+            .args(["-D", &data, "-m", "immediate", "-w", "stop"])
+            .output();
+    }
+}
