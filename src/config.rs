@@ -107,6 +107,7 @@ pub struct IdentityConfig {
 pub enum ResourceKind {
     Token,
     Jwt,
+    X509,
     Postgres,
 }
 
@@ -115,6 +116,7 @@ impl ResourceKind {
         match self {
             Self::Token => "token",
             Self::Jwt => "jwt",
+            Self::X509 => "x509",
             Self::Postgres => "postgres",
         }
     }

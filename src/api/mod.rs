@@ -358,6 +358,16 @@ impl pb::verifier_server::Verifier for VerifierApi {
             jwks_json: self.broker.jwks_json(),
         }))
     }
+
+    async fn get_x509_authorities(
+        &self,
+        request: Request<pb::GetX509AuthoritiesRequest>,
+    ) -> Result<Response<pb::GetX509AuthoritiesResponse>, Status> {
+        let _who = caller(&request, &self.broker, &self.identity).await?;
+        Ok(Response::new(pb::GetX509AuthoritiesResponse {
+            pem: self.broker.x509_authorities_pem(),
+        }))
+    }
 }
 
 /// `jitbroker.v1.Admin`.

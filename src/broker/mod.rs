@@ -18,6 +18,7 @@ use crate::audit::{AuditLog, Event};
 use crate::config::{self, Config, ResourceKind, RevocationConfig};
 use crate::error::{Error, Result};
 use crate::issuers::jwt::JwtIssuer;
+use crate::issuers::x509::X509Issuer;
 use crate::issuers::{IssueRequest, Issued, Upstream, token};
 use crate::model::{
     CredentialId, CredentialRecord, CredentialState, Decision, Grant, GrantDecision, RevokeReason,
@@ -167,6 +168,7 @@ pub struct Broker {
     audit: AuditLog,
     policy: Arc<PolicyEngine>,
     jwt: JwtIssuer,
+    x509: X509Issuer,
     clock: Arc<dyn Clock>,
     limits: Limits,
     metrics: Arc<Metrics>,
@@ -219,6 +221,7 @@ impl Broker {
         metrics: Arc<Metrics>,
         policy_file: Option<std::path::PathBuf>,
     ) -> Result<Self> {
+        let x509 = X509Issuer::load(store.as_ref(), &jwt_issuer, clock.now())?;
         let jwt = JwtIssuer::load(
             store.as_ref(),
             jwt_issuer,
@@ -233,6 +236,7 @@ impl Broker {
             audit,
             policy,
             jwt,
+            x509,
             clock,
             limits,
             metrics,
@@ -755,6 +759,7 @@ impl Broker {
         let Issued { secret, attributes } = match spec.kind {
             ResourceKind::Token => token::issue(),
             ResourceKind::Jwt => self.jwt.issue(&ireq)?,
+            ResourceKind::X509 => self.x509.issue(&ireq)?,
             ResourceKind::Postgres => {
                 let (name, issued) = self
                     .create_upstream(&req.resource, &id, &req.action, now, expires_at)
@@ -1037,6 +1042,11 @@ impl Broker {
     }
 
     /// `Verifier.GetJwks`.
+    /// The issuing CA of `x509` credentials (PEM).
+    pub fn x509_authorities_pem(&self) -> String {
+        self.x509.ca_pem().to_owned()
+    }
+
     pub fn jwks_json(&self) -> String {
         self.jwt.jwks_json()
     }

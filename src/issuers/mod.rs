@@ -4,6 +4,7 @@
 pub mod jwt;
 pub mod postgres;
 pub mod token;
+pub mod x509;
 
 use std::collections::BTreeMap;
 

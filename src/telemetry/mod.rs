@@ -57,6 +57,7 @@ pub struct Metrics {
     issued_token: AtomicU64,
     issued_jwt: AtomicU64,
     issued_postgres: AtomicU64,
+    issued_x509: AtomicU64,
     allowed: AtomicU64,
     needs_approval: AtomicU64,
     denied: AtomicU64,
@@ -69,6 +70,7 @@ impl Metrics {
         match kind {
             "jwt" => &self.issued_jwt,
             "postgres" => &self.issued_postgres,
+            "x509" => &self.issued_x509,
             _ => &self.issued_token,
         }
         .fetch_add(1, Ordering::Relaxed);
@@ -135,10 +137,12 @@ impl Metrics {
              # TYPE jitbroker_credentials_issued_total counter\n\
              jitbroker_credentials_issued_total{{kind=\"token\"}} {}\n\
              jitbroker_credentials_issued_total{{kind=\"jwt\"}} {}\n\
-             jitbroker_credentials_issued_total{{kind=\"postgres\"}} {}",
+             jitbroker_credentials_issued_total{{kind=\"postgres\"}} {}\n\
+             jitbroker_credentials_issued_total{{kind=\"x509\"}} {}",
             g(&self.issued_token),
             g(&self.issued_jwt),
-            g(&self.issued_postgres)
+            g(&self.issued_postgres),
+            g(&self.issued_x509)
         );
         let _ = writeln!(
             s,

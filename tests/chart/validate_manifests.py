@@ -274,7 +274,7 @@ def check_config_toml(text: str, rep: Report) -> dict | None:
     for name, r in (cfg.get("resources") or {}).items():
         for k in set(r) - RESOURCE_KEYS:
             rep.err(w, f"unknown key resources.{name}.{k}")
-        if r.get("kind") not in ("token", "jwt"):
+        if r.get("kind") not in ("token", "jwt", "x509"):
             rep.err(w, f"resources.{name}.kind is {r.get('kind')!r}")
         if not r.get("actions"):
             rep.err(w, f"resources.{name}.actions is empty")
