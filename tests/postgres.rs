@@ -214,6 +214,22 @@ async fn role_reads_what_it_was_granted_and_dies_with_its_task_or_ttl() {
     );
     drop(c);
     r.stop().await;
+    // The passwords were sealed at rest: not in the data directory, in any form.
+    for dsn in [&cred.secret, &cred2.secret] {
+        let pw = dsn
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split_once('@'))
+            .and_then(|(userinfo, _)| userinfo.split_once(':'))
+            .map(|(_, pw)| pw.to_owned())
+            .expect("a password in the DSN");
+        for (path, bytes) in all_bytes(dir.path()) {
+            assert!(
+                !contains(&bytes, pw.as_bytes()),
+                "a PostgreSQL password in plaintext in {}",
+                path.display()
+            );
+        }
+    }
 }
 
 async fn http_get_metrics(addr: std::net::SocketAddr) -> String {
