@@ -91,6 +91,10 @@ pub struct IdentityConfig {
     /// at the TLS layer; every request still needs one valid identity).
     #[serde(default)]
     pub jwt_audience: Option<String>,
+    /// `dev` and `files` sources: bundles (PEM) of federated trust domains that may call (they
+    /// must also be in `authorized_trust_domains`). SPIRE delivers federated bundles itself.
+    #[serde(default)]
+    pub federated_bundle_files: BTreeMap<String, PathBuf>,
     /// `files` source: JSON `{ "<trust domain>": <JWKS>, … }`, reloaded when it changes.
     #[serde(default)]
     pub jwt_bundle_file: Option<PathBuf>,
@@ -395,6 +399,25 @@ impl Config {
                 ));
             }
             _ => {}
+        }
+        if self.identity.source == SourceKind::Spire
+            && !self.identity.federated_bundle_files.is_empty()
+        {
+            return bad(
+                "identity.federated_bundle_files does not apply to source = \"spire\": SPIRE \
+                 delivers federated bundles through the Workload API (configure federation in \
+                 SPIRE and list the trust domains in authorized_trust_domains)"
+                    .into(),
+            );
+        }
+        for td in self.identity.federated_bundle_files.keys() {
+            SpiffeId::parse("identity.federated_bundle_files", &format!("spiffe://{td}"))
+                .map_err(|e| Error::Config(e.to_string()))?;
+            if *td == self.identity.trust_domain {
+                return bad(format!(
+                    "identity.federated_bundle_files: {td} is the broker's own trust domain"
+                ));
+            }
         }
         if self.identity.source == SourceKind::Files {
             for (k, v) in [

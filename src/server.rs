@@ -79,17 +79,27 @@ pub fn identity_source(cfg: &Config, api_addr: Option<SocketAddr>) -> Result<Ide
                 server_id: format!("spiffe://{}/jitbroker", id.trust_domain),
                 dns_names: vec!["localhost".to_owned()],
                 ips,
+                federated: federated_files(cfg),
             }
         }
         SourceKind::Files => IdentitySource::Files {
             svid_file: id.svid_file.clone().unwrap_or_default(),
             key_file: id.svid_key_file.clone().unwrap_or_default(),
             bundle_file: id.bundle_file.clone().unwrap_or_default(),
+            federated: federated_files(cfg),
         },
         SourceKind::Spire => IdentitySource::Spire {
             endpoint: id.workload_api_socket.clone(),
         },
     })
+}
+
+fn federated_files(cfg: &Config) -> Vec<(String, std::path::PathBuf)> {
+    cfg.identity
+        .federated_bundle_files
+        .iter()
+        .map(|(td, p)| (td.clone(), p.clone()))
+        .collect()
 }
 
 /// JWT-SVID settings, when `identity.jwt_audience` is set: the bundles come from the same kind

@@ -30,6 +30,8 @@ pub struct Material {
     pub key_der: zeroize::Zeroizing<Vec<u8>>,
     /// DER CA certificates of the own trust domain, concatenated.
     pub bundle_der: Vec<u8>,
+    /// Federated trust domains (`spiffe://td`) and their DER CA certificates, concatenated.
+    pub federated: std::collections::BTreeMap<String, Vec<u8>>,
 }
 
 struct Service {
@@ -70,7 +72,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for Service {
                         hint: String::new(),
                     }],
                     crl: vec![],
-                    federated_bundles: Default::default(),
+                    federated_bundles: m.federated.into_iter().collect(),
                 })
             })
         });

@@ -65,11 +65,15 @@ pub enum IdentitySource {
         server_id: String,
         dns_names: Vec<String>,
         ips: Vec<IpAddr>,
+        /// Federated trust domains and their bundle files (PEM).
+        federated: Vec<(String, PathBuf)>,
     },
     Files {
         svid_file: PathBuf,
         key_file: PathBuf,
         bundle_file: PathBuf,
+        /// Federated trust domains and their bundle files (PEM), reloaded with the others.
+        federated: Vec<(String, PathBuf)>,
     },
     Spire {
         endpoint: Option<String>,
@@ -138,15 +142,18 @@ pub async fn start(
             server_id,
             dns_names,
             ips,
+            federated,
         } => {
             let mint = move || -> Result<Material, IdentityError> {
                 let svid = ca.mint_svid(&server_id, &dns_names, &ips, DEV_SVID_TTL)?;
-                material_from_pem(
+                let mut m = material_from_pem(
                     &server_id,
                     &svid.cert_chain_pem,
                     &svid.key_pem,
                     &svid.bundle_pem,
-                )
+                )?;
+                m.federated = read_federated(&federated)?.0;
+                Ok(m)
             };
             let (tx, rx) = watch::channel(Some(mint()?));
             let feed = tokio::spawn(async move {
@@ -168,8 +175,15 @@ pub async fn start(
             svid_file,
             key_file,
             bundle_file,
+            federated,
         } => {
-            let read = move || read_files(&svid_file, &key_file, &bundle_file);
+            let read = move || {
+                let (mut m, mut stamp) = read_files(&svid_file, &key_file, &bundle_file)?;
+                let (fed, fed_stamp) = read_federated(&federated)?;
+                m.federated = fed;
+                stamp.extend(fed_stamp);
+                Ok::<_, IdentityError>((m, stamp))
+            };
             let (first, mut seen) = read()?;
             let (tx, rx) = watch::channel(Some(first));
             let feed = tokio::spawn(async move {
@@ -396,7 +410,35 @@ fn material_from_pem(
         chain_der: chain.iter().flat_map(|c| c.as_ref().to_vec()).collect(),
         key_der: zeroize::Zeroizing::new(key.secret_pkcs8_der().to_vec()),
         bundle_der: bundle.iter().flat_map(|c| c.as_ref().to_vec()).collect(),
+        federated: Default::default(),
     })
+}
+
+/// Reads federated bundles: (`spiffe://td` → DER certificates), and the files' stamps.
+fn read_federated(
+    files: &[(String, PathBuf)],
+) -> Result<(std::collections::BTreeMap<String, Vec<u8>>, Stamp), IdentityError> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stamp = Vec::new();
+    for (td, path) in files {
+        stamp.push(
+            std::fs::metadata(path)
+                .map(|m| (m.modified().ok(), m.len()))
+                .unwrap_or((None, 0)),
+        );
+        let pem = std::fs::read_to_string(path).map_err(|e| {
+            IdentityError::Files(format!(
+                "federated bundle of {td}: cannot read {}: {e}",
+                path.display()
+            ))
+        })?;
+        let certs = pem_certs(&pem, &format!("federated bundle of {td}"))?;
+        out.insert(
+            format!("spiffe://{td}"),
+            certs.iter().flat_map(|c| c.as_ref().to_vec()).collect(),
+        );
+    }
+    Ok((out, stamp))
 }
 
 type Stamp = Vec<(Option<SystemTime>, u64)>;
