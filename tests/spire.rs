@@ -327,21 +327,6 @@ fn pem_of(svid: &spiffe::X509Svid) -> (String, String) {
     (chain, b64("PRIVATE KEY", svid.private_key().as_ref()))
 }
 
-async fn server_cert_serial(addr: std::net::SocketAddr, tls: rustls::ClientConfig) -> Vec<u8> {
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let s = connector
-        .connect(
-            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
-    let cert = s.get_ref().1.peer_certificates().unwrap()[0].clone();
-    let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).unwrap();
-    c.raw_serial().to_vec()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_on_real_spire() {
     let Some(mut spire) = Spire::start().await else {

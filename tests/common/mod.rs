@@ -184,6 +184,22 @@ pub fn authed(ch: Channel, value: String) -> Authed {
     BrokerClient::with_interceptor(ch, f)
 }
 
+/// The serial number of the certificate the server presents on a new TLS connection.
+pub async fn server_cert_serial(addr: std::net::SocketAddr, tls: rustls::ClientConfig) -> Vec<u8> {
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let s = connector
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let cert = s.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).unwrap();
+    c.raw_serial().to_vec()
+}
+
 /// Clients for one identity.
 #[derive(Clone)]
 pub struct Clients {
