@@ -62,7 +62,8 @@ run() { # NAME ARGS...: one load-generator run, report to $out/NAME.txt and stdo
 	"$load" --agents "$agents" --k "$k" --data-dir "$work/d" "$@" | tee "$out/$name.txt"
 }
 
-echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)"
+machine="$(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo); load average at start $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "== machine: $machine"
 echo "== N=$agents agents, k=$k, ${secs}s per flow run, ${floor_secs}s per floor run"
 
 # ---- 1. jitbroker ------------------------------------------------------------------------------
@@ -171,4 +172,4 @@ fi
 # ---- table --------------------------------------------------------------------------------------
 bao_version=
 [[ -n $bao ]] && bao_version=$("$bao" version | head -1)
-python3 scripts/bench_table.py "$out" "$agents" "$k" "$secs" "$floor_secs" "$bao_version" | tee "$out/side-by-side.md"
+python3 scripts/bench_table.py "$out" "$agents" "$k" "$secs" "$floor_secs" "$bao_version" "$machine" | tee "$out/side-by-side.md"

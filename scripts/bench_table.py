@@ -1,6 +1,6 @@
 """Markdown table from the reports that scripts/bench.sh leaves in target/bench.
 
-usage: bench_table.py DIR AGENTS K SECONDS FLOOR_SECONDS BAO_VERSION
+usage: bench_table.py DIR AGENTS K SECONDS FLOOR_SECONDS BAO_VERSION MACHINE
 """
 
 import os
@@ -47,7 +47,7 @@ def ratio(a, b):
 
 
 def main():
-    d, agents, k, secs, floor_secs, bao_version = sys.argv[1:7]
+    d, agents, k, secs, floor_secs, bao_version, machine = sys.argv[1:8]
     jb, jb0 = parse(f"{d}/jb-flow.txt"), parse(f"{d}/jb-noop.txt")
     dev, dev0 = parse(f"{d}/bao-dev-flow.txt"), parse(f"{d}/bao-dev-noop.txt")
     raft = parse(f"{d}/bao-raft-flow.txt")
@@ -71,6 +71,8 @@ def main():
     ]
     print(f"N={agents} agents, k={k}, {secs} s per flow run, {floor_secs} s per floor run; "
           f"{bao_version or 'OpenBao not run'}")
+    print()
+    print(f"Machine: {machine}")
     print()
     print("| figure | jitbroker (durable) | OpenBao dev (in memory) | jitbroker / OpenBao dev "
           "| OpenBao raft (durable) | jitbroker / OpenBao raft |")
