@@ -7,24 +7,52 @@
 //! jitbroker-load --addr 127.0.0.1:8443 --data-dir jitbroker-dev --agents 16 --k 4 --seconds 20 [--pid PID] [--noop]
 //! ```
 //! SVIDs are minted from the dev CA of `--data-dir`. With `--pid` of the broker it also reports
-//! the broker's CPU seconds per 1000 operations, its peak RSS, and disk bytes per live credential.
+//! the broker's CPU seconds per 1000 operations, its peak RSS, and the size of the store.
+//!
+//! `--target openbao --addr 127.0.0.1:8200 --server-ca CA.pem` plays the same flow against
+//! OpenBao over HTTP/2 + TLS, one persistent connection per agent presenting the agent's SVID:
+//! cert-auth login (`POST /v1/auth/cert/login`, role `agent`; = StartTask) → k × child token
+//! with a TTL (`POST /v1/auth/token/create`; = IssueCredential) → lookup of the last child by the
+//! tool's token (`POST /v1/auth/token/lookup`, tool logged in once with role `tool`; =
+//! Introspect) → `POST /v1/auth/token/revoke-self` with the login token, which revokes its
+//! children (= CompleteTask). The no-op floor is `GET /v1/sys/health`. OpenBao must have cert
+//! auth at `auth/cert` with roles `agent` and `tool` trusting the dev CA (scripts/bench.sh sets
+//! this up).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-use hyper_util::rt::TokioIo;
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use jitbroker::api::pb;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tonic::transport::{Channel, Endpoint, Uri};
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Target {
+    Jitbroker,
+    Openbao,
+}
+
 #[derive(Parser, Debug)]
 struct Args {
+    /// What to load: the broker's gRPC API, or OpenBao's HTTP API.
+    #[arg(long, value_enum, default_value_t = Target::Jitbroker)]
+    target: Target,
     #[arg(long, default_value = "127.0.0.1:8443")]
     addr: SocketAddr,
+    /// PEM of the CA that signed the server's certificate (openbao target; the broker's own
+    /// bundle is used otherwise).
+    #[arg(long)]
+    server_ca: Option<PathBuf>,
+    /// Directory whose size is reported as the store's (default: DATA_DIR/db).
+    #[arg(long)]
+    store_dir: Option<PathBuf>,
     #[arg(long, default_value = "jitbroker-dev")]
     data_dir: PathBuf,
     #[arg(long, default_value_t = 16)]
@@ -42,11 +70,11 @@ struct Args {
     noop: bool,
 }
 
-fn tls(bundle: &str, chain: &str, key: &str) -> rustls::ClientConfig {
+fn tls(roots_pem: &str, chain: &str, key: &str) -> rustls::ClientConfig {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
-        roots.add(c.expect("bundle")).expect("root");
+    for c in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
+        roots.add(c.expect("roots")).expect("root");
     }
     let certs: Vec<_> = CertificateDer::pem_slice_iter(chain.as_bytes())
         .map(|c| c.expect("chain"))
@@ -81,17 +109,181 @@ async fn channel(addr: SocketAddr, cfg: rustls::ClientConfig) -> Channel {
         .expect("connect to the broker")
 }
 
-async fn identity_channel(args: &Args, id: &str) -> Channel {
+/// TLS client config presenting a fresh SVID for `id` from the dev CA of `--data-dir`.
+fn identity_tls(args: &Args, id: &str) -> rustls::ClientConfig {
     let ca =
         jitbroker::identity::dev::ensure_dev_ca(&args.data_dir, "jitbroker.dev").expect("dev CA");
     let svid = ca
         .mint_svid(id, &[], &[], Duration::from_secs(3600))
         .expect("mint");
-    channel(
-        args.addr,
-        tls(&svid.bundle_pem, &svid.cert_chain_pem, &svid.key_pem),
-    )
-    .await
+    let roots = match &args.server_ca {
+        Some(p) => std::fs::read_to_string(p).expect("read --server-ca"),
+        None => svid.bundle_pem.clone(),
+    };
+    tls(&roots, &svid.cert_chain_pem, &svid.key_pem)
+}
+
+async fn identity_channel(args: &Args, id: &str) -> Channel {
+    channel(args.addr, identity_tls(args, id)).await
+}
+
+/// One persistent HTTP/2 connection to OpenBao.
+#[derive(Clone)]
+struct Bao {
+    send: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    base: String,
+}
+
+impl Bao {
+    async fn connect(addr: SocketAddr, cfg: rustls::ClientConfig) -> Bao {
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect to OpenBao");
+        tcp.set_nodelay(true).expect("nodelay");
+        let s = connector
+            .connect(ServerName::try_from("localhost").expect("name"), tcp)
+            .await
+            .expect("TLS to OpenBao");
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+                .await
+                .expect("HTTP/2 handshake with OpenBao");
+        tokio::spawn(conn);
+        Bao {
+            send,
+            base: format!("https://localhost:{}", addr.port()),
+        }
+    }
+
+    /// One call; panics on anything but 2xx. Returns the JSON body (Null when empty).
+    async fn call(
+        &mut self,
+        method: hyper::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> serde_json::Value {
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.header("x-vault-token", t);
+        }
+        let body = match body {
+            Some(b) => {
+                req = req.header("content-type", "application/json");
+                Bytes::from(serde_json::to_vec(&b).expect("json"))
+            }
+            None => Bytes::new(),
+        };
+        self.send.ready().await.expect("OpenBao connection");
+        let resp = self
+            .send
+            .send_request(req.body(Full::new(body)).expect("request"))
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .expect("response body")
+            .to_bytes();
+        assert!(
+            status.is_success(),
+            "{path}: {status}: {}",
+            String::from_utf8_lossy(&bytes)
+        );
+        if bytes.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&bytes).expect("JSON response")
+        }
+    }
+
+    /// Cert-auth login with the connection's client certificate; returns the client token.
+    async fn login(&mut self, role: &str) -> String {
+        let r = self
+            .call(
+                hyper::Method::POST,
+                "/v1/auth/cert/login",
+                None,
+                Some(serde_json::json!({ "name": role })),
+            )
+            .await;
+        r["auth"]["client_token"]
+            .as_str()
+            .expect("auth.client_token")
+            .to_string()
+    }
+}
+
+/// One agent's OpenBao loop; returns the issuance latencies (µs) and the number of calls.
+async fn openbao_agent(
+    mut conn: Bao,
+    mut tool: Bao,
+    tool_token: Arc<String>,
+    k: usize,
+    noop: bool,
+    start: Instant,
+    deadline: Duration,
+) -> (Vec<u64>, u64) {
+    use hyper::Method;
+    let mut lat = Vec::new();
+    let mut ops = 0u64;
+    while start.elapsed() < deadline {
+        if noop {
+            let t = Instant::now();
+            conn.call(Method::GET, "/v1/sys/health", None, None).await;
+            lat.push(t.elapsed().as_micros() as u64);
+            ops += 1;
+            continue;
+        }
+        let task_token = conn.login("agent").await;
+        let mut last = String::new();
+        for _ in 0..k {
+            let t = Instant::now();
+            let c = conn
+                .call(
+                    Method::POST,
+                    "/v1/auth/token/create",
+                    Some(&task_token),
+                    Some(serde_json::json!({
+                        "ttl": "120s",
+                        "policies": ["demo-token"],
+                        "display_name": "load",
+                    })),
+                )
+                .await;
+            lat.push(t.elapsed().as_micros() as u64);
+            last = c["auth"]["client_token"]
+                .as_str()
+                .expect("child client_token")
+                .to_string();
+        }
+        let i = tool
+            .call(
+                Method::POST,
+                "/v1/auth/token/lookup",
+                Some(&tool_token),
+                Some(serde_json::json!({ "token": last })),
+            )
+            .await;
+        assert!(
+            i["data"]["ttl"].as_i64().unwrap_or(0) > 0,
+            "lookup: child not live"
+        );
+        conn.call(
+            Method::POST,
+            "/v1/auth/token/revoke-self",
+            Some(&task_token),
+            None,
+        )
+        .await;
+        ops += k as u64 + 3;
+    }
+    (lat, ops)
 }
 
 fn proc_stat(pid: u32) -> Option<(f64, u64)> {
@@ -137,12 +329,46 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
 async fn main() {
     let args = Args::parse();
     let deadline = Duration::from_secs(args.seconds);
-    let before = args.pid.and_then(proc_stat);
-    let tool = identity_channel(&args, "spiffe://jitbroker.dev/tool/demo").await;
+    // Connections (TLS handshakes, the tool's login) are made before the clock and the server's
+    // CPU counter start.
     let mut handles = Vec::new();
-    let start = Instant::now();
+    if args.target == Target::Openbao {
+        let mut tool = Bao::connect(
+            args.addr,
+            identity_tls(&args, "spiffe://jitbroker.dev/tool/demo"),
+        )
+        .await;
+        let tool_token = Arc::new(tool.login("tool").await);
+        let mut conns = Vec::new();
+        for a in 0..args.agents {
+            let id = format!("spiffe://jitbroker.dev/agent/load-{a}");
+            conns.push(Bao::connect(args.addr, identity_tls(&args, &id)).await);
+        }
+        let before = args.pid.and_then(proc_stat);
+        let start = Instant::now();
+        for conn in conns {
+            handles.push(tokio::spawn(openbao_agent(
+                conn,
+                tool.clone(),
+                tool_token.clone(),
+                args.k,
+                args.noop,
+                start,
+                deadline,
+            )));
+        }
+        report(&args, handles, start, before).await;
+        return;
+    }
+    let tool = identity_channel(&args, "spiffe://jitbroker.dev/tool/demo").await;
+    let mut chans = Vec::new();
     for a in 0..args.agents {
-        let ch = identity_channel(&args, &format!("spiffe://jitbroker.dev/agent/load-{a}")).await;
+        chans
+            .push(identity_channel(&args, &format!("spiffe://jitbroker.dev/agent/load-{a}")).await);
+    }
+    let before = args.pid.and_then(proc_stat);
+    let start = Instant::now();
+    for ch in chans {
         let tool = tool.clone();
         let (k, noop) = (args.k, args.noop);
         handles.push(tokio::spawn(async move {
@@ -212,6 +438,15 @@ async fn main() {
             (lat_issue, ops)
         }));
     }
+    report(&args, handles, start, before).await;
+}
+
+async fn report(
+    args: &Args,
+    handles: Vec<tokio::task::JoinHandle<(Vec<u64>, u64)>>,
+    start: Instant,
+    before: Option<(f64, u64)>,
+) {
     let mut lat = Vec::new();
     let mut ops = 0;
     for h in handles {
@@ -227,7 +462,11 @@ async fn main() {
         "issuances"
     };
     println!(
-        "agents={} k={} seconds={:.1} mode={}",
+        "target={} agents={} k={} seconds={:.1} mode={}",
+        match args.target {
+            Target::Jitbroker => "jitbroker",
+            Target::Openbao => "openbao",
+        },
         args.agents,
         args.k,
         secs,
@@ -245,11 +484,14 @@ async fn main() {
         && let Some((cpu1, rss)) = proc_stat(pid)
     {
         println!(
-            "broker cpu seconds per 1000 rpcs: {:.3}",
+            "server cpu seconds per 1000 rpcs: {:.3}",
             (cpu1 - cpu0) * 1000.0 / ops.max(1) as f64
         );
-        println!("broker peak rss MiB: {:.1}", rss as f64 / 1048576.0);
+        println!("server peak rss MiB: {:.1}", rss as f64 / 1048576.0);
     }
-    let db = dir_bytes(&args.data_dir.join("db"));
-    println!("data dir db bytes: {db}");
+    let store = args
+        .store_dir
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("db"));
+    println!("store bytes: {}", dir_bytes(&store));
 }
