@@ -48,7 +48,7 @@ step "operator runbook with grpcurl"
 scripts/runbook-test.sh
 
 step "benchmark harness smoke (no figures asserted)"
-scripts/bench.sh 2 2 2
+JB_BENCH_OPENBAO=0 scripts/bench.sh 2 2 2
 
 step "Helm chart validation"
 JITBROKER_BIN="$root/target/release/jitbroker" scripts/validate-chart.sh
