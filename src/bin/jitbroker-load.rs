@@ -68,6 +68,17 @@ struct Args {
     /// Measure the no-op floor instead of the task flow.
     #[arg(long)]
     noop: bool,
+    /// The resource the flow issues credentials for (its kind decides what is made: a
+    /// `postgres` resource makes real roles). The tool must be one of its verifiers.
+    #[arg(long, default_value = "demo-token")]
+    resource: String,
+    /// Instead of a load: write this many live credentials straight into the (stopped) store of
+    /// --data-dir, 16 per task, and exit. For restart and reaper-storm measurements.
+    #[arg(long)]
+    prefill: Option<u64>,
+    /// With --prefill: the credentials' lifetime from now, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    prefill_ttl_seconds: u64,
 }
 
 fn tls(roots_pem: &str, chain: &str, key: &str) -> rustls::ClientConfig {
@@ -328,6 +339,10 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    if let Some(n) = args.prefill {
+        prefill(&args, n).await;
+        return;
+    }
     let deadline = Duration::from_secs(args.seconds);
     // Connections (TLS handshakes, the tool's login) are made before the clock and the server's
     // CPU counter start.
@@ -371,6 +386,7 @@ async fn main() {
     for ch in chans {
         let tool = tool.clone();
         let (k, noop) = (args.k, args.noop);
+        let resource = args.resource.clone();
         handles.push(tokio::spawn(async move {
             let mut lat_issue = Vec::new();
             let mut ops = 0u64;
@@ -392,7 +408,7 @@ async fn main() {
                     .start_task(pb::StartTaskRequest {
                         purpose: "load".into(),
                         grants: vec![pb::Grant {
-                            resource: "demo-token".into(),
+                            resource: resource.clone(),
                             action: "read".into(),
                         }],
                         ttl_seconds: 300,
@@ -407,7 +423,7 @@ async fn main() {
                     let c = broker
                         .issue_credential(pb::IssueCredentialRequest {
                             task_id: task.task_id.clone(),
-                            resource: "demo-token".into(),
+                            resource: resource.clone(),
                             action: "read".into(),
                             ttl_seconds: 120,
                             idempotency_key: String::new(),
@@ -421,7 +437,7 @@ async fn main() {
                 let i = verifier
                     .introspect(pb::IntrospectRequest {
                         secret: last,
-                        resource: "demo-token".into(),
+                        resource: resource.clone(),
                     })
                     .await
                     .expect("introspect")
@@ -494,4 +510,94 @@ async fn report(
         .clone()
         .unwrap_or_else(|| args.data_dir.join("db"));
     println!("store bytes: {}", dir_bytes(&store));
+}
+
+/// Writes `n` live token credentials (16 per task) into the store of `--data-dir` through the
+/// same `Store` the broker uses (so they are sealed, indexed and on the expiry index), then
+/// flushes. The broker must be stopped.
+async fn prefill(args: &Args, n: u64) {
+    use jitbroker::model::{
+        CredentialId, CredentialRecord, CredentialState, Decision, Grant, GrantDecision, Secret,
+        SpiffeId, Task, TaskId, TaskState,
+    };
+    use jitbroker::store::Store;
+    let kek = jitbroker::store::crypto::Kek::load(&args.data_dir.join("kek")).expect("kek");
+    let store =
+        jitbroker::store::SledStore::open(&args.data_dir.join("db"), &kek).expect("open store");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let expires_at = now + args.prefill_ttl_seconds as i64 * 1000;
+    let grant = Grant {
+        resource: args.resource.clone(),
+        action: "read".into(),
+    };
+    let start = Instant::now();
+    let mut made = 0u64;
+    let mut t = 0u64;
+    while made < n {
+        let owner = SpiffeId::parse(
+            "owner",
+            &format!("spiffe://jitbroker.dev/agent/fill-{}", t % 1000),
+        )
+        .expect("id");
+        t += 1;
+        let task = Task {
+            id: TaskId::generate(),
+            owner: owner.clone(),
+            purpose: "prefill".into(),
+            grants: vec![GrantDecision {
+                grant: grant.clone(),
+                decision: Decision::Allowed,
+                reason: "prefill".into(),
+                approval_id: None,
+            }],
+            labels: Default::default(),
+            state: TaskState::Active,
+            created_at: now,
+            expires_at,
+            ended_at: None,
+            parent: None,
+            delegation_chain: vec![owner.clone()],
+            idempotency_key: None,
+        };
+        store.create_task(&task).expect("task");
+        for _ in 0..16.min(n - made) {
+            let rec = CredentialRecord {
+                id: CredentialId::generate(),
+                task_id: task.id.clone(),
+                owner: owner.clone(),
+                resource: grant.resource.clone(),
+                action: grant.action.clone(),
+                kind: "token".into(),
+                issued_at: now,
+                expires_at,
+                state: CredentialState::Active,
+                ended_at: None,
+                end_reason: None,
+                idempotency_key: None,
+                attributes: Default::default(),
+                delegation_chain: vec![owner.clone()],
+            };
+            let secret = Secret::new(format!("jbt_prefill_{}", rec.id.as_str()));
+            store.create_credential(&rec, &secret).expect("credential");
+            made += 1;
+        }
+        if t % 4096 == 0 {
+            store.durable().await.expect("flush");
+            eprintln!(
+                "prefill: {made} credentials in {:.0} s",
+                start.elapsed().as_secs_f64()
+            );
+        }
+    }
+    store.durable().await.expect("flush");
+    let secs = start.elapsed().as_secs_f64();
+    println!("prefilled credentials: {made} in {t} tasks");
+    println!(
+        "prefill seconds: {secs:.1} ({:.0} credentials/s)",
+        made as f64 / secs
+    );
+    println!("store bytes: {}", dir_bytes(&args.data_dir.join("db")));
 }

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Scale runs for BENCHMARKS.md (never run by CI):
+#   (a) restart with N live credentials: time from process start to /readyz 200, RSS, store size;
+#   (b) mass expiry: N credentials that all expire at the same moment while agents issue:
+#       issuance p50/p99 before the moment and during the reaper's storm, and how long the
+#       reaper takes to end them all.
+#   scripts/bench-scale.sh [N] [AGENTS]      (default 1000000 credentials, 8 agents)
+# The credentials are written straight into the stopped store by `jitbroker-load --prefill`
+# (sealed, indexed, on the expiry index: the same Store the broker uses).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+n=${1:-1000000}
+agents=${2:-8}
+cd "$root"
+cargo build --release --locked --bin jitbroker --bin jitbroker-load >/dev/null
+jb=target/release/jitbroker
+load=target/release/jitbroker-load
+work=$(mktemp -d /tmp/jb-scale.XXXXXX)
+pid=
+stop() {
+	if [[ -n $pid ]]; then
+		kill "$pid" 2>/dev/null || true
+		wait "$pid" 2>/dev/null || true
+		pid=
+	fi
+}
+trap 'stop; rm -rf "$work"' EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+now_ms() { date +%s%3N; }
+api=$(free_port)
+ops=$(free_port)
+start_broker() { # $1: data dir; sets pid, prints ms until ready
+	local t0 t1
+	t0=$(now_ms)
+	RUST_LOG=warn "$jb" dev --data-dir "$1" --listen "127.0.0.1:$api" --ops-listen "127.0.0.1:$ops" >>"$work/broker.log" 2>&1 &
+	pid=$!
+	until curl -fsS "http://127.0.0.1:$ops/readyz" >/dev/null 2>&1; do
+		kill -0 "$pid" 2>/dev/null || {
+			cat "$work/broker.log" >&2
+			exit 1
+		}
+		sleep 0.02
+	done
+	t1=$(now_ms)
+	echo $((t1 - t0))
+}
+rss_mib() { awk '/VmRSS/{printf "%.0f", $2/1024}' "/proc/$1/status"; }
+du_mb() { du -sb "$1" | awk '{printf "%.0f", $1/1e6}'; }
+
+echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; N=$n"
+
+# (a) restart with N live credentials.
+d="$work/a"
+start_broker "$d" >/dev/null # creates the dev dir, config, KEK
+stop
+"$load" --data-dir "$d" --prefill "$n" --prefill-ttl-seconds 86400 | tee "$work/prefill-a.txt"
+rate=$(awk '/prefill seconds/{gsub(/[(]/,"",$4); print $4}' "$work/prefill-a.txt")
+empty_ms=$(start_broker "$work/empty")
+stop
+ready_ms=$(start_broker "$d")
+sleep 1
+echo "(a) restart-to-ready with $n live credentials: ${ready_ms} ms (an empty store: ${empty_ms} ms)"
+echo "(a) RSS after ready: $(rss_mib "$pid") MiB; store: $(du_mb "$d/db") MB ($(($(du -sb "$d/db" | cut -f1) / n)) bytes per live credential)"
+"$load" --addr "127.0.0.1:$api" --data-dir "$d" --agents "$agents" --k 4 --seconds 5 --pid "$pid" | sed 's/^/(a) serving: /'
+echo "(a) RSS after serving: $(rss_mib "$pid") MiB"
+stop
+
+# (b) N credentials expiring together while agents issue.
+d="$work/b"
+start_broker "$d" >/dev/null
+stop
+fill_s=$(python3 -c "print(int($n / max(float('$rate'), 1.0)) + 1)")
+ttl=$((fill_s + 60))
+t_fill=$(now_ms)
+"$load" --data-dir "$d" --prefill "$n" --prefill-ttl-seconds "$ttl" >"$work/prefill-b.txt"
+expire_at=$((t_fill + ttl * 1000))
+start_broker "$d" >/dev/null
+left=$(((expire_at - $(now_ms)) / 1000 - 2))
+if ((left < 6)); then
+	echo "(b) prefill ran slower than (a); not enough time before the expiry" >&2
+	exit 1
+fi
+before=$((left < 20 ? left : 20))
+echo "(b) before the storm ($before s):"
+"$load" --addr "127.0.0.1:$api" --data-dir "$d" --agents "$agents" --k 4 --seconds "$before" --pid "$pid" | grep -E 'issuances' | sed 's/^/    /'
+while (($(now_ms) < expire_at)); do sleep 0.05; done
+echo "(b) during the storm (20 s from the moment $n credentials expire):"
+"$load" --addr "127.0.0.1:$api" --data-dir "$d" --agents "$agents" --k 4 --seconds 20 --pid "$pid" | grep -E 'issuances|cpu' | sed 's/^/    /'
+# How long the reaper takes to end them all: active credentials on /metrics.
+until [[ $(curl -fsS "http://127.0.0.1:$ops/metrics" | awk '/^jitbroker_active_credentials /{print $2}') == 0 ]]; do
+	sleep 1
+done
+echo "(b) reaper drained $n expired credentials in $((($(now_ms) - expire_at) / 1000)) s"
+echo "(b) store after the storm: $(du_mb "$d/db") MB"
