@@ -12,7 +12,7 @@ cd "$root"
 cargo build --release --locked --bin jitbroker --bin jitbroker-load >/dev/null
 jb=$root/target/release/jitbroker
 load=$root/target/release/jitbroker-load
-bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+bin=$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -1)
 work=$(mktemp -d /tmp/jb-pgbench.XXXXXX)
 chmod 755 "$work"
 as_pg() { if [[ $(id -u) == 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
