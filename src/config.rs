@@ -193,7 +193,8 @@ fn default_backoff_initial() -> u64 {
     500
 }
 fn default_backoff_max() -> u64 {
-    30_000
+    // A revocation waits at most this long after the upstream comes back.
+    5_000
 }
 fn default_attempt_timeout() -> u64 {
     10_000
