@@ -53,6 +53,7 @@ source "$rb/lib.sh"
 start
 check preflight '"status": "SERVING"' "$("$rb/preflight.sh")"
 check status '"policyCount": 2' "$("$rb/status.sh")"
+check revocation-debt 'revocation debt: 0 pending, oldest 0 s' "$("$rb/revocation-debt.sh")"
 
 task=$(as agent -d '{"purpose":"update customer record","grants":[{"resource":"demo-token","action":"read"},{"resource":"demo-jwt","action":"write"}],"ttl_seconds":600}' "$JB_ADDR" jitbroker.v1.Broker/StartTask)
 check start-needs-approval '"decision": "NEEDS_APPROVAL"' "$task"
