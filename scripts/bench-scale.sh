@@ -5,6 +5,7 @@
 #       issuance p50/p99 before the moment and during the reaper's storm, and how long the
 #       reaper takes to end them all.
 #   scripts/bench-scale.sh [N] [AGENTS]      (default 1000000 credentials, 8 agents)
+#   JB_SCALE_PARTS="a b"                     which runs to do (default both)
 # The credentials are written straight into the stopped store by `jitbroker-load --prefill`
 # (sealed, indexed, on the expiry index: the same Store the broker uses).
 set -euo pipefail
@@ -29,7 +30,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 now_ms() { date +%s%3N; }
 api=$(free_port)
 ops=$(free_port)
-start_broker() { # $1: data dir; sets pid, prints ms until ready
+start_broker() { # $1: data dir; sets pid and ready_ms (from exec to /readyz 200)
 	local t0 t1
 	t0=$(now_ms)
 	RUST_LOG=warn "$jb" dev --data-dir "$1" --listen "127.0.0.1:$api" --ops-listen "127.0.0.1:$ops" >>"$work/broker.log" 2>&1 &
@@ -42,39 +43,46 @@ start_broker() { # $1: data dir; sets pid, prints ms until ready
 		sleep 0.02
 	done
 	t1=$(now_ms)
-	echo $((t1 - t0))
+	ready_ms=$((t1 - t0))
 }
 rss_mib() { awk '/VmRSS/{printf "%.0f", $2/1024}' "/proc/$1/status"; }
 du_mb() { du -sb "$1" | awk '{printf "%.0f", $1/1e6}'; }
 
 echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; N=$n"
 
+parts=${JB_SCALE_PARTS:-a b}
+rate=${JB_SCALE_RATE:-7000} # prefill credentials/s, measured by (a) when it runs
+
 # (a) restart with N live credentials.
+if [[ " $parts " == *" a "* ]]; then
 d="$work/a"
-start_broker "$d" >/dev/null # creates the dev dir, config, KEK
+start_broker "$d" # creates the dev dir, config, KEK
 stop
 "$load" --data-dir "$d" --prefill "$n" --prefill-ttl-seconds 86400 | tee "$work/prefill-a.txt"
 rate=$(awk '/prefill seconds/{gsub(/[(]/,"",$4); print $4}' "$work/prefill-a.txt")
-empty_ms=$(start_broker "$work/empty")
+start_broker "$work/empty"
+empty_ms=$ready_ms
 stop
-ready_ms=$(start_broker "$d")
+start_broker "$d"
 sleep 1
 echo "(a) restart-to-ready with $n live credentials: ${ready_ms} ms (an empty store: ${empty_ms} ms)"
 echo "(a) RSS after ready: $(rss_mib "$pid") MiB; store: $(du_mb "$d/db") MB ($(($(du -sb "$d/db" | cut -f1) / n)) bytes per live credential)"
 "$load" --addr "127.0.0.1:$api" --data-dir "$d" --agents "$agents" --k 4 --seconds 5 --pid "$pid" | sed 's/^/(a) serving: /'
 echo "(a) RSS after serving: $(rss_mib "$pid") MiB"
 stop
+fi
+[[ " $parts " == *" b "* ]] || exit 0
 
 # (b) N credentials expiring together while agents issue.
 d="$work/b"
-start_broker "$d" >/dev/null
+start_broker "$d"
 stop
 fill_s=$(python3 -c "print(int($n / max(float('$rate'), 1.0)) + 1)")
 ttl=$((fill_s + 60))
 t_fill=$(now_ms)
 "$load" --data-dir "$d" --prefill "$n" --prefill-ttl-seconds "$ttl" >"$work/prefill-b.txt"
 expire_at=$((t_fill + ttl * 1000))
-start_broker "$d" >/dev/null
+start_broker "$d"
 left=$(((expire_at - $(now_ms)) / 1000 - 2))
 if ((left < 6)); then
 	echo "(b) prefill ran slower than (a); not enough time before the expiry" >&2
