@@ -33,7 +33,7 @@ as_pg "$bin/initdb" -D "$work/pg/data" -U jbadmin --pwfile="$work/pg/pw" --auth-
 # Durable like a real database (fsync on), only on loopback.
 printf "listen_addresses = '127.0.0.1'\nport = %s\nunix_socket_directories = ''\nmax_connections = 200\n" "$pgport" >>"$work/pg/data/postgresql.conf"
 as_pg "$bin/pg_ctl" -D "$work/pg/data" -l "$work/pg/log" -w start >/dev/null
-PGPASSWORD=$pw psql -h 127.0.0.1 -p "$pgport" -U jbadmin -d postgres -qc "CREATE TABLE orders (id int, item text)"
+PGPASSWORD=$pw psql -h 127.0.0.1 -p "$pgport" -U jbadmin -d postgres -qc "CREATE TABLE orders (id int, item text); CREATE ROLE orders_reader NOLOGIN; GRANT SELECT ON orders TO orders_reader"
 d=$work/jb
 RUST_LOG=warn "$jb" dev --data-dir "$d" --listen "127.0.0.1:$api" --ops-listen "127.0.0.1:$ops" >/dev/null 2>&1 &
 pid=$!
@@ -51,7 +51,7 @@ verifiers = ["spiffe://jitbroker.dev/tool/demo"]
 admin_dsn_file = "$d/pg-admin.dsn"
 
 [resources.orders-db.postgres.grants.read]
-statements = ["GRANT SELECT ON orders TO {role}"]
+roles = ["orders_reader"]
 EOF
 cat >>"$d/policy.cedar" <<'EOF'
 

@@ -137,7 +137,7 @@ async fn role_reads_what_it_was_granted_and_dies_with_its_task_or_ttl() {
         .await
         .unwrap()
         .get(0);
-    assert!(stored.starts_with("SCRAM-SHA-256$4096:"), "{stored}");
+    assert!(stored.starts_with("SCRAM-SHA-256$"), "{stored}");
     assert!(!cred.secret.contains(&stored));
 
     // It reads what it was granted, and nothing else.

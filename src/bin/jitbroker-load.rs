@@ -584,7 +584,7 @@ async fn prefill(args: &Args, n: u64) {
             store.create_credential(&rec, &secret).expect("credential");
             made += 1;
         }
-        if t % 4096 == 0 {
+        if t.is_multiple_of(4096) {
             store.durable().await.expect("flush");
             eprintln!(
                 "prefill: {made} credentials in {:.0} s",

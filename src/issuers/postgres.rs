@@ -25,7 +25,12 @@ use crate::config::{PostgresConfig, PostgresGrant};
 use crate::error::{Error, Result};
 use crate::model::{Secret, UnixMillis};
 
-const SCRAM_ITERATIONS: u32 = 4096;
+/// PBKDF2 rounds in the SCRAM verifier. Rounds slow down guessing of low-entropy (human)
+/// passwords; these are 192 random bits, which no number of rounds makes weaker or stronger
+/// against guessing, so the count is kept low: it is paid at every issuance and every login.
+const SCRAM_ITERATIONS: u32 = 64;
+/// Admin sessions per resource: creations and drops run in parallel up to this many.
+const POOL: usize = 8;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One configured PostgreSQL resource.
@@ -37,8 +42,9 @@ pub struct PostgresIssuer {
     port: u16,
     database: String,
     grants: BTreeMap<String, PostgresGrant>,
-    /// One admin session, opened on first use and again after it breaks.
-    client: Mutex<Option<tokio_postgres::Client>>,
+    /// Admin sessions, each opened on first use and again after it breaks.
+    pool: Vec<Mutex<Option<tokio_postgres::Client>>>,
+    next: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for PostgresIssuer {
@@ -54,6 +60,24 @@ impl std::fmt::Debug for PostgresIssuer {
 fn upstream_err(resource: &str, what: &str, e: impl std::fmt::Display) -> Error {
     Error::Unavailable(format!("resource {resource}: PostgreSQL {what}: {e}"))
 }
+
+/// The server's own message and SQLSTATE, which tokio-postgres' Display leaves out.
+fn pg_err(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{} (SQLSTATE {})", d.message(), d.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// Concurrent GRANT/REVOKE on one object can fail with "tuple concurrently updated"; the
+/// statement is safe to run again.
+fn is_concurrent_update(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error()
+        .is_some_and(|d| d.code().code() == "XX000" && d.message().contains("concurrently"))
+}
+
+/// Attempts of one create or drop when it collides with a concurrent GRANT/REVOKE.
+const CONCURRENT_RETRIES: usize = 8;
 
 /// `"name"` with embedded quotes doubled (PostgreSQL identifier quoting).
 pub fn quote_ident(s: &str) -> String {
@@ -110,20 +134,23 @@ impl PostgresIssuer {
             port,
             database,
             grants: cfg.grants.clone(),
-            client: Mutex::new(None),
+            pool: (0..POOL).map(|_| Mutex::new(None)).collect(),
+            next: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
-    /// Runs `f` on the admin session, connecting first if needed. A failed call drops the
+    /// Runs `f` on one of the admin sessions, connecting first if needed. A failed call drops the
     /// session so that the next one reconnects.
     async fn with_client<T>(
         &self,
         what: &str,
-        f: impl for<'c> FnOnce(
+        f: impl for<'c> Fn(
             &'c mut tokio_postgres::Client,
         ) -> BoxFuture<'c, std::result::Result<T, tokio_postgres::Error>>,
     ) -> Result<T> {
-        let mut guard = self.client.lock().await;
+        // Round robin over the sessions; a busy one is waited for (each is one connection).
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.pool.len();
+        let mut guard = self.pool[i].lock().await;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
             let mut cfg: tokio_postgres::Config = self
                 .dsn
@@ -145,13 +172,20 @@ impl PostgresIssuer {
         let Some(client) = guard.as_mut() else {
             return Err(upstream_err(&self.resource, what, "no session"));
         };
-        match f(client).await {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                if client.is_closed() {
-                    *guard = None;
+        let mut attempt = 0;
+        loop {
+            match f(client).await {
+                Ok(v) => return Ok(v),
+                Err(e) if is_concurrent_update(&e) && attempt + 1 < CONCURRENT_RETRIES => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(2 * attempt as u64)).await;
                 }
-                Err(upstream_err(&self.resource, what, e))
+                Err(e) => {
+                    if client.is_closed() {
+                        *guard = None;
+                    }
+                    return Err(upstream_err(&self.resource, what, pg_err(&e)));
+                }
             }
         }
     }
@@ -253,6 +287,7 @@ impl Upstream for PostgresIssuer {
             let verifier = scram_verifier(password.as_bytes());
             let sql = self.create_sql(name, &verifier, action, expires_at)?;
             self.with_client("create role", |c| {
+                let sql = sql.clone();
                 Box::pin(async move {
                     let tx = c.transaction().await?;
                     for s in &sql {
@@ -291,7 +326,8 @@ impl Upstream for PostgresIssuer {
         Box::pin(async move {
             let role = quote_ident(name);
             let name = name.to_owned();
-            self.with_client("drop role", move |c| {
+            self.with_client("drop role", |c| {
+                let (role, name) = (role.clone(), name.clone());
                 Box::pin(async move {
                     let exists = c
                         .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
@@ -322,7 +358,8 @@ impl Upstream for PostgresIssuer {
     fn list<'a>(&'a self) -> BoxFuture<'a, Result<Vec<String>>> {
         Box::pin(async move {
             let prefix = self.prefix.clone();
-            self.with_client("list roles", move |c| {
+            self.with_client("list roles", |c| {
+                let prefix = prefix.clone();
                 Box::pin(async move {
                     let rows = c
                         .query(
