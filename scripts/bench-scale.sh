@@ -5,7 +5,9 @@
 #       issuance p50/p99 before the moment and during the reaper's storm, and how long the
 #       reaper takes to end them all.
 #   scripts/bench-scale.sh [N] [AGENTS]      (default 1000000 credentials, 8 agents)
-#   JB_SCALE_PARTS="a b"                     which runs to do (default both)
+#   (c) churn: the task flow for 4 rounds of 30 s (issue and revoke far more than is live): the
+#       store's size after each round.
+#   JB_SCALE_PARTS="a b c"                   which runs to do (default all)
 # The credentials are written straight into the stopped store by `jitbroker-load --prefill`
 # (sealed, indexed, on the expiry index: the same Store the broker uses).
 set -euo pipefail
@@ -50,7 +52,7 @@ du_mb() { du -sb "$1" | awk '{printf "%.0f", $1/1e6}'; }
 
 echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; N=$n"
 
-parts=${JB_SCALE_PARTS:-a b}
+parts=${JB_SCALE_PARTS:-a b c}
 rate=${JB_SCALE_RATE:-7000} # prefill credentials/s, measured by (a) when it runs
 
 # (a) restart with N live credentials.
@@ -69,6 +71,19 @@ echo "(a) restart-to-ready with $n live credentials: ${ready_ms} ms (an empty st
 echo "(a) RSS after ready: $(rss_mib "$pid") MiB; store: $(du_mb "$d/db") MB ($(($(du -sb "$d/db" | cut -f1) / n)) bytes per live credential)"
 "$load" --addr "127.0.0.1:$api" --data-dir "$d" --agents "$agents" --k 4 --seconds 5 --pid "$pid" | sed 's/^/(a) serving: /'
 echo "(a) RSS after serving: $(rss_mib "$pid") MiB"
+stop
+fi
+
+# (c) churn.
+if [[ " $parts " == *" c "* ]]; then
+d="$work/c"
+start_broker "$d"
+for round in 1 2 3 4; do
+	out=$("$load" --addr "127.0.0.1:$api" --data-dir "$d" --agents "$agents" --k 4 --seconds 30 --pid "$pid")
+	issued=$(awk '/^issuances\/s/{print $2}' <<<"$out")
+	live=$(curl -fsS "http://127.0.0.1:$ops/metrics" | awk '/^jitbroker_active_credentials /{print $2}')
+	echo "(c) round $round: ${issued} issuances/s for 30 s; live credentials $live; store $(du_mb "$d/db") MB"
+done
 stop
 fi
 [[ " $parts " == *" b "* ]] || exit 0
