@@ -28,20 +28,6 @@ fn write_server_svid(ca: &DevCa, dir: &Path) {
     std::fs::write(dir.join("svid_bundle.pem"), &svid.bundle_pem).unwrap();
 }
 
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..100 {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting until {what}");
-}
-
 #[tokio::test]
 async fn files_source_reloads_svid_and_jwt_bundle_without_restart() {
     let dir = dev_dir();

@@ -76,21 +76,6 @@ fn pg_issue(task_id: &str, ttl: u32) -> pb::IssueCredentialRequest {
     issue_req(task_id, "orders-db", ttl)
 }
 
-/// Polls (bounded) until `f` holds; panics with `what` otherwise.
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..300 {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting until {what}");
-}
-
 #[tokio::test]
 async fn role_reads_what_it_was_granted_and_dies_with_its_task_or_ttl() {
     let Some(pg) = Pg::start() else { return };

@@ -200,6 +200,22 @@ pub async fn server_cert_serial(addr: std::net::SocketAddr, tls: rustls::ClientC
     c.raw_serial().to_vec()
 }
 
+/// Polls (bounded, 30 s) until `f` holds; panics with `what` otherwise. For waiting on real
+/// processes (a file watcher, PostgreSQL, a child broker), never for asserting a time.
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..300 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
 /// Clients for one identity.
 #[derive(Clone)]
 pub struct Clients {
