@@ -146,6 +146,11 @@ pub struct PostgresConfig {
     /// Per action: group roles to join and GRANT statements (`{role}` is the new role).
     #[serde(default)]
     pub grants: BTreeMap<String, PostgresGrant>,
+    /// CA certificates (PEM) that sign the server's certificate: the admin connection then
+    /// requires TLS and verifies the server. Without it the admin connection is plaintext, which
+    /// is accepted only for a server on the loopback interface.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

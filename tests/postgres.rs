@@ -629,3 +629,89 @@ async fn crash_at_every_step_leaves_no_unknown_role_and_loses_no_credential() {
         }
     }
 }
+
+/// With `ca_file` the admin connection requires TLS and verifies the server against that CA; a
+/// server certificate from another CA is refused, and issuance fails closed.
+#[tokio::test]
+async fn admin_connection_uses_verified_tls_when_a_ca_is_configured() {
+    let Some(pg) = Pg::start() else { return };
+    seed(&pg).await;
+    for trusted in [true, false] {
+        let dir = dev_dir();
+        let d = dir.path();
+        let ca = d.join("pg-ca.pem");
+        if trusted {
+            std::fs::write(&ca, &pg.ca_pem).unwrap();
+        } else {
+            // A CA that did not sign the server's certificate.
+            let k = rcgen::KeyPair::generate().unwrap();
+            let mut p = rcgen::CertificateParams::default();
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            std::fs::write(&ca, p.self_signed(&k).unwrap().pem()).unwrap();
+        }
+        let _ = pg_config(d, &pg);
+        // Name the broker's sessions so the server's view of them can be found.
+        std::fs::write(
+            d.join("pg-admin.dsn"),
+            format!("{} application_name=jitbroker-admin", pg.admin_dsn()),
+        )
+        .unwrap();
+        let cfg = config(d, |t| {
+            t.replace(
+                "role_prefix = \"jb_\"\n",
+                &format!("role_prefix = \"jb_\"\nca_file = \"{}\"\n", ca.display()),
+            )
+        });
+        let r = spawn(&cfg, Options::default()).await.unwrap();
+        let mut c = clients(&r, AGENT).await;
+        let task = c
+            .broker
+            .start_task(start_req(vec![grant("orders-db", "read")], 600))
+            .await
+            .unwrap()
+            .into_inner();
+        let issued = c
+            .broker
+            .issue_credential(pg_issue(&task.task_id, 300))
+            .await;
+        if trusted {
+            let cred = issued.expect("issuance over verified TLS").into_inner();
+            let rows = pg
+                .admin()
+                .await
+                .query(
+                    "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                     WHERE a.application_name = 'jitbroker-admin'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            assert!(!rows.is_empty(), "no broker admin session seen");
+            assert!(
+                rows.iter().all(|r| r.get::<_, bool>(0)),
+                "a broker admin session without TLS"
+            );
+            c.broker
+                .complete_task(pb::CompleteTaskRequest {
+                    task_id: task.task_id.clone(),
+                })
+                .await
+                .unwrap();
+            let user = cred.attributes["user"].clone();
+            eventually("the role is dropped over TLS", || async {
+                !pg.roles(PREFIX).await.contains(&user)
+            })
+            .await;
+        } else {
+            let e = issued.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+            assert!(
+                e.message().to_lowercase().contains("certificate")
+                    || e.message().contains("UnknownIssuer"),
+                "{e:?}"
+            );
+        }
+        drop(c);
+        r.stop().await;
+    }
+}

@@ -42,6 +42,8 @@ pub struct PostgresIssuer {
     port: u16,
     database: String,
     grants: BTreeMap<String, PostgresGrant>,
+    /// TLS to the server (required and verified) when a CA is configured.
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     /// Admin sessions, each opened on first use and again after it breaks.
     pool: Vec<Mutex<Option<tokio_postgres::Client>>>,
     next: std::sync::atomic::AtomicUsize,
@@ -59,6 +61,50 @@ impl std::fmt::Debug for PostgresIssuer {
 
 fn upstream_err(resource: &str, what: &str, e: impl std::fmt::Display) -> Error {
     Error::Unavailable(format!("resource {resource}: PostgreSQL {what}: {e}"))
+}
+
+/// The causes of an error, for messages (a TLS failure hides behind "error performing TLS
+/// handshake").
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push(s.to_string());
+        cur = s.source();
+    }
+    out.join(": ")
+}
+
+/// A TLS connector that trusts only the CA certificates in `ca`.
+fn tls_connector(
+    resource: &str,
+    ca: &std::path::Path,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    use rustls_pki_types::pem::PemObject;
+    let bad = |why: String| {
+        Error::Config(format!(
+            "[resources.{resource}.postgres] ca_file {}: {why}",
+            ca.display()
+        ))
+    };
+    let pem = std::fs::read(ca).map_err(|e| bad(e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots
+            .add(c.map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no certificate".into()));
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(cfg))
 }
 
 /// The server's own message and SQLSTATE, which tokio-postgres' Display leaves out.
@@ -126,6 +172,30 @@ impl PostgresIssuer {
             .clone()
             .or_else(|| parsed.get_dbname().map(str::to_owned))
             .unwrap_or_else(|| "postgres".into());
+        let tls = match &cfg.ca_file {
+            Some(ca) => Some(tls_connector(resource, ca)?),
+            None => {
+                // Fail closed: the admin password and every role's verifier would cross the
+                // network in plaintext.
+                let local = parsed.get_hosts().iter().all(|h| match h {
+                    tokio_postgres::config::Host::Tcp(h) => {
+                        h == "localhost"
+                            || h.parse::<std::net::IpAddr>()
+                                .is_ok_and(|ip| ip.is_loopback())
+                    }
+                    #[allow(unreachable_patterns)]
+                    _ => true, // a unix socket
+                });
+                if !local {
+                    return Err(Error::Config(format!(
+                        "[resources.{resource}.postgres] the admin connection goes to a host that \
+                         is not loopback: set ca_file (the CA of the server's certificate) so \
+                         that it uses verified TLS"
+                    )));
+                }
+                None
+            }
+        };
         Ok(Self {
             resource: resource.to_owned(),
             dsn,
@@ -134,6 +204,7 @@ impl PostgresIssuer {
             port,
             database,
             grants: cfg.grants.clone(),
+            tls,
             pool: (0..POOL).map(|_| Mutex::new(None)).collect(),
             next: std::sync::atomic::AtomicUsize::new(0),
         })
@@ -157,16 +228,33 @@ impl PostgresIssuer {
                 .parse()
                 .map_err(|e| upstream_err(&self.resource, "connection string", e))?;
             cfg.connect_timeout(CONNECT_TIMEOUT);
-            let (client, conn) = cfg
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(|e| upstream_err(&self.resource, "connect", e))?;
             let resource = self.resource.clone();
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::warn!(resource = %resource, error = %e, "PostgreSQL admin session ended");
+            let ended = move |e: tokio_postgres::Error| {
+                tracing::warn!(resource = %resource, error = %e, "PostgreSQL admin session ended");
+            };
+            let connect_err = |e: tokio_postgres::Error| {
+                upstream_err(
+                    &self.resource,
+                    "connect",
+                    format!("{e}: {}", source_chain(&e)),
+                )
+            };
+            let client = match &self.tls {
+                Some(tls) => {
+                    cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+                    let (client, conn) = cfg.connect(tls.clone()).await.map_err(connect_err)?;
+                    tokio::spawn(async move { conn.await.unwrap_or_else(ended) });
+                    client
                 }
-            });
+                None => {
+                    let (client, conn) = cfg
+                        .connect(tokio_postgres::NoTls)
+                        .await
+                        .map_err(connect_err)?;
+                    tokio::spawn(async move { conn.await.unwrap_or_else(ended) });
+                    client
+                }
+            };
             *guard = Some(client);
         }
         let Some(client) = guard.as_mut() else {
@@ -391,6 +479,31 @@ mod tests {
              WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=:\
              wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU="
         );
+    }
+
+    #[test]
+    fn a_remote_admin_connection_without_a_ca_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let dsn = dir.path().join("dsn");
+        let cfg = |host: &str, ca: Option<std::path::PathBuf>| {
+            std::fs::write(&dsn, format!("host={host} user=a password=b dbname=c")).unwrap();
+            PostgresConfig {
+                admin_dsn_file: dsn.clone(),
+                role_prefix: "jb_".into(),
+                host: None,
+                port: None,
+                database: None,
+                grants: Default::default(),
+                ca_file: ca,
+            }
+        };
+        let e = PostgresIssuer::new("db", &cfg("db.example.com", None)).unwrap_err();
+        assert!(e.to_string().contains("ca_file"), "{e}");
+        PostgresIssuer::new("db", &cfg("127.0.0.1", None)).expect("loopback is fine");
+        PostgresIssuer::new("db", &cfg("localhost", None)).expect("loopback is fine");
+        let missing = dir.path().join("no-such-ca.pem");
+        let e = PostgresIssuer::new("db", &cfg("db.example.com", Some(missing))).unwrap_err();
+        assert!(e.to_string().contains("no-such-ca.pem"), "{e}");
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub const ADMIN: &str = "jbadmin";
 pub struct Pg {
     pub port: u16,
     pub password: String,
+    /// PEM of the CA that signed the server's TLS certificate (TLS is on; plaintext logins are
+    /// accepted too, so tests choose).
+    pub ca_pem: String,
     dir: tempfile::TempDir,
     bin: PathBuf,
     as_root: bool,
@@ -50,6 +53,23 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A CA and a server certificate for 127.0.0.1 / localhost signed by it: (CA, cert, key) PEM.
+fn server_tls() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::default();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "test PostgreSQL CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_cert.pem(), ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    p.subject_alt_names
+        .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
 impl Pg {
     /// Starts a server, or returns None (test skipped) when PostgreSQL is not installed.
     pub fn start() -> Option<Pg> {
@@ -79,9 +99,11 @@ impl Pg {
                 .success();
             assert!(ok, "chown of the PostgreSQL test dir to the postgres user");
         }
+        let (ca_pem, cert_pem, key_pem) = server_tls();
         let pg = Pg {
             port: free_port(),
             password,
+            ca_pem,
             dir,
             bin,
             as_root,
@@ -102,10 +124,30 @@ impl Pg {
                 "--no-sync",
             ],
         );
+        std::fs::write(data.join("server.crt"), cert_pem).unwrap();
+        std::fs::write(data.join("server.key"), key_pem).unwrap();
+        if as_root {
+            for f in ["server.crt", "server.key"] {
+                Command::new("chown")
+                    .args(["postgres:postgres"])
+                    .arg(data.join(f))
+                    .status()
+                    .unwrap();
+            }
+        }
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                data.join("server.key"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .unwrap();
+        }
         let conf = format!(
             "listen_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = ''\n\
              fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
-             password_encryption = 'scram-sha-256'\nmax_connections = 100\n",
+             password_encryption = 'scram-sha-256'\nmax_connections = 100\n\
+             ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
             pg.port
         );
         let mut text = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
