@@ -222,60 +222,71 @@ impl PostgresIssuer {
         // Round robin over the sessions; a busy one is waited for (each is one connection).
         let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.pool.len();
         let mut guard = self.pool[i].lock().await;
-        if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            let mut cfg: tokio_postgres::Config = self
-                .dsn
-                .parse()
-                .map_err(|e| upstream_err(&self.resource, "connection string", e))?;
-            cfg.connect_timeout(CONNECT_TIMEOUT);
-            let resource = self.resource.clone();
-            let ended = move |e: tokio_postgres::Error| {
-                tracing::warn!(resource = %resource, error = %e, "PostgreSQL admin session ended");
-            };
-            let connect_err = |e: tokio_postgres::Error| {
-                upstream_err(
-                    &self.resource,
-                    "connect",
-                    format!("{e}: {}", source_chain(&e)),
-                )
-            };
-            let client = match &self.tls {
-                Some(tls) => {
-                    cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
-                    let (client, conn) = cfg.connect(tls.clone()).await.map_err(connect_err)?;
-                    tokio::spawn(async move { conn.await.unwrap_or_else(ended) });
-                    client
-                }
-                None => {
-                    let (client, conn) = cfg
-                        .connect(tokio_postgres::NoTls)
-                        .await
-                        .map_err(connect_err)?;
-                    tokio::spawn(async move { conn.await.unwrap_or_else(ended) });
-                    client
-                }
-            };
-            *guard = Some(client);
-        }
-        let Some(client) = guard.as_mut() else {
-            return Err(upstream_err(&self.resource, what, "no session"));
-        };
         let mut attempt = 0;
+        let mut reconnected = false;
         loop {
+            if guard.as_ref().is_none_or(|c| c.is_closed()) {
+                *guard = Some(self.connect().await?);
+                reconnected = true;
+            }
+            let Some(client) = guard.as_mut() else {
+                return Err(upstream_err(&self.resource, what, "no session"));
+            };
             match f(client).await {
                 Ok(v) => return Ok(v),
                 Err(e) if is_concurrent_update(&e) && attempt + 1 < CONCURRENT_RETRIES => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(2 * attempt as u64)).await;
                 }
+                // A session that broke while idle (the server restarted): once more on a new
+                // one. Every operation here is one transaction or idempotent.
+                Err(e) if e.as_db_error().is_none() && !reconnected => {
+                    *guard = None;
+                }
                 Err(e) => {
-                    if client.is_closed() {
+                    if e.as_db_error().is_none() || client.is_closed() {
                         *guard = None;
                     }
                     return Err(upstream_err(&self.resource, what, pg_err(&e)));
                 }
             }
         }
+    }
+
+    /// Opens an admin session (verified TLS when a CA is configured).
+    async fn connect(&self) -> Result<tokio_postgres::Client> {
+        let mut cfg: tokio_postgres::Config = self
+            .dsn
+            .parse()
+            .map_err(|e| upstream_err(&self.resource, "connection string", e))?;
+        cfg.connect_timeout(CONNECT_TIMEOUT);
+        let resource = self.resource.clone();
+        let ended = move |e: tokio_postgres::Error| {
+            tracing::warn!(resource = %resource, error = %e, "PostgreSQL admin session ended");
+        };
+        let connect_err = |e: tokio_postgres::Error| {
+            upstream_err(
+                &self.resource,
+                "connect",
+                format!("{e}: {}", source_chain(&e)),
+            )
+        };
+        Ok(match &self.tls {
+            Some(tls) => {
+                cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+                let (client, conn) = cfg.connect(tls.clone()).await.map_err(connect_err)?;
+                tokio::spawn(async move { conn.await.unwrap_or_else(ended) });
+                client
+            }
+            None => {
+                let (client, conn) = cfg
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(connect_err)?;
+                tokio::spawn(async move { conn.await.unwrap_or_else(ended) });
+                client
+            }
+        })
     }
 
     fn create_sql(
