@@ -66,6 +66,12 @@ reconcile_interval_seconds = 1
     })
 }
 
+async fn metrics(addr: std::net::SocketAddr) -> String {
+    http_get(&addr.to_string(), "/metrics")
+        .await
+        .expect("the ops port answers")
+}
+
 fn db_msg(e: &tokio_postgres::Error) -> String {
     e.as_db_error()
         .map(|d| d.message().to_owned())
@@ -74,6 +80,26 @@ fn db_msg(e: &tokio_postgres::Error) -> String {
 
 fn pg_issue(task_id: &str, ttl: u32) -> pb::IssueCredentialRequest {
     issue_req(task_id, "orders-db", ttl)
+}
+
+/// A task granted `orders-db` read (10 minutes).
+async fn orders_task(b: &mut BrokerClient<tonic::transport::Channel>) -> pb::Task {
+    b.start_task(start_req(vec![grant("orders-db", "read")], 600))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// An `orders-db` credential (a real role) for the task.
+async fn orders_credential(
+    b: &mut BrokerClient<tonic::transport::Channel>,
+    task_id: &str,
+    ttl: u32,
+) -> pb::Credential {
+    b.issue_credential(pg_issue(task_id, ttl))
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 #[tokio::test]
@@ -95,18 +121,8 @@ async fn role_reads_what_it_was_granted_and_dies_with_its_task_or_ttl() {
     let mut c = clients(&r, AGENT).await;
 
     // Issue: a DSN as the secret, the parts as attributes.
-    let task = c
-        .broker
-        .start_task(start_req(vec![grant("orders-db", "read")], 600))
-        .await
-        .unwrap()
-        .into_inner();
-    let cred = c
-        .broker
-        .issue_credential(pg_issue(&task.task_id, 300))
-        .await
-        .unwrap()
-        .into_inner();
+    let task = orders_task(&mut c.broker).await;
+    let cred = orders_credential(&mut c.broker, &task.task_id, 300).await;
     let user = cred.attributes["user"].clone();
     assert!(user.starts_with(PREFIX), "{user}");
     assert_eq!(cred.attributes["port"], pg.port.to_string());
@@ -167,18 +183,8 @@ async fn role_reads_what_it_was_granted_and_dies_with_its_task_or_ttl() {
     );
 
     // TTL: the credential expires on the broker's clock; the reaper ends it and the role goes.
-    let t2 = c
-        .broker
-        .start_task(start_req(vec![grant("orders-db", "read")], 600))
-        .await
-        .unwrap()
-        .into_inner();
-    let cred2 = c
-        .broker
-        .issue_credential(pg_issue(&t2.task_id, 60))
-        .await
-        .unwrap()
-        .into_inner();
+    let t2 = orders_task(&mut c.broker).await;
+    let cred2 = orders_credential(&mut c.broker, &t2.task_id, 60).await;
     let s2 = Pg::connect(&cred2.secret).await.unwrap();
     s2.query_one("SELECT count(*) FROM orders", &[])
         .await
@@ -191,7 +197,7 @@ async fn role_reads_what_it_was_granted_and_dies_with_its_task_or_ttl() {
     assert!(s2.query_one("SELECT 1", &[]).await.is_err());
     assert!(Pg::connect(&cred2.secret).await.is_err());
     // Nothing left queued.
-    let m = http_get_metrics(r.ops_addr).await;
+    let m = metrics(r.ops_addr).await;
     assert!(m.contains("jitbroker_revocation_debt 0"), "{m}");
     assert!(
         m.contains("jitbroker_credentials_issued_total{kind=\"postgres\"} 2"),
@@ -217,17 +223,6 @@ async fn role_reads_what_it_was_granted_and_dies_with_its_task_or_ttl() {
     }
 }
 
-async fn http_get_metrics(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 #[tokio::test]
 async fn revocation_waits_out_a_database_outage_without_giving_up() {
     let logs = LogCapture::install();
@@ -237,18 +232,8 @@ async fn revocation_waits_out_a_database_outage_without_giving_up() {
     let cfg = pg_config(dir.path(), &pg);
     let r = spawn(&cfg, Options::default()).await.unwrap();
     let mut c = clients(&r, AGENT).await;
-    let task = c
-        .broker
-        .start_task(start_req(vec![grant("orders-db", "read")], 600))
-        .await
-        .unwrap()
-        .into_inner();
-    let cred = c
-        .broker
-        .issue_credential(pg_issue(&task.task_id, 300))
-        .await
-        .unwrap()
-        .into_inner();
+    let task = orders_task(&mut c.broker).await;
+    let cred = orders_credential(&mut c.broker, &task.task_id, 300).await;
     let user = cred.attributes["user"].clone();
 
     // The database goes away; completion still succeeds and the revocation is queued.
@@ -265,15 +250,10 @@ async fn revocation_waits_out_a_database_outage_without_giving_up() {
         done.revoked_credential_ids,
         vec![cred.credential_id.clone()]
     );
-    let m = http_get_metrics(r.ops_addr).await;
+    let m = metrics(r.ops_addr).await;
     assert!(m.contains("jitbroker_revocation_debt 1"), "{m}");
     // Issuance while it is down fails cleanly (and queues the cleanup of the half-made name).
-    let t2 = c
-        .broker
-        .start_task(start_req(vec![grant("orders-db", "read")], 600))
-        .await
-        .unwrap()
-        .into_inner();
+    let t2 = orders_task(&mut c.broker).await;
     let e = c
         .broker
         .issue_credential(pg_issue(&t2.task_id, 300))
@@ -288,7 +268,7 @@ async fn revocation_waits_out_a_database_outage_without_giving_up() {
             .count()
     };
     eventually("a dozen failed attempts", || async { failures() >= 12 }).await;
-    let m = http_get_metrics(r.ops_addr).await;
+    let m = metrics(r.ops_addr).await;
     assert!(m.contains("jitbroker_revocation_debt 2"), "{m}");
     assert!(
         !m.contains("jitbroker_revocation_oldest_pending_seconds 0\n"),
@@ -303,7 +283,7 @@ async fn revocation_waits_out_a_database_outage_without_giving_up() {
     )
     .await;
     eventually("the revocation debt is paid", || async {
-        http_get_metrics(r.ops_addr)
+        metrics(r.ops_addr)
             .await
             .contains("jitbroker_revocation_debt 0")
     })
@@ -334,18 +314,8 @@ async fn reconciler_removes_hand_made_roles_with_the_prefix() {
     let cfg = pg_config(dir.path(), &pg);
     let r = spawn(&cfg, Options::default()).await.unwrap();
     let mut c = clients(&r, AGENT).await;
-    let task = c
-        .broker
-        .start_task(start_req(vec![grant("orders-db", "read")], 600))
-        .await
-        .unwrap()
-        .into_inner();
-    let cred = c
-        .broker
-        .issue_credential(pg_issue(&task.task_id, 300))
-        .await
-        .unwrap()
-        .into_inner();
+    let task = orders_task(&mut c.broker).await;
+    let cred = orders_credential(&mut c.broker, &task.task_id, 300).await;
     let mine = cred.attributes["user"].clone();
     eventually("the hand-made role is removed", || async {
         pg.roles(PREFIX).await == vec![mine.clone()]
@@ -400,17 +370,12 @@ async fn start_proc(dir: &Path, failpoint: Option<&str>, n: usize) -> Proc {
     let child = cmd.spawn().unwrap();
     let mut ready = false;
     for _ in 0..200 {
-        if let Ok(mut s) = tokio::net::TcpStream::connect(o).await {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let _ = s
-                .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .await;
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out).await;
-            if out.contains(" 200 ") {
-                ready = true;
-                break;
-            }
+        if http_get(&o.to_string(), "/readyz")
+            .await
+            .is_some_and(|r| r.contains(" 200 "))
+        {
+            ready = true;
+            break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -509,22 +474,11 @@ async fn crash_at_every_step_leaves_no_unknown_role_and_loses_no_credential() {
         // An acknowledged credential that must survive everything, issued before the crash.
         let p = start_proc(d, Some(point), 0).await;
         let mut c = p.clients(d).await;
-        let keep_task = c
-            .broker
-            .start_task(start_req(vec![grant("orders-db", "read")], 600))
-            .await
-            .unwrap()
-            .into_inner();
+        let keep_task = orders_task(&mut c.broker).await;
         let kept = if point.starts_with("issue") {
             None
         } else {
-            Some(
-                c.broker
-                    .issue_credential(pg_issue(&keep_task.task_id, 300))
-                    .await
-                    .unwrap()
-                    .into_inner(),
-            )
+            Some(orders_credential(&mut c.broker, &keep_task.task_id, 300).await)
         };
         if point.starts_with("issue") {
             // The issuance that crashes: its reply never comes.
@@ -535,12 +489,7 @@ async fn crash_at_every_step_leaves_no_unknown_role_and_loses_no_credential() {
             });
         } else {
             // Complete a second task whose revocation crashes midway.
-            let t = c
-                .broker
-                .start_task(start_req(vec![grant("orders-db", "read")], 600))
-                .await
-                .unwrap()
-                .into_inner();
+            let t = orders_task(&mut c.broker).await;
             c.broker
                 .issue_credential(pg_issue(&t.task_id, 300))
                 .await
@@ -598,9 +547,7 @@ async fn crash_at_every_step_leaves_no_unknown_role_and_loses_no_credential() {
         }
         // Wait for the queue to drain, stop cleanly, then compare with the ledger exactly.
         eventually(&format!("[{point}] revocations drain"), || async {
-            http_get_metrics(p.ops)
-                .await
-                .contains("jitbroker_revocation_debt 0")
+            metrics(p.ops).await.contains("jitbroker_revocation_debt 0")
         })
         .await;
         p.stop().await;
@@ -664,12 +611,7 @@ async fn admin_connection_uses_verified_tls_when_a_ca_is_configured() {
         });
         let r = spawn(&cfg, Options::default()).await.unwrap();
         let mut c = clients(&r, AGENT).await;
-        let task = c
-            .broker
-            .start_task(start_req(vec![grant("orders-db", "read")], 600))
-            .await
-            .unwrap()
-            .into_inner();
+        let task = orders_task(&mut c.broker).await;
         let issued = c
             .broker
             .issue_credential(pg_issue(&task.task_id, 300))

@@ -28,14 +28,6 @@ fn tools_bin() -> PathBuf {
         .join("bin")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Spire {
     dir: tempfile::TempDir,
     bin: PathBuf,
@@ -167,14 +159,11 @@ plugins {{
             port,
         };
         let sock = s.server_sock().display().to_string();
-        wait_for(
-            || async {
-                s.try_cli("spire-server", &["healthcheck", "-socketPath", &sock])
-                    .await
-                    .0
-            },
-            "spire-server healthy",
-        )
+        eventually("spire-server healthy", || async {
+            s.try_cli("spire-server", &["healthcheck", "-socketPath", &sock])
+                .await
+                .0
+        })
         .await;
         let token = s
             .cli(
@@ -278,31 +267,6 @@ impl Drop for Spire {
             let _ = a.start_kill();
         }
     }
-}
-
-async fn wait_for<F, Fut>(mut f: F, what: &str)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..300 {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
-async fn http_get(addr: &str, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.ok()?;
-    Some(out)
 }
 
 fn pem_of(svid: &spiffe::X509Svid) -> (String, String) {

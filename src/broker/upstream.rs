@@ -156,6 +156,7 @@ impl Broker {
         let mut next: Option<UnixMillis> = None;
         // A resource that failed in this pass is not tried again in it (it is probably down).
         let mut failing: HashMap<String, String> = HashMap::new();
+        let mut changed = false;
         for mut r in self.store.revocations()? {
             if r.next_attempt_at > now {
                 next = Some(next.map_or(r.next_attempt_at, |n| n.min(r.next_attempt_at)));
@@ -178,6 +179,7 @@ impl Broker {
                     }
                 }
             };
+            changed = true;
             match outcome {
                 Ok(()) => {
                     crate::failpoint::hit("revoke-after-drop");
@@ -210,7 +212,10 @@ impl Broker {
                 }
             }
         }
-        self.store.durable().await?;
+        // An idle pass (nothing due) wrote nothing and needs no flush.
+        if changed {
+            self.store.durable().await?;
+        }
         Ok(next)
     }
 
@@ -238,28 +243,43 @@ impl Broker {
         }
     }
 
-    /// Queues what a crash left in the ledger: `Creating` entries (no issuance is in flight
-    /// before the server accepts calls) and `Live` entries whose credential has ended. Runs
-    /// before serving; needs only the store, so it works while the upstream is down.
-    pub async fn recover_upstream_ledger(&self) -> Result<usize> {
+    /// Queues ledger entries whose account should no longer exist: `Live` entries whose
+    /// credential has ended without reaching the queue and, when `creating_too`, `Creating`
+    /// entries (only safe when no issuance can be in flight). `who` prefixes the reason.
+    fn queue_dead_ledger_entries(&self, creating_too: bool, who: &str) -> Result<usize> {
         let now = self.now();
         let mut n = 0;
         for o in self.store.upstream_objects()? {
             let why = match o.state {
-                UpstreamState::Creating => "recovery: creation interrupted",
+                UpstreamState::Creating if creating_too => "creation interrupted",
+                UpstreamState::Creating => continue,
                 UpstreamState::Live
-                    if !self
+                    if self
                         .store
                         .get_credential(&o.credential_id)?
                         .is_some_and(|c| c.is_live(now)) =>
                 {
-                    "recovery: credential no longer live"
+                    continue;
                 }
-                UpstreamState::Live => continue,
+                UpstreamState::Live => "credential no longer live",
             };
-            self.queue_upstream_revocation(&o.resource, &o.name, Some(o.credential_id), why, now)?;
+            self.queue_upstream_revocation(
+                &o.resource,
+                &o.name,
+                Some(o.credential_id),
+                &format!("{who}: {why}"),
+                now,
+            )?;
             n += 1;
         }
+        Ok(n)
+    }
+
+    /// Queues what a crash left in the ledger: `Creating` entries (no issuance is in flight
+    /// before the server accepts calls) and `Live` entries whose credential has ended. Runs
+    /// before serving; needs only the store, so it works while the upstream is down.
+    pub async fn recover_upstream_ledger(&self) -> Result<usize> {
+        let n = self.queue_dead_ledger_entries(true, "recovery")?;
         if n > 0 {
             self.store.durable().await?;
         }
@@ -315,25 +335,7 @@ impl Broker {
                 n += 1;
             }
         }
-        // Ledger entries whose credential ended without reaching the queue.
-        let now = self.now();
-        for o in self.store.upstream_objects()? {
-            if o.state == UpstreamState::Live
-                && !self
-                    .store
-                    .get_credential(&o.credential_id)?
-                    .is_some_and(|c| c.is_live(now))
-            {
-                self.queue_upstream_revocation(
-                    &o.resource,
-                    &o.name,
-                    Some(o.credential_id),
-                    "reconciler: credential no longer live",
-                    now,
-                )?;
-                n += 1;
-            }
-        }
+        n += self.queue_dead_ledger_entries(false, "reconciler")?;
         if n > 0 {
             self.store.durable().await?;
         }

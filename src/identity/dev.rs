@@ -254,9 +254,7 @@ pub fn ensure_dev_jwt_key(data_dir: &Path, trust_domain: &str) -> Result<DevJwtK
 impl DevJwtKey {
     /// A signer for `trust_domain` (tests use this to make keys the broker does not know).
     pub fn new(key: p256::ecdsa::SigningKey, trust_domain: &str) -> Self {
-        use sha2::{Digest, Sha256};
-        let point = key.verifying_key().to_encoded_point(false);
-        let kid = hex::encode(&Sha256::digest(point.as_bytes())[..12]);
+        let kid = crate::issuers::jwt::kid_of(key.verifying_key());
         Self {
             key,
             kid,
@@ -270,15 +268,7 @@ impl DevJwtKey {
 
     /// The public key as a JWK (`use: jwt-svid`, as in SPIFFE bundles).
     pub fn jwk(&self) -> serde_json::Value {
-        use base64::Engine;
-        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let point = self.key.verifying_key().to_encoded_point(false);
-        let b64 =
-            |b: Option<&p256::FieldBytes>| b.map(|b| URL_SAFE_NO_PAD.encode(b)).unwrap_or_default();
-        serde_json::json!({
-            "kty": "EC", "crv": "P-256", "x": b64(point.x()), "y": b64(point.y()),
-            "kid": self.kid, "use": "jwt-svid", "alg": "ES256",
-        })
+        crate::issuers::jwt::p256_jwk(self.key.verifying_key(), &self.kid, "jwt-svid")
     }
 
     /// The JWT bundle file content for this key's trust domain (`{td: JWKS}`).
@@ -288,16 +278,7 @@ impl DevJwtKey {
 
     /// Signs a JWT-SVID with arbitrary claims (tests use this for hostile tokens too).
     pub fn sign(&self, header: &serde_json::Value, claims: &serde_json::Value) -> String {
-        use base64::Engine;
-        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        use p256::ecdsa::signature::Signer;
-        let input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header.to_string()),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
-        );
-        let sig: p256::ecdsa::Signature = self.key.sign(input.as_bytes());
-        format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
+        crate::issuers::jwt::sign_es256(&self.key, header, claims)
     }
 
     /// Mints a JWT-SVID for `spiffe_id` and `audience`, valid for `ttl`.

@@ -12,12 +12,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use spiffe::{JwtBundle, JwtBundleSet, JwtSvid, TrustDomain};
 use tokio::sync::watch;
 
-use super::{CONNECT_TIMEOUT, IdentityError};
+use super::{CONNECT_TIMEOUT, FileStamp, IdentityError, file_stamp};
 
 /// Longer bearer tokens are refused before any parsing.
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -217,18 +217,10 @@ fn describe(e: &spiffe::JwtSvidError, token: &str) -> String {
     }
 }
 
-type Stamp = (Option<SystemTime>, u64);
-
-fn file_stamp(p: &Path) -> Stamp {
-    std::fs::metadata(p)
-        .map(|m| (m.modified().ok(), m.len()))
-        .unwrap_or((None, 0))
-}
-
 /// Reads a JWT bundle file: a JSON object from trust domain name to a JWKS (a SPIFFE bundle's
 /// `x509-svid` keys are skipped, so `spire-server bundle show -format spiffe` output works per
 /// trust domain).
-pub fn read_bundle_file(path: &Path) -> Result<(JwtBundleSet, Stamp), IdentityError> {
+pub fn read_bundle_file(path: &Path) -> Result<(JwtBundleSet, FileStamp), IdentityError> {
     let bad = |why: String| IdentityError::Files(format!("{}: {why}", path.display()));
     let stamp = file_stamp(path);
     let text = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;

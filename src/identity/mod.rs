@@ -421,11 +421,7 @@ fn read_federated(
     let mut out = std::collections::BTreeMap::new();
     let mut stamp = Vec::new();
     for (td, path) in files {
-        stamp.push(
-            std::fs::metadata(path)
-                .map(|m| (m.modified().ok(), m.len()))
-                .unwrap_or((None, 0)),
-        );
+        stamp.push(file_stamp(path));
         let pem = std::fs::read_to_string(path).map_err(|e| {
             IdentityError::Files(format!(
                 "federated bundle of {td}: cannot read {}: {e}",
@@ -441,21 +437,23 @@ fn read_federated(
     Ok((out, stamp))
 }
 
-type Stamp = Vec<(Option<SystemTime>, u64)>;
+/// What tells a rewritten file apart: modification time and length.
+pub(crate) type FileStamp = (Option<SystemTime>, u64);
+
+pub(crate) fn file_stamp(p: &Path) -> FileStamp {
+    std::fs::metadata(p)
+        .map(|m| (m.modified().ok(), m.len()))
+        .unwrap_or((None, 0))
+}
+
+type Stamp = Vec<FileStamp>;
 
 fn read_files(svid: &Path, key: &Path, bundle: &Path) -> Result<(Material, Stamp), IdentityError> {
     let read = |p: &Path| {
         std::fs::read_to_string(p)
             .map_err(|e| IdentityError::Files(format!("cannot read {}: {e}", p.display())))
     };
-    let stamp = [svid, key, bundle]
-        .iter()
-        .map(|p| {
-            std::fs::metadata(p)
-                .map(|m| (m.modified().ok(), m.len()))
-                .unwrap_or((None, 0))
-        })
-        .collect();
+    let stamp = [svid, key, bundle].iter().map(|p| file_stamp(p)).collect();
     let chain_pem = read(svid)?;
     let key_pem = zeroize::Zeroizing::new(read(key)?);
     let bundle_pem = read(bundle)?;

@@ -161,13 +161,7 @@ impl JwtIssuer {
         if let Some(act) = act_claim(req.delegation_chain) {
             claims["act"] = act;
         }
-        let signing_input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header.to_string()),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
-        );
-        let sig: Signature = key.signing.sign(signing_input.as_bytes());
-        let token = format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()));
+        let token = sign_es256(&key.signing, &header, &claims);
         Ok(Issued {
             secret: Secret::new(token),
             attributes: [("kid".to_owned(), key.kid.clone())].into(),
@@ -179,12 +173,7 @@ impl JwtIssuer {
         let keys: Vec<serde_json::Value> = self
             .current()
             .iter()
-            .map(|k| {
-                let point = k.signing.verifying_key().to_encoded_point(false);
-                let x = point.x().map(|x| URL_SAFE_NO_PAD.encode(x)).unwrap_or_default();
-                let y = point.y().map(|y| URL_SAFE_NO_PAD.encode(y)).unwrap_or_default();
-                json!({"kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": k.kid, "use": "sig", "alg": "ES256"})
-            })
+            .map(|k| p256_jwk(k.signing.verifying_key(), &k.kid, "sig"))
             .collect();
         json!({ "keys": keys }).to_string()
     }
@@ -205,7 +194,37 @@ fn act_claim(chain: &[SpiffeId]) -> Option<serde_json::Value> {
     act
 }
 
-fn kid_of(vk: &VerifyingKey) -> String {
+/// A compact JWS (ES256) of `header` and `claims`.
+pub(crate) fn sign_es256(
+    key: &SigningKey,
+    header: &serde_json::Value,
+    claims: &serde_json::Value,
+) -> String {
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let sig: Signature = key.sign(signing_input.as_bytes());
+    format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
+}
+
+/// The public JWK of a P-256 key, for ES256, with the given `use`.
+pub(crate) fn p256_jwk(vk: &VerifyingKey, kid: &str, usage: &str) -> serde_json::Value {
+    let point = vk.to_encoded_point(false);
+    let x = point
+        .x()
+        .map(|x| URL_SAFE_NO_PAD.encode(x))
+        .unwrap_or_default();
+    let y = point
+        .y()
+        .map(|y| URL_SAFE_NO_PAD.encode(y))
+        .unwrap_or_default();
+    json!({"kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": kid, "use": usage, "alg": "ES256"})
+}
+
+/// The key id of a public key: a short hash of its point.
+pub(crate) fn kid_of(vk: &VerifyingKey) -> String {
     use sha2::{Digest, Sha256};
     let point = vk.to_encoded_point(false);
     hex::encode(&Sha256::digest(point.as_bytes())[..8])
