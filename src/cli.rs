@@ -222,9 +222,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             let cfg = Config::load(cfg_path)?;
             let kek = Kek::load(&cfg.kek_file)?;
             let store = crate::store::SledStore::open(&cfg.data_dir.join("db"), &kek)?;
+            let archive = cfg.audit_archive_dir();
             match out {
                 None => {
-                    let v = crate::audit::verify(&store)?;
+                    let v = crate::audit::verify(&store, Some(&archive))?;
                     if v.ok {
                         println!("audit chain ok: {} entries", v.entries);
                         Ok(())
@@ -241,9 +242,13 @@ pub async fn run(cli: Cli) -> Result<()> {
                             let mut f = std::fs::File::create(&p).map_err(|e| {
                                 Error::Config(format!("cannot create {}: {e}", p.display()))
                             })?;
-                            crate::audit::export(&store, &mut f)?
+                            crate::audit::export(&store, Some(&archive), &mut f)?
                         }
-                        None => crate::audit::export(&store, &mut std::io::stdout().lock())?,
+                        None => crate::audit::export(
+                            &store,
+                            Some(&archive),
+                            &mut std::io::stdout().lock(),
+                        )?,
                     };
                     eprintln!("exported {n} audit entries");
                     Ok(())

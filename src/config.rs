@@ -50,6 +50,8 @@ pub struct Config {
     pub resources: BTreeMap<String, ResourceConfig>,
     #[serde(default)]
     pub revocation: RevocationConfig,
+    #[serde(default)]
+    pub retention: RetentionConfig,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -164,6 +166,48 @@ pub struct PostgresGrant {
 
 fn default_role_prefix() -> String {
     "jb_".to_owned()
+}
+
+/// `[retention]`: how long ended records stay in the store, and how much of the audit chain
+/// stays in the store before older entries move to archive segment files (DESIGN §7, §9).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// An ended task and its credentials (records only: secrets go when they end) are deleted
+    /// this long after the task ended. Until then `Admin.GetTask`/`ListTasks` show them and an
+    /// idempotent retry finds them.
+    #[serde(default = "default_ended_records")]
+    pub ended_records_seconds: u64,
+    /// Audit entries kept in the store; older ones are archived once a whole segment is due.
+    #[serde(default = "default_audit_in_store")]
+    pub audit_entries_in_store: u64,
+    /// Entries per archive segment file.
+    #[serde(default = "default_audit_segment")]
+    pub audit_segment_entries: u64,
+    /// Where archive segments are written (default: `<data_dir>/audit-archive`).
+    #[serde(default)]
+    pub audit_archive_dir: Option<PathBuf>,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            ended_records_seconds: default_ended_records(),
+            audit_entries_in_store: default_audit_in_store(),
+            audit_segment_entries: default_audit_segment(),
+            audit_archive_dir: None,
+        }
+    }
+}
+
+fn default_ended_records() -> u64 {
+    86_400
+}
+fn default_audit_in_store() -> u64 {
+    1_000_000
+}
+fn default_audit_segment() -> u64 {
+    100_000
 }
 
 /// `[revocation]`: the durable queue of upstream revocations (DESIGN §8).
@@ -512,6 +556,19 @@ impl Config {
                 ));
             }
         }
+        let rt = &self.retention;
+        if rt.ended_records_seconds == 0
+            || rt.ended_records_seconds > 366 * 86_400
+            || rt.audit_segment_entries == 0
+            || rt.audit_segment_entries > 10_000_000
+        {
+            return bad(format!(
+                "[retention] needs ended_records_seconds between 1 and 31622400 and \
+                 audit_segment_entries between 1 and 10000000 (got ended_records_seconds = {}, \
+                 audit_segment_entries = {})",
+                rt.ended_records_seconds, rt.audit_segment_entries
+            ));
+        }
         let rv = &self.revocation;
         if rv.backoff_initial_ms == 0
             || rv.backoff_max_ms < rv.backoff_initial_ms
@@ -524,6 +581,14 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Directory of the audit archive segments.
+    pub fn audit_archive_dir(&self) -> PathBuf {
+        self.retention
+            .audit_archive_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("audit-archive"))
     }
 
     /// The JWT `iss` claim.

@@ -247,6 +247,9 @@ pub struct Task {
     pub expires_at: UnixMillis,
     #[serde(default)]
     pub ended_at: Option<UnixMillis>,
+    /// When an ended task and its credentials are deleted from the store (retention window).
+    #[serde(default)]
+    pub purge_at: Option<UnixMillis>,
     #[serde(default)]
     pub parent: Option<TaskId>,
     /// Owners from the root task down to this one (this task's owner last).

@@ -18,7 +18,7 @@ use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
 use crate::api::{AdminApi, BrokerApi, PeerInfo, ServerFacts, VerifierApi, pb};
-use crate::broker::{Broker, Clock, Limits, SystemClock};
+use crate::broker::{AuditArchive, Broker, Clock, Limits, SystemClock};
 use crate::config::{Config, SourceKind};
 use crate::error::{Error, Result};
 use crate::identity::{self, Identity, IdentitySource};
@@ -192,7 +192,12 @@ impl App {
                 metrics.clone(),
                 Some(cfg.policy_file.clone()),
             )?
-            .with_upstreams(upstreams(cfg)?, cfg.revocation.clone()),
+            .with_upstreams(upstreams(cfg)?, cfg.revocation.clone())
+            .with_audit_archive(AuditArchive {
+                dir: cfg.audit_archive_dir(),
+                keep: cfg.retention.audit_entries_in_store,
+                segment: cfg.retention.audit_segment_entries,
+            }),
         );
         let source = identity_source(cfg, api_addr)?;
         let identity = identity::start(
@@ -374,6 +379,7 @@ pub async fn run(
     }
     let revoker = tokio::spawn(app.broker.clone().run_revocations(stop_rx.clone()));
     let reconciler = tokio::spawn(app.broker.clone().run_reconciler(stop_rx.clone()));
+    let archiver = tokio::spawn(app.broker.clone().run_audit_archiver(stop_rx.clone()));
     let reaper = if app.options.reaper {
         let mut rx = stop_rx.clone();
         Some(tokio::spawn(app.broker.clone().run_reaper(async move {
@@ -454,6 +460,7 @@ pub async fn run(
     }
     let _ = revoker.await;
     let _ = reconciler.await;
+    let _ = archiver.await;
     let _ = ops_task.await;
     let _ = watcher.await;
     let served = grpc.await.map_err(Error::internal)?;

@@ -274,7 +274,7 @@ async fn audit_chain_detects_tampering_through_admin_and_offline() {
     let offline = |cfg: &jitbroker::config::Config| {
         let kek = jitbroker::store::crypto::Kek::load(&cfg.kek_file).unwrap();
         let store = jitbroker::store::SledStore::open(&cfg.data_dir.join("db"), &kek).unwrap();
-        jitbroker::audit::verify(&store).unwrap()
+        jitbroker::audit::verify(&store, None).unwrap()
     };
     assert!(offline(&cfg).ok);
 
@@ -363,7 +363,7 @@ async fn no_secret_in_audit_export_or_metrics_and_counters_move() {
     let kek = jitbroker::store::crypto::Kek::load(&cfg.kek_file).unwrap();
     let store = jitbroker::store::SledStore::open(&cfg.data_dir.join("db"), &kek).unwrap();
     let mut export = Vec::new();
-    let n = jitbroker::audit::export(&store, &mut export).unwrap();
+    let n = jitbroker::audit::export(&store, None, &mut export).unwrap();
     assert!(n > 80);
     let text = String::from_utf8(export).unwrap();
     assert!(text.contains("\"kind\":\"credential_issued\""));

@@ -16,6 +16,8 @@ use crate::error::{Error, Result};
 use crate::model::UnixMillis;
 use crate::store::Store;
 
+pub mod archive;
+
 /// Hash that precedes the first entry.
 pub const GENESIS: [u8; 32] = [0u8; 32];
 
@@ -105,7 +107,7 @@ fn parse_hash(s: &str) -> Option<[u8; 32]> {
 impl AuditLog {
     /// Resumes the chain after the last stored entry.
     pub fn open(store: &dyn Store) -> Result<Self> {
-        let head = match store.audit_last()? {
+        let mut head = match store.audit_last()? {
             Some(bytes) => {
                 let e: Entry = serde_json::from_slice(&bytes)
                     .map_err(|e| Error::Storage(format!("corrupt last audit entry: {e}")))?;
@@ -115,9 +117,20 @@ impl AuditLog {
             }
             None => (1, GENESIS),
         };
+        // Every stored entry may have been archived: the chain then continues from the checkpoint.
+        if let Some(cp) = archive::checkpoint(store)?
+            && cp.seq + 1 > head.0
+        {
+            head = archive::head_of(Some(&cp))?;
+        }
         Ok(Self {
             head: Mutex::new(head),
         })
+    }
+
+    /// The sequence number the next entry will get.
+    pub fn next_seq(&self) -> u64 {
+        self.head.lock().unwrap_or_else(|p| p.into_inner()).0
     }
 
     /// Appends one event (not yet durable: the caller's `Store::durable` covers it).
@@ -146,70 +159,158 @@ impl AuditLog {
     }
 }
 
-/// Walks the whole chain and reports the first entry at which it breaks.
-pub fn verify(store: &dyn Store) -> Result<Verification> {
-    let mut prev = GENESIS;
-    let mut count = 0u64;
-    let bad = |seq: u64, count: u64, reason: String| Verification {
-        ok: false,
-        entries: count,
-        first_bad_seq: seq,
-        reason,
-    };
-    for (expected_seq, item) in (1u64..).zip(store.audit_scan()?) {
-        let (key_seq, bytes) = item?;
-        let entry: Entry = match serde_json::from_slice(&bytes) {
-            Ok(e) => e,
-            Err(e) => return Ok(bad(key_seq, count, format!("entry does not parse: {e}"))),
-        };
-        if key_seq != expected_seq {
-            return Ok(bad(
-                expected_seq,
-                count,
-                format!("entry {expected_seq} is missing (next stored is {key_seq})"),
+/// Walks the chain entry by entry: sequence numbers consecutive, each link and hash right.
+struct Chain {
+    prev: [u8; 32],
+    expected: u64,
+    count: u64,
+}
+
+impl Chain {
+    fn new(expected: u64, prev: [u8; 32]) -> Self {
+        Self {
+            prev,
+            expected,
+            count: 0,
+        }
+    }
+
+    /// Checks the next entry (stored under `key_seq`, when the store gives one). On failure,
+    /// returns the sequence number at which the chain breaks and why.
+    fn next(
+        &mut self,
+        key_seq: Option<u64>,
+        bytes: &[u8],
+    ) -> std::result::Result<Entry, (u64, String)> {
+        let expected = self.expected;
+        let entry: Entry = serde_json::from_slice(bytes).map_err(|e| {
+            (
+                key_seq.unwrap_or(expected),
+                format!("entry does not parse: {e}"),
+            )
+        })?;
+        let seq = key_seq.unwrap_or(entry.seq);
+        if seq != expected {
+            return Err((
+                expected,
+                format!("entry {expected} is missing (next stored is {seq})"),
             ));
         }
-        if entry.seq != key_seq {
-            return Ok(bad(
-                key_seq,
-                count,
-                format!("entry stored at {key_seq} claims sequence {}", entry.seq),
+        if entry.seq != seq {
+            return Err((
+                seq,
+                format!("entry stored at {seq} claims sequence {}", entry.seq),
             ));
         }
-        if parse_hash(&entry.prev_hash) != Some(prev) {
-            return Ok(bad(
-                key_seq,
-                count,
-                "previous-hash link does not match".into(),
-            ));
+        if parse_hash(&entry.prev_hash) != Some(self.prev) {
+            return Err((seq, "previous-hash link does not match".into()));
         }
-        let h = entry.compute_hash(&prev)?;
+        let h = entry
+            .compute_hash(&self.prev)
+            .map_err(|e| (seq, e.to_string()))?;
         if parse_hash(&entry.hash) != Some(h) {
-            return Ok(bad(
-                key_seq,
-                count,
-                "hash does not match the entry's content".into(),
-            ));
+            return Err((seq, "hash does not match the entry's content".into()));
         }
-        prev = h;
-        count += 1;
+        self.prev = h;
+        self.expected += 1;
+        self.count += 1;
+        Ok(entry)
+    }
+
+    fn broken(&self, seq: u64, reason: String) -> Verification {
+        Verification {
+            ok: false,
+            entries: self.count,
+            first_bad_seq: seq,
+            reason,
+        }
+    }
+}
+
+/// Walks the whole chain and reports the first entry at which it breaks: the archive segments in
+/// `archive` (when given) up to the store's checkpoint, then the entries still in the store.
+/// Without `archive`, archived entries are taken on the checkpoint's word and only the store's
+/// part is walked (from the checkpoint's hash).
+pub fn verify(store: &dyn Store, archive: Option<&std::path::Path>) -> Result<Verification> {
+    let cp = archive::checkpoint(store)?;
+    let mut chain = Chain::new(1, GENESIS);
+    if let Some(cp) = &cp {
+        match archive {
+            Some(dir) => {
+                if let Err((seq, reason)) =
+                    archive::walk(dir, cp, &mut |bytes| chain.next(None, bytes).map(|_| ()))
+                {
+                    return Ok(chain.broken(seq, reason));
+                }
+                if chain.expected != cp.seq + 1 || hex::encode(chain.prev) != cp.hash {
+                    return Ok(chain.broken(
+                        chain.expected,
+                        format!(
+                            "the archive does not end where the store's checkpoint says \
+                             (checkpoint: entry {}; archive: entry {})",
+                            cp.seq,
+                            chain.expected - 1
+                        ),
+                    ));
+                }
+            }
+            None => {
+                let (next, prev) = archive::head_of(Some(cp))?;
+                chain = Chain::new(next, prev);
+            }
+        }
+    }
+    for item in store.audit_scan(chain.expected)? {
+        let (key_seq, bytes) = item?;
+        if let Err((seq, reason)) = chain.next(Some(key_seq), &bytes) {
+            return Ok(chain.broken(seq, reason));
+        }
     }
     Ok(Verification {
         ok: true,
-        entries: count,
+        entries: chain.count,
         first_bad_seq: 0,
         reason: String::new(),
     })
 }
 
-/// Writes every entry as one JSON line (for log shippers). Returns the number written.
-pub fn export(store: &dyn Store, out: &mut dyn std::io::Write) -> Result<u64> {
+/// Writes every entry as one JSON line (for log shippers): the archive segments in `archive`
+/// (when given) up to the checkpoint, then the store's entries. Returns the number written.
+pub fn export(
+    store: &dyn Store,
+    archive: Option<&std::path::Path>,
+    out: &mut dyn std::io::Write,
+) -> Result<u64> {
+    let cp = archive::checkpoint(store)?;
     let mut n = 0;
-    for item in store.audit_scan()? {
-        let (_, bytes) = item?;
-        out.write_all(&bytes)
+    let mut write = |bytes: &[u8]| {
+        out.write_all(bytes)
             .and_then(|()| out.write_all(b"\n"))
-            .map_err(|e| Error::Internal(format!("writing the export: {e}")))?;
+            .map_err(|e| Error::Internal(format!("writing the export: {e}")))
+    };
+    let mut from = 1;
+    if let Some(cp) = &cp {
+        if let Some(dir) = archive {
+            let mut failed = None;
+            archive::walk(dir, cp, &mut |bytes| {
+                write(bytes).map_err(|e| {
+                    failed = Some(e);
+                    (0, String::new())
+                })?;
+                n += 1;
+                Ok(())
+            })
+            .map_err(|(seq, reason)| {
+                failed.take().unwrap_or_else(|| {
+                    Error::Storage(format!("audit archive unreadable at entry {seq}: {reason}"))
+                })
+            })?;
+        }
+        from = cp.seq + 1;
+    }
+    for item in store.audit_scan(from)? {
+        let (_, bytes) = item?;
+        write(&bytes)?;
         n += 1;
     }
     Ok(n)
@@ -237,12 +338,12 @@ mod tests {
             };
             log.append(&store, i as i64, ev).unwrap();
         }
-        let v = verify(&store).unwrap();
+        let v = verify(&store, None).unwrap();
         assert!(v.ok, "{}", v.reason);
         assert_eq!(v.entries, 100_000);
         // A reopened log continues the same chain.
         let log = AuditLog::open(&store).unwrap();
         assert_eq!(log.append(&store, 1, Event::default()).unwrap(), 100_001);
-        assert!(verify(&store).unwrap().ok);
+        assert!(verify(&store, None).unwrap().ok);
     }
 }

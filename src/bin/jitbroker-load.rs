@@ -558,6 +558,7 @@ async fn prefill(args: &Args, n: u64) {
             created_at: now,
             expires_at,
             ended_at: None,
+            purge_at: None,
             parent: None,
             delegation_chain: vec![owner.clone()],
             idempotency_key: None,

@@ -251,6 +251,9 @@ impl Broker {
     /// `Admin.VerifyAudit`.
     pub fn verify_audit(&self, caller: &SpiffeId) -> Result<Verification> {
         self.require_admin(caller)?;
-        audit::verify(self.store.as_ref())
+        audit::verify(
+            self.store.as_ref(),
+            self.audit_archive.as_ref().map(|a| a.dir.as_path()),
+        )
     }
 }

@@ -113,6 +113,7 @@ impl Broker {
             created_at: now,
             expires_at: now + ttl_ms,
             ended_at: None,
+            purge_at: None,
             parent: Some(parent_id.clone()),
             delegation_chain: chain,
             idempotency_key: None,

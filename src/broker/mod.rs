@@ -6,6 +6,7 @@ pub mod approvals;
 pub mod clock;
 pub mod delegation;
 pub mod reaper;
+pub mod retention;
 pub mod upstream;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -64,6 +65,8 @@ pub struct Limits {
     pub approval_ttl_ms: i64,
     /// How many hops of delegation below a root task are allowed.
     pub max_delegation_depth: u32,
+    /// How long an ended task and its credentials stay in the store before they are deleted.
+    pub ended_retention_ms: i64,
 }
 
 impl Limits {
@@ -93,6 +96,7 @@ impl Limits {
             approver_ids: ids("approver_ids", &cfg.approver_ids)?,
             approval_ttl_ms: secs_to_ms(cfg.approval_ttl_seconds),
             max_delegation_depth: cfg.max_delegation_depth,
+            ended_retention_ms: secs_to_ms(cfg.retention.ended_records_seconds),
             authorized_trust_domains: cfg
                 .identity
                 .authorized_trust_domains
@@ -182,6 +186,17 @@ pub struct Broker {
     revocation: RevocationConfig,
     /// Wakes the revocation worker when something is queued.
     revoke_wake: tokio::sync::Notify,
+    /// Where and when older audit entries leave the store.
+    audit_archive: Option<AuditArchive>,
+}
+
+/// Audit archival settings (`[retention]`): once the store holds `keep + segment` entries, the
+/// oldest `segment` of them move to a file in `dir`.
+#[derive(Clone, Debug)]
+pub struct AuditArchive {
+    pub dir: std::path::PathBuf,
+    pub keep: u64,
+    pub segment: u64,
 }
 
 fn stripe_of(key: &str) -> usize {
@@ -246,7 +261,14 @@ impl Broker {
             upstreams: HashMap::new(),
             revocation: RevocationConfig::default(),
             revoke_wake: tokio::sync::Notify::new(),
+            audit_archive: None,
         })
+    }
+
+    /// Turns on audit archival.
+    pub fn with_audit_archive(mut self, archive: AuditArchive) -> Self {
+        self.audit_archive = Some(archive);
+        self
     }
 
     /// Adds the upstream systems (one per `postgres` resource) and the revocation settings.
@@ -598,6 +620,7 @@ impl Broker {
             created_at: now,
             expires_at: now + ttl_ms,
             ended_at: None,
+            purge_at: None,
             parent: None,
             delegation_chain: chain,
             idempotency_key: idem,
@@ -920,6 +943,7 @@ impl Broker {
         }
         task.state = state;
         task.ended_at = Some(now);
+        task.purge_at = Some(now.saturating_add(self.limits.ended_retention_ms));
         self.store.update_task(task)?;
         out.ended_tasks.push(task.id.clone());
         self.audit(Event {

@@ -72,6 +72,12 @@ impl Broker {
                         }
                         self.revoke_descendants(id, &mut out).await?;
                     }
+                    Expiring::Purge(id) => {
+                        let _g = self.lock_task(id).lock().await;
+                        if self.store.purge_task(id)? {
+                            self.metrics.purged();
+                        }
+                    }
                 }
                 self.store.remove_due(at, &what)?;
             }

@@ -49,6 +49,7 @@ fn fixture() -> Fixture {
         approver_ids: HashSet::new(),
         authorized_trust_domains: HashSet::from(["td".into()]),
         approval_ttl_ms: 900_000,
+        ended_retention_ms: 3_600_000,
         max_delegation_depth: 2,
     };
     let broker = Broker::new(
@@ -298,4 +299,155 @@ async fn bad_input_names_the_field() {
         f.broker.start_task(&stranger, start(0)).await.unwrap_err(),
         Error::Unauthenticated(_)
     ));
+}
+
+#[tokio::test]
+async fn ended_tasks_and_their_credentials_are_purged_after_the_retention_window() {
+    let f = fixture();
+    let agent = id("spiffe://td/agent/a");
+    let store = f.broker.store().clone();
+    // The task outlives the retention window, so the purge must also take its expiry entries.
+    let mut req = start(3000);
+    req.idempotency_key = "run-1".into();
+    let task = f.broker.start_task(&agent, req.clone()).await.unwrap();
+    let c1 = f
+        .broker
+        .issue_credential(&agent, issue(&task, 600, "c-1"))
+        .await
+        .unwrap();
+    let c2 = f
+        .broker
+        .issue_credential(&agent, issue(&task, 600, ""))
+        .await
+        .unwrap();
+    f.broker
+        .complete_task(&agent, task.id.as_str())
+        .await
+        .unwrap();
+    let ended = store.get_task(&task.id).unwrap().unwrap();
+    assert_eq!(ended.purge_at, Some(ended.ended_at.unwrap() + 3_600_000));
+
+    // Within the window the ended records stay readable and a retry finds the same task.
+    f.clock.advance(Duration::from_millis(3_599_999));
+    f.broker.reap_due().await.unwrap();
+    assert_eq!(
+        f.broker.get_task(&agent, task.id.as_str()).unwrap().state,
+        TaskState::Completed
+    );
+    assert!(store.get_credential(&c1.record.id).unwrap().is_some());
+    assert_eq!(
+        f.broker.start_task(&agent, req.clone()).await.unwrap().id,
+        task.id
+    );
+
+    f.clock.advance(Duration::from_millis(1));
+    f.broker.reap_due().await.unwrap();
+    assert!(store.get_task(&task.id).unwrap().is_none());
+    for c in [&c1, &c2] {
+        assert!(store.get_credential(&c.record.id).unwrap().is_none());
+        assert!(store.credential_secret(&c.record.id).unwrap().is_none());
+    }
+    assert!(store.credentials_of_task(&task.id).unwrap().is_empty());
+    assert!(
+        store
+            .credential_by_idempotency_key(&task.id, "c-1")
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .task_by_idempotency_key(&agent, "run-1")
+            .unwrap()
+            .is_none()
+    );
+    // Nothing is left to wake the reaper for: the task's and credentials' expiry entries went too.
+    assert_eq!(store.next_due().unwrap(), None);
+    assert!(matches!(
+        f.broker.get_task(&agent, task.id.as_str()),
+        Err(Error::NotFound(_))
+    ));
+    // The idempotency key is free again: a retry now starts a new task.
+    assert_ne!(f.broker.start_task(&agent, req).await.unwrap().id, task.id);
+    // A second purge of the same task (an interrupted one repeated) is harmless.
+    assert!(!store.purge_task(&task.id).unwrap());
+}
+
+#[tokio::test]
+async fn audit_archival_keeps_the_store_short_and_the_whole_chain_verifiable() {
+    let mut f = fixture();
+    let archive_dir = f._dir.path().join("audit-archive");
+    f.broker = f.broker.with_audit_archive(AuditArchive {
+        dir: archive_dir.clone(),
+        keep: 20,
+        segment: 10,
+    });
+    let agent = id("spiffe://td/agent/a");
+    for _ in 0..12 {
+        let t = f.broker.start_task(&agent, start(60)).await.unwrap();
+        f.broker
+            .issue_credential(&agent, issue(&t, 60, ""))
+            .await
+            .unwrap();
+        f.broker.complete_task(&agent, t.id.as_str()).await.unwrap();
+    }
+    let store = f.broker.store().clone();
+    let before = f.broker.audit.next_seq() - 1;
+    assert!(before >= 60, "{before} entries");
+    let archived = f.broker.archive_audit().await.unwrap();
+    let total = f.broker.audit.next_seq() - 1;
+    assert!(archived >= 30 && archived % 10 == 0, "{archived}");
+    let segments = crate::audit::archive::segments(&archive_dir).unwrap();
+    assert_eq!(segments.len() as u64, archived / 10);
+    assert_eq!(segments[0].0, 1);
+    // The store holds what was not archived, fewer than keep + segment entries.
+    let in_store = store.audit_scan(0).unwrap().count() as u64;
+    assert_eq!(in_store, total - archived);
+    assert!(in_store < 30, "{in_store}");
+
+    let full = crate::audit::verify(store.as_ref(), Some(&archive_dir)).unwrap();
+    assert!(full.ok, "{}", full.reason);
+    assert_eq!(full.entries, total);
+    let store_only = crate::audit::verify(store.as_ref(), None).unwrap();
+    assert!(store_only.ok, "{}", store_only.reason);
+    assert_eq!(store_only.entries, in_store);
+    let mut out = Vec::new();
+    assert_eq!(
+        crate::audit::export(store.as_ref(), Some(&archive_dir), &mut out).unwrap(),
+        total
+    );
+    let seqs: Vec<u64> = out
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            serde_json::from_slice::<crate::audit::Entry>(l)
+                .unwrap()
+                .seq
+        })
+        .collect();
+    assert_eq!(seqs, (1..=total).collect::<Vec<_>>());
+
+    // An edited archived entry is found, at its sequence number.
+    let second = &segments[1].2;
+    let original = std::fs::read(second).unwrap();
+    let text = String::from_utf8(original.clone()).unwrap();
+    let edited = text.replacen("\"kind\":\"", "\"kind\":\"x", 1);
+    std::fs::write(second, edited).unwrap();
+    let v = crate::audit::verify(store.as_ref(), Some(&archive_dir)).unwrap();
+    assert!(!v.ok);
+    assert_eq!(v.first_bad_seq, 11, "{}", v.reason);
+    // A removed segment is found too.
+    std::fs::remove_file(second).unwrap();
+    let v = crate::audit::verify(store.as_ref(), Some(&archive_dir)).unwrap();
+    assert!(!v.ok);
+    assert_eq!(v.first_bad_seq, 11, "{}", v.reason);
+    assert!(v.reason.contains("missing"), "{}", v.reason);
+    std::fs::write(second, original).unwrap();
+    assert!(
+        crate::audit::verify(store.as_ref(), Some(&archive_dir))
+            .unwrap()
+            .ok
+    );
+    // A reopened log continues the chain after the archived part.
+    let log = AuditLog::open(store.as_ref()).unwrap();
+    assert_eq!(log.next_seq(), total + 1);
 }

@@ -20,6 +20,8 @@ pub use sled_store::SledStore;
 pub enum Expiring {
     Task(TaskId),
     Credential(CredentialId),
+    /// An ended task whose retention window is over: delete it and its credentials.
+    Purge(TaskId),
 }
 
 /// Audit entries in order: (stored sequence number, entry bytes).
@@ -35,8 +37,12 @@ pub trait Store: Send + Sync + 'static {
     /// for a delegated task, its parent's children index entry.
     fn create_task(&self, task: &Task) -> Result<()>;
     /// Replaces a task record (state changes). An ended task leaves the identity index, which
-    /// lists live tasks only.
+    /// lists live tasks only; if it carries `purge_at`, a `Purge` expiry entry is added with it.
     fn update_task(&self, task: &Task) -> Result<()>;
+    /// Deletes an ended task with everything kept for it: its credentials (records, index and
+    /// idempotency entries), its expiry entries, its approvals and its children index. Idempotent:
+    /// an interrupted purge is finished by the next call. Returns whether the task was there.
+    fn purge_task(&self, id: &TaskId) -> Result<bool>;
     fn get_task(&self, id: &TaskId) -> Result<Option<Task>>;
     /// The task an owner created with this idempotency key, if any.
     fn task_by_idempotency_key(&self, owner: &SpiffeId, key: &str) -> Result<Option<TaskId>>;
@@ -91,8 +97,11 @@ pub trait Store: Send + Sync + 'static {
     fn audit_last(&self) -> Result<Option<Vec<u8>>>;
     /// Stores audit entry `seq` (the audit log orders and chains them).
     fn audit_put(&self, seq: u64, entry: &[u8]) -> Result<()>;
-    /// Every audit entry in sequence order, with the sequence number it is stored under.
-    fn audit_scan(&self) -> Result<AuditIter<'_>>;
+    /// The audit entries from sequence number `from` on, in order, with the sequence number
+    /// each is stored under.
+    fn audit_scan(&self, from: u64) -> Result<AuditIter<'_>>;
+    /// Deletes the audit entries up to and including `seq` (archived ones). Returns how many.
+    fn audit_remove_through(&self, seq: u64) -> Result<u64>;
 
     /// Records an upstream account in the ledger (write-ahead `Creating`, then `Live`).
     fn put_upstream(&self, o: &UpstreamObject) -> Result<()>;

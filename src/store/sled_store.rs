@@ -162,6 +162,10 @@ fn expiry_key(at: UnixMillis, what: &Expiring) -> Vec<u8> {
             k.push(b'c');
             k.extend_from_slice(id.as_str().as_bytes());
         }
+        Expiring::Purge(id) => {
+            k.push(b'p');
+            k.extend_from_slice(id.as_str().as_bytes());
+        }
     }
     k
 }
@@ -176,6 +180,7 @@ fn parse_expiry_key(k: &[u8]) -> Result<(UnixMillis, Expiring)> {
     let what = match k[8] {
         b't' => Expiring::Task(TaskId::parse(id).map_err(|_| bad())?),
         b'c' => Expiring::Credential(CredentialId::parse(id).map_err(|_| bad())?),
+        b'p' => Expiring::Purge(TaskId::parse(id).map_err(|_| bad())?),
         _ => return Err(bad()),
     };
     Ok((at, what))
@@ -451,16 +456,91 @@ impl Store for SledStore {
         let id = task.id.as_str().as_bytes();
         let ident = cat(&[task.owner.as_str().as_bytes(), id]);
         let ended = task.state != TaskState::Active;
-        (&self.tasks, &self.by_identity)
-            .transaction(|(tasks, by_identity)| {
+        let purge = match task.purge_at {
+            Some(at) if ended => Some(expiry_key(at, &Expiring::Purge(task.id.clone()))),
+            _ => None,
+        };
+        (&self.tasks, &self.by_identity, &self.expiry)
+            .transaction(|(tasks, by_identity, expiry)| {
                 tasks.insert(id, v.as_slice())?;
                 if ended {
                     // by_identity lists live tasks only: quotas and the kill switch scan it.
                     by_identity.remove(ident.as_slice())?;
                 }
+                if let Some(k) = &purge {
+                    expiry.insert(k.as_slice(), &[] as &[u8])?;
+                }
                 Ok(())
             })
             .map_err(tx_err)
+    }
+
+    fn purge_task(&self, id: &TaskId) -> Result<bool> {
+        let task: Option<Task> = self.get_task(id)?;
+        let tid = id.as_str().as_bytes();
+        let prefix = cat(&[tid, b""]);
+        let mut creds = sled::Batch::default();
+        let mut index = sled::Batch::default();
+        let mut by_task = sled::Batch::default();
+        let mut expiry = sled::Batch::default();
+        let mut idem = sled::Batch::default();
+        let mut children = sled::Batch::default();
+        let mut approvals = sled::Batch::default();
+        for item in self.by_task.scan_prefix(&prefix) {
+            let (k, _) = item.map_err(st)?;
+            by_task.remove(k.to_vec());
+            let cid = CredentialId::parse(&String::from_utf8_lossy(&k[prefix.len()..]))?;
+            if let Some(c) = self.load_stored(&cid)? {
+                let rec = &c.record;
+                expiry.remove(expiry_key(
+                    rec.expires_at,
+                    &Expiring::Credential(cid.clone()),
+                ));
+                if let Some(key) = &rec.idempotency_key {
+                    idem.remove(idem_cred_key(id, key));
+                }
+                if let Some(h) = &c.index {
+                    // Only an ended task is purged, so this is normally gone already.
+                    if let Ok(h) = hex::decode(h) {
+                        index.remove(h);
+                    }
+                }
+            }
+            creds.remove(cid.as_str().as_bytes());
+        }
+        for item in self.children.scan_prefix(&prefix) {
+            let (k, _) = item.map_err(st)?;
+            children.remove(k.to_vec());
+        }
+        let approvals_prefix = cat(&[b"a", tid, b""]);
+        for item in self.idempotency.scan_prefix(&approvals_prefix) {
+            let (k, v) = item.map_err(st)?;
+            approvals.remove(v.to_vec());
+            idem.remove(k.to_vec());
+        }
+        if let Some(t) = &task {
+            expiry.remove(expiry_key(t.expires_at, &Expiring::Task(id.clone())));
+            if let Some(key) = &t.idempotency_key {
+                idem.remove(idem_task_key(&t.owner, key));
+            }
+            if let Some(p) = &t.parent {
+                children.remove(cat(&[p.as_str().as_bytes(), tid]));
+            }
+        }
+        // The task record goes last, so an interrupted purge is found and finished again.
+        for (tree, batch) in [
+            (&self.credentials, creds),
+            (&self.secret_index, index),
+            (&self.by_task, by_task),
+            (&self.expiry, expiry),
+            (&self.idempotency, idem),
+            (&self.children, children),
+            (&self.approvals, approvals),
+        ] {
+            tree.apply_batch(batch).map_err(st)?;
+        }
+        self.tasks.remove(tid).map_err(st)?;
+        Ok(task.is_some())
     }
 
     fn get_task(&self, id: &TaskId) -> Result<Option<Task>> {
@@ -796,16 +876,37 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn audit_scan(&self) -> Result<AuditIter<'_>> {
-        Ok(Box::new(self.audit.iter().map(|item| {
-            let (k, v) = item.map_err(st)?;
-            let seq = u64::from_be_bytes(
-                k.as_ref()
-                    .try_into()
-                    .map_err(|_| Error::Storage("corrupt audit key".into()))?,
-            );
-            Ok((seq, v.to_vec()))
-        })))
+    fn audit_scan(&self, from: u64) -> Result<AuditIter<'_>> {
+        Ok(Box::new(self.audit.range(from.to_be_bytes()..).map(
+            |item| {
+                let (k, v) = item.map_err(st)?;
+                let seq = u64::from_be_bytes(
+                    k.as_ref()
+                        .try_into()
+                        .map_err(|_| Error::Storage("corrupt audit key".into()))?,
+                );
+                Ok((seq, v.to_vec()))
+            },
+        )))
+    }
+
+    fn audit_remove_through(&self, seq: u64) -> Result<u64> {
+        let mut n = 0;
+        loop {
+            // Bounded batches, so a large backlog never builds one huge batch in memory.
+            let mut batch = sled::Batch::default();
+            let mut in_batch = 0;
+            for item in self.audit.range(..=seq.to_be_bytes()).take(4096) {
+                let (k, _) = item.map_err(st)?;
+                batch.remove(k);
+                in_batch += 1;
+            }
+            if in_batch == 0 {
+                return Ok(n);
+            }
+            self.audit.apply_batch(batch).map_err(st)?;
+            n += in_batch;
+        }
     }
 
     fn counts(&self) -> Result<Counts> {
@@ -880,6 +981,7 @@ mod tests {
             created_at: 0,
             expires_at: exp,
             ended_at: None,
+            purge_at: None,
             parent: None,
             delegation_chain: vec![],
             idempotency_key: Some("k1".into()),

@@ -63,6 +63,8 @@ pub struct Metrics {
     denied: AtomicU64,
     ended: [AtomicU64; 6],
     auth_failures: AtomicU64,
+    purged_tasks: AtomicU64,
+    audit_archived: AtomicU64,
 }
 
 impl Metrics {
@@ -83,6 +85,16 @@ impl Metrics {
             Decision::Denied => &self.denied,
         }
         .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An ended task (with its credentials) deleted at the end of its retention window.
+    pub fn purged(&self) {
+        self.purged_tasks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Audit entries moved from the store into archive segments.
+    pub fn audit_archived(&self, n: u64) {
+        self.audit_archived.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn ended(&self, r: RevokeReason) {
@@ -174,6 +186,17 @@ impl Metrics {
              # TYPE jitbroker_authentication_failures_total counter\n\
              jitbroker_authentication_failures_total {}",
             g(&self.auth_failures)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP jitbroker_tasks_purged_total Ended tasks deleted with their credentials after the retention window.\n\
+             # TYPE jitbroker_tasks_purged_total counter\n\
+             jitbroker_tasks_purged_total {}\n\
+             # HELP jitbroker_audit_entries_archived_total Audit entries moved from the store into archive segments.\n\
+             # TYPE jitbroker_audit_entries_archived_total counter\n\
+             jitbroker_audit_entries_archived_total {}",
+            g(&self.purged_tasks),
+            g(&self.audit_archived)
         );
         let _ = writeln!(
             s,
