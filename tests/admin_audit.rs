@@ -387,3 +387,57 @@ async fn reqwest_get(addr: std::net::SocketAddr, path: &str) -> String {
     s.read_to_string(&mut out).await.unwrap();
     out
 }
+
+#[tokio::test]
+async fn archived_audit_entries_stay_one_verifiable_chain() {
+    let dir = dev_dir();
+    config(dir.path(), |t| {
+        format!("{t}\n[retention]\naudit_entries_in_store = 20\naudit_segment_entries = 16\n")
+    });
+    let (r, _) = busy_broker(dir.path()).await;
+    r.stop().await;
+    // The archiver's first pass runs as the broker starts.
+    let cfg = config(dir.path(), |t| t);
+    let archive = cfg.audit_archive_dir();
+    let r = spawn(&cfg, Options::default()).await.unwrap();
+    eventually("segments archived", || async {
+        jitbroker::audit::archive::segments(&archive).is_ok_and(|s| s.len() >= 4)
+    })
+    .await;
+    let mut op = clients(&r, OPERATOR).await;
+    let v = op
+        .admin
+        .verify_audit(pb::VerifyAuditRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(v.ok, "{}", v.reason);
+    assert!(v.entries > 80, "{} entries", v.entries);
+    let metrics = reqwest_get(r.ops_addr, "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("jitbroker_audit_entries_archived_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    drop(op);
+    r.stop().await;
+
+    let kek = jitbroker::store::crypto::Kek::load(&cfg.kek_file).unwrap();
+    let store = jitbroker::store::SledStore::open(&cfg.data_dir.join("db"), &kek).unwrap();
+    use jitbroker::store::Store;
+    let in_store = store.audit_scan(0).unwrap().count() as u64;
+    assert!(in_store < 20 + 16, "{in_store} entries left in the store");
+    let whole = jitbroker::audit::verify(&store, Some(&archive)).unwrap();
+    assert!(whole.ok, "{}", whole.reason);
+    assert!(whole.entries >= v.entries);
+    let store_part = jitbroker::audit::verify(&store, None).unwrap();
+    assert!(store_part.ok, "{}", store_part.reason);
+    assert_eq!(store_part.entries, in_store);
+    // Losing the oldest segment is detected: the chain no longer starts at entry 1.
+    let segments = jitbroker::audit::archive::segments(&archive).unwrap();
+    std::fs::remove_file(&segments[0].2).unwrap();
+    let v = jitbroker::audit::verify(&store, Some(&archive)).unwrap();
+    assert!(!v.ok);
+    assert_eq!(v.first_bad_seq, 1, "{}", v.reason);
+}

@@ -551,7 +551,7 @@ impl pb::admin_server::Admin for AdminApi {
         request: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
         let who = caller(&request, &self.broker, &self.facts.identity).await?;
-        let v = self.broker.verify_audit(&who).map_err(to_status)?;
+        let v = self.broker.verify_audit(&who).await.map_err(to_status)?;
         Ok(Response::new(pb::VerifyAuditResponse {
             ok: v.ok,
             entries: v.entries,

@@ -249,11 +249,14 @@ impl Broker {
     }
 
     /// `Admin.VerifyAudit`.
-    pub fn verify_audit(&self, caller: &SpiffeId) -> Result<Verification> {
+    pub async fn verify_audit(&self, caller: &SpiffeId) -> Result<Verification> {
         self.require_admin(caller)?;
-        audit::verify(
-            self.store.as_ref(),
-            self.audit_archive.as_ref().map(|a| a.dir.as_path()),
-        )
+        let _no_archival_meanwhile = self.archive_lock.lock().await;
+        let store = self.store.clone();
+        let dir = self.audit_archive.as_ref().map(|a| a.dir.clone());
+        // A walk over the whole chain (archive included) is long: keep it off the runtime.
+        tokio::task::spawn_blocking(move || audit::verify(store.as_ref(), dir.as_deref()))
+            .await
+            .map_err(|e| Error::Internal(format!("audit verification: {e}")))?
     }
 }

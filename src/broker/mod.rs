@@ -188,6 +188,9 @@ pub struct Broker {
     revoke_wake: tokio::sync::Notify,
     /// Where and when older audit entries leave the store.
     audit_archive: Option<AuditArchive>,
+    /// Held by an archival step and by a verification, so a verification never sees the
+    /// checkpoint of one step and the store after the next.
+    archive_lock: Mutex<()>,
 }
 
 /// Audit archival settings (`[retention]`): once the store holds `keep + segment` entries, the
@@ -262,6 +265,7 @@ impl Broker {
             revocation: RevocationConfig::default(),
             revoke_wake: tokio::sync::Notify::new(),
             audit_archive: None,
+            archive_lock: Mutex::new(()),
         })
     }
 

@@ -22,6 +22,7 @@ impl Broker {
         };
         let mut total = 0;
         loop {
+            let _step = self.archive_lock.lock().await;
             let cp = archive::checkpoint(self.store.as_ref())?;
             if let Some(cp) = &cp {
                 // Finish a step that stopped after its checkpoint: its entries are archived.
