@@ -5,8 +5,10 @@
 #       issuance p50/p99 before the moment and during the reaper's storm, and how long the
 #       reaper takes to end them all.
 #   scripts/bench-scale.sh [N] [AGENTS]      (default 1000000 credentials, 8 agents)
-#   (c) churn: the task flow for 4 rounds of 30 s (issue and revoke far more than is live): the
-#       store's size after each round.
+#   (c) churn: L live credentials (JB_CHURN_LIVE, default 100000), then the task flow for
+#       JB_CHURN_ROUNDS rounds of 30 s (issue and revoke far more than is live), retention
+#       compressed (ended records kept JB_CHURN_RETENTION s, the newest JB_CHURN_AUDIT_KEEP audit
+#       entries in the store): the store's size after each round against the live data's.
 #   JB_SCALE_PARTS="a b c"                   which runs to do (default all)
 # The credentials are written straight into the stopped store by `jitbroker-load --prefill`
 # (sealed, indexed, on the expiry index: the same Store the broker uses).
@@ -74,15 +76,30 @@ echo "(a) RSS after serving: $(rss_mib "$pid") MiB"
 stop
 fi
 
-# (c) churn.
+# (c) churn over a live set: L live credentials (prefilled, a day's TTL) while agents issue and
+# revoke far more than is live, with a compressed retention window for ended records and a
+# bounded audit tail in the store (older entries go to archive segments beside it).
 if [[ " $parts " == *" c "* ]]; then
 d="$work/c"
+live_n=${JB_CHURN_LIVE:-100000}
 start_broker "$d"
-for round in 1 2 3 4; do
+stop
+printf '[retention]\nended_records_seconds = %s\naudit_entries_in_store = %s\naudit_segment_entries = %s\n' \
+	"${JB_CHURN_RETENTION:-10}" "${JB_CHURN_AUDIT_KEEP:-100000}" "${JB_CHURN_AUDIT_SEGMENT:-50000}" >>"$d/jitbroker.toml"
+"$load" --data-dir "$d" --prefill "$live_n" --prefill-ttl-seconds 86400 >/dev/null
+start_broker "$d"
+live_mb=$(du_mb "$d/db")
+echo "(c) live data: $live_n credentials; store $live_mb MB"
+total=0
+for round in $(seq 1 "${JB_CHURN_ROUNDS:-8}"); do
 	out=$("$load" --addr "127.0.0.1:$api" --data-dir "$d" --agents "$agents" --k 4 --seconds 30 --pid "$pid")
 	issued=$(awk '/^issuances\/s/{print $2}' <<<"$out")
+	total=$(python3 -c "print(int($total + float('$issued') * 30))")
 	live=$(curl -fsS "http://127.0.0.1:$ops/metrics" | awk '/^jitbroker_active_credentials /{print $2}')
-	echo "(c) round $round: ${issued} issuances/s for 30 s; live credentials $live; store $(du_mb "$d/db") MB"
+	store_mb=$(du_mb "$d/db")
+	arch_mb=0
+	[[ -d $d/audit-archive ]] && arch_mb=$(du_mb "$d/audit-archive")
+	echo "(c) round $round: ${issued} issuances/s; issued so far $total; live credentials $live; store $store_mb MB ($(python3 -c "print(f'{$store_mb / $live_mb:.2f}')")x the live data); audit archive $arch_mb MB"
 done
 stop
 fi

@@ -204,10 +204,11 @@ fn default_ended_records() -> u64 {
     86_400
 }
 fn default_audit_in_store() -> u64 {
-    1_000_000
+    // A short tail: the store is for what changes; the archive is where the trail is kept.
+    100_000
 }
 fn default_audit_segment() -> u64 {
-    100_000
+    50_000
 }
 
 /// `[revocation]`: the durable queue of upstream revocations (DESIGN §8).

@@ -4,6 +4,10 @@
 source "$(dirname "$0")/lib.sh"
 in=${1:?usage: restore.sh BACKUP.tar.gz DATA_DIR}
 data=${2:?usage: restore.sh BACKUP.tar.gz DATA_DIR}
-if [ -d "$data/db" ]; then mv "$data/db" "$data/db.before-restore.$(date +%s)"; fi
+stamp=$(date +%s)
+if [ -d "$data/db" ]; then mv "$data/db" "$data/db.before-restore.$stamp"; fi
+if tar -tzf "$in" | grep -q '^audit-archive/' && [ -d "$data/audit-archive" ]; then
+	mv "$data/audit-archive" "$data/audit-archive.before-restore.$stamp"
+fi
 tar -C "$data" -xzf "$in"
 "$JITBROKER" audit verify --config "$JB_CONFIG"
