@@ -61,6 +61,7 @@ TOP_KEYS = {
     "listen", "ops_listen", "data_dir", "kek_file", "policy_file", "admin_ids", "approver_ids",
     "max_ttl_seconds", "default_ttl_seconds", "max_active_tasks_per_identity",
     "max_credentials_per_task", "approval_ttl_seconds", "max_delegation_depth", "log_format", "jwt_issuer", "identity", "resources",
+    "retention",
 }
 REQUIRED_TOP = {"data_dir", "kek_file", "policy_file", "identity"}
 IDENTITY_KEYS = {
@@ -68,6 +69,7 @@ IDENTITY_KEYS = {
     "svid_file", "svid_key_file", "bundle_file",
 }
 RESOURCE_KEYS = {"kind", "actions", "verifiers", "max_ttl_seconds"}
+RETENTION_KEYS = {"ended_records_seconds", "audit_entries_in_store", "audit_segment_entries"}
 SPIFFE_ID = re.compile(r"^spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)+$")
 EXPECTED_ARGS = ["serve", "--config", "/etc/jitbroker/jitbroker.toml"]
 
@@ -271,6 +273,8 @@ def check_config_toml(text: str, rep: Report) -> dict | None:
     mx = cfg.get("max_ttl_seconds", 3600)
     if not 1 <= cfg.get("default_ttl_seconds", 900) <= mx <= 86400:
         rep.err(w, "TTLs out of range (1 <= default_ttl_seconds <= max_ttl_seconds <= 86400)")
+    for k in set(cfg.get("retention") or {}) - RETENTION_KEYS:
+        rep.err(w, f"unknown key retention.{k}")
     for name, r in (cfg.get("resources") or {}).items():
         for k in set(r) - RESOURCE_KEYS:
             rep.err(w, f"unknown key resources.{name}.{k}")
