@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Scale runs for BENCHMARKS.md (never run by CI):
-#   (a) restart with N live credentials: time from process start to /readyz 200, RSS, store size;
+#   (a) restart with N live credentials: time from process start to /readyz 200 (first start
+#       after the bulk load, after a graceful stop, after SIGKILL), RSS, store size;
 #   (b) mass expiry: N credentials that all expire at the same moment while agents issue:
 #       issuance p50/p99 before the moment and during the reaper's storm, and how long the
 #       reaper takes to end them all.
@@ -67,12 +68,25 @@ rate=$(awk '/prefill seconds/{gsub(/[(]/,"",$4); print $4}' "$work/prefill-a.txt
 start_broker "$work/empty"
 empty_ms=$ready_ms
 stop
+# First start after the bulk load: sled replays everything written since its last snapshot.
 start_broker "$d"
+first_ms=$ready_ms
 sleep 1
-echo "(a) restart-to-ready with $n live credentials: ${ready_ms} ms (an empty store: ${empty_ms} ms)"
+echo "(a) first start after writing $n credentials (log replayed, as after a crash): ${first_ms} ms (an empty store: ${empty_ms} ms)"
 echo "(a) RSS after ready: $(rss_mib "$pid") MiB; store: $(du_mb "$d/db") MB ($(($(du -sb "$d/db" | cut -f1) / n)) bytes per live credential)"
 "$load" --addr "127.0.0.1:$api" --data-dir "$d" --agents "$agents" --k 4 --seconds 5 --pid "$pid" | sed 's/^/(a) serving: /'
 echo "(a) RSS after serving: $(rss_mib "$pid") MiB"
+t0=$(now_ms)
+stop # SIGTERM: graceful, ends with the snapshot refresh
+echo "(a) graceful stop (drain, flush, snapshot refresh): $(($(now_ms) - t0)) ms"
+start_broker "$d"
+echo "(a) restart-to-ready with $n live credentials after a graceful stop: ${ready_ms} ms"
+"$load" --addr "127.0.0.1:$api" --data-dir "$d" --agents "$agents" --k 4 --seconds 5 --pid "$pid" | grep -E 'issuances' | sed 's/^/(a) serving after the restart: /'
+kill -9 "$pid"
+wait "$pid" 2>/dev/null || true
+pid=
+start_broker "$d"
+echo "(a) restart-to-ready after SIGKILL (5 s of serving to replay): ${ready_ms} ms"
 stop
 fi
 

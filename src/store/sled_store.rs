@@ -317,6 +317,26 @@ impl SledStore {
         Ok((new_id, count))
     }
 
+    /// Opens the (closed) store once more and closes it, so sled records a fresh snapshot of
+    /// where every page is. sled 0.34 writes that snapshot only while opening, and an open
+    /// replays everything written to the log since the last snapshot: without this, a broker
+    /// that ran for a while pays for all its writes on the next start (seconds for a store with
+    /// a million credentials); with it, that cost moves to a graceful shutdown and the next
+    /// start reads the snapshot. Returns how long the replay took. Needs no KEK: nothing is read.
+    pub fn refresh_snapshot(dir: &Path) -> Result<std::time::Duration> {
+        let t0 = std::time::Instant::now();
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| {
+                Error::Storage(format!("reopening {} for a snapshot: {e}", dir.display()))
+            })?;
+        db.flush().map_err(st)?;
+        drop(db);
+        Ok(t0.elapsed())
+    }
+
     fn load_or_create_keys(meta: &sled::Tree, kek: &Kek) -> Result<Sealer> {
         let cur = meta.get("dek/current").map_err(st)?;
         match cur {
@@ -1084,6 +1104,42 @@ mod tests {
             2,
             "new key id"
         );
+    }
+
+    #[tokio::test]
+    async fn a_refreshed_snapshot_covers_everything_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = Kek::create(&dir.path().join("kek")).unwrap();
+        let db_dir = dir.path().join("db");
+        let snapshot_lsn = || {
+            std::fs::read_dir(&db_dir)
+                .unwrap()
+                .filter_map(|e| {
+                    let name = e.unwrap().file_name().into_string().unwrap();
+                    let hex = name.strip_prefix("snap.")?.to_owned();
+                    u64::from_str_radix(&hex, 16).ok()
+                })
+                .max()
+                .unwrap_or(0)
+        };
+        let t = task("spiffe://td/agent/a", 1_000);
+        {
+            let store = SledStore::open(&db_dir, &kek).unwrap();
+            for _ in 0..200 {
+                store
+                    .create_task(&task("spiffe://td/agent/a", 1_000))
+                    .unwrap();
+            }
+            store.create_task(&t).unwrap();
+            store.durable().await.unwrap();
+        }
+        let before = snapshot_lsn();
+        SledStore::refresh_snapshot(&db_dir).unwrap();
+        let after = snapshot_lsn();
+        assert!(after > before, "snapshot at {after:x}, was {before:x}");
+        // The store opens as before, with everything in it.
+        let store = SledStore::open(&db_dir, &kek).unwrap();
+        assert_eq!(store.get_task(&t.id).unwrap().unwrap().id, t.id);
     }
 
     #[test]
