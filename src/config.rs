@@ -153,6 +153,13 @@ pub struct PostgresConfig {
     /// is accepted only for a server on the loopback interface.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Admin sessions kept open to the server: creates and drops run on this many at once.
+    #[serde(default = "default_pg_pool")]
+    pub pool_size: usize,
+}
+
+fn default_pg_pool() -> usize {
+    8
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -514,6 +521,12 @@ impl Config {
                              and _, starting with a letter"
                         ));
                     }
+                    if !(1..=64).contains(&pg.pool_size) {
+                        return bad(format!(
+                            "[resources.{name}.postgres] pool_size = {}: must be between 1 and 64",
+                            pg.pool_size
+                        ));
+                    }
                     for (action, g) in &pg.grants {
                         if !r.actions.contains(action) {
                             return bad(format!(
@@ -666,5 +679,47 @@ verifiers = ["spiffe://jitbroker.dev/tool/demo"]
             .unwrap_err()
             .to_string();
         assert!(err.contains("max_ttl_seconds"), "{err}");
+    }
+
+    #[test]
+    fn retention_defaults_and_bounds() {
+        let c = Config::from_toml(MIN, "t", |_| None).unwrap();
+        assert_eq!(c.retention.ended_records_seconds, 86_400);
+        assert_eq!(c.audit_archive_dir(), PathBuf::from("/tmp/x/audit-archive"));
+        let with = |section: &str| Config::from_toml(&format!("{MIN}{section}"), "t", |_| None);
+        let c =
+            with("[retention]\nended_records_seconds = 60\naudit_archive_dir = \"/a\"\n").unwrap();
+        assert_eq!(c.retention.ended_records_seconds, 60);
+        assert_eq!(c.audit_archive_dir(), PathBuf::from("/a"));
+        for bad in [
+            "[retention]\nended_records_seconds = 0\n",
+            "[retention]\naudit_segment_entries = 0\n",
+        ] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains("[retention]"), "{bad}: {err}");
+        }
+        let err = with("[retention]\nkeep = 1\n").unwrap_err().to_string();
+        assert!(err.contains("keep"), "{err}");
+    }
+
+    #[test]
+    fn postgres_pool_size_is_bounded() {
+        let pg = |pool: &str| {
+            let text = MIN.replace("kind = \"token\"", "kind = \"postgres\"")
+                + "[resources.demo-token.postgres]\nadmin_dsn_file = \"/x\"\n"
+                + pool;
+            Config::from_toml(&text, "t", |_| None)
+        };
+        assert_eq!(
+            pg("").unwrap().resources["demo-token"]
+                .postgres
+                .as_ref()
+                .unwrap()
+                .pool_size,
+            8
+        );
+        let err = pg("pool_size = 0\n").unwrap_err().to_string();
+        assert!(err.contains("pool_size"), "{err}");
+        assert!(pg("pool_size = 16\n").is_ok());
     }
 }

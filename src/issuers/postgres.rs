@@ -29,8 +29,6 @@ use crate::model::{Secret, UnixMillis};
 /// passwords; these are 192 random bits, which no number of rounds makes weaker or stronger
 /// against guessing, so the count is kept low: it is paid at every issuance and every login.
 const SCRAM_ITERATIONS: u32 = 64;
-/// Admin sessions per resource: creations and drops run in parallel up to this many.
-const POOL: usize = 8;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One configured PostgreSQL resource.
@@ -205,7 +203,10 @@ impl PostgresIssuer {
             database,
             grants: cfg.grants.clone(),
             tls,
-            pool: (0..POOL).map(|_| Mutex::new(None)).collect(),
+            // Admin sessions: creations and drops run in parallel up to `pool_size` (default 8).
+            pool: (0..cfg.pool_size.max(1))
+                .map(|_| Mutex::new(None))
+                .collect(),
             next: std::sync::atomic::AtomicUsize::new(0),
         })
     }
@@ -506,6 +507,7 @@ mod tests {
                 database: None,
                 grants: Default::default(),
                 ca_file: ca,
+                pool_size: 8,
             }
         };
         let e = PostgresIssuer::new("db", &cfg("db.example.com", None)).unwrap_err();
