@@ -692,6 +692,8 @@ impl Broker {
         let task = self.owned_task(caller, &task_id)?;
         if let Some(key) = &idem
             && let Some(cid) = self.store.credential_by_idempotency_key(&task_id, key)?
+            // An index entry without its record is what a crash mid-write leaves: not issued.
+            && self.store.get_credential(&cid)?.is_some()
         {
             return self.replay(&cid, &req);
         }

@@ -2,8 +2,18 @@
 //!
 //! Trees (DESIGN §7): `tasks`, `credentials`, `secret_index` (keyed hash of secret → credential
 //! id), `expiry` (big-endian expiry time ‖ kind ‖ id), `by_task`, `by_identity`, `idempotency`,
-//! `meta`. Multi-tree updates run in sled transactions. Durability is a group commit: writers take
-//! a ticket after writing, one flusher thread flushes and publishes the highest ticket it covers.
+//! `meta`. Durability is a group commit: writers take a ticket after writing, one flusher thread
+//! flushes and publishes the highest ticket it covers.
+//!
+//! Write order instead of transactions on the request path. Every sled transaction (and batch)
+//! seals the current log buffer twice and hands each to sled's I/O thread pool, which made
+//! thread wake-ups the largest cost of an issuance (BENCHMARKS.md). Tasks and credentials are
+//! therefore written key by key, index entries first and the record last, and removed record
+//! first. sled recovers a prefix of its log, so a crash leaves at worst index entries pointing
+//! at a record that is missing or already ended; every reader treats those as absent (a secret
+//! whose record is missing or ended is not a credential, an expiry or purge entry without a
+//! record is dropped, an idempotency key without a record is not a replay). Rarer multi-key
+//! changes (approvals, the upstream ledger) still use transactions.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -102,10 +112,6 @@ fn tx_err(e: TransactionError<Error>) -> Error {
         TransactionError::Abort(e) => e,
         TransactionError::Storage(e) => st(e),
     }
-}
-
-fn abort(e: Error) -> ConflictableTransactionError<Error> {
-    ConflictableTransactionError::Abort(e)
 }
 
 fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -451,26 +457,23 @@ impl Store for SledStore {
             .parent
             .as_ref()
             .map(|p| cat(&[p.as_str().as_bytes(), id]));
-        (
-            &self.tasks,
-            &self.by_identity,
-            &self.expiry,
-            &self.idempotency,
-            &self.children,
-        )
-            .transaction(|(tasks, by_identity, expiry, idempotency, children)| {
-                tasks.insert(id, v.as_slice())?;
-                if let Some(c) = &child {
-                    children.insert(c.as_slice(), &[] as &[u8])?;
-                }
-                by_identity.insert(ident.as_slice(), &[] as &[u8])?;
-                expiry.insert(exp.as_slice(), &[] as &[u8])?;
-                if let Some(k) = &idem {
-                    idempotency.insert(k.as_slice(), id)?;
-                }
-                Ok(())
-            })
-            .map_err(tx_err)
+        // Index entries first, the record last (see the module comment on write order).
+        if let Some(c) = &child {
+            self.children
+                .insert(c.as_slice(), &[] as &[u8])
+                .map_err(st)?;
+        }
+        self.by_identity
+            .insert(ident.as_slice(), &[] as &[u8])
+            .map_err(st)?;
+        self.expiry
+            .insert(exp.as_slice(), &[] as &[u8])
+            .map_err(st)?;
+        if let Some(k) = &idem {
+            self.idempotency.insert(k.as_slice(), id).map_err(st)?;
+        }
+        self.tasks.insert(id, v).map_err(st)?;
+        Ok(())
     }
 
     fn update_task(&self, task: &Task) -> Result<()> {
@@ -478,27 +481,30 @@ impl Store for SledStore {
         let id = task.id.as_str().as_bytes();
         let ident = cat(&[task.owner.as_str().as_bytes(), id]);
         let ended = task.state != TaskState::Active;
-        let purge = match task.purge_at {
-            Some(at) if ended => Some(expiry_key(at, &Expiring::Purge(task.id.clone()))),
-            _ => None,
-        };
-        (&self.tasks, &self.by_identity, &self.expiry)
-            .transaction(|(tasks, by_identity, expiry)| {
-                tasks.insert(id, v.as_slice())?;
-                if ended {
-                    // by_identity lists live tasks only: quotas and the kill switch scan it.
-                    by_identity.remove(ident.as_slice())?;
-                }
-                if let Some(k) = &purge {
-                    expiry.insert(k.as_slice(), &[] as &[u8])?;
-                }
-                Ok(())
-            })
-            .map_err(tx_err)
+        if let Some(at) = task.purge_at.filter(|_| ended) {
+            // Before the record: a purge entry for a task still active is skipped when due.
+            self.expiry
+                .insert(
+                    expiry_key(at, &Expiring::Purge(task.id.clone())),
+                    &[] as &[u8],
+                )
+                .map_err(st)?;
+        }
+        self.tasks.insert(id, v).map_err(st)?;
+        if ended {
+            // by_identity lists live tasks only: quotas and the kill switch scan it (and check
+            // each task's state, so an entry a crash left behind is harmless).
+            self.by_identity.remove(ident.as_slice()).map_err(st)?;
+        }
+        Ok(())
     }
 
     fn purge_task(&self, id: &TaskId) -> Result<bool> {
         let task: Option<Task> = self.get_task(id)?;
+        if task.as_ref().is_some_and(|t| t.state == TaskState::Active) {
+            // Only ended tasks are purged (an entry can outlive a write a crash cut short).
+            return Ok(false);
+        }
         let tid = id.as_str().as_bytes();
         let prefix = cat(&[tid, b""]);
         let mut creds = sled::Batch::default();
@@ -548,6 +554,9 @@ impl Store for SledStore {
             if let Some(p) = &t.parent {
                 children.remove(cat(&[p.as_str().as_bytes(), tid]));
             }
+            self.by_identity
+                .remove(cat(&[t.owner.as_str().as_bytes(), tid]))
+                .map_err(st)?;
         }
         // The task record goes last, so an interrupted purge is found and finished again.
         for (tree, batch) in [
@@ -601,28 +610,26 @@ impl Store for SledStore {
             .idempotency_key
             .as_ref()
             .map(|k| idem_cred_key(&rec.task_id, k));
-        (
-            &self.credentials,
-            &self.secret_index,
-            &self.by_task,
-            &self.expiry,
-            &self.idempotency,
-        )
-            .transaction(|(creds, index, by_task, expiry, idempotency)| {
-                if index.get(hash)?.is_some() {
-                    // 256-bit random secrets do not collide; if one does, refuse rather than alias.
-                    return Err(abort(Error::Internal("secret index collision".into())));
-                }
-                creds.insert(id, v.as_slice())?;
-                index.insert(&hash, id)?;
-                by_task.insert(by_task_key.as_slice(), &[] as &[u8])?;
-                expiry.insert(exp.as_slice(), &[] as &[u8])?;
-                if let Some(k) = &idem {
-                    idempotency.insert(k.as_slice(), id)?;
-                }
-                Ok(())
-            })
-            .map_err(tx_err)
+        // 256-bit random secrets do not collide; if one does, refuse rather than alias.
+        if self
+            .secret_index
+            .compare_and_swap(hash, None as Option<&[u8]>, Some(id))
+            .map_err(st)?
+            .is_err()
+        {
+            return Err(Error::Internal("secret index collision".into()));
+        }
+        self.by_task
+            .insert(by_task_key.as_slice(), &[] as &[u8])
+            .map_err(st)?;
+        self.expiry
+            .insert(exp.as_slice(), &[] as &[u8])
+            .map_err(st)?;
+        if let Some(k) = &idem {
+            self.idempotency.insert(k.as_slice(), id).map_err(st)?;
+        }
+        self.credentials.insert(id, v).map_err(st)?;
+        Ok(())
     }
 
     fn update_credential(&self, rec: &CredentialRecord) -> Result<()> {
@@ -641,15 +648,13 @@ impl Store for SledStore {
         let index_key = drop_index
             .map(|h| hex::decode(h).map_err(|_| Error::Storage("corrupt index hash".into())))
             .transpose()?;
-        (&self.credentials, &self.secret_index)
-            .transaction(|(creds, index)| {
-                creds.insert(id, v.as_slice())?;
-                if let Some(k) = &index_key {
-                    index.remove(k.as_slice())?;
-                }
-                Ok(())
-            })
-            .map_err(tx_err)
+        // The record (ended, its sealed secret gone) first, then the index entry: in between,
+        // a lookup by secret finds an ended credential, which is refused like no credential.
+        self.credentials.insert(id, v).map_err(st)?;
+        if let Some(k) = &index_key {
+            self.secret_index.remove(k.as_slice()).map_err(st)?;
+        }
+        Ok(())
     }
 
     fn get_credential(&self, id: &CredentialId) -> Result<Option<CredentialRecord>> {
