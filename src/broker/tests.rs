@@ -8,6 +8,7 @@ use crate::store::crypto::Kek;
 
 struct Fixture {
     broker: Broker,
+    sled: Arc<SledStore>,
     clock: ManualClock,
     _dir: tempfile::TempDir,
 }
@@ -53,7 +54,7 @@ fn fixture() -> Fixture {
         max_delegation_depth: 2,
     };
     let broker = Broker::new(
-        store,
+        store.clone(),
         policy,
         Arc::new(clock.clone()),
         limits,
@@ -64,6 +65,7 @@ fn fixture() -> Fixture {
     .unwrap();
     Fixture {
         broker,
+        sled: store,
         clock,
         _dir: dir,
     }
@@ -450,4 +452,58 @@ async fn audit_archival_keeps_the_store_short_and_the_whole_chain_verifiable() {
     // A reopened log continues the chain after the archived part.
     let log = AuditLog::open(store.as_ref()).unwrap();
     assert_eq!(log.next_seq(), total + 1);
+}
+
+#[tokio::test]
+async fn index_entries_a_crash_left_without_their_record_are_ignored() {
+    let f = fixture();
+    let agent = id("spiffe://td/agent/a");
+    let tool = id("spiffe://td/tool");
+    let task = f.broker.start_task(&agent, start(600)).await.unwrap();
+    let now = f.broker.now();
+    let ghost = CredentialRecord {
+        id: CredentialId::generate(),
+        task_id: task.id.clone(),
+        owner: agent.clone(),
+        resource: "demo-token".into(),
+        action: "read".into(),
+        kind: "token".into(),
+        issued_at: now,
+        expires_at: now + 60_000,
+        state: CredentialState::Active,
+        ended_at: None,
+        end_reason: None,
+        idempotency_key: Some("retry-1".into()),
+        attributes: Default::default(),
+        delegation_chain: vec![agent.clone()],
+    };
+    let secret = Secret::new("jbt_ghost_secret_that_was_never_handed_out".into());
+    f.sled
+        .crash_after_credential_indexes(&ghost, &secret)
+        .unwrap();
+
+    // The secret does not introspect, and the idempotency key is not a replay of it.
+    assert!(
+        f.broker
+            .introspect(&tool, secret.expose(), "demo-token")
+            .unwrap()
+            .is_none()
+    );
+    let real = f
+        .broker
+        .issue_credential(&agent, issue(&task, 60, "retry-1"))
+        .await
+        .unwrap();
+    assert_ne!(real.record.id, ghost.id);
+    // The ghost's expiry entry is dropped by the reaper, and the task completes normally.
+    f.clock.advance(Duration::from_secs(61));
+    f.broker.reap_due().await.unwrap();
+    f.broker
+        .complete_task(&agent, task.id.as_str())
+        .await
+        .unwrap();
+    assert_eq!(
+        f.broker.get_task(&agent, task.id.as_str()).unwrap().state,
+        TaskState::Completed
+    );
 }

@@ -343,6 +343,59 @@ impl SledStore {
         Ok(t0.elapsed())
     }
 
+    /// The first part of `create_credential`: the sealed record to store, after its index
+    /// entries (secret, task, expiry, idempotency) are written. The record goes in last.
+    fn write_credential_indexes(
+        &self,
+        rec: &CredentialRecord,
+        secret: &Secret,
+    ) -> Result<StoredCredential> {
+        let id = rec.id.as_str().as_bytes();
+        let hash = self.sealer.index_hash(secret.expose().as_bytes());
+        let stored = StoredCredential {
+            record: rec.clone(),
+            sealed: Some(
+                self.sealer
+                    .seal(CREDENTIALS, id, secret.expose().as_bytes())?,
+            ),
+            index: Some(hex::encode(hash)),
+        };
+        let by_task_key = cat(&[rec.task_id.as_str().as_bytes(), id]);
+        let exp = expiry_key(rec.expires_at, &Expiring::Credential(rec.id.clone()));
+        // 256-bit random secrets do not collide; if one does, refuse rather than alias.
+        if self
+            .secret_index
+            .compare_and_swap(hash, None as Option<&[u8]>, Some(id))
+            .map_err(st)?
+            .is_err()
+        {
+            return Err(Error::Internal("secret index collision".into()));
+        }
+        self.by_task
+            .insert(by_task_key.as_slice(), &[] as &[u8])
+            .map_err(st)?;
+        self.expiry
+            .insert(exp.as_slice(), &[] as &[u8])
+            .map_err(st)?;
+        if let Some(k) = &rec.idempotency_key {
+            self.idempotency
+                .insert(idem_cred_key(&rec.task_id, k), id)
+                .map_err(st)?;
+        }
+        Ok(stored)
+    }
+
+    /// What a crash in the middle of `create_credential` leaves: the index entries without
+    /// the record (for tests of the readers).
+    #[doc(hidden)]
+    pub fn crash_after_credential_indexes(
+        &self,
+        rec: &CredentialRecord,
+        secret: &Secret,
+    ) -> Result<()> {
+        self.write_credential_indexes(rec, secret).map(|_| ())
+    }
+
     fn load_or_create_keys(meta: &sled::Tree, kek: &Kek) -> Result<Sealer> {
         let cur = meta.get("dek/current").map_err(st)?;
         match cur {
@@ -593,42 +646,10 @@ impl Store for SledStore {
     }
 
     fn create_credential(&self, rec: &CredentialRecord, secret: &Secret) -> Result<()> {
-        let id = rec.id.as_str().as_bytes();
-        let hash = self.sealer.index_hash(secret.expose().as_bytes());
-        let stored = StoredCredential {
-            record: rec.clone(),
-            sealed: Some(
-                self.sealer
-                    .seal(CREDENTIALS, id, secret.expose().as_bytes())?,
-            ),
-            index: Some(hex::encode(hash)),
-        };
-        let v = enc(&stored)?;
-        let by_task_key = cat(&[rec.task_id.as_str().as_bytes(), id]);
-        let exp = expiry_key(rec.expires_at, &Expiring::Credential(rec.id.clone()));
-        let idem = rec
-            .idempotency_key
-            .as_ref()
-            .map(|k| idem_cred_key(&rec.task_id, k));
-        // 256-bit random secrets do not collide; if one does, refuse rather than alias.
-        if self
-            .secret_index
-            .compare_and_swap(hash, None as Option<&[u8]>, Some(id))
-            .map_err(st)?
-            .is_err()
-        {
-            return Err(Error::Internal("secret index collision".into()));
-        }
-        self.by_task
-            .insert(by_task_key.as_slice(), &[] as &[u8])
+        let stored = self.write_credential_indexes(rec, secret)?;
+        self.credentials
+            .insert(rec.id.as_str().as_bytes(), enc(&stored)?)
             .map_err(st)?;
-        self.expiry
-            .insert(exp.as_slice(), &[] as &[u8])
-            .map_err(st)?;
-        if let Some(k) = &idem {
-            self.idempotency.insert(k.as_slice(), id).map_err(st)?;
-        }
-        self.credentials.insert(id, v).map_err(st)?;
         Ok(())
     }
 
