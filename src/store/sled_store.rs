@@ -560,68 +560,56 @@ impl Store for SledStore {
         }
         let tid = id.as_str().as_bytes();
         let prefix = cat(&[tid, b""]);
-        let mut creds = sled::Batch::default();
-        let mut index = sled::Batch::default();
-        let mut by_task = sled::Batch::default();
-        let mut expiry = sled::Batch::default();
-        let mut idem = sled::Batch::default();
-        let mut children = sled::Batch::default();
-        let mut approvals = sled::Batch::default();
+        // Removed key by key in this order (no batch: each sled batch seals the log buffer
+        // twice): for each credential its index entries, its record, and last the by_task
+        // entry through which a repeated purge finds it; then the task's entries, and the task
+        // record at the very end, so an interrupted purge is found and finished again.
+        let mut removals: Vec<(&sled::Tree, Vec<u8>)> = Vec::new();
         for item in self.by_task.scan_prefix(&prefix) {
             let (k, _) = item.map_err(st)?;
-            by_task.remove(k.to_vec());
             let cid = CredentialId::parse(&String::from_utf8_lossy(&k[prefix.len()..]))?;
             if let Some(c) = self.load_stored(&cid)? {
                 let rec = &c.record;
-                expiry.remove(expiry_key(
-                    rec.expires_at,
-                    &Expiring::Credential(cid.clone()),
+                removals.push((
+                    &self.expiry,
+                    expiry_key(rec.expires_at, &Expiring::Credential(cid.clone())),
                 ));
                 if let Some(key) = &rec.idempotency_key {
-                    idem.remove(idem_cred_key(id, key));
+                    removals.push((&self.idempotency, idem_cred_key(id, key)));
                 }
-                if let Some(h) = &c.index {
+                if let Some(h) = c.index.as_deref().and_then(|h| hex::decode(h).ok()) {
                     // Only an ended task is purged, so this is normally gone already.
-                    if let Ok(h) = hex::decode(h) {
-                        index.remove(h);
-                    }
+                    removals.push((&self.secret_index, h));
                 }
             }
-            creds.remove(cid.as_str().as_bytes());
+            removals.push((&self.credentials, cid.as_str().as_bytes().to_vec()));
+            removals.push((&self.by_task, k.to_vec()));
         }
         for item in self.children.scan_prefix(&prefix) {
             let (k, _) = item.map_err(st)?;
-            children.remove(k.to_vec());
+            removals.push((&self.children, k.to_vec()));
         }
         let approvals_prefix = cat(&[b"a", tid, b""]);
         for item in self.idempotency.scan_prefix(&approvals_prefix) {
             let (k, v) = item.map_err(st)?;
-            approvals.remove(v.to_vec());
-            idem.remove(k.to_vec());
+            removals.push((&self.approvals, v.to_vec()));
+            removals.push((&self.idempotency, k.to_vec()));
         }
         if let Some(t) = &task {
-            expiry.remove(expiry_key(t.expires_at, &Expiring::Task(id.clone())));
+            removals.push((
+                &self.expiry,
+                expiry_key(t.expires_at, &Expiring::Task(id.clone())),
+            ));
             if let Some(key) = &t.idempotency_key {
-                idem.remove(idem_task_key(&t.owner, key));
+                removals.push((&self.idempotency, idem_task_key(&t.owner, key)));
             }
             if let Some(p) = &t.parent {
-                children.remove(cat(&[p.as_str().as_bytes(), tid]));
+                removals.push((&self.children, cat(&[p.as_str().as_bytes(), tid])));
             }
-            self.by_identity
-                .remove(cat(&[t.owner.as_str().as_bytes(), tid]))
-                .map_err(st)?;
+            removals.push((&self.by_identity, cat(&[t.owner.as_str().as_bytes(), tid])));
         }
-        // The task record goes last, so an interrupted purge is found and finished again.
-        for (tree, batch) in [
-            (&self.credentials, creds),
-            (&self.secret_index, index),
-            (&self.by_task, by_task),
-            (&self.expiry, expiry),
-            (&self.idempotency, idem),
-            (&self.children, children),
-            (&self.approvals, approvals),
-        ] {
-            tree.apply_batch(batch).map_err(st)?;
+        for (tree, key) in removals {
+            tree.remove(key).map_err(st)?;
         }
         self.tasks.remove(tid).map_err(st)?;
         Ok(task.is_some())
