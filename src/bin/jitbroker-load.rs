@@ -76,6 +76,11 @@ struct Args {
     /// --data-dir, 16 per task, and exit. For restart and reaper-storm measurements.
     #[arg(long)]
     prefill: Option<u64>,
+    /// Pace the flow to this many issuances per second across all agents (each agent starts
+    /// its tasks on a fixed schedule); 0 runs as fast as the server answers. For latency at a
+    /// given load, e.g. half of the peak rate.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
     /// With --prefill: the credentials' lifetime from now, in seconds.
     #[arg(long, default_value_t = 3600)]
     prefill_ttl_seconds: u64,
@@ -387,7 +392,15 @@ async fn main() {
         let tool = tool.clone();
         let (k, noop) = (args.k, args.noop);
         let resource = args.resource.clone();
+        // One task (k issuances) per agent every `period` when paced.
+        let period = (args.rate > 0.0)
+            .then(|| Duration::from_secs_f64(args.agents as f64 * k as f64 / args.rate));
         handles.push(tokio::spawn(async move {
+            let mut pace = period.map(|p| {
+                let mut i = tokio::time::interval(p);
+                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                i
+            });
             let mut lat_issue = Vec::new();
             let mut ops = 0u64;
             let mut broker = pb::broker_client::BrokerClient::new(ch.clone());
@@ -403,6 +416,12 @@ async fn main() {
                     lat_issue.push(t.elapsed().as_micros() as u64);
                     ops += 1;
                     continue;
+                }
+                if let Some(p) = pace.as_mut() {
+                    p.tick().await;
+                    if start.elapsed() >= deadline {
+                        break;
+                    }
                 }
                 let task = broker
                     .start_task(pb::StartTaskRequest {
