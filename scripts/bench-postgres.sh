@@ -49,6 +49,7 @@ verifiers = ["spiffe://jitbroker.dev/tool/demo"]
 
 [resources.orders-db.postgres]
 admin_dsn_file = "$d/pg-admin.dsn"
+pool_size = ${JB_PG_POOL:-8}
 
 [resources.orders-db.postgres.grants.read]
 roles = ["orders_reader"]
