@@ -16,7 +16,7 @@
 //! changes (approvals, the upstream ledger) still use transactions.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -92,6 +92,21 @@ pub struct SledStore {
     sealer: Sealer,
     flush: Arc<Flush>,
     flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Entries of `by_identity` (tasks not ended) and of `secret_index` (active credentials),
+    /// kept as each write changes them so `counts` costs nothing per metrics scrape.
+    live_tasks: AtomicI64,
+    live_credentials: AtomicI64,
+}
+
+/// Key of the saved counts in `meta`: written with `clean: true` by a store that closed
+/// normally and set to `clean: false` at open, so only a start after a crash recounts.
+const COUNTS_KEY: &[u8] = b"store/counts";
+
+#[derive(Serialize, Deserialize)]
+struct SavedCounts {
+    tasks: u64,
+    credentials: u64,
+    clean: bool,
 }
 
 /// Key of the `upstream` and `revocations` trees: resource ‖ 0 ‖ account name.
@@ -219,20 +234,13 @@ impl SledStore {
         if let Ok(wrapped) = std::fs::read(&check) {
             kek.unwrap_key(KEK_CHECK_LABEL, &wrapped)?;
         }
-        let db = sled::Config::new()
-            .path(dir)
-            // Flushing is ours (group commit on every acknowledged write); no timer-driven flush.
-            // (sled's timer thread is also where it cleans segments, but running it made no
-            // measurable difference to the store's size under churn: BENCHMARKS.md.)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| {
-                Error::Config(format!(
-                    "cannot open the data store in {}: {e} (is another broker using this data \
+        let db = open_sled(dir).map_err(|e| {
+            Error::Config(format!(
+                "cannot open the data store in {}: {e} (is another broker using this data \
                      directory?)",
-                    dir.display()
-                ))
-            })?;
+                dir.display()
+            ))
+        })?;
         let t = |name: &str| db.open_tree(name).map_err(st);
         let meta = t(META)?;
         let sealer = Self::load_or_create_keys(&meta, kek)?;
@@ -267,7 +275,29 @@ impl SledStore {
             flush: flush.clone(),
             db: db.clone(),
             flusher: Mutex::new(None),
+            live_tasks: AtomicI64::new(0),
+            live_credentials: AtomicI64::new(0),
         };
+        let saved = store
+            .meta
+            .get(COUNTS_KEY)
+            .map_err(st)?
+            .and_then(|v| serde_json::from_slice::<SavedCounts>(&v).ok())
+            .filter(|c| c.clean);
+        let (tasks, credentials) = match saved {
+            Some(c) => (c.tasks, c.credentials),
+            // After a crash (or on a store that never saved them): count once.
+            None => (
+                store.by_identity.len() as u64,
+                store.secret_index.len() as u64,
+            ),
+        };
+        store.live_tasks.store(tasks as i64, Ordering::SeqCst);
+        store
+            .live_credentials
+            .store(credentials as i64, Ordering::SeqCst);
+        store.save_counts(false)?;
+        store.db.flush().map_err(st)?;
         let handle = std::thread::Builder::new()
             .name("jitbroker-flush".into())
             .spawn(move || flusher(db, flush))
@@ -331,16 +361,27 @@ impl SledStore {
     /// start reads the snapshot. Returns how long the replay took. Needs no KEK: nothing is read.
     pub fn refresh_snapshot(dir: &Path) -> Result<std::time::Duration> {
         let t0 = std::time::Instant::now();
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| {
-                Error::Storage(format!("reopening {} for a snapshot: {e}", dir.display()))
-            })?;
+        let db = open_sled(dir).map_err(|e| {
+            Error::Storage(format!("reopening {} for a snapshot: {e}", dir.display()))
+        })?;
         db.flush().map_err(st)?;
         drop(db);
         Ok(t0.elapsed())
+    }
+
+    fn save_counts(&self, clean: bool) -> Result<()> {
+        let c = self.counts()?;
+        self.meta
+            .insert(
+                COUNTS_KEY,
+                enc(&SavedCounts {
+                    tasks: c.tasks,
+                    credentials: c.credentials,
+                    clean,
+                })?,
+            )
+            .map_err(st)?;
+        Ok(())
     }
 
     /// The first part of `create_credential`: the sealed record to store, after its index
@@ -371,6 +412,7 @@ impl SledStore {
         {
             return Err(Error::Internal("secret index collision".into()));
         }
+        self.live_credentials.fetch_add(1, Ordering::SeqCst);
         self.by_task
             .insert(by_task_key.as_slice(), &[] as &[u8])
             .map_err(st)?;
@@ -458,6 +500,32 @@ const KEK_CHECK_LABEL: &[u8] = b"kek-check";
 
 /// `<data>/db` → `<data>/db.kek-check`: a random value wrapped by the KEK, which tells a wrong KEK
 /// before sled is opened.
+/// Opens sled in `dir`. A database closed a moment ago in this process may still hold its file
+/// lock while sled's I/O threads let go of it, so a lock conflict is retried for up to a second;
+/// a lock held by another process (another broker) still fails, after that second.
+fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
+    let mut attempts = 0;
+    loop {
+        let r = sled::Config::new()
+            .path(dir)
+            // Flushing is ours (group commit on every acknowledged write); no timer-driven flush.
+            // (sled's timer thread is also where it cleans segments, but running it made no
+            // measurable difference to the store's size under churn: BENCHMARKS.md.)
+            .flush_every_ms(None)
+            .open();
+        match r {
+            // sled reports the conflict as an `Other` I/O error naming the lock.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock") && attempts < 100 =>
+            {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
+}
+
 fn kek_check_path(dir: &Path) -> std::path::PathBuf {
     let mut name = dir.file_name().unwrap_or_default().to_os_string();
     name.push(".kek-check");
@@ -516,9 +584,14 @@ impl Store for SledStore {
                 .insert(c.as_slice(), &[] as &[u8])
                 .map_err(st)?;
         }
-        self.by_identity
+        if self
+            .by_identity
             .insert(ident.as_slice(), &[] as &[u8])
-            .map_err(st)?;
+            .map_err(st)?
+            .is_none()
+        {
+            self.live_tasks.fetch_add(1, Ordering::SeqCst);
+        }
         self.expiry
             .insert(exp.as_slice(), &[] as &[u8])
             .map_err(st)?;
@@ -547,7 +620,14 @@ impl Store for SledStore {
         if ended {
             // by_identity lists live tasks only: quotas and the kill switch scan it (and check
             // each task's state, so an entry a crash left behind is harmless).
-            self.by_identity.remove(ident.as_slice()).map_err(st)?;
+            if self
+                .by_identity
+                .remove(ident.as_slice())
+                .map_err(st)?
+                .is_some()
+            {
+                self.live_tasks.fetch_sub(1, Ordering::SeqCst);
+            }
         }
         Ok(())
     }
@@ -609,7 +689,13 @@ impl Store for SledStore {
             removals.push((&self.by_identity, cat(&[t.owner.as_str().as_bytes(), tid])));
         }
         for (tree, key) in removals {
-            tree.remove(key).map_err(st)?;
+            if tree.remove(key).map_err(st)?.is_some() {
+                if std::ptr::eq(tree, &self.by_identity) {
+                    self.live_tasks.fetch_sub(1, Ordering::SeqCst);
+                } else if std::ptr::eq(tree, &self.secret_index) {
+                    self.live_credentials.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
         }
         self.tasks.remove(tid).map_err(st)?;
         Ok(task.is_some())
@@ -660,8 +746,14 @@ impl Store for SledStore {
         // The record (ended, its sealed secret gone) first, then the index entry: in between,
         // a lookup by secret finds an ended credential, which is refused like no credential.
         self.credentials.insert(id, v).map_err(st)?;
-        if let Some(k) = &index_key {
-            self.secret_index.remove(k.as_slice()).map_err(st)?;
+        if let Some(k) = &index_key
+            && self
+                .secret_index
+                .remove(k.as_slice())
+                .map_err(st)?
+                .is_some()
+        {
+            self.live_credentials.fetch_sub(1, Ordering::SeqCst);
         }
         Ok(())
     }
@@ -946,9 +1038,10 @@ impl Store for SledStore {
     }
 
     fn counts(&self) -> Result<Counts> {
+        let n = |a: &AtomicI64| a.load(Ordering::SeqCst).max(0) as u64;
         Ok(Counts {
-            tasks: self.by_identity.len() as u64,
-            credentials: self.secret_index.len() as u64,
+            tasks: n(&self.live_tasks),
+            credentials: n(&self.live_credentials),
         })
     }
 
@@ -989,6 +1082,8 @@ impl Drop for SledStore {
         {
             let _ = h.join();
         }
+        // Nothing writes any more: the counts are exact, and saved as such for the next open.
+        let _ = self.save_counts(true);
         let _ = self.db.flush();
     }
 }
@@ -1154,6 +1249,71 @@ mod tests {
         // The store opens as before, with everything in it.
         let store = SledStore::open(&db_dir, &kek).unwrap();
         assert_eq!(store.get_task(&t.id).unwrap().unwrap().id, t.id);
+    }
+
+    #[test]
+    fn counts_follow_every_write_and_survive_a_restart_or_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = Kek::create(&dir.path().join("kek")).unwrap();
+        let db_dir = dir.path().join("db");
+        let counts = |s: &SledStore| {
+            let c = s.counts().unwrap();
+            (c.tasks, c.credentials)
+        };
+        {
+            let store = SledStore::open(&db_dir, &kek).unwrap();
+            let tasks: Vec<Task> = (0..3).map(|_| task("spiffe://td/agent/a", 1_000)).collect();
+            for t in &tasks {
+                store.create_task(t).unwrap();
+            }
+            let creds: Vec<CredentialRecord> = (0..2).map(|_| credential(&tasks[0])).collect();
+            for (i, c) in creds.iter().enumerate() {
+                store
+                    .create_credential(c, &Secret::new(format!("secret-{i}")))
+                    .unwrap();
+            }
+            assert_eq!(counts(&store), (3, 2));
+            let mut ended = tasks[1].clone();
+            ended.state = TaskState::Completed;
+            ended.ended_at = Some(10);
+            store.update_task(&ended).unwrap();
+            store.update_task(&ended).unwrap(); // again: no double count
+            let mut c = creds[0].clone();
+            c.state = CredentialState::Revoked;
+            store.update_credential(&c).unwrap();
+            assert_eq!(counts(&store), (2, 1));
+            // Purging the ended task changes nothing live.
+            store.purge_task(&ended.id).unwrap();
+            assert_eq!(counts(&store), (2, 1));
+            assert_eq!(
+                (
+                    store.by_identity.len() as u64,
+                    store.secret_index.len() as u64
+                ),
+                (2, 1)
+            );
+        }
+        // A clean close saves them; the next open reads them.
+        {
+            let store = SledStore::open(&db_dir, &kek).unwrap();
+            assert_eq!(counts(&store), (2, 1));
+        }
+        // A crash leaves them marked unclean (here: wrong as well): the next open recounts.
+        {
+            let db = open_sled(&db_dir).unwrap();
+            let bogus = SavedCounts {
+                tasks: 99,
+                credentials: 99,
+                clean: false,
+            };
+            db.open_tree(META)
+                .unwrap()
+                .insert(COUNTS_KEY, serde_json::to_vec(&bogus).unwrap())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let store = SledStore::open(&db_dir, &kek).unwrap();
+        assert_eq!(counts(&store), (2, 1));
     }
 
     #[test]
