@@ -207,6 +207,16 @@ async fn revoke_identity_with_block_kills_everything_until_unblocked() {
     r.stop().await;
 }
 
+/// `Admin.VerifyAudit` on a running broker, as the operator.
+async fn verify_live(r: &Running) -> pb::VerifyAuditResponse {
+    let mut op = clients(r, OPERATOR).await;
+    op.admin
+        .verify_audit(pb::VerifyAuditRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 async fn busy_broker(dir: &std::path::Path) -> (Running, Vec<String>) {
     let cfg = config(dir, |t| t);
     let r = spawn(&cfg, Options::default()).await.unwrap();
@@ -257,16 +267,9 @@ async fn busy_broker(dir: &std::path::Path) -> (Running, Vec<String>) {
 async fn audit_chain_detects_tampering_through_admin_and_offline() {
     let dir = dev_dir();
     let (r, _) = busy_broker(dir.path()).await;
-    let mut op = clients(&r, OPERATOR).await;
-    let v = op
-        .admin
-        .verify_audit(pb::VerifyAuditRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let v = verify_live(&r).await;
     assert!(v.ok, "{}", v.reason);
     assert!(v.entries > 80, "{} entries", v.entries);
-    drop(op);
     r.stop().await;
 
     let cfg = config(dir.path(), |t| t);
@@ -315,16 +318,9 @@ async fn audit_chain_detects_tampering_through_admin_and_offline() {
         assert_eq!(v.first_bad_seq, 17, "{name}: {}", v.reason);
         // And through the live Admin API.
         let r = spawn(&c, Options::default()).await.unwrap();
-        let mut op = clients(&r, OPERATOR).await;
-        let v = op
-            .admin
-            .verify_audit(pb::VerifyAuditRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let v = verify_live(&r).await;
         assert!(!v.ok);
         assert_eq!(v.first_bad_seq, 17, "{name}: {}", v.reason);
-        drop(op);
         r.stop().await;
     }
     assert!(db_path.exists());
@@ -404,13 +400,7 @@ async fn archived_audit_entries_stay_one_verifiable_chain() {
         jitbroker::audit::archive::segments(&archive).is_ok_and(|s| s.len() >= 4)
     })
     .await;
-    let mut op = clients(&r, OPERATOR).await;
-    let v = op
-        .admin
-        .verify_audit(pb::VerifyAuditRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let v = verify_live(&r).await;
     assert!(v.ok, "{}", v.reason);
     assert!(v.entries > 80, "{} entries", v.entries);
     let metrics = reqwest_get(r.ops_addr, "/metrics").await;
@@ -420,7 +410,6 @@ async fn archived_audit_entries_stay_one_verifiable_chain() {
             .any(|l| l.starts_with("jitbroker_audit_entries_archived_total ") && !l.ends_with(" 0")),
         "{metrics}"
     );
-    drop(op);
     r.stop().await;
 
     let kek = jitbroker::store::crypto::Kek::load(&cfg.kek_file).unwrap();

@@ -181,7 +181,7 @@ impl Chain {
         &mut self,
         key_seq: Option<u64>,
         bytes: &[u8],
-    ) -> std::result::Result<Entry, (u64, String)> {
+    ) -> std::result::Result<(), archive::Break> {
         let expected = self.expected;
         let entry: Entry = serde_json::from_slice(bytes).map_err(|e| {
             (
@@ -214,7 +214,7 @@ impl Chain {
         self.prev = h;
         self.expected += 1;
         self.count += 1;
-        Ok(entry)
+        Ok(())
     }
 
     fn broken(&self, seq: u64, reason: String) -> Verification {
@@ -238,7 +238,7 @@ pub fn verify(store: &dyn Store, archive: Option<&std::path::Path>) -> Result<Ve
         match archive {
             Some(dir) => {
                 if let Err((seq, reason)) =
-                    archive::walk(dir, cp, &mut |bytes| chain.next(None, bytes).map(|_| ()))
+                    archive::walk(dir, cp, &mut |bytes| chain.next(None, bytes))
                 {
                     return Ok(chain.broken(seq, reason));
                 }

@@ -20,8 +20,7 @@ impl Broker {
         let Some(a) = self.audit_archive.clone() else {
             return Ok(0);
         };
-        let mut total = 0;
-        loop {
+        let mut cp = {
             let _step = self.archive_lock.lock().await;
             let cp = archive::checkpoint(self.store.as_ref())?;
             if let Some(cp) = &cp {
@@ -30,6 +29,11 @@ impl Broker {
                 let upto = cp.seq;
                 spawn_blocking(move || store.audit_remove_through(upto)).await?;
             }
+            cp
+        };
+        let mut total = 0;
+        loop {
+            let _step = self.archive_lock.lock().await;
             let (first, prev) = archive::head_of(cp.as_ref())?;
             let in_store = self.audit.next_seq().saturating_sub(first);
             if in_store < a.keep.saturating_add(a.segment) {
@@ -61,6 +65,7 @@ impl Broker {
                 ..Default::default()
             })?;
             self.store.durable().await?;
+            cp = Some(new);
         }
     }
 

@@ -244,6 +244,20 @@ impl SledStore {
         let t = |name: &str| db.open_tree(name).map_err(st);
         let meta = t(META)?;
         let sealer = Self::load_or_create_keys(&meta, kek)?;
+        let by_identity = t("by_identity")?;
+        let secret_index = t("secret_index")?;
+        let saved = meta
+            .get(COUNTS_KEY)
+            .map_err(st)?
+            .and_then(|v| serde_json::from_slice::<SavedCounts>(&v).ok())
+            .filter(|c| c.clean);
+        let (tasks, credentials) = match saved {
+            Some(c) => (c.tasks, c.credentials),
+            // After a crash (or on a store that never saved them): count once.
+            None => (by_identity.len() as u64, secret_index.len() as u64),
+        };
+        // Unclean until this store closes normally.
+        put_counts(&meta, tasks, credentials, false)?;
         db.flush().map_err(st)?;
         if !check.exists() {
             write_kek_check(&check, kek)?;
@@ -259,10 +273,10 @@ impl SledStore {
         let store = Self {
             tasks: t("tasks")?,
             credentials: t(CREDENTIALS)?,
-            secret_index: t("secret_index")?,
+            secret_index,
             expiry: t("expiry")?,
             by_task: t("by_task")?,
-            by_identity: t("by_identity")?,
+            by_identity,
             idempotency: t("idempotency")?,
             audit: t("audit")?,
             blocked: t("blocked")?,
@@ -275,29 +289,9 @@ impl SledStore {
             flush: flush.clone(),
             db: db.clone(),
             flusher: Mutex::new(None),
-            live_tasks: AtomicI64::new(0),
-            live_credentials: AtomicI64::new(0),
+            live_tasks: AtomicI64::new(tasks as i64),
+            live_credentials: AtomicI64::new(credentials as i64),
         };
-        let saved = store
-            .meta
-            .get(COUNTS_KEY)
-            .map_err(st)?
-            .and_then(|v| serde_json::from_slice::<SavedCounts>(&v).ok())
-            .filter(|c| c.clean);
-        let (tasks, credentials) = match saved {
-            Some(c) => (c.tasks, c.credentials),
-            // After a crash (or on a store that never saved them): count once.
-            None => (
-                store.by_identity.len() as u64,
-                store.secret_index.len() as u64,
-            ),
-        };
-        store.live_tasks.store(tasks as i64, Ordering::SeqCst);
-        store
-            .live_credentials
-            .store(credentials as i64, Ordering::SeqCst);
-        store.save_counts(false)?;
-        store.db.flush().map_err(st)?;
         let handle = std::thread::Builder::new()
             .name("jitbroker-flush".into())
             .spawn(move || flusher(db, flush))
@@ -369,18 +363,19 @@ impl SledStore {
         Ok(t0.elapsed())
     }
 
-    fn save_counts(&self, clean: bool) -> Result<()> {
-        let c = self.counts()?;
-        self.meta
-            .insert(
-                COUNTS_KEY,
-                enc(&SavedCounts {
-                    tasks: c.tasks,
-                    credentials: c.credentials,
-                    clean,
-                })?,
-            )
-            .map_err(st)?;
+    /// Removes `key` from `tree`; when it was there and `live` counts that tree's entries,
+    /// the count goes down with it.
+    fn remove_counted(
+        &self,
+        tree: &sled::Tree,
+        key: &[u8],
+        live: Option<&AtomicI64>,
+    ) -> Result<()> {
+        if tree.remove(key).map_err(st)?.is_some()
+            && let Some(n) = live
+        {
+            n.fetch_sub(1, Ordering::SeqCst);
+        }
         Ok(())
     }
 
@@ -498,8 +493,6 @@ impl SledStore {
 
 const KEK_CHECK_LABEL: &[u8] = b"kek-check";
 
-/// `<data>/db` → `<data>/db.kek-check`: a random value wrapped by the KEK, which tells a wrong KEK
-/// before sled is opened.
 /// Opens sled in `dir`. A database closed a moment ago in this process may still hold its file
 /// lock while sled's I/O threads let go of it, so a lock conflict is retried for up to a second;
 /// a lock held by another process (another broker) still fails, after that second.
@@ -526,6 +519,18 @@ fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
     }
 }
 
+fn put_counts(meta: &sled::Tree, tasks: u64, credentials: u64, clean: bool) -> Result<()> {
+    let v = enc(&SavedCounts {
+        tasks,
+        credentials,
+        clean,
+    })?;
+    meta.insert(COUNTS_KEY, v).map_err(st)?;
+    Ok(())
+}
+
+/// `<data>/db` → `<data>/db.kek-check`: a random value wrapped by the KEK, which tells a wrong KEK
+/// before sled is opened.
 fn kek_check_path(dir: &Path) -> std::path::PathBuf {
     let mut name = dir.file_name().unwrap_or_default().to_os_string();
     name.push(".kek-check");
@@ -620,14 +625,7 @@ impl Store for SledStore {
         if ended {
             // by_identity lists live tasks only: quotas and the kill switch scan it (and check
             // each task's state, so an entry a crash left behind is harmless).
-            if self
-                .by_identity
-                .remove(ident.as_slice())
-                .map_err(st)?
-                .is_some()
-            {
-                self.live_tasks.fetch_sub(1, Ordering::SeqCst);
-            }
+            self.remove_counted(&self.by_identity, &ident, Some(&self.live_tasks))?;
         }
         Ok(())
     }
@@ -644,7 +642,7 @@ impl Store for SledStore {
         // twice): for each credential its index entries, its record, and last the by_task
         // entry through which a repeated purge finds it; then the task's entries, and the task
         // record at the very end, so an interrupted purge is found and finished again.
-        let mut removals: Vec<(&sled::Tree, Vec<u8>)> = Vec::new();
+        let mut removals: Vec<(&sled::Tree, Vec<u8>, Option<&AtomicI64>)> = Vec::new();
         for item in self.by_task.scan_prefix(&prefix) {
             let (k, _) = item.map_err(st)?;
             let cid = CredentialId::parse(&String::from_utf8_lossy(&k[prefix.len()..]))?;
@@ -653,49 +651,49 @@ impl Store for SledStore {
                 removals.push((
                     &self.expiry,
                     expiry_key(rec.expires_at, &Expiring::Credential(cid.clone())),
+                    None,
                 ));
                 if let Some(key) = &rec.idempotency_key {
-                    removals.push((&self.idempotency, idem_cred_key(id, key)));
+                    removals.push((&self.idempotency, idem_cred_key(id, key), None));
                 }
                 if let Some(h) = c.index.as_deref().and_then(|h| hex::decode(h).ok()) {
                     // Only an ended task is purged, so this is normally gone already.
-                    removals.push((&self.secret_index, h));
+                    removals.push((&self.secret_index, h, Some(&self.live_credentials)));
                 }
             }
-            removals.push((&self.credentials, cid.as_str().as_bytes().to_vec()));
-            removals.push((&self.by_task, k.to_vec()));
+            removals.push((&self.credentials, cid.as_str().as_bytes().to_vec(), None));
+            removals.push((&self.by_task, k.to_vec(), None));
         }
         for item in self.children.scan_prefix(&prefix) {
             let (k, _) = item.map_err(st)?;
-            removals.push((&self.children, k.to_vec()));
+            removals.push((&self.children, k.to_vec(), None));
         }
         let approvals_prefix = cat(&[b"a", tid, b""]);
         for item in self.idempotency.scan_prefix(&approvals_prefix) {
             let (k, v) = item.map_err(st)?;
-            removals.push((&self.approvals, v.to_vec()));
-            removals.push((&self.idempotency, k.to_vec()));
+            removals.push((&self.approvals, v.to_vec(), None));
+            removals.push((&self.idempotency, k.to_vec(), None));
         }
         if let Some(t) = &task {
             removals.push((
                 &self.expiry,
                 expiry_key(t.expires_at, &Expiring::Task(id.clone())),
+                None,
             ));
             if let Some(key) = &t.idempotency_key {
-                removals.push((&self.idempotency, idem_task_key(&t.owner, key)));
+                removals.push((&self.idempotency, idem_task_key(&t.owner, key), None));
             }
             if let Some(p) = &t.parent {
-                removals.push((&self.children, cat(&[p.as_str().as_bytes(), tid])));
+                removals.push((&self.children, cat(&[p.as_str().as_bytes(), tid]), None));
             }
-            removals.push((&self.by_identity, cat(&[t.owner.as_str().as_bytes(), tid])));
+            removals.push((
+                &self.by_identity,
+                cat(&[t.owner.as_str().as_bytes(), tid]),
+                Some(&self.live_tasks),
+            ));
         }
-        for (tree, key) in removals {
-            if tree.remove(key).map_err(st)?.is_some() {
-                if std::ptr::eq(tree, &self.by_identity) {
-                    self.live_tasks.fetch_sub(1, Ordering::SeqCst);
-                } else if std::ptr::eq(tree, &self.secret_index) {
-                    self.live_credentials.fetch_sub(1, Ordering::SeqCst);
-                }
-            }
+        for (tree, key, live) in removals {
+            self.remove_counted(tree, &key, live)?;
         }
         self.tasks.remove(tid).map_err(st)?;
         Ok(task.is_some())
@@ -746,14 +744,8 @@ impl Store for SledStore {
         // The record (ended, its sealed secret gone) first, then the index entry: in between,
         // a lookup by secret finds an ended credential, which is refused like no credential.
         self.credentials.insert(id, v).map_err(st)?;
-        if let Some(k) = &index_key
-            && self
-                .secret_index
-                .remove(k.as_slice())
-                .map_err(st)?
-                .is_some()
-        {
-            self.live_credentials.fetch_sub(1, Ordering::SeqCst);
+        if let Some(k) = &index_key {
+            self.remove_counted(&self.secret_index, k, Some(&self.live_credentials))?;
         }
         Ok(())
     }
@@ -1083,7 +1075,9 @@ impl Drop for SledStore {
             let _ = h.join();
         }
         // Nothing writes any more: the counts are exact, and saved as such for the next open.
-        let _ = self.save_counts(true);
+        if let Ok(c) = self.counts() {
+            let _ = put_counts(&self.meta, c.tasks, c.credentials, true);
+        }
         let _ = self.db.flush();
     }
 }
