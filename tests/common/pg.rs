@@ -137,9 +137,13 @@ impl Pg {
             )
             .unwrap();
         }
+        // fsync off is safe here: a commit still reaches the OS before the client hears of it, so
+        // `stop_server` (an immediate stop, as in an outage) loses nothing. synchronous_commit
+        // must stay on: off, a commit sits in shared WAL buffers for up to 3 x wal_writer_delay,
+        // and an immediate stop right after `seed` would lose the test tables.
         let conf = format!(
             "listen_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = ''\n\
-             fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
+             fsync = off\nfull_page_writes = off\n\
              password_encryption = 'scram-sha-256'\nmax_connections = 100\n\
              ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
             pg.port
