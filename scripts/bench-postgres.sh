@@ -4,7 +4,12 @@
 # `postgres` resource, and the load generator's task flow issuing real roles
 # (StartTask → K × IssueCredential → Introspect → CompleteTask, every role dropped by the
 # revocation queue).
+# Then, against the same PostgreSQL and the same group role, OpenBao's database secrets engine in
+# dev mode (the binary from scripts/openbao.sh): cert login → K × read of database/creds/orders
+# (a role per read, leased to the login token) → lease lookup by the tool → revoke-self (the
+# token's leases are revoked with it); then the roles left once its revocations are done.
 #   scripts/bench-postgres.sh [AGENTS] [K] [SECONDS]
+#   JB_BENCH_OPENBAO=0   jitbroker only
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 agents=${1:-8}; k=${2:-4}; secs=${3:-15}
@@ -72,3 +77,57 @@ echo "== postgres task flow (StartTask, $k x IssueCredential(orders-db), Introsp
 until [[ $(curl -fsS "http://127.0.0.1:$ops/metrics" | awk '/^jitbroker_revocation_debt /{print $2}') == 0 ]]; do sleep 0.2; done
 left=$(PGPASSWORD=$pw psql -h 127.0.0.1 -p "$pgport" -U jbadmin -d postgres -tAc "SELECT count(*) FROM pg_roles WHERE starts_with(rolname, 'jb_')")
 echo "roles left after the run and the queue drained: $left"
+kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+
+[[ ${JB_BENCH_OPENBAO:-1} == 1 ]] || exit 0
+# ---- OpenBao's database secrets engine, same PostgreSQL -----------------------------------------
+bao=$(scripts/openbao.sh install)
+free_pair() {
+	python3 - <<'PY'
+import socket
+while True:
+    a = socket.socket(); a.bind(("127.0.0.1", 0)); p = a.getsockname()[1]
+    b = socket.socket()
+    try:
+        b.bind(("127.0.0.1", p + 1)); print(p); break
+    except OSError:
+        pass
+    finally:
+        a.close(); b.close()
+PY
+}
+port=$(free_pair)
+mkdir -p "$work/bao-tls"
+"$bao" server -dev -dev-tls -dev-tls-cert-dir="$work/bao-tls" -dev-listen-address="127.0.0.1:$port" \
+	-dev-root-token-id=root -dev-no-store-token -log-level=warn >"$work/bao.log" 2>&1 &
+pid=$!
+ca=$work/bao-tls/vault-ca.pem
+url=https://127.0.0.1:$port
+for _ in $(seq 1 100); do [[ -s $ca ]] && curl -fsS --cacert "$ca" "$url/v1/sys/health" >/dev/null 2>&1 && break; sleep 0.2; done
+c() { curl -fsS --cacert "$ca" -H "X-Vault-Token: root" -X "$1" "$url/v1/$2" -d "$3" >/dev/null; }
+c POST sys/auth/cert '{"type":"cert"}'
+c POST sys/mounts/database '{"type":"database"}'
+# The same admin user and pool size as the broker's resource; the same group role.
+c POST database/config/pg "$(python3 -c 'import json,sys; print(json.dumps({
+	"plugin_name": "postgresql-database-plugin",
+	"connection_url": "postgresql://{{username}}:{{password}}@127.0.0.1:%s/postgres?sslmode=disable" % sys.argv[1],
+	"username": "jbadmin", "password": sys.argv[2], "allowed_roles": "orders",
+	"max_open_connections": int(sys.argv[3]), "verify_connection": True}))' "$pgport" "$pw" "${JB_PG_POOL:-8}")"
+c POST database/roles/orders "$(python3 -c 'import json; print(json.dumps({
+	"db_name": "pg", "default_ttl": "120s", "max_ttl": "300s",
+	"creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '"'"'{{password}}'"'"' VALID UNTIL '"'"'{{expiration}}'"'"'; GRANT orders_reader TO \"{{name}}\";"]}))')"
+c PUT sys/policies/acl/agent '{"policy":"path \"database/creds/orders\" { capabilities = [\"read\"] }"}'
+c PUT sys/policies/acl/tool '{"policy":"path \"sys/leases/lookup\" { capabilities = [\"update\"] }"}'
+role() {
+	python3 -c 'import json,sys; print(json.dumps({"certificate": open(sys.argv[1]).read(),
+		"allowed_uri_sans": [sys.argv[2]], "token_policies": [sys.argv[3]], "token_ttl": "300s"}))' "$d/dev/ca.pem" "$@"
+}
+c POST auth/cert/certs/agent "$(role 'spiffe://jitbroker.dev/agent/*' agent)"
+c POST auth/cert/certs/tool "$(role 'spiffe://jitbroker.dev/tool/*' tool)"
+roles_left() { PGPASSWORD=$pw psql -h 127.0.0.1 -p "$pgport" -U jbadmin -d postgres -tAc "SELECT count(*) FROM pg_roles WHERE starts_with(rolname, 'v-')"; }
+echo "== OpenBao $("$bao" version | awk '{print $2}') dev, database engine (cert login, $k x read database/creds/orders, lease lookup (tool), revoke-self)"
+"$load" --target openbao --addr "127.0.0.1:$port" --server-ca "$ca" --data-dir "$d" --agents "$agents" --k "$k" \
+	--seconds "$secs" --pid "$pid" --store-dir "$work/none" --bao-creds database/creds/orders
+t0=$(date +%s)
+for _ in $(seq 1 600); do [[ $(roles_left) == 0 ]] && break; sleep 0.5; done
+echo "OpenBao roles left after the run: $(roles_left) (waited $(($(date +%s) - t0)) s for its revocations)"

@@ -15,7 +15,9 @@
 //! with a TTL (`POST /v1/auth/token/create`; = IssueCredential) → lookup of the last child by the
 //! tool's token (`POST /v1/auth/token/lookup`, tool logged in once with role `tool`; =
 //! Introspect) → `POST /v1/auth/token/revoke-self` with the login token, which revokes its
-//! children (= CompleteTask). The no-op floor is `GET /v1/sys/health`. OpenBao must have cert
+//! children (= CompleteTask). With `--bao-creds database/creds/ROLE` each issuance reads a
+//! database credential instead (a real role, leased to the login token), the tool looks the
+//! lease up, and revoke-self revokes the leases with the token. The no-op floor is `GET /v1/sys/health`. OpenBao must have cert
 //! auth at `auth/cert` with roles `agent` and `tool` trusting the dev CA (scripts/bench.sh sets
 //! this up).
 
@@ -81,6 +83,12 @@ struct Args {
     /// given load, e.g. half of the peak rate.
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
+    /// openbao target: issue by reading this secrets path (e.g. `database/creds/orders`: a
+    /// database role per read, leased to the task's login token) instead of creating child
+    /// tokens; the tool looks the last lease up (`PUT /v1/sys/leases/lookup`) and revoke-self
+    /// ends the login token with its leases.
+    #[arg(long)]
+    bao_creds: Option<String>,
     /// With --prefill: the credentials' lifetime from now, in seconds.
     #[arg(long, default_value_t = 3600)]
     prefill_ttl_seconds: u64,
@@ -235,17 +243,26 @@ impl Bao {
     }
 }
 
+/// What each OpenBao agent does: k issuances per task (child tokens, or reads of `creds`), or
+/// the no-op floor.
+#[derive(Clone)]
+struct BaoWork {
+    k: usize,
+    noop: bool,
+    creds: Option<Arc<String>>,
+}
+
 /// One agent's OpenBao loop; returns the issuance latencies (µs) and the number of calls.
 async fn openbao_agent(
     mut conn: Bao,
     mut tool: Bao,
     tool_token: Arc<String>,
-    k: usize,
-    noop: bool,
+    work: BaoWork,
     start: Instant,
     deadline: Duration,
 ) -> (Vec<u64>, u64) {
     use hyper::Method;
+    let BaoWork { k, noop, creds } = work;
     let mut lat = Vec::new();
     let mut ops = 0u64;
     while start.elapsed() < deadline {
@@ -260,35 +277,50 @@ async fn openbao_agent(
         let mut last = String::new();
         for _ in 0..k {
             let t = Instant::now();
-            let c = conn
-                .call(
-                    Method::POST,
-                    "/v1/auth/token/create",
-                    Some(&task_token),
-                    Some(serde_json::json!({
-                        "ttl": "120s",
-                        "policies": ["demo-token"],
-                        "display_name": "load",
-                    })),
-                )
-                .await;
+            last = match &creds {
+                Some(path) => {
+                    let c = conn
+                        .call(Method::GET, &format!("/v1/{path}"), Some(&task_token), None)
+                        .await;
+                    c["lease_id"].as_str().expect("lease_id").to_string()
+                }
+                None => {
+                    let c = conn
+                        .call(
+                            Method::POST,
+                            "/v1/auth/token/create",
+                            Some(&task_token),
+                            Some(serde_json::json!({
+                                "ttl": "120s",
+                                "policies": ["demo-token"],
+                                "display_name": "load",
+                            })),
+                        )
+                        .await;
+                    c["auth"]["client_token"]
+                        .as_str()
+                        .expect("child client_token")
+                        .to_string()
+                }
+            };
             lat.push(t.elapsed().as_micros() as u64);
-            last = c["auth"]["client_token"]
-                .as_str()
-                .expect("child client_token")
-                .to_string();
         }
-        let i = tool
-            .call(
-                Method::POST,
+        let (path, body) = match creds {
+            Some(_) => (
+                "/v1/sys/leases/lookup",
+                serde_json::json!({ "lease_id": last }),
+            ),
+            None => (
                 "/v1/auth/token/lookup",
-                Some(&tool_token),
-                Some(serde_json::json!({ "token": last })),
-            )
+                serde_json::json!({ "token": last }),
+            ),
+        };
+        let i = tool
+            .call(Method::PUT, path, Some(&tool_token), Some(body))
             .await;
         assert!(
             i["data"]["ttl"].as_i64().unwrap_or(0) > 0,
-            "lookup: child not live"
+            "lookup: {last} not live"
         );
         conn.call(
             Method::POST,
@@ -371,8 +403,11 @@ async fn main() {
                 conn,
                 tool.clone(),
                 tool_token.clone(),
-                args.k,
-                args.noop,
+                BaoWork {
+                    k: args.k,
+                    noop: args.noop,
+                    creds: args.bao_creds.clone().map(Arc::new),
+                },
                 start,
                 deadline,
             )));

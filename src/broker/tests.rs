@@ -495,6 +495,19 @@ async fn index_entries_a_crash_left_without_their_record_are_ignored() {
         .await
         .unwrap();
     assert_ne!(real.record.id, ghost.id);
+    // Nor does the ghost count against the task's quota (3): two more can be issued, then no.
+    for key in ["q-1", "q-2"] {
+        f.broker
+            .issue_credential(&agent, issue(&task, 60, key))
+            .await
+            .unwrap();
+    }
+    let e = f
+        .broker
+        .issue_credential(&agent, issue(&task, 60, "q-3"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::ResourceExhausted(_)), "{e:?}");
     // The ghost's expiry entry is dropped by the reaper, and the task completes normally.
     f.clock.advance(Duration::from_secs(61));
     f.broker.reap_due().await.unwrap();

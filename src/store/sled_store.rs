@@ -254,7 +254,7 @@ impl SledStore {
         let (tasks, credentials) = match saved {
             Some(c) => (c.tasks, c.credentials),
             // After a crash (or on a store that never saved them): count once.
-            None => (by_identity.len() as u64, secret_index.len() as u64),
+            None => (count_keys(&by_identity)?, count_keys(&secret_index)?),
         };
         // Unclean until this store closes normally.
         put_counts(&meta, tasks, credentials, false)?;
@@ -517,6 +517,43 @@ fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
             r => return r,
         }
     }
+}
+
+/// The number of keys in `tree`, counted over key ranges split by first byte on every core: the
+/// recount after a crash is a scan of a million keys at a million live credentials, and it
+/// happens before the broker is ready. (`secret_index` keys are uniform keyed hashes;
+/// `by_identity` keys all start alike and land in one range, which is still correct.)
+fn count_keys(tree: &sled::Tree) -> Result<u64> {
+    let parts = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let bounds: Vec<u8> = (1..parts).map(|i| (i * 256 / parts) as u8).collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..parts)
+            .map(|i| {
+                let lo = if i == 0 { None } else { Some(bounds[i - 1]) };
+                let hi = bounds.get(i).copied();
+                s.spawn(move || {
+                    let mut n = 0u64;
+                    let range = match (lo, hi) {
+                        (None, None) => tree.iter(),
+                        (None, Some(h)) => tree.range(..[h]),
+                        (Some(l), None) => tree.range([l]..),
+                        (Some(l), Some(h)) => tree.range([l]..[h]),
+                    };
+                    for item in range.keys() {
+                        item.map_err(st)?;
+                        n += 1;
+                    }
+                    Ok::<u64, Error>(n)
+                })
+            })
+            .collect();
+        handles.into_iter().try_fold(0u64, |acc, h| {
+            let n = h
+                .join()
+                .map_err(|_| Error::Internal("a counting thread panicked".into()))??;
+            Ok(acc + n)
+        })
+    })
 }
 
 fn put_counts(meta: &sled::Tree, tasks: u64, credentials: u64, clean: bool) -> Result<()> {
@@ -1243,6 +1280,26 @@ mod tests {
         // The store opens as before, with everything in it.
         let store = SledStore::open(&db_dir, &kek).unwrap();
         assert_eq!(store.get_task(&t.id).unwrap().unwrap().id, t.id);
+    }
+
+    #[test]
+    fn counting_by_ranges_counts_every_key_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new()
+            .temporary(true)
+            .path(dir.path())
+            .open()
+            .unwrap();
+        let tree = db.open_tree("t").unwrap();
+        assert_eq!(count_keys(&tree).unwrap(), 0);
+        let mut keys: Vec<Vec<u8>> =
+            vec![vec![], vec![0], vec![0x7f, 1], vec![0x80], vec![0xff; 3]];
+        keys.extend((0..5000).map(|_| rand::random::<[u8; 32]>().to_vec()));
+        for k in &keys {
+            tree.insert(k.as_slice(), &[] as &[u8]).unwrap();
+        }
+        assert_eq!(count_keys(&tree).unwrap(), tree.len() as u64);
+        assert_eq!(count_keys(&tree).unwrap(), 5005);
     }
 
     #[test]
