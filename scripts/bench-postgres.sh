@@ -107,7 +107,9 @@ for _ in $(seq 1 100); do [[ -s $ca ]] && curl -fsS --cacert "$ca" "$url/v1/sys/
 c() { curl -fsS --cacert "$ca" -H "X-Vault-Token: root" -X "$1" "$url/v1/$2" -d "$3" >/dev/null; }
 c POST sys/auth/cert '{"type":"cert"}'
 c POST sys/mounts/database '{"type":"database"}'
-# The same admin user and pool size as the broker's resource; the same group role.
+# The same admin user and pool size as the broker's resource; the same group role; revocation
+# does what the broker's does (end sessions, DROP OWNED, DROP ROLE) instead of the plugin's
+# default per-schema REVOKE sweep.
 c POST database/config/pg "$(python3 -c 'import json,sys; print(json.dumps({
 	"plugin_name": "postgresql-database-plugin",
 	"connection_url": "postgresql://{{username}}:{{password}}@127.0.0.1:%s/postgres?sslmode=disable" % sys.argv[1],
@@ -115,7 +117,8 @@ c POST database/config/pg "$(python3 -c 'import json,sys; print(json.dumps({
 	"max_open_connections": int(sys.argv[3]), "verify_connection": True}))' "$pgport" "$pw" "${JB_PG_POOL:-8}")"
 c POST database/roles/orders "$(python3 -c 'import json; print(json.dumps({
 	"db_name": "pg", "default_ttl": "120s", "max_ttl": "300s",
-	"creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '"'"'{{password}}'"'"' VALID UNTIL '"'"'{{expiration}}'"'"'; GRANT orders_reader TO \"{{name}}\";"]}))')"
+	"creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '"'"'{{password}}'"'"' VALID UNTIL '"'"'{{expiration}}'"'"'; GRANT orders_reader TO \"{{name}}\";"],
+	"revocation_statements": ["SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '"'"'{{name}}'"'"'; DROP OWNED BY \"{{name}}\"; DROP ROLE IF EXISTS \"{{name}}\";"]}))')"
 c PUT sys/policies/acl/agent '{"policy":"path \"database/creds/orders\" { capabilities = [\"read\"] }"}'
 c PUT sys/policies/acl/tool '{"policy":"path \"sys/leases/lookup\" { capabilities = [\"update\"] }"}'
 role() {
