@@ -41,6 +41,49 @@ enum Target {
     Openbao,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Arrivals {
+    Poisson,
+    Even,
+}
+
+/// When a paced agent starts its next task. A start that is already late happens at once
+/// (nothing is skipped), as with a queue of arrivals.
+struct Pacer {
+    next: tokio::time::Instant,
+    period: Duration,
+    arrivals: Arrivals,
+}
+
+impl Pacer {
+    fn new(arrivals: Arrivals, period: Duration, start: Instant, n: usize, agents: usize) -> Self {
+        let t0 = tokio::time::Instant::from_std(start);
+        let mut p = Pacer {
+            next: t0,
+            period,
+            arrivals,
+        };
+        p.next = match arrivals {
+            Arrivals::Even => t0 + period * n as u32 / agents.max(1) as u32,
+            Arrivals::Poisson => t0 + p.gap(),
+        };
+        p
+    }
+
+    fn gap(&self) -> Duration {
+        match self.arrivals {
+            Arrivals::Even => self.period,
+            // Exponential with mean `period`: -ln(1 - U), U uniform in [0, 1).
+            Arrivals::Poisson => self.period.mul_f64(-(1.0 - rand::random::<f64>()).ln()),
+        }
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep_until(self.next).await;
+        self.next += self.gap();
+    }
+}
+
 #[derive(Parser, Debug)]
 struct Args {
     /// What to load: the broker's gRPC API, or OpenBao's HTTP API.
@@ -89,6 +132,12 @@ struct Args {
     /// ends the login token with its leases.
     #[arg(long)]
     bao_creds: Option<String>,
+    /// With --rate: how task starts are spread. `poisson`: each agent's starts are a Poisson
+    /// process (exponential gaps with the period as mean), so the whole load is one, with the
+    /// random bunching of independent clients; `even`: agent n starts every period, n/N of a
+    /// period after agent 0.
+    #[arg(long, value_enum, default_value_t = Arrivals::Poisson)]
+    arrivals: Arrivals,
     /// With --prefill: the credentials' lifetime from now, in seconds.
     #[arg(long, default_value_t = 3600)]
     prefill_ttl_seconds: u64,
@@ -423,19 +472,17 @@ async fn main() {
     }
     let before = args.pid.and_then(proc_stat);
     let start = Instant::now();
-    for ch in chans {
+    let agents = chans.len();
+    for (n, ch) in chans.into_iter().enumerate() {
         let tool = tool.clone();
         let (k, noop) = (args.k, args.noop);
         let resource = args.resource.clone();
-        // One task (k issuances) per agent every `period` when paced.
+        // One task (k issuances) per agent every `period` on average when paced.
         let period = (args.rate > 0.0)
             .then(|| Duration::from_secs_f64(args.agents as f64 * k as f64 / args.rate));
+        let arrivals = args.arrivals;
         handles.push(tokio::spawn(async move {
-            let mut pace = period.map(|p| {
-                let mut i = tokio::time::interval(p);
-                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-                i
-            });
+            let mut pace = period.map(|p| Pacer::new(arrivals, p, start, n, agents));
             let mut lat_issue = Vec::new();
             let mut ops = 0u64;
             let mut broker = pb::broker_client::BrokerClient::new(ch.clone());
@@ -453,7 +500,7 @@ async fn main() {
                     continue;
                 }
                 if let Some(p) = pace.as_mut() {
-                    p.tick().await;
+                    p.wait().await;
                     if start.elapsed() >= deadline {
                         break;
                     }
