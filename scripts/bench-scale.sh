@@ -12,6 +12,7 @@
 #       compressed (ended records kept JB_CHURN_RETENTION s, the newest JB_CHURN_AUDIT_KEEP audit
 #       entries in the store): the store's size after each round against the live data's.
 #   JB_SCALE_PARTS="a b c"                   which runs to do (default all)
+#   JB_SCALE_CACHE_MB=M                      (a) with sled's page cache set to M MiB
 # The credentials are written straight into the stopped store by `jitbroker-load --prefill`
 # (sealed, indexed, on the expiry index: the same Store the broker uses).
 set -euo pipefail
@@ -64,6 +65,8 @@ if [[ " $parts " == *" a "* ]]; then
 d="$work/a"
 start_broker "$d" # creates the dev dir, config, KEK
 stop
+# JB_SCALE_CACHE_MB: sled's page cache for this part ([store] cache_mb; default 256).
+[[ -n ${JB_SCALE_CACHE_MB:-} ]] && printf '[store]\ncache_mb = %s\n' "$JB_SCALE_CACHE_MB" >>"$d/jitbroker.toml"
 "$load" --data-dir "$d" --prefill "$n" --prefill-ttl-seconds 86400 | tee "$work/prefill-a.txt"
 rate=$(awk '/prefill seconds/{gsub(/[(]/,"",$4); print $4}' "$work/prefill-a.txt")
 start_broker "$work/empty"

@@ -226,6 +226,7 @@ expect_refused "an unknown resource kind" "resources.db.kind" "${K[@]}" --set co
 expect_refused "a resource without actions" "actions" "${K[@]}" --set config.resources.db.kind=token
 expect_refused "a malformed admin SPIFFE ID" "adminIDs.0" "${K[@]}" --set 'config.adminIDs={operator}'
 expect_refused "a log format other than json/plain" "logFormat" "${K[@]}" --set config.logFormat=xml
+expect_refused "a store cache below 16 MiB" "cacheMb" "${K[@]}" --set config.store.cacheMb=8
 expect_refused "defaultTTLSeconds above maxTTLSeconds" "defaultTTLSeconds" "${K[@]}" --set config.defaultTTLSeconds=7200
 expect_refused "a resource TTL above maxTTLSeconds" "maxTTLSeconds" "${K[@]}" --set config.resources.demo-token.maxTTLSeconds=7200
 expect_refused "an unknown Workload API mode" "workloadAPI.mode" "${K[@]}" --set workloadAPI.mode=socket

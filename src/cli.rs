@@ -221,7 +221,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             let cfg = Config::load(cfg_path)?;
             let kek = Kek::load(&cfg.kek_file)?;
-            let store = crate::store::SledStore::open(&cfg.data_dir.join("db"), &kek)?;
+            let store = crate::store::SledStore::open_with_cache(
+                &cfg.data_dir.join("db"),
+                &kek,
+                cfg.store.cache_bytes(),
+            )?;
             let archive = cfg.audit_archive_dir();
             match out {
                 None => {
@@ -322,9 +326,10 @@ async fn serve(cfg: Config, dev_dir: Option<PathBuf>) -> Result<()> {
         print_dev_banner(&dir, &cfg);
     }
     let store_dir = cfg.data_dir.join("db");
+    let cache_bytes = cfg.store.cache_bytes();
     server::run(api, ops, app, shutdown_signal()).await?;
     // Everything is flushed and closed: record where it all is, for a fast next start.
-    match crate::store::SledStore::refresh_snapshot(&store_dir) {
+    match crate::store::SledStore::refresh_snapshot(&store_dir, cache_bytes) {
         Ok(took) => tracing::info!(
             ms = took.as_millis() as u64,
             "store snapshot refreshed for the next start"

@@ -52,6 +52,36 @@ pub struct Config {
     pub revocation: RevocationConfig,
     #[serde(default)]
     pub retention: RetentionConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+/// `[store]`: the data store's memory.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// sled's page cache, in MiB (approximate: RSS adds the runtime, buffers and allocator
+    /// slack on top). Size the process's memory limit well above it.
+    #[serde(default = "default_cache_mb")]
+    pub cache_mb: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            cache_mb: default_cache_mb(),
+        }
+    }
+}
+
+fn default_cache_mb() -> u64 {
+    crate::store::sled_store::DEFAULT_CACHE_BYTES >> 20
+}
+
+impl StoreConfig {
+    pub fn cache_bytes(&self) -> u64 {
+        self.cache_mb << 20
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -583,6 +613,12 @@ impl Config {
                 rt.ended_records_seconds, rt.audit_segment_entries
             ));
         }
+        if !(16..=65_536).contains(&self.store.cache_mb) {
+            return bad(format!(
+                "[store] cache_mb = {} must be between 16 and 65536",
+                self.store.cache_mb
+            ));
+        }
         let rv = &self.revocation;
         if rv.backoff_initial_ms == 0
             || rv.backoff_max_ms < rv.backoff_initial_ms
@@ -679,6 +715,21 @@ verifiers = ["spiffe://jitbroker.dev/tool/demo"]
             .unwrap_err()
             .to_string();
         assert!(err.contains("max_ttl_seconds"), "{err}");
+    }
+
+    #[test]
+    fn store_cache_default_and_bounds() {
+        let with = |section: &str| Config::from_toml(&format!("{MIN}{section}"), "t", |_| None);
+        let c = with("").unwrap();
+        assert_eq!(c.store.cache_mb, 256);
+        assert_eq!(c.store.cache_bytes(), 256 << 20);
+        assert_eq!(with("[store]\ncache_mb = 64\n").unwrap().store.cache_mb, 64);
+        for bad in ["[store]\ncache_mb = 8\n", "[store]\ncache_mb = 100000\n"] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains("[store] cache_mb"), "{bad}: {err}");
+        }
+        let err = with("[store]\ncache = 1\n").unwrap_err().to_string();
+        assert!(err.contains("cache"), "{err}");
     }
 
     #[test]

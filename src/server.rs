@@ -178,7 +178,11 @@ impl App {
             ))
         })?;
         let kek = Kek::load(&cfg.kek_file)?;
-        let store = Arc::new(SledStore::open(&cfg.data_dir.join("db"), &kek)?);
+        let store = Arc::new(SledStore::open_with_cache(
+            &cfg.data_dir.join("db"),
+            &kek,
+            cfg.store.cache_bytes(),
+        )?);
         drop(kek);
         let policy = Arc::new(load_policy(cfg)?);
         let metrics = Arc::new(Metrics::default());

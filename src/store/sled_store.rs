@@ -228,13 +228,19 @@ impl SledStore {
     /// Opens (or creates) the store in `dir`. On an existing store, the KEK must open the stored
     /// data keys; if it does not, this fails before writing anything.
     pub fn open(dir: &Path, kek: &Kek) -> Result<Self> {
+        Self::open_with_cache(dir, kek, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens the store with sled's page cache bounded to about `cache_bytes` (`[store]
+    /// cache_mb`). sled's accounting is approximate, so the process's RSS can exceed it.
+    pub fn open_with_cache(dir: &Path, kek: &Kek, cache_bytes: u64) -> Result<Self> {
         // Check the KEK against a small file beside the store *before* opening sled: opening
         // sled may write (recovery), and a wrong key must leave the data directory untouched.
         let check = kek_check_path(dir);
         if let Ok(wrapped) = std::fs::read(&check) {
             kek.unwrap_key(KEK_CHECK_LABEL, &wrapped)?;
         }
-        let db = open_sled(dir).map_err(|e| {
+        let db = open_sled(dir, cache_bytes).map_err(|e| {
             Error::Config(format!(
                 "cannot open the data store in {}: {e} (is another broker using this data \
                      directory?)",
@@ -353,9 +359,9 @@ impl SledStore {
     /// that ran for a while pays for all its writes on the next start (seconds for a store with
     /// a million credentials); with it, that cost moves to a graceful shutdown and the next
     /// start reads the snapshot. Returns how long the replay took. Needs no KEK: nothing is read.
-    pub fn refresh_snapshot(dir: &Path) -> Result<std::time::Duration> {
+    pub fn refresh_snapshot(dir: &Path, cache_bytes: u64) -> Result<std::time::Duration> {
         let t0 = std::time::Instant::now();
-        let db = open_sled(dir).map_err(|e| {
+        let db = open_sled(dir, cache_bytes).map_err(|e| {
             Error::Storage(format!("reopening {} for a snapshot: {e}", dir.display()))
         })?;
         db.flush().map_err(st)?;
@@ -496,11 +502,15 @@ const KEK_CHECK_LABEL: &[u8] = b"kek-check";
 /// Opens sled in `dir`. A database closed a moment ago in this process may still hold its file
 /// lock while sled's I/O threads let go of it, so a lock conflict is retried for up to a second;
 /// a lock held by another process (another broker) still fails, after that second.
-fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
+/// sled's page cache when nothing else is configured (`[store] cache_mb`'s default).
+pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
+
+fn open_sled(dir: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
     let mut attempts = 0;
     loop {
         let r = sled::Config::new()
             .path(dir)
+            .cache_capacity(cache_bytes)
             // Flushing is ours (group commit on every acknowledged write); no timer-driven flush.
             // (sled's timer thread is also where it cleans segments, but running it made no
             // measurable difference to the store's size under churn: BENCHMARKS.md.)
@@ -1274,7 +1284,7 @@ mod tests {
             store.durable().await.unwrap();
         }
         let before = snapshot_lsn();
-        SledStore::refresh_snapshot(&db_dir).unwrap();
+        SledStore::refresh_snapshot(&db_dir, DEFAULT_CACHE_BYTES).unwrap();
         let after = snapshot_lsn();
         assert!(after > before, "snapshot at {after:x}, was {before:x}");
         // The store opens as before, with everything in it.
@@ -1351,7 +1361,7 @@ mod tests {
         }
         // A crash leaves them marked unclean (here: wrong as well): the next open recounts.
         {
-            let db = open_sled(&db_dir).unwrap();
+            let db = open_sled(&db_dir, DEFAULT_CACHE_BYTES).unwrap();
             let bogus = SavedCounts {
                 tasks: 99,
                 credentials: 99,

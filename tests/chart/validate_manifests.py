@@ -61,7 +61,7 @@ TOP_KEYS = {
     "listen", "ops_listen", "data_dir", "kek_file", "policy_file", "admin_ids", "approver_ids",
     "max_ttl_seconds", "default_ttl_seconds", "max_active_tasks_per_identity",
     "max_credentials_per_task", "approval_ttl_seconds", "max_delegation_depth", "log_format", "jwt_issuer", "identity", "resources",
-    "retention",
+    "retention", "store",
 }
 REQUIRED_TOP = {"data_dir", "kek_file", "policy_file", "identity"}
 IDENTITY_KEYS = {
@@ -70,6 +70,7 @@ IDENTITY_KEYS = {
 }
 RESOURCE_KEYS = {"kind", "actions", "verifiers", "max_ttl_seconds"}
 RETENTION_KEYS = {"ended_records_seconds", "audit_entries_in_store", "audit_segment_entries"}
+STORE_KEYS = {"cache_mb"}
 SPIFFE_ID = re.compile(r"^spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)+$")
 EXPECTED_ARGS = ["serve", "--config", "/etc/jitbroker/jitbroker.toml"]
 
@@ -275,6 +276,11 @@ def check_config_toml(text: str, rep: Report) -> dict | None:
         rep.err(w, "TTLs out of range (1 <= default_ttl_seconds <= max_ttl_seconds <= 86400)")
     for k in set(cfg.get("retention") or {}) - RETENTION_KEYS:
         rep.err(w, f"unknown key retention.{k}")
+    for k in set(cfg.get("store") or {}) - STORE_KEYS:
+        rep.err(w, f"unknown key store.{k}")
+    cache = (cfg.get("store") or {}).get("cache_mb", 256)
+    if not 16 <= cache <= 65536:
+        rep.err(w, f"store.cache_mb {cache} out of range (16..65536)")
     for name, r in (cfg.get("resources") or {}).items():
         for k in set(r) - RESOURCE_KEYS:
             rep.err(w, f"unknown key resources.{name}.{k}")
