@@ -28,7 +28,8 @@ cleanup() {
 	rm -rf "$work"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+# shellcheck source=ports.sh
+source "$root/scripts/ports.sh"
 pgport=$(free_port); api=$(free_port); ops=$(free_port)
 pw=$(openssl rand -hex 16)
 mkdir -p "$work/pg"
@@ -82,20 +83,6 @@ kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
 [[ ${JB_BENCH_OPENBAO:-1} == 1 ]] || exit 0
 # ---- OpenBao's database secrets engine, same PostgreSQL -----------------------------------------
 bao=$(scripts/openbao.sh install)
-free_pair() {
-	python3 - <<'PY'
-import socket
-while True:
-    a = socket.socket(); a.bind(("127.0.0.1", 0)); p = a.getsockname()[1]
-    b = socket.socket()
-    try:
-        b.bind(("127.0.0.1", p + 1)); print(p); break
-    except OSError:
-        pass
-    finally:
-        a.close(); b.close()
-PY
-}
 port=$(free_pair)
 mkdir -p "$work/bao-tls"
 "$bao" server -dev -dev-tls -dev-tls-cert-dir="$work/bao-tls" -dev-listen-address="127.0.0.1:$port" \

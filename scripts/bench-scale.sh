@@ -33,7 +33,8 @@ stop() {
 	fi
 }
 trap 'stop; rm -rf "$work"' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+# shellcheck source=ports.sh
+source "$root/scripts/ports.sh"
 now_ms() { date +%s%3N; }
 api=$(free_port)
 ops=$(free_port)

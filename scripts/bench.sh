@@ -40,22 +40,8 @@ stop() {
 	fi
 }
 trap 'stop; rm -rf "$work"' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-# A free port P whose P+1 is free too (OpenBao's cluster listener).
-free_pair() {
-	python3 - <<'EOF'
-import socket
-while True:
-    a = socket.socket(); a.bind(("127.0.0.1", 0)); p = a.getsockname()[1]
-    b = socket.socket()
-    try:
-        b.bind(("127.0.0.1", p + 1)); print(p); break
-    except OSError:
-        pass
-    finally:
-        a.close(); b.close()
-EOF
-}
+# shellcheck source=ports.sh
+source "$root/scripts/ports.sh"
 run() { # NAME ARGS...: one load-generator run, report to $out/NAME.txt and stdout
 	local name=$1
 	shift

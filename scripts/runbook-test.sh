@@ -13,7 +13,8 @@ rb="$root/scripts/runbook"
 
 work=$(mktemp -d)
 cd "$work"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+# shellcheck source=ports.sh
+source "$root/scripts/ports.sh"
 api=$(free_port); ops=$(free_port)
 export JB_ADDR="localhost:$api" JB_OPS="127.0.0.1:$ops" JB_SVIDS="jitbroker-dev/dev/svids" JB_CONFIG="jitbroker-dev/jitbroker.toml"
 
