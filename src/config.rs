@@ -717,9 +717,13 @@ verifiers = ["spiffe://jitbroker.dev/tool/demo"]
         assert!(err.contains("max_ttl_seconds"), "{err}");
     }
 
+    /// The minimal config followed by `section`.
+    fn with(section: &str) -> Result<Config> {
+        Config::from_toml(&format!("{MIN}{section}"), "t", |_| None)
+    }
+
     #[test]
     fn store_cache_default_and_bounds() {
-        let with = |section: &str| Config::from_toml(&format!("{MIN}{section}"), "t", |_| None);
         let c = with("").unwrap();
         assert_eq!(c.store.cache_mb, 256);
         assert_eq!(c.store.cache_bytes(), 256 << 20);
@@ -737,7 +741,6 @@ verifiers = ["spiffe://jitbroker.dev/tool/demo"]
         let c = Config::from_toml(MIN, "t", |_| None).unwrap();
         assert_eq!(c.retention.ended_records_seconds, 86_400);
         assert_eq!(c.audit_archive_dir(), PathBuf::from("/tmp/x/audit-archive"));
-        let with = |section: &str| Config::from_toml(&format!("{MIN}{section}"), "t", |_| None);
         let c =
             with("[retention]\nended_records_seconds = 60\naudit_archive_dir = \"/a\"\n").unwrap();
         assert_eq!(c.retention.ended_records_seconds, 60);

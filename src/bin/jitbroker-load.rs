@@ -17,8 +17,8 @@
 //! Introspect) → `POST /v1/auth/token/revoke-self` with the login token, which revokes its
 //! children (= CompleteTask). With `--bao-creds database/creds/ROLE` each issuance reads a
 //! database credential instead (a real role, leased to the login token), the tool looks the
-//! lease up, and revoke-self revokes the leases with the token. The no-op floor is `GET /v1/sys/health`. OpenBao must have cert
-//! auth at `auth/cert` with roles `agent` and `tool` trusting the dev CA (scripts/bench.sh sets
+//! lease up, and revoke-self revokes the leases with the token. The no-op floor is
+//! `GET /v1/sys/health`. OpenBao must have cert auth at `auth/cert` with roles `agent` and `tool` trusting the dev CA (scripts/bench.sh sets
 //! this up).
 
 use std::net::SocketAddr;
@@ -121,8 +121,8 @@ struct Args {
     /// --data-dir, 16 per task, and exit. For restart and reaper-storm measurements.
     #[arg(long)]
     prefill: Option<u64>,
-    /// Pace the flow to this many issuances per second across all agents (each agent starts
-    /// its tasks on a fixed schedule); 0 runs as fast as the server answers. For latency at a
+    /// Pace the flow to this many issuances per second across all agents (task starts spread
+    /// as --arrivals says); 0 runs as fast as the server answers. For latency at a
     /// given load, e.g. half of the peak rate.
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
@@ -473,13 +473,13 @@ async fn main() {
     let before = args.pid.and_then(proc_stat);
     let start = Instant::now();
     let agents = chans.len();
+    // One task (k issuances) per agent every `period` on average when paced.
+    let period = (args.rate > 0.0)
+        .then(|| Duration::from_secs_f64(agents as f64 * args.k as f64 / args.rate));
     for (n, ch) in chans.into_iter().enumerate() {
         let tool = tool.clone();
         let (k, noop) = (args.k, args.noop);
         let resource = args.resource.clone();
-        // One task (k issuances) per agent every `period` on average when paced.
-        let period = (args.rate > 0.0)
-            .then(|| Duration::from_secs_f64(args.agents as f64 * k as f64 / args.rate));
         let arrivals = args.arrivals;
         handles.push(tokio::spawn(async move {
             let mut pace = period.map(|p| Pacer::new(arrivals, p, start, n, agents));

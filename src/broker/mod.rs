@@ -766,19 +766,18 @@ impl Broker {
                 )));
             }
         }
-        let mut issued = self.store.credentials_of_task(&task_id)?;
-        if issued.len() as u64 >= self.limits.max_credentials_per_task {
+        let indexed = self.store.credentials_of_task(&task_id)?;
+        let mut issued_count = indexed.len() as u64;
+        if issued_count >= self.limits.max_credentials_per_task {
             // At the limit by the index: count only credentials whose record exists (a crash
             // mid-write can leave an index entry without its record, which was never issued).
-            let mut real = Vec::with_capacity(issued.len());
-            for cid in issued {
-                if self.store.get_credential(&cid)?.is_some() {
-                    real.push(cid);
+            issued_count = 0;
+            for cid in &indexed {
+                if self.store.get_credential(cid)?.is_some() {
+                    issued_count += 1;
                 }
             }
-            issued = real;
         }
-        let issued_count = issued.len() as u64;
         if issued_count >= self.limits.max_credentials_per_task {
             return Err(Error::ResourceExhausted(format!(
                 "task {task_id} already has {issued_count} credentials (limit {})",

@@ -499,12 +499,12 @@ impl SledStore {
 
 const KEK_CHECK_LABEL: &[u8] = b"kek-check";
 
-/// Opens sled in `dir`. A database closed a moment ago in this process may still hold its file
-/// lock while sled's I/O threads let go of it, so a lock conflict is retried for up to a second;
-/// a lock held by another process (another broker) still fails, after that second.
 /// sled's page cache when nothing else is configured (`[store] cache_mb`'s default).
 pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
 
+/// Opens sled in `dir`. A database closed a moment ago in this process may still hold its file
+/// lock while sled's I/O threads let go of it, so a lock conflict is retried for up to a second;
+/// a lock held by another process (another broker) still fails, after that second.
 fn open_sled(dir: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
     let mut attempts = 0;
     loop {
