@@ -406,6 +406,11 @@ async def await_approval(pending: ApprovalPending, retry: Callable[[], Awaitable
         try:
             return await retry()
         except ApprovalPending as again:
+            if again.approval_id != pending.approval_id:
+                raise ApprovalDenied(
+                    f"approval {pending.approval_id} was denied or lapsed; the broker opened "
+                    f"{again.approval_id} for the next attempt", policy_ids=again.policy_ids
+                ) from None
             if time.monotonic() + poll_interval > end:
                 raise again from None
         except PermissionDenied as e:

@@ -277,6 +277,13 @@ def wait_for_approval(pending: ApprovalPending, retry: Callable[[], Credential],
         try:
             return retry()
         except ApprovalPending as again:
+            if again.approval_id != pending.approval_id:
+                # Ours was decided without being used (denied, or it lapsed): a new request
+                # started. Waiting on would wait for a decision nobody was asked for.
+                raise ApprovalDenied(
+                    f"approval {pending.approval_id} was denied or lapsed; the broker opened "
+                    f"{again.approval_id} for the next attempt", policy_ids=again.policy_ids
+                ) from None
             if time.monotonic() + poll_interval > end:
                 raise again from None
         except PermissionDenied as e:
@@ -355,6 +362,20 @@ class Admin(_Client):
     def verify_audit(self) -> admin_pb2.VerifyAuditResponse:
         return self._t.call(lambda s: s.admin.VerifyAudit,  # type: ignore[no-any-return]
                             admin_pb2.VerifyAuditRequest(), idempotent=True)
+
+    def list_tasks(self, spiffe_id: str = "", state: str = "") -> list[TaskInfo]:
+        """Every task (all pages), optionally of one owner and in one state (e.g. ``ACTIVE``)."""
+        st = broker_pb2.TaskState.Value(state) if state else 0
+        out: list[TaskInfo] = []
+        token = ""
+        while True:
+            req = admin_pb2.ListTasksRequest(spiffe_id=spiffe_id, state=st, page_size=500,
+                                             page_token=token)
+            resp = self._t.call(lambda s: s.admin.ListTasks, req, idempotent=True)
+            out.extend(TaskInfo._from_pb(t) for t in resp.tasks)
+            token = resp.next_page_token
+            if not token:
+                return out
 
     def revoke_task(self, task_id: str, reason: str) -> list[str]:
         req = admin_pb2.RevokeTaskRequest(task_id=task_id, reason=reason)
