@@ -4,8 +4,8 @@ stubs: it streams the X.509-SVID it holds and streams again whenever the test ro
 from __future__ import annotations
 
 import threading
-from concurrent import futures
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
 import grpc

@@ -258,5 +258,5 @@ def test_httpx_auth_renews_on_401(broker: Broker, verifier: jitbroker.Verifier) 
 def test_httpx_auth_outside_a_task() -> None:
     with httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200)),
                       auth=JitbrokerAuth("tickets", "read")) as client, \
-            pytest.raises(jitbroker.JitbrokerError, match="broker.task"):
+            pytest.raises(jitbroker.JitbrokerError, match=r"broker\.task"):
         client.get("https://helpdesk.invalid/")

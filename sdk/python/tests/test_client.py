@@ -199,7 +199,7 @@ def test_jwt_credential_verified_offline(broker: Broker, verifier: jitbroker.Ver
         assert cred.kind == "jwt"
         claims = verifier.verify_jwt(cred.secret, "accounts")
         assert claims["sub"] == broker.spiffe_id and claims["task_id"] == t.task_id
-        with pytest.raises(jitbroker.InvalidToken, match="(?i)audience"):
+        with pytest.raises(jitbroker.InvalidToken, match=r"(?i)audience"):
             verifier.verify_jwt(cred.secret, "demo-jwt")
         tampered = cred.secret.reveal()[:-4] + ("AAAA" if not cred.secret.reveal().endswith(
             "AAAA") else "BBBB")

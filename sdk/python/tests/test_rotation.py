@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from fake_workload_api import FakeWorkloadApi, response_from_dir
 
 import jitbroker
 from jitbroker import AsyncBroker, Broker, FilesSource, WorkloadApiSource
 from jitbroker.testing import DevBroker
-
-from fake_workload_api import FakeWorkloadApi, response_from_dir
 
 AGENT = "spiffe://jitbroker.dev/agent/rotating"
 READ = [("tickets", "read")]
@@ -48,7 +47,7 @@ def test_files_rotation_with_calls_in_flight(dev: DevBroker, tmp_path: Path) -> 
                     b.get_task(t.task_id)
                     t.credential("tickets", "read")
                     calls[0] += 1
-                except BaseException as e:  # noqa: BLE001 - any failure fails the test
+                except BaseException as e:
                     errors.append(e)
                     return
 
@@ -116,35 +115,35 @@ async def test_workload_api_rotation_with_calls_in_flight(dev: DevBroker, tmp_pa
     try:
         first = src.material()
         assert first.spiffe_id == AGENT
-        async with AsyncBroker(dev.target, src, rotation_grace=0.3) as b:
-            async with b.task("rotate via the Workload API", grants=READ) as t:
-                stop = asyncio.Event()
-                count = [0]
+        async with AsyncBroker(dev.target, src, rotation_grace=0.3) as b, \
+                b.task("rotate via the Workload API", grants=READ) as t:
+            stop = asyncio.Event()
+            count = [0]
 
-                async def worker() -> None:
-                    while not stop.is_set():
-                        await b.get_task(t.task_id)
-                        await t.credential("tickets", "read")
-                        count[0] += 1
+            async def worker() -> None:
+                while not stop.is_set():
+                    await b.get_task(t.task_id)
+                    await t.credential("tickets", "read")
+                    count[0] += 1
 
-                workers = [asyncio.create_task(worker()) for _ in range(4)]
-                for gen in range(1, 4):
-                    await asyncio.sleep(0.4)
-                    d = await asyncio.to_thread(dev.mint, AGENT, tmp_path / f"g{gen}")
-                    fake.rotate(response_from_dir(d, AGENT))
-                    for _ in range(100):
-                        if src.material().cert_chain_pem != first.cert_chain_pem:
-                            break
-                        await asyncio.sleep(0.02)
+            workers = [asyncio.create_task(worker()) for _ in range(4)]
+            for gen in range(1, 4):
                 await asyncio.sleep(0.4)
-                stop.set()
-                await asyncio.gather(*workers)  # any failed call fails the test here
-                assert count[0] > 10
-                pool = b._t.pool
-                assert pool.swaps >= 3
-                assert src.material() is not first
-                await asyncio.sleep(0.8)
-                assert pool.live_channels() == 1
+                d = await asyncio.to_thread(dev.mint, AGENT, tmp_path / f"g{gen}")
+                fake.rotate(response_from_dir(d, AGENT))
+                for _ in range(100):
+                    if src.material().cert_chain_pem != first.cert_chain_pem:
+                        break
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(0.4)
+            stop.set()
+            await asyncio.gather(*workers)  # any failed call fails the test here
+            assert count[0] > 10
+            pool = b._t.pool
+            assert pool.swaps >= 3
+            assert src.material() is not first
+            await asyncio.sleep(0.8)
+            assert pool.live_channels() == 1
     finally:
         src.close()
         await asyncio.to_thread(fake.stop)

@@ -346,7 +346,7 @@ class AsyncTaskScope:
         start = _spawn(self._broker.start_task(purpose, grants, ttl, labels=labels,
                                                idempotency_key=key))
         try:
-            task = await asyncio.shield(start)
+            task: AsyncTask = await asyncio.shield(start)
         except asyncio.CancelledError:
             # Cancelled while the broker may already have started the task: let the start
             # finish (the idempotency key makes a retry return the same task) and end it.

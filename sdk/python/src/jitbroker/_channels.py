@@ -201,7 +201,7 @@ class Transport:
                 return pick(slot)(request, timeout=max(0.05, min(per_attempt, left)),
                                   metadata=md)
             except grpc.RpcError as e:
-                code = e.code()  # type: ignore[attr-defined]
+                code = e.code()
                 swapped = self.pool.generation != slot.generation
                 # A call that raced a rotation goes again on the new channel, whatever it was.
                 if swapped and code in (grpc.StatusCode.UNAVAILABLE,

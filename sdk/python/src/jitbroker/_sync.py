@@ -365,7 +365,7 @@ class Admin(_Client):
 
     def list_tasks(self, spiffe_id: str = "", state: str = "") -> list[TaskInfo]:
         """Every task (all pages), optionally of one owner and in one state (e.g. ``ACTIVE``)."""
-        st = broker_pb2.TaskState.Value(state) if state else 0
+        st = broker_pb2.TaskState.Value(state) if state else broker_pb2.TASK_STATE_UNSPECIFIED
         out: list[TaskInfo] = []
         token = ""
         while True:

@@ -135,7 +135,7 @@ class DevBroker:
                                    f"log: {self.log_path}\n{self.log_tail()}")
             try:
                 url = f"http://127.0.0.1:{self.ops_port}/readyz"
-                with urllib.request.urlopen(url, timeout=1) as r:  # noqa: S310 - loopback
+                with urllib.request.urlopen(url, timeout=1) as r:
                     if r.status == 200:
                         return self
             except OSError:

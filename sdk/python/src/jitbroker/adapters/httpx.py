@@ -58,4 +58,5 @@ class JitbrokerAuth(httpx.Auth):
         t = _task(self.task)
         if asyncio.iscoroutinefunction(t.credential):
             return await t.credential(*self.grant, fresh=fresh)  # type: ignore[no-any-return]
-        return await asyncio.to_thread(t.credential, *self.grant, fresh=fresh)  # type: ignore[no-any-return]
+        cred: Credential = await asyncio.to_thread(t.credential, *self.grant, fresh=fresh)
+        return cred

@@ -17,7 +17,7 @@ from . import GrantsByTool, acredentials_for, credentials_for, grants_for_tool
 __all__ = ["JitbrokerMiddleware"]
 
 
-class JitbrokerMiddleware(AgentMiddleware):  # type: ignore[type-arg]
+class JitbrokerMiddleware(AgentMiddleware[Any, Any, Any]):
     """``grants`` maps tool names to the grants their calls need; ``task`` defaults to the
     active ``broker.task(...)``. Use a ``Task`` with ``invoke`` and either kind with
     ``ainvoke``."""

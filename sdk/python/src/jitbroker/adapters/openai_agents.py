@@ -58,4 +58,5 @@ def tool_credential(context: Any, resource: str, action: str) -> Credential:
     if not creds or Grant(resource, action) not in creds:
         raise NoCredentialInScope(f"no credential for ({resource}, {action}) in tool call "
                                   f"{context.tool_call_id}")
-    return creds[Grant(resource, action)]
+    cred: Credential = creds[Grant(resource, action)]
+    return cred
