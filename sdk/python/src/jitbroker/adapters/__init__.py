@@ -8,7 +8,9 @@ Each lives in its own module and needs its framework (an optional extra):
 (``[openai-agents]``), ``jitbroker.adapters.httpx`` (``[httpx]``).
 
 Which tool needs which grant is declared by tool name: ``{"refund": [("payments",
-"refund:issue")]}``. A tool not named gets nothing.
+"refund:issue")]}``. A tool not named gets nothing. With ``approval_timeout`` (seconds), a grant
+that needs a human's approval makes its tool call wait that long for it; without, the
+:class:`~jitbroker.ApprovalPending` error propagates to the agent run.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..context import current_task
-from ..errors import JitbrokerError
+from ..errors import ApprovalPending, JitbrokerError
 from ..types import Credential, Grant, GrantLike, grants_of
 
 GrantsByTool = Mapping[str, Sequence[GrantLike]]
@@ -40,22 +42,43 @@ def grants_for_tool(grants: GrantsByTool, name: str) -> list[Grant]:
     return grants_of(grants.get(name, ()))
 
 
-def credentials_for(task: Any, grants: Iterable[Grant]) -> dict[Grant, Credential]:
-    """The credentials of ``grants`` from a blocking :class:`jitbroker.Task`."""
+def credentials_for(task: Any, grants: Iterable[Grant],
+                    approval_timeout: float | None = None) -> dict[Grant, Credential]:
+    """The credentials of ``grants`` from a blocking :class:`jitbroker.Task`. With
+    ``approval_timeout``, a grant that needs approval waits that long for an approver;
+    without, :class:`~jitbroker.ApprovalPending` propagates."""
     t = _task(task)
     if asyncio.iscoroutinefunction(t.credential):
         raise JitbrokerError("a synchronous tool hook needs a jitbroker.Task, not an AsyncTask")
-    return {g: t.credential(g.resource, g.action) for g in grants}
+    out: dict[Grant, Credential] = {}
+    for g in grants:
+        try:
+            out[g] = t.credential(g.resource, g.action)
+        except ApprovalPending as e:
+            if approval_timeout is None:
+                raise
+            out[g] = e.wait_for_approval(approval_timeout)
+    return out
 
 
-async def acredentials_for(task: Any, grants: Iterable[Grant]) -> dict[Grant, Credential]:
+async def acredentials_for(task: Any, grants: Iterable[Grant],
+                           approval_timeout: float | None = None) -> dict[Grant, Credential]:
     """The credentials of ``grants`` from an :class:`~jitbroker.AsyncTask` (awaited) or a
     :class:`~jitbroker.Task` (in a worker thread, so the event loop does not block)."""
     t = _task(task)
+    is_async = asyncio.iscoroutinefunction(t.credential)
     out: dict[Grant, Credential] = {}
     for g in grants:
-        if asyncio.iscoroutinefunction(t.credential):
-            out[g] = await t.credential(g.resource, g.action)
-        else:
-            out[g] = await asyncio.to_thread(t.credential, g.resource, g.action)
+        try:
+            if is_async:
+                out[g] = await t.credential(g.resource, g.action)
+            else:
+                out[g] = await asyncio.to_thread(t.credential, g.resource, g.action)
+        except ApprovalPending as e:
+            if approval_timeout is None:
+                raise
+            if is_async:
+                out[g] = await e.await_approval(approval_timeout)
+            else:
+                out[g] = await asyncio.to_thread(e.wait_for_approval, approval_timeout)
     return out

@@ -22,10 +22,12 @@ class JitbrokerMiddleware(AgentMiddleware[Any, Any, Any]):
     active ``broker.task(...)``. Use a ``Task`` with ``invoke`` and either kind with
     ``ainvoke``."""
 
-    def __init__(self, grants: GrantsByTool, *, task: Any = None) -> None:
+    def __init__(self, grants: GrantsByTool, *, task: Any = None,
+                 approval_timeout: float | None = None) -> None:
         super().__init__()
         self.grants = dict(grants)
         self.task = task
+        self.approval_timeout = approval_timeout
 
     @property
     def name(self) -> str:
@@ -35,7 +37,7 @@ class JitbrokerMiddleware(AgentMiddleware[Any, Any, Any]):
         needed = grants_for_tool(self.grants, request.tool_call["name"])
         if not needed:
             return handler(request)
-        with tool_credentials(credentials_for(self.task, needed)):
+        with tool_credentials(credentials_for(self.task, needed, self.approval_timeout)):
             return handler(request)
 
     async def awrap_tool_call(self, request: Any,
@@ -43,5 +45,5 @@ class JitbrokerMiddleware(AgentMiddleware[Any, Any, Any]):
         needed = grants_for_tool(self.grants, request.tool_call["name"])
         if not needed:
             return await handler(request)
-        with tool_credentials(await acredentials_for(self.task, needed)):
+        with tool_credentials(await acredentials_for(self.task, needed, self.approval_timeout)):
             return await handler(request)

@@ -32,16 +32,18 @@ class JitbrokerRunHooks(RunHooks[Any]):
     """``grants`` maps tool names to the grants their calls need; ``task`` defaults to the
     active ``broker.task(...)``."""
 
-    def __init__(self, grants: GrantsByTool, *, task: Any = None) -> None:
+    def __init__(self, grants: GrantsByTool, *, task: Any = None,
+                 approval_timeout: float | None = None) -> None:
         self.grants = dict(grants)
         self.task = task
+        self.approval_timeout = approval_timeout
 
     async def on_tool_start(self, context: Any, agent: Any, tool: Any) -> None:
         needed = grants_for_tool(self.grants, getattr(tool, "name", ""))
         if not needed:
             return
         t = _task(self.task)
-        creds = await acredentials_for(t, needed)
+        creds = await acredentials_for(t, needed, self.approval_timeout)
         t._delivered.put(_call_id(context, tool), creds)
 
     async def on_tool_end(self, context: Any, agent: Any, tool: Any, result: object) -> None:

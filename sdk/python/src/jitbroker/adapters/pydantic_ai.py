@@ -40,9 +40,11 @@ class JitbrokerCapability(AbstractCapability[Any]):
         purpose: str | None = None,
         run_grants: Sequence[GrantLike] | None = None,
         ttl: int | None = None,
+        approval_timeout: float | None = None,
     ) -> None:
         self.grants: Mapping[str, Sequence[GrantLike]] = dict(grants or {})
         self.task = task
+        self.approval_timeout = approval_timeout
         self.broker = broker
         self.purpose = purpose
         self.ttl = ttl
@@ -68,6 +70,6 @@ class JitbrokerCapability(AbstractCapability[Any]):
             needed = grants_of(tool_def.metadata.get("jitbroker", ()))
         if not needed:
             return await handler(args)
-        creds = await acredentials_for(self.task, needed)
+        creds = await acredentials_for(self.task, needed, self.approval_timeout)
         with tool_credentials(creds):
             return await handler(args)
