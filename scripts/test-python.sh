@@ -34,7 +34,9 @@ gen() {
   mkdir -p "$out"
   PATH="$cache/python-codegen/bin:$PATH" "$cache/python-codegen/bin/python" -m grpc_tools.protoc \
     -I proto --python_out="$out" --grpc_python_out="$out" --mypy_out="$out" \
-    --mypy_grpc_out="$out" proto/jitbroker/v1/*.proto >/dev/null
+    --mypy_grpc_out="$out" proto/jitbroker/v1/*.proto >"$out/.protoc.log" 2>&1 ||
+    { cat "$out/.protoc.log" >&2; return 1; }
+  rm -f "$out/.protoc.log"
 }
 
 step "Python venvs (cached in $cache)"
@@ -75,6 +77,9 @@ fi
 # The suite imports the installed wheel, not the source tree, so it tests what users install.
 (cd "$sdk/tests" && "$py" -m pytest -q -p no:cacheprovider --timeout 120 -c "$sdk/pyproject.toml" \
   --rootdir "$sdk" "$sdk/tests")
+
+step "SDK benchmark smoke (no figures asserted; figures: BENCHMARKS.md)"
+(cd "$tmp" && "$py" "$sdk/bench/bench_sdk.py" 20 | tail -3)
 
 echo
 echo "scripts/test-python.sh: all Python checks passed"

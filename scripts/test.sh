@@ -36,6 +36,9 @@ cargo test --all-targets --locked
 step "release build (the README's run command)"
 cargo build --release --locked --bins
 
+step "Python SDK: stubs, ruff, mypy, pytest against the release binary (scripts/test-python.sh)"
+JITBROKER_BIN="$root/target/release/jitbroker" scripts/test-python.sh
+
 step "example policies pass their cases (jitbroker policy test)"
 for d in policies/*/; do
   target/release/jitbroker policy test --config "$d/jitbroker.toml" "$d/cases.toml"
