@@ -414,3 +414,41 @@ async def test_async_delegation(dev: DevBroker, abroker: AsyncBroker, tmp_path: 
         async with AsyncBroker.from_files(dev.target, helper_dir) as hb:
             ht = await hb.attach(child.task_id)
             assert (await ht.credential("tickets", "read")).task_id == child.task_id
+
+
+def _self_signed_pem(tmp_path: Path) -> Path:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not the broker's CA")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    p = tmp_path / "foreign.pem"
+    p.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return p
+
+
+def test_tls_failures_say_what_to_check(dev: DevBroker, tmp_path: Path) -> None:
+    once = jitbroker.RetryPolicy(attempts=1, timeout=3)
+    agent = dev.svid_dir("agent")
+    foreign = FilesSource(svid_file=agent / "svid.pem", key_file=agent / "svid.key",
+                          bundle_file=_self_signed_pem(tmp_path))
+    with Broker(dev.target, foreign, retry=once) as b, \
+            pytest.raises(jitbroker.BrokerUnavailable, match="trust bundle"):
+        b.start_task("x", grants=READ)
+    short = dev.mint("spiffe://jitbroker.dev/agent/short-lived", tmp_path / "s", ttl_seconds=1)
+    src = FilesSource(short)
+    time.sleep(max(0.0, src.material().not_after.timestamp() - time.time()) + 1.5)  # type: ignore[union-attr]
+    with Broker(dev.target, src, retry=once) as b, \
+            pytest.raises(jitbroker.Unauthenticated, match="short-lived.*not expired"):
+        b.start_task("x", grants=READ)

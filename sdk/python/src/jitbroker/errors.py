@@ -187,6 +187,18 @@ def from_rpc_error(err: grpc.RpcError, *, who: str | None = None,
         return QuotaExceeded(detail, code=code)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         where = f" at {target}" if target else ""
+        me = f" ({who})" if who else ""
+        if "CERTIFICATE_VERIFY_FAILED" in detail or "Tls handshake failed" in detail:
+            return BrokerUnavailable(
+                f"TLS handshake with the broker{where} failed ({detail}); check that this "
+                "client's trust bundle holds the CA of the broker's trust domain and that the "
+                "address (or server_name) is a DNS or IP SAN of the broker's certificate",
+                code=code,
+            )
+        if "TSI_DATA_CORRUPTED" in detail or "CERTIFICATE_EXPIRED" in detail:
+            return Unauthenticated(_unauthenticated_hint(
+                f"the TLS session was refused after the handshake ({detail}); the broker "
+                f"rejected this client's certificate{me}", None), code=code)
         return BrokerUnavailable(
             f"the broker{where} did not answer ({code.name}: {detail}); is it running, and does "
             "its certificate carry this address as a DNS or IP SAN (or set server_name)?",
