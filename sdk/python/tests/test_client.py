@@ -450,5 +450,5 @@ def test_tls_failures_say_what_to_check(dev: DevBroker, tmp_path: Path) -> None:
     src = FilesSource(short)
     time.sleep(max(0.0, src.material().not_after.timestamp() - time.time()) + 1.5)  # type: ignore[union-attr]
     with Broker(dev.target, src, retry=once) as b, \
-            pytest.raises(jitbroker.Unauthenticated, match="short-lived.*not expired"):
+            pytest.raises(jitbroker.Unauthenticated, match=r"short-lived.*not expired"):
         b.start_task("x", grants=READ)
