@@ -452,3 +452,23 @@ def test_tls_failures_say_what_to_check(dev: DevBroker, tmp_path: Path) -> None:
     with Broker(dev.target, src, retry=once) as b, \
             pytest.raises(jitbroker.Unauthenticated, match=r"short-lived.*not expired"):
         b.start_task("x", grants=READ)
+
+
+async def test_async_verifier_and_admin(dev: DevBroker, abroker: AsyncBroker) -> None:
+    tool = jitbroker.AsyncVerifier(dev.target, FilesSource(dev.svid_dir("tool")))
+    lead = jitbroker.AsyncAdmin(dev.target, FilesSource(dev.svid_dir("approver")))
+    try:
+        async with abroker.task("async tool side", grants=[("accounts", "read"),
+                                                           ("payments", "refund:issue")],
+                                  ttl=300) as t:
+            cred = await t.credential("accounts", "read")
+            assert (await tool.introspect(cred.secret, "accounts")).active
+            claims = await tool.verify_jwt(cred.secret, "accounts")
+            assert claims["task_id"] == t.task_id
+            pending = [a for a in await lead.list_approvals("PENDING") if a.task_id == t.task_id]
+            assert len(pending) == 1 and pending[0].grant == ("payments", "refund:issue")
+            denied = await lead.deny(pending[0].approval_id, "not today")
+            assert denied.state == "DENIED" and denied.decided_by.endswith("/approver")
+    finally:
+        await tool.close()
+        await lead.close()
