@@ -152,12 +152,12 @@ class AsyncTransport:
         jwt_retried = False
         while True:
             attempt += 1
-            slot = self.pool.acquire()
             md = None
             if self.jwt is not None:
                 # The token cache may call a provider that blocks (a file, the Workload API).
                 token = await asyncio.to_thread(self.jwt.token)
                 md = (("authorization", f"Bearer {token}"),)
+            slot = self.pool.acquire()
             try:
                 left = deadline - time.monotonic()
                 return await pick(slot)(request, timeout=max(0.05, min(per_attempt, left)),
@@ -165,9 +165,12 @@ class AsyncTransport:
             except grpc.aio.AioRpcError as e:
                 code = e.code()
                 swapped = self.pool.generation != slot.generation
-                if swapped and code in (grpc.StatusCode.UNAVAILABLE,
-                                        grpc.StatusCode.UNAUTHENTICATED,
-                                        grpc.StatusCode.CANCELLED) and attempt < 10:
+                # Only when it cannot have been served twice: an idempotent call, or one the
+                # broker refused before serving it.
+                if swapped and attempt < 10 and (
+                        code == grpc.StatusCode.UNAUTHENTICATED
+                        or (idempotent and code in (grpc.StatusCode.UNAVAILABLE,
+                                                    grpc.StatusCode.CANCELLED))):
                     continue
                 if (code == grpc.StatusCode.UNAUTHENTICATED and self.jwt is not None
                         and not jwt_retried):

@@ -192,10 +192,10 @@ class Transport:
         jwt_retried = False
         while True:
             attempt += 1
-            slot = self.pool.acquire()
             md = None
             if self.jwt is not None:
                 md = (("authorization", f"Bearer {self.jwt.token()}"),)
+            slot = self.pool.acquire()
             try:
                 left = deadline - time.monotonic()
                 return pick(slot)(request, timeout=max(0.05, min(per_attempt, left)),
@@ -203,10 +203,13 @@ class Transport:
             except grpc.RpcError as e:
                 code = e.code()
                 swapped = self.pool.generation != slot.generation
-                # A call that raced a rotation goes again on the new channel, whatever it was.
-                if swapped and code in (grpc.StatusCode.UNAVAILABLE,
-                                        grpc.StatusCode.UNAUTHENTICATED,
-                                        grpc.StatusCode.CANCELLED) and attempt < 10:
+                # A call that raced a rotation goes again on the new channel.
+                # Only when it cannot have been served twice: an idempotent call, or one the
+                # broker refused before serving it.
+                if swapped and attempt < 10 and (
+                        code == grpc.StatusCode.UNAUTHENTICATED
+                        or (idempotent and code in (grpc.StatusCode.UNAVAILABLE,
+                                                    grpc.StatusCode.CANCELLED))):
                     continue
                 if (code == grpc.StatusCode.UNAUTHENTICATED and self.jwt is not None
                         and not jwt_retried):
