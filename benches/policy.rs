@@ -52,6 +52,7 @@ fn per_decision(
             approved: false,
             labels: &labels,
             now_unix: 0,
+            tool_call: None,
         };
         let v = if indexed {
             engine.decide(&req)

@@ -54,6 +54,9 @@ pub struct Config {
     pub retention: RetentionConfig,
     #[serde(default)]
     pub store: StoreConfig,
+    /// Tool calls decided for gateways (Envoy ext_authz); absent = no gateway may ask.
+    #[serde(default)]
+    pub gateway: Option<crate::gateway::GatewayConfig>,
 }
 
 /// `[store]`: the data store's memory.
@@ -302,6 +305,9 @@ pub struct ResourceConfig {
     /// Required for `kind = "postgres"`.
     #[serde(default)]
     pub postgres: Option<PostgresConfig>,
+    /// How a gateway injects this resource's credential into the upstream request.
+    #[serde(default)]
+    pub inject: Option<crate::gateway::InjectConfig>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -590,6 +596,9 @@ impl Config {
                 }
                 (_, None) => {}
             }
+            if let Some(inject) = &r.inject {
+                inject.validate(name, r.kind)?;
+            }
             if let Some(m) = r.max_ttl_seconds
                 && (m == 0 || m > self.max_ttl_seconds)
             {
@@ -599,6 +608,9 @@ impl Config {
                     self.max_ttl_seconds
                 ));
             }
+        }
+        if let Some(g) = &self.gateway {
+            g.validate(&self.resources)?;
         }
         let rt = &self.retention;
         if rt.ended_records_seconds == 0

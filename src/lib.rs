@@ -12,7 +12,10 @@
 //! - [`api`]: the gRPC services; the only code that touches tonic and prost types.
 //! - [`identity`]: where SVIDs come from (SPIRE, files, dev CA) and how TLS uses them.
 //! - [`policy`]: Cedar policies, decided at request time.
-//! - [`broker`]: tasks, credentials, expiry and the reaper; no tonic, no sled.
+//! - [`broker`]: tasks, credentials, expiry and the reaper; no tonic, no sled. Tool calls that
+//!   gateways ask about are decided in `broker::tool_calls`.
+//! - [`gateway`]: enforcement at the point of tool use: the `[gateway]` configuration and the
+//!   routing of HTTP and MCP calls to grants; `api::ext_authz` speaks Envoy's protocol.
 //! - [`issuers`]: the credential kinds (opaque tokens, JWTs).
 //! - [`store`]: the storage trait, the sled store, sealing with AES-256-GCM.
 //! - [`audit`]: the tamper-evident hash chain of every decision and action.
@@ -28,6 +31,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod failpoint;
+pub mod gateway;
 pub mod identity;
 pub mod issuers;
 pub mod model;

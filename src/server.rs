@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -17,7 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
-use crate::api::{AdminApi, BrokerApi, PeerInfo, ServerFacts, VerifierApi, pb};
+use crate::api::{AdminApi, BrokerApi, ExtAuthzApi, PeerInfo, ServerFacts, VerifierApi, pb};
 use crate::broker::{AuditArchive, Broker, Clock, Limits, SystemClock};
 use crate::config::{Config, SourceKind};
 use crate::error::{Error, Result};
@@ -156,9 +157,13 @@ pub fn load_policy(cfg: &Config) -> Result<PolicyEngine> {
         .iter()
         .map(|(k, v)| (k.clone(), v.kind.as_str().to_owned()))
         .collect();
-    PolicyEngine::new(
+    PolicyEngine::with_tool_arguments(
         resources,
         cfg.actions(),
+        cfg.gateway
+            .as_ref()
+            .map(|g| g.tool_arguments.clone())
+            .unwrap_or_default(),
         &text,
         &cfg.policy_file.display().to_string(),
     )
@@ -428,6 +433,13 @@ pub async fn run(
         broker: app.broker.clone(),
         facts: app.facts.clone(),
     };
+    let ext_authz_api = ExtAuthzApi {
+        broker: app.broker.clone(),
+        identity: Some(app.identity.clone()),
+    };
+    health_reporter
+        .set_serving::<AuthorizationServer<ExtAuthzApi>>()
+        .await;
 
     let ops_task = tokio::spawn(serve_ops(
         ops,
@@ -447,6 +459,7 @@ pub async fn run(
         .add_service(pb::broker_server::BrokerServer::new(broker_api))
         .add_service(pb::verifier_server::VerifierServer::new(verifier_api))
         .add_service(pb::admin_server::AdminServer::new(admin_api))
+        .add_service(AuthorizationServer::new(ext_authz_api))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::ReceiverStream::new(conn_rx),
             async move {

@@ -10,6 +10,9 @@ use crate::broker::{self, Broker};
 use crate::error::to_status;
 use crate::model::{self, CredentialRecord, SpiffeId, Task, UnixMillis};
 
+pub mod ext_authz;
+pub use ext_authz::ExtAuthzApi;
+
 /// Generated protobuf and gRPC code for `jitbroker.v1`.
 pub mod pb {
     #![allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -7,6 +7,7 @@ pub mod clock;
 pub mod delegation;
 pub mod reaper;
 pub mod retention;
+pub mod tool_calls;
 pub mod upstream;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -25,7 +26,7 @@ use crate::model::{
     CredentialId, CredentialRecord, CredentialState, Decision, Grant, GrantDecision, RevokeReason,
     Secret, SpiffeId, Task, TaskId, TaskState, UnixMillis, UpstreamObject, UpstreamState, preview,
 };
-use crate::policy::{PolicyEngine, PolicyRequest};
+use crate::policy::PolicyEngine;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -48,6 +49,8 @@ pub struct ResourceSpec {
     pub actions: BTreeSet<String>,
     pub verifiers: HashSet<SpiffeId>,
     pub max_ttl_seconds: u64,
+    /// How a gateway carries this resource's credential (`[resources.NAME.inject]`).
+    pub inject: Option<crate::gateway::InjectConfig>,
 }
 
 /// The limits and roles the broker enforces, taken from [`Config`].
@@ -67,6 +70,9 @@ pub struct Limits {
     pub max_delegation_depth: u32,
     /// How long an ended task and its credentials stay in the store before they are deleted.
     pub ended_retention_ms: i64,
+    /// Tool calls decided for gateways (`[gateway]`), and the gateways allowed to ask.
+    pub gateway: Option<Arc<crate::gateway::GatewayConfig>>,
+    pub gateway_ids: HashSet<SpiffeId>,
 }
 
 impl Limits {
@@ -83,6 +89,7 @@ impl Limits {
                     actions: r.actions.iter().cloned().collect(),
                     verifiers: ids("verifiers", &r.verifiers)?,
                     max_ttl_seconds: r.max_ttl_seconds.unwrap_or(cfg.max_ttl_seconds),
+                    inject: r.inject.clone(),
                 },
             );
         }
@@ -97,6 +104,11 @@ impl Limits {
             approval_ttl_ms: secs_to_ms(cfg.approval_ttl_seconds),
             max_delegation_depth: cfg.max_delegation_depth,
             ended_retention_ms: secs_to_ms(cfg.retention.ended_records_seconds),
+            gateway: cfg.gateway.clone().map(Arc::new),
+            gateway_ids: match &cfg.gateway {
+                Some(g) => ids("gateway.ids", &g.ids)?,
+                None => HashSet::new(),
+            },
             authorized_trust_domains: cfg
                 .identity
                 .authorized_trust_domains
@@ -471,24 +483,10 @@ impl Broker {
         let DecideCtx {
             task,
             purpose,
-            labels,
-            requested_ttl_ms,
             chain,
-            approved,
+            ..
         } = *c;
-        let now = self.now();
-        let v = self.policy.decide(&PolicyRequest {
-            principal,
-            action: &grant.action,
-            resource: &grant.resource,
-            purpose,
-            task_age_seconds: task.map_or(0, |t| (now - t.created_at).max(0) / 1000),
-            requested_ttl_seconds: requested_ttl_ms / 1000,
-            delegation_chain: chain,
-            approved,
-            labels,
-            now_unix: now / 1000,
-        });
+        let v = self.evaluate(principal, grant, c, None);
         self.audit(Event {
             kind: "decision".into(),
             spiffe_id: principal.to_string(),
@@ -502,7 +500,6 @@ impl Broker {
             delegation_chain: chain.iter().map(|c| c.to_string()).collect(),
             ..Default::default()
         })?;
-        self.metrics.decision(v.decision);
         Ok(v)
     }
 
@@ -672,6 +669,13 @@ impl Broker {
         let task_id = TaskId::parse(&req.task_id)?;
         let spec = self.resource("resource", &req.resource)?.clone();
         self.check_action("action", &spec, &req.resource, &req.action)?;
+        if spec.inject.as_ref().is_some_and(|i| i.gateway_only) {
+            return Err(Error::FailedPrecondition(format!(
+                "credentials of resource {} are injected by a gateway only (inject.gateway_only): \
+                 call the tool through the gateway with the task id in its task header",
+                req.resource
+            )));
+        }
         let idem = Self::check_idempotency_key(&req.idempotency_key)?;
         let res_max = spec.max_ttl_seconds.min(self.limits.max_ttl_seconds);
         let ttl_s = match u64::from(req.ttl_seconds) {
@@ -766,6 +770,44 @@ impl Broker {
                 )));
             }
         }
+        let issued = self
+            .mint_credential(
+                caller,
+                &task,
+                &spec,
+                &grant,
+                expires_at,
+                idem,
+                approval,
+                BTreeMap::new(),
+            )
+            .await?;
+        self.store.durable().await?;
+        crate::failpoint::hit("issue-before-reply");
+        self.metrics.issued(&issued.record.kind);
+        Ok(issued)
+    }
+
+    /// Issues one credential of a task for a grant already decided: the per-task quota, the
+    /// issuer, the records, the approval it uses and the audit entry. The caller holds the task's
+    /// stripe and makes the writes durable before replying.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one issuance, its inputs named at the call"
+    )]
+    pub(crate) async fn mint_credential(
+        &self,
+        caller: &SpiffeId,
+        task: &Task,
+        spec: &ResourceSpec,
+        grant: &Grant,
+        expires_at: UnixMillis,
+        idem: Option<String>,
+        approval: Option<crate::model::Approval>,
+        extra_attributes: BTreeMap<String, String>,
+    ) -> Result<IssuedCredential> {
+        let now = self.now();
+        let task_id = task.id.clone();
         let indexed = self.store.credentials_of_task(&task_id)?;
         let mut issued_count = indexed.len() as u64;
         if issued_count >= self.limits.max_credentials_per_task {
@@ -789,31 +831,35 @@ impl Broker {
             credential_id: &id,
             task_id: &task_id,
             owner: caller,
-            resource: &req.resource,
-            action: &req.action,
+            resource: &grant.resource,
+            action: &grant.action,
             issued_at: now,
             expires_at,
             delegation_chain: &task.delegation_chain,
         };
         let mut upstream_name = None;
-        let Issued { secret, attributes } = match spec.kind {
+        let Issued {
+            secret,
+            mut attributes,
+        } = match spec.kind {
             ResourceKind::Token => token::issue(),
             ResourceKind::Jwt => self.jwt.issue(&ireq)?,
             ResourceKind::X509 => self.x509.issue(&ireq)?,
             ResourceKind::Postgres => {
                 let (name, issued) = self
-                    .create_upstream(&req.resource, &id, &req.action, now, expires_at)
+                    .create_upstream(&grant.resource, &id, &grant.action, now, expires_at)
                     .await?;
                 upstream_name = Some(name);
                 issued
             }
         };
+        attributes.extend(extra_attributes);
         let record = CredentialRecord {
             id,
             task_id,
             owner: caller.clone(),
-            resource: req.resource,
-            action: req.action,
+            resource: grant.resource.clone(),
+            action: grant.action.clone(),
             kind: spec.kind.as_str().to_owned(),
             issued_at: now,
             expires_at,
@@ -854,9 +900,6 @@ impl Broker {
             detail: format!("kind={} expires_at={}", record.kind, record.expires_at),
             ..Default::default()
         })?;
-        self.store.durable().await?;
-        crate::failpoint::hit("issue-before-reply");
-        self.metrics.issued(&record.kind);
         Ok(IssuedCredential { record, secret })
     }
 

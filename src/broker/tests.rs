@@ -40,6 +40,7 @@ fn fixture() -> Fixture {
                 actions: BTreeSet::from(["read".into(), "write".into()]),
                 verifiers: HashSet::from([id("spiffe://td/tool")]),
                 max_ttl_seconds: 600,
+                inject: None,
             },
         )]),
         max_ttl_seconds: 3600,
@@ -52,6 +53,8 @@ fn fixture() -> Fixture {
         approval_ttl_ms: 900_000,
         ended_retention_ms: 3_600_000,
         max_delegation_depth: 2,
+        gateway: None,
+        gateway_ids: HashSet::new(),
     };
     let broker = Broker::new(
         store.clone(),

@@ -33,6 +33,51 @@ pub struct PolicyRequest<'a> {
     pub approved: bool,
     pub labels: &'a BTreeMap<String, String>,
     pub now_unix: i64,
+    /// Set when the decision is about one call through a gateway (`context.tool_call`).
+    pub tool_call: Option<&'a ToolCallContext>,
+}
+
+/// The type of a tool argument that policies may read (`[gateway.tool_arguments]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArgType {
+    Long,
+    String,
+    Bool,
+}
+
+impl ArgType {
+    fn cedar(self) -> &'static str {
+        match self {
+            Self::Long => "Long",
+            Self::String => "String",
+            Self::Bool => "Bool",
+        }
+    }
+}
+
+/// A tool argument's value, already checked against its declared [`ArgType`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ArgValue {
+    Long(i64),
+    String(String),
+    Bool(bool),
+}
+
+/// What a gateway told the broker about one tool call, as policies see it in
+/// `context.tool_call`. Empty strings where a field does not apply (`tool` outside MCP
+/// `tools/call`, for instance).
+#[derive(Clone, Debug, Default)]
+pub struct ToolCallContext {
+    pub gateway: String,
+    pub route: String,
+    pub method: String,
+    pub host: String,
+    pub path: String,
+    pub mcp_method: String,
+    pub tool: String,
+    /// Only the declared arguments that the call carries.
+    pub arguments: BTreeMap<String, ArgValue>,
 }
 
 /// The outcome of one decision.
@@ -130,20 +175,31 @@ pub struct PolicyEngine {
     loaded: RwLock<Arc<Loaded>>,
     resources: BTreeMap<String, String>,
     actions: Vec<String>,
+    tool_args: BTreeMap<String, ArgType>,
     authorizer: Authorizer,
 }
 
 pub mod testing;
 
-/// The Cedar schema for a set of actions: principals are `Agent`s, resources `Resource`s.
-pub fn schema_text(actions: &[String]) -> String {
-    let mut s = String::from(
-        "entity Agent = { \"spiffe_id\": String, \"trust_domain\": String, \"path\": String };\n\
-         entity Resource = { \"kind\": String };\n\
-         type RequestContext = {\n  \"purpose\": String,\n  \"task_age_seconds\": Long,\n  \
+/// The Cedar schema for a set of actions and declared tool arguments: principals are `Agent`s,
+/// resources `Resource`s; `context.tool_call` is present only for calls through a gateway.
+pub fn schema_text(actions: &[String], tool_args: &BTreeMap<String, ArgType>) -> String {
+    let args: Vec<String> = tool_args
+        .iter()
+        .map(|(name, ty)| format!("{name:?}?: {}", ty.cedar()))
+        .collect();
+    let mut s = format!(
+        "entity Agent = {{ \"spiffe_id\": String, \"trust_domain\": String, \"path\": String }};\n\
+         entity Resource = {{ \"kind\": String }};\n\
+         type ToolArguments = {{ {} }};\n\
+         type ToolCall = {{\n  \"gateway\": String,\n  \"route\": String,\n  \"method\": String,\n  \
+         \"host\": String,\n  \"path\": String,\n  \"mcp_method\": String,\n  \"tool\": String,\n  \
+         \"arguments\": ToolArguments,\n}};\n\
+         type RequestContext = {{\n  \"purpose\": String,\n  \"task_age_seconds\": Long,\n  \
          \"requested_ttl_seconds\": Long,\n  \"delegation_depth\": Long,\n  \
          \"delegation_chain\": Set<String>,\n  \"approved\": Bool,\n  \"labels\": Set<String>,\n  \
-         \"now\": Long,\n  \"trust_domain\": String,\n};\n",
+         \"now\": Long,\n  \"trust_domain\": String,\n  \"tool_call\"?: ToolCall,\n}};\n",
+        args.join(", ")
     );
     if !actions.is_empty() {
         let names: Vec<String> = actions.iter().map(|a| format!("{a:?}")).collect();
@@ -164,18 +220,31 @@ impl PolicyEngine {
         policy_text: &str,
         origin: &str,
     ) -> Result<Self> {
-        let loaded = load(&actions, policy_text, origin)?;
+        Self::with_tool_arguments(resources, actions, BTreeMap::new(), policy_text, origin)
+    }
+
+    /// Like [`PolicyEngine::new`], with the tool arguments that policies may read in
+    /// `context.tool_call.arguments` (`[gateway.tool_arguments]`).
+    pub fn with_tool_arguments(
+        resources: BTreeMap<String, String>,
+        actions: Vec<String>,
+        tool_args: BTreeMap<String, ArgType>,
+        policy_text: &str,
+        origin: &str,
+    ) -> Result<Self> {
+        let loaded = load(&actions, &tool_args, policy_text, origin)?;
         Ok(Self {
             loaded: RwLock::new(Arc::new(loaded)),
             resources,
             actions,
+            tool_args,
             authorizer: Authorizer::new(),
         })
     }
 
     /// Validates and swaps in a new policy text; on error the serving set is unchanged.
     pub fn reload(&self, policy_text: &str, origin: &str) -> Result<(usize, String)> {
-        let loaded = load(&self.actions, policy_text, origin)?;
+        let loaded = load(&self.actions, &self.tool_args, policy_text, origin)?;
         let out = (loaded.count, loaded.digest.clone());
         *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
         Ok(out)
@@ -262,35 +331,42 @@ impl PolicyEngine {
             .iter()
             .map(|(k, v)| s(&format!("{k}={v}")))
             .collect();
-        let context = Context::from_pairs([
-            ("purpose".to_owned(), s(req.purpose)),
-            (
-                "task_age_seconds".to_owned(),
-                RestrictedExpression::new_long(req.task_age_seconds),
-            ),
-            (
-                "requested_ttl_seconds".to_owned(),
-                RestrictedExpression::new_long(req.requested_ttl_seconds),
-            ),
-            (
-                "delegation_depth".to_owned(),
-                RestrictedExpression::new_long(req.delegation_chain.len().saturating_sub(1) as i64),
-            ),
-            (
-                "delegation_chain".to_owned(),
-                RestrictedExpression::new_set(chain),
-            ),
-            (
-                "approved".to_owned(),
-                RestrictedExpression::new_bool(req.approved),
-            ),
-            ("labels".to_owned(), RestrictedExpression::new_set(labels)),
-            (
-                "now".to_owned(),
-                RestrictedExpression::new_long(req.now_unix),
-            ),
-            ("trust_domain".to_owned(), s(req.principal.trust_domain())),
-        ])
+        let tool_call = req.tool_call.map(tool_call_expr).transpose()?;
+        let context = Context::from_pairs(
+            [
+                ("purpose".to_owned(), s(req.purpose)),
+                (
+                    "task_age_seconds".to_owned(),
+                    RestrictedExpression::new_long(req.task_age_seconds),
+                ),
+                (
+                    "requested_ttl_seconds".to_owned(),
+                    RestrictedExpression::new_long(req.requested_ttl_seconds),
+                ),
+                (
+                    "delegation_depth".to_owned(),
+                    RestrictedExpression::new_long(
+                        req.delegation_chain.len().saturating_sub(1) as i64
+                    ),
+                ),
+                (
+                    "delegation_chain".to_owned(),
+                    RestrictedExpression::new_set(chain),
+                ),
+                (
+                    "approved".to_owned(),
+                    RestrictedExpression::new_bool(req.approved),
+                ),
+                ("labels".to_owned(), RestrictedExpression::new_set(labels)),
+                (
+                    "now".to_owned(),
+                    RestrictedExpression::new_long(req.now_unix),
+                ),
+                ("trust_domain".to_owned(), s(req.principal.trust_domain())),
+            ]
+            .into_iter()
+            .chain(tool_call.map(|t| ("tool_call".to_owned(), t))),
+        )
         .map_err(|e| cerr(&e))?;
         let request = Request::new(agent, action, resource, context, Some(&l.schema))
             .map_err(|e| cerr(&e))?;
@@ -336,6 +412,32 @@ impl PolicyEngine {
     }
 }
 
+fn tool_call_expr(t: &ToolCallContext) -> Result<RestrictedExpression> {
+    let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
+    let args = t.arguments.iter().map(|(k, v)| {
+        let v = match v {
+            ArgValue::Long(n) => RestrictedExpression::new_long(*n),
+            ArgValue::String(x) => s(x),
+            ArgValue::Bool(b) => RestrictedExpression::new_bool(*b),
+        };
+        (k.clone(), v)
+    });
+    let record = |pairs: Vec<(String, RestrictedExpression)>| {
+        RestrictedExpression::new_record(pairs)
+            .map_err(|e| Error::Internal(format!("cedar: tool_call context: {e}")))
+    };
+    record(vec![
+        ("gateway".into(), s(&t.gateway)),
+        ("route".into(), s(&t.route)),
+        ("method".into(), s(&t.method)),
+        ("host".into(), s(&t.host)),
+        ("path".into(), s(&t.path)),
+        ("mcp_method".into(), s(&t.mcp_method)),
+        ("tool".into(), s(&t.tool)),
+        ("arguments".into(), record(args.collect())?),
+    ])
+}
+
 fn deny_default(req: &PolicyRequest<'_>, why: &str) -> Verdict {
     Verdict {
         decision: Decision::Denied,
@@ -353,9 +455,14 @@ fn uid(ty: &str, id: &str) -> Result<EntityUid> {
     Ok(EntityUid::from_type_name_and_id(t, id))
 }
 
-fn load(actions: &[String], text: &str, origin: &str) -> Result<Loaded> {
+fn load(
+    actions: &[String],
+    tool_args: &BTreeMap<String, ArgType>,
+    text: &str,
+    origin: &str,
+) -> Result<Loaded> {
     let bad = |m: String| Error::Config(format!("policy {origin}: {m}"));
-    let (schema, _warnings) = Schema::from_cedarschema_str(&schema_text(actions))
+    let (schema, _warnings) = Schema::from_cedarschema_str(&schema_text(actions, tool_args))
         .map_err(|e| Error::Internal(format!("generated Cedar schema is invalid: {e}")))?;
     let parsed = PolicySet::from_str(text).map_err(|e| bad(format!("does not parse: {e}")))?;
     if parsed.templates().next().is_some() {
@@ -464,6 +571,7 @@ when { context.labels.contains("env=forbidden") };
             approved: false,
             labels,
             now_unix: 0,
+            tool_call: None,
         }
     }
 
@@ -565,6 +673,7 @@ when { context.labels.contains("env=forbidden") };
                 approved: rng.gen_range(0..2) == 0,
                 labels: &labels,
                 now_unix: 0,
+                tool_call: None,
             };
             let a = engine.decide(&req);
             let b = engine.decide_unindexed(&req);
@@ -595,5 +704,60 @@ when { context.labels.contains("env=forbidden") };
         e.reload("@id(\"all\") permit(principal, action, resource);", "x")
             .unwrap();
         assert_eq!(e.info().0, 1);
+    }
+}
+
+#[cfg(test)]
+mod tool_call_tests {
+    use super::*;
+
+    #[test]
+    fn tool_call_context_reaches_policies() {
+        let e = PolicyEngine::with_tool_arguments(
+            BTreeMap::from([("payments".into(), "token".into())]),
+            vec!["refund".into()],
+            BTreeMap::from([("amount".into(), ArgType::Long)]),
+            r#"@id("small") permit(principal, action, resource) when {
+                 if context has tool_call then
+                   context.tool_call.arguments has amount && context.tool_call.arguments.amount < 100
+                 else true };"#,
+            "t",
+        )
+        .unwrap();
+        let p = SpiffeId::parse("p", "spiffe://td/agent/a").unwrap();
+        let labels = BTreeMap::new();
+        let mut tc = ToolCallContext {
+            tool: "refund".into(),
+            ..Default::default()
+        };
+        tc.arguments.insert("amount".into(), ArgValue::Long(40));
+        let mut req = PolicyRequest {
+            principal: &p,
+            action: "refund",
+            resource: "payments",
+            purpose: "x",
+            task_age_seconds: 0,
+            requested_ttl_seconds: 60,
+            delegation_chain: std::slice::from_ref(&p),
+            approved: false,
+            labels: &labels,
+            now_unix: 0,
+            tool_call: Some(&tc),
+        };
+        let v = e.decide(&req);
+        assert_eq!(v.decision, Decision::Allowed, "{}", v.reason);
+        let mut big = tc.clone();
+        big.arguments.insert("amount".into(), ArgValue::Long(400));
+        req.tool_call = Some(&big);
+        assert_eq!(e.decide(&req).decision, Decision::Denied);
+        let none = ToolCallContext::default();
+        req.tool_call = Some(&none);
+        assert_eq!(
+            e.decide(&req).decision,
+            Decision::Denied,
+            "no amount, no refund"
+        );
+        req.tool_call = None;
+        assert_eq!(e.decide(&req).decision, Decision::Allowed);
     }
 }

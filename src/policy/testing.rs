@@ -14,6 +14,12 @@
 //! approved = false                     # optional
 //! expect = "allowed"                   # allowed | needs_approval | denied
 //! expect_policies = ["support-read"]   # optional: exactly the deciding policy ids
+//!
+//! [case.tool_call]                     # optional: a call through a gateway (context.tool_call)
+//! route = "mcp-refund"
+//! mcp_method = "tools/call"
+//! tool = "refund"
+//! arguments = { amount = 40 }          # integers, strings and booleans
 //! ```
 
 use std::collections::BTreeMap;
@@ -21,7 +27,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use super::{PolicyEngine, PolicyRequest};
+use super::{ArgValue, PolicyEngine, PolicyRequest, ToolCallContext};
 use crate::error::{Error, Result};
 use crate::model::{Decision, SpiffeId};
 
@@ -54,6 +60,60 @@ struct Case {
     expect: Expect,
     #[serde(default)]
     expect_policies: Option<Vec<String>>,
+    #[serde(default)]
+    tool_call: Option<CaseToolCall>,
+}
+
+/// `[case.tool_call]`: what a gateway would report about the call.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaseToolCall {
+    #[serde(default)]
+    gateway: String,
+    #[serde(default)]
+    route: String,
+    #[serde(default)]
+    method: String,
+    #[serde(default)]
+    host: String,
+    #[serde(default)]
+    path: String,
+    #[serde(default)]
+    mcp_method: String,
+    #[serde(default)]
+    tool: String,
+    #[serde(default)]
+    arguments: BTreeMap<String, toml::Value>,
+}
+
+impl CaseToolCall {
+    fn context(&self) -> Result<ToolCallContext> {
+        let mut arguments = BTreeMap::new();
+        for (k, v) in &self.arguments {
+            let v = match v {
+                toml::Value::Integer(n) => ArgValue::Long(*n),
+                toml::Value::String(s) => ArgValue::String(s.clone()),
+                toml::Value::Boolean(b) => ArgValue::Bool(*b),
+                other => {
+                    return Err(Error::invalid(
+                        format!("tool_call.arguments.{k}"),
+                        format!("must be an integer, a string or a boolean (got {other})"),
+                    ));
+                }
+            };
+            arguments.insert(k.clone(), v);
+        }
+        Ok(ToolCallContext {
+            gateway: self.gateway.clone(),
+            route: self.route.clone(),
+            method: self.method.clone(),
+            host: self.host.clone(),
+            path: self.path.clone(),
+            mcp_method: self.mcp_method.clone(),
+            tool: self.tool.clone(),
+            arguments,
+        })
+    }
 }
 
 fn default_purpose() -> String {
@@ -148,6 +208,12 @@ pub fn run_cases(engine: &PolicyEngine, cases_toml: &str, origin: &str) -> Resul
             .collect::<Result<Vec<_>>>()
             .map_err(at)?;
         chain.push(principal.clone());
+        let tool_call = c
+            .tool_call
+            .as_ref()
+            .map(CaseToolCall::context)
+            .transpose()
+            .map_err(at)?;
         let v = engine.decide(&PolicyRequest {
             principal: &principal,
             action: &c.action,
@@ -159,6 +225,7 @@ pub fn run_cases(engine: &PolicyEngine, cases_toml: &str, origin: &str) -> Resul
             approved: c.approved,
             labels: &c.labels,
             now_unix: 0,
+            tool_call: tool_call.as_ref(),
         });
         let mut problems = Vec::new();
         if !c.expect.matches(v.decision) {
@@ -203,17 +270,9 @@ mod tests {
             }
             let cfg_text = std::fs::read_to_string(dir.join("jitbroker.toml")).unwrap();
             let cfg = Config::from_toml(&cfg_text, "example", |_| None).unwrap();
-            let policy = std::fs::read_to_string(dir.join("policy.cedar")).unwrap();
-            let engine = PolicyEngine::new(
-                cfg.resources
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.kind.as_str().to_owned()))
-                    .collect(),
-                cfg.actions(),
-                &policy,
-                "example",
-            )
-            .unwrap();
+            let mut cfg = cfg;
+            cfg.policy_file = dir.join("policy.cedar");
+            let engine = crate::server::load_policy(&cfg).unwrap();
             let cases = std::fs::read_to_string(dir.join("cases.toml")).unwrap();
             let report = run_cases(&engine, &cases, "cases.toml").unwrap();
             assert!(report.passed(), "{}:\n{report}", dir.display());

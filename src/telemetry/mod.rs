@@ -49,6 +49,23 @@ struct Histogram {
     sum_micros: AtomicU64,
 }
 
+/// The gRPC path of Envoy's external authorization check.
+const EXT_AUTHZ_CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
+
+impl Histogram {
+    fn record(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
 /// The broker's counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -65,6 +82,9 @@ pub struct Metrics {
     auth_failures: AtomicU64,
     purged_tasks: AtomicU64,
     audit_archived: AtomicU64,
+    /// Gateway tool calls by decision (allowed, needs approval, denied) and their latency.
+    tool_calls: [AtomicU64; 3],
+    tool_call_latency: Histogram,
 }
 
 impl Metrics {
@@ -103,9 +123,20 @@ impl Metrics {
         }
     }
 
+    /// One tool call decided for a gateway, and how long the decision took.
+    pub fn tool_call(&self, d: Decision, elapsed: Duration) {
+        let i = match d {
+            Decision::Allowed => 0,
+            Decision::NeedsApproval => 1,
+            Decision::Denied => 2,
+        };
+        self.tool_calls[i].fetch_add(1, Ordering::Relaxed);
+        self.tool_call_latency.record(elapsed);
+    }
+
     /// Records one request's latency under its gRPC path.
     pub fn observe(&self, path: &str, elapsed: Duration) {
-        let method = if path.starts_with("/jitbroker.v1.") {
+        let method = if path.starts_with("/jitbroker.v1.") || path == EXT_AUTHZ_CHECK {
             path.trim_start_matches('/')
         } else {
             "other"
@@ -124,15 +155,7 @@ impl Metrics {
                 .or_default()
                 .clone(),
         };
-        let secs = elapsed.as_secs_f64();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if secs <= *b {
-                h.buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        h.count.fetch_add(1, Ordering::Relaxed);
-        h.sum_micros
-            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        h.record(elapsed);
     }
 
     pub fn auth_failure(&self) {
@@ -225,6 +248,35 @@ impl Metrics {
                 g(&h.sum_micros) as f64 / 1e6
             );
         }
+        let _ = writeln!(
+            s,
+            "# HELP jitbroker_tool_calls_total Tool calls decided for gateways, by decision.\n\
+             # TYPE jitbroker_tool_calls_total counter\n\
+             jitbroker_tool_calls_total{{decision=\"allowed\"}} {}\n\
+             jitbroker_tool_calls_total{{decision=\"needs_approval\"}} {}\n\
+             jitbroker_tool_calls_total{{decision=\"denied\"}} {}\n\
+             # HELP jitbroker_tool_call_duration_seconds Time to decide a tool call (policy, credential, audit).\n\
+             # TYPE jitbroker_tool_call_duration_seconds histogram",
+            g(&self.tool_calls[0]),
+            g(&self.tool_calls[1]),
+            g(&self.tool_calls[2])
+        );
+        let h = &self.tool_call_latency;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "jitbroker_tool_call_duration_seconds_bucket{{le=\"{b}\"}} {}",
+                g(&h.buckets[i])
+            );
+        }
+        let count = g(&h.count);
+        let _ = writeln!(
+            s,
+            "jitbroker_tool_call_duration_seconds_bucket{{le=\"+Inf\"}} {count}\n\
+             jitbroker_tool_call_duration_seconds_sum {}\n\
+             jitbroker_tool_call_duration_seconds_count {count}",
+            g(&h.sum_micros) as f64 / 1e6
+        );
         for (name, help, v) in gauges {
             let _ = writeln!(
                 s,

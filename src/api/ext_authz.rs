@@ -1,0 +1,184 @@
+//! `envoy.service.auth.v3.Authorization`: Envoy's external authorization protocol, spoken by
+//! Envoy, Istio, Envoy Gateway and agentgateway. The caller is the gateway (its own SVID on the
+//! mTLS connection); the agent is the gateway's verified downstream peer. The decision is
+//! [`Broker::check_tool_call`]; this module only maps the wire.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use envoy_types::ext_authz::v3::pb::{
+    Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
+    HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, HttpStatusCode, OkHttpResponse,
+};
+use envoy_types::pb::google::rpc;
+use tonic::{Request, Response, Status};
+
+use super::caller;
+use crate::broker::Broker;
+use crate::broker::tool_calls::{ToolCallDenial, ToolCallRequest, ToolCallVerdict};
+use crate::error::to_status;
+use crate::gateway::HttpCall;
+
+/// gRPC status codes carried inside `CheckResponse.status`.
+const RPC_OK: i32 = 0;
+const RPC_PERMISSION_DENIED: i32 = 7;
+/// JSON-RPC error code of a denied MCP call (implementation-defined server error range).
+const MCP_DENIED: i32 = -32001;
+
+/// The ext_authz service on the API port.
+#[derive(Clone)]
+pub struct ExtAuthzApi {
+    pub broker: Arc<Broker>,
+    pub identity: Option<crate::identity::Identity>,
+}
+
+#[tonic::async_trait]
+impl Authorization for ExtAuthzApi {
+    async fn check(&self, req: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        let gateway = caller(&req, &self.broker, &self.identity).await?;
+        let check = req.into_inner();
+        let attrs = check.attributes.unwrap_or_default();
+        let principal = attrs.source.map(|s| s.principal).unwrap_or_default();
+        let http = attrs.request.and_then(|r| r.http).unwrap_or_default();
+        let mut headers: HashMap<String, String> = http.headers;
+        // Gateways that send `header_map` (encode_raw_headers) instead of `headers`.
+        if let Some(map) = http.header_map {
+            for h in map.headers {
+                let v = if h.raw_value.is_empty() {
+                    h.value
+                } else {
+                    String::from_utf8_lossy(&h.raw_value).into_owned()
+                };
+                headers
+                    .entry(h.key.to_ascii_lowercase())
+                    .and_modify(|e| {
+                        e.push(',');
+                        e.push_str(&v);
+                    })
+                    .or_insert(v);
+            }
+        }
+        let body: Option<&[u8]> = if !http.raw_body.is_empty() {
+            Some(&http.raw_body)
+        } else if !http.body.is_empty() {
+            Some(http.body.as_bytes())
+        } else {
+            None
+        };
+        let request_id = headers
+            .get("traceparent")
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
+            .unwrap_or(&http.id)
+            .to_owned();
+        let verdict = self
+            .broker
+            .check_tool_call(
+                &gateway,
+                ToolCallRequest {
+                    principal: &principal,
+                    call: HttpCall {
+                        method: &http.method,
+                        host: &http.host,
+                        path: &http.path,
+                        headers: &headers,
+                        body,
+                    },
+                    request_id: &request_id,
+                },
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(check_response(verdict)))
+    }
+}
+
+fn header(key: &str, value: String) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            value,
+            ..Default::default()
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+/// The `CheckResponse` for a verdict: the injected header on allow, a 403 naming the policies
+/// on deny (a JSON-RPC response for MCP calls, so an MCP client shows it as a tool error).
+pub fn check_response(verdict: ToolCallVerdict) -> CheckResponse {
+    match verdict {
+        ToolCallVerdict::Allow {
+            header: name,
+            value,
+            remove,
+            ..
+        } => CheckResponse {
+            status: Some(rpc::Status {
+                code: RPC_OK,
+                ..Default::default()
+            }),
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                headers: vec![header(&name, value.as_str().to_owned())],
+                headers_to_remove: remove,
+                ..Default::default()
+            })),
+            ..Default::default()
+        },
+        ToolCallVerdict::Deny(d) => CheckResponse {
+            status: Some(rpc::Status {
+                code: RPC_PERMISSION_DENIED,
+                message: d.reason.clone(),
+                ..Default::default()
+            }),
+            http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+                status: Some(HttpStatus {
+                    code: HttpStatusCode::Forbidden as i32,
+                }),
+                headers: vec![header("content-type", "application/json".into())],
+                body: denial_body(&d),
+            })),
+            ..Default::default()
+        },
+    }
+}
+
+/// The JSON body of a denial.
+pub fn denial_body(d: &ToolCallDenial) -> String {
+    let mut detail = serde_json::json!({
+        "error": "denied",
+        "reason": d.reason,
+        "policies": d.policies,
+    });
+    if let Some(a) = &d.approval_id {
+        detail["approval_id"] = serde_json::Value::String(a.clone());
+    }
+    let Some(mcp) = &d.mcp else {
+        return detail.to_string();
+    };
+    let text = match d.approval_id.as_deref() {
+        Some(a) => format!("Denied by jitbroker (needs approval {a}): {}", d.reason),
+        None => format!("Denied by jitbroker: {}", d.reason),
+    };
+    let mut msg = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": mcp.id.clone().unwrap_or(serde_json::Value::Null),
+    });
+    if mcp.tool_call {
+        // A tool result flagged as an error: MCP clients hand it to the model as the tool's
+        // answer instead of failing the session.
+        msg["result"] = serde_json::json!({
+            "content": [{"type": "text", "text": text}],
+            "isError": true,
+            "_meta": {"jitbroker": detail},
+        });
+    } else {
+        msg["error"] = serde_json::json!({
+            "code": MCP_DENIED,
+            "message": text,
+            "data": detail,
+        });
+    }
+    msg.to_string()
+}

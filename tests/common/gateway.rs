@@ -1,0 +1,122 @@
+//! A broker configured to decide tool calls for a gateway: resources whose credentials are
+//! injected, routes for plain HTTP and MCP calls, and policies that read the call.
+
+use std::path::Path;
+
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use tonic::transport::Channel;
+
+use super::{Running, channel, mint, tls_config};
+
+pub const GATEWAY: &str = "spiffe://jitbroker.dev/gateway/envoy";
+pub const TASK_HEADER: &str = "x-jitbroker-task";
+
+/// Appended to the dev configuration.
+pub const CONFIG: &str = r#"
+[resources.tickets]
+kind = "token"
+actions = ["read"]
+verifiers = ["spiffe://jitbroker.dev/tool/demo"]
+[resources.tickets.inject]
+header = "authorization"
+format = "Bearer {secret}"
+
+[resources.helpdesk-mcp]
+kind = "jwt"
+actions = ["list", "call"]
+verifiers = ["spiffe://jitbroker.dev/tool/demo"]
+[resources.helpdesk-mcp.inject]
+header = "x-api-key"
+format = "{secret}"
+
+[resources.payments]
+kind = "token"
+actions = ["refund"]
+verifiers = ["spiffe://jitbroker.dev/tool/demo"]
+[resources.payments.inject]
+
+[gateway]
+ids = ["spiffe://jitbroker.dev/gateway/envoy"]
+tool_arguments = { amount = "long" }
+
+[[gateway.routes]]
+name = "tickets-read"
+path_prefix = "/tickets"
+methods = ["GET"]
+resource = "tickets"
+action = "read"
+
+[[gateway.routes]]
+name = "mcp-session"
+path_prefix = "/mcp"
+methods = ["POST"]
+mcp_methods = ["initialize", "notifications/initialized", "tools/list"]
+resource = "helpdesk-mcp"
+action = "list"
+
+[[gateway.routes]]
+name = "mcp-refund"
+path_prefix = "/mcp"
+methods = ["POST"]
+mcp_methods = ["tools/call"]
+mcp_tools = ["refund"]
+resource = "payments"
+action = "refund"
+
+[[gateway.routes]]
+name = "mcp-tools"
+path_prefix = "/mcp"
+methods = ["POST"]
+mcp_methods = ["tools/call"]
+resource = "helpdesk-mcp"
+action = "call"
+"#;
+
+/// Appended to the dev policy.
+pub const POLICY: &str = r#"
+@id("agents-read-tickets")
+permit(principal, action == Action::"read", resource == Resource::"tickets")
+when { principal.spiffe_id like "spiffe://jitbroker.dev/agent/*" };
+
+@id("agents-use-helpdesk")
+permit(principal, action in [Action::"list", Action::"call"], resource == Resource::"helpdesk-mcp")
+when { principal.spiffe_id like "spiffe://jitbroker.dev/agent/*" };
+
+@id("no-ticket-deletion")
+forbid(principal, action == Action::"call", resource == Resource::"helpdesk-mcp")
+when { context has tool_call && context.tool_call.tool == "delete_ticket" };
+
+@id("small-refunds")
+permit(principal, action == Action::"refund", resource == Resource::"payments")
+when {
+  if context has tool_call then
+    context.tool_call.arguments has amount && context.tool_call.arguments.amount < 100
+  else true
+};
+
+@id("large-refunds-need-approval")
+@approval("required")
+permit(principal, action == Action::"refund", resource == Resource::"payments")
+when {
+  context has tool_call && context.tool_call.arguments has amount &&
+  context.tool_call.arguments.amount >= 100
+};
+"#;
+
+/// Adds the gateway configuration and policies to a dev dir.
+pub fn configure(dir: &Path) -> jitbroker::config::Config {
+    let policy = dir.join("policy.cedar");
+    let mut text = std::fs::read_to_string(&policy).unwrap();
+    text.push_str(POLICY);
+    std::fs::write(&policy, text).unwrap();
+    super::config(dir, |t| format!("{t}{CONFIG}"))
+}
+
+/// An ext_authz client presenting `id`'s SVID.
+pub async fn authz_client(r: &Running, id: &str) -> AuthorizationClient<Channel> {
+    let (chain, key, bundle) = mint(&r.data_dir, id);
+    let ch = channel(r.addr, tls_config(&bundle, Some((&chain, &key))))
+        .await
+        .expect("connect");
+    AuthorizationClient::new(ch)
+}
