@@ -273,6 +273,8 @@ class TaskScope:
 def wait_for_approval(pending: ApprovalPending, retry: Callable[[], Credential],
                       timeout: float, poll_interval: float) -> Credential:
     end = time.monotonic() + timeout
+    # Each poll is a policy decision in the broker's audit trail: back off to at most 5 s.
+    pause = poll_interval
     while True:
         try:
             return retry()
@@ -284,12 +286,13 @@ def wait_for_approval(pending: ApprovalPending, retry: Callable[[], Credential],
                     f"approval {pending.approval_id} was denied or lapsed; the broker opened "
                     f"{again.approval_id} for the next attempt", policy_ids=again.policy_ids
                 ) from None
-            if time.monotonic() + poll_interval > end:
+            if time.monotonic() + pause > end:
                 raise again from None
         except PermissionDenied as e:
             raise ApprovalDenied(f"approval {pending.approval_id} was not granted: {e.message}",
                                  policy_ids=e.policy_ids) from None
-        time.sleep(poll_interval)
+        time.sleep(pause)
+        pause = min(pause * 1.5, max(poll_interval, 5.0))
 
 
 class Verifier(_Client):

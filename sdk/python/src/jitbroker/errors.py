@@ -95,8 +95,9 @@ class ApprovalPending(FailedPrecondition):
         self._aretry: Callable[[], Awaitable[Credential]] | None = None
 
     def wait_for_approval(self, timeout: float = 300.0, poll_interval: float = 1.0) -> Credential:
-        """Asks again until an approver approves (returns the credential), denies
-        (:class:`ApprovalDenied`) or ``timeout`` seconds pass (this error again)."""
+        """Asks again (every ``poll_interval``, backing off to 5 s) until an approver approves
+        (returns the credential), denies (:class:`ApprovalDenied`) or ``timeout`` seconds pass
+        (this error again)."""
         if self._retry is None:
             raise RuntimeError("this ApprovalPending was not raised by Task.credential")
         from ._sync import wait_for_approval
