@@ -407,9 +407,7 @@ impl GatewayConfig {
             if !r.mcp_methods.contains(&m.method) {
                 continue;
             }
-            if m.method == "tools/call"
-                && !r.mcp_tools.is_empty()
-                && !r.mcp_tools.contains(&m.tool)
+            if m.method == "tools/call" && !r.mcp_tools.is_empty() && !r.mcp_tools.contains(&m.tool)
             {
                 continue;
             }
