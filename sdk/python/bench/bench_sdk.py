@@ -7,6 +7,7 @@ interleaved so that drift hits both sides alike:
   issue   IssueCredential: the raw generated stub vs ``task.credential(..., fresh=True)``
           (idempotency key, deadline, retry wrapper, channel check, typed result)
   cached  ``task.credential(...)`` answered from the task's cache (no RPC)
+  layer   ``task.credential(fresh=True)`` with the stub answering at once: the SDK alone
   task    a whole task: StartTask + IssueCredential + CompleteTask, raw vs
           ``with broker.task(...) as t: t.credential(...)``, and the same with asyncio
 Prints a Markdown table (median and p99 per operation).
@@ -89,6 +90,27 @@ def main(n: int) -> None:
                     sdk_i.append(timed(lambda: task.credential("demo-token", "read",
                                                                fresh=True)))
                     hit.append(timed(lambda: task.credential("demo-token", "read")))
+        # The SDK's own layer, the broker taken out: the stub answers at once with a canned
+        # credential, so what is left is key generation, channel check, deadline, retry
+        # wrapper and the typed result.
+        layer: list[float] = []
+        with broker.task("bench layer", grants=GRANT, ttl=3600) as task:
+            canned = stub.IssueCredential(broker_pb2.IssueCredentialRequest(
+                task_id=task.task_id, resource="demo-token", action="read",
+                idempotency_key=uuid.uuid4().hex), timeout=10)
+            slot = broker._t.pool.acquire()
+            broker._t.pool.release(slot)
+            real_stub = slot.broker
+
+            class Canned:
+                @staticmethod
+                def IssueCredential(req: object, **kw: object) -> object:  # noqa: N802
+                    return canned
+
+            slot.broker = Canned
+            for _ in range(n):
+                layer.append(timed(lambda: task.credential("demo-token", "read", fresh=True)))
+            slot.broker = real_stub
         rounds = max(1, n // 4)
         for _ in range(min(5, rounds)):
             raw_task()
@@ -119,6 +141,7 @@ def main(n: int) -> None:
     print(row("IssueCredential, raw stub", raw_i))
     print(row("IssueCredential, `task.credential(fresh=True)`", sdk_i))
     print(row("`task.credential()` from the cache", hit))
+    print(row("`task.credential(fresh=True)`, SDK layer alone (canned stub)", layer))
     print(row("task lifecycle, raw stubs (start, issue, complete)", raw_t))
     print(row("task lifecycle, `with broker.task(...)`", sdk_t))
     print(row("task lifecycle, `async with broker.task(...)`", async_t))
