@@ -109,12 +109,8 @@ async fn envoy_injects_the_credential_and_fails_closed() {
     std::fs::write(&files.key, gw.key_pem.as_bytes()).unwrap();
     std::fs::write(&files.bundle, &gw.bundle_pem).unwrap();
     let (listen, admin) = envoy::addrs();
-    let proxy = envoy::start(
-        &bin,
-        files_dir.path(),
-        envoy::config(listen, admin, r.addr, tool_addr, &files),
-    )
-    .await;
+    let cfg_yaml = envoy::config_from_docs(listen, admin, r.addr, tool_addr, &files);
+    let proxy = envoy::start(&bin, files_dir.path(), &cfg_yaml, listen, admin).await;
 
     let (chain, key, bundle) = mint(&r.data_dir, AGENT);
     let agent_tls = tls_config(&bundle, Some((&chain, &key)));

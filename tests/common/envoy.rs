@@ -61,140 +61,84 @@ pub struct GatewayFiles {
     pub bundle: PathBuf,
 }
 
-/// The Envoy configuration the docs show, with the test's addresses and files.
-pub fn config(
+/// The Envoy configuration of docs/gateways.md, with the test's addresses, files and trust
+/// domain put in. Every replaced text must be there, so the page and the test cannot drift.
+pub fn config_from_docs(
     listen: SocketAddr,
     admin: SocketAddr,
     broker: SocketAddr,
     tool: SocketAddr,
     f: &GatewayFiles,
-) -> serde_json::Value {
-    let file = |p: &Path| serde_json::json!({"filename": p.display().to_string()});
-    let sock = |a: SocketAddr| serde_json::json!({"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}});
-    let endpoint = |name: &str, a: SocketAddr| {
-        serde_json::json!({
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": sock(a)}}]}]
-        })
-    };
-    let certs =
-        serde_json::json!([{"certificate_chain": file(&f.cert), "private_key": file(&f.key)}]);
-    serde_json::json!({
-      "admin": {"address": sock(admin)},
-      "static_resources": {
-        "listeners": [{
-          "name": "agents",
-          "address": sock(listen),
-          "filter_chains": [{
-            "transport_socket": {
-              "name": "envoy.transport_sockets.tls",
-              "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                "require_client_certificate": true,
-                "common_tls_context": {
-                  "tls_certificates": certs,
-                  "validation_context": {
-                    "trusted_ca": file(&f.bundle),
-                    "match_typed_subject_alt_names": [
-                      {"san_type": "URI", "matcher": {"prefix": "spiffe://jitbroker.dev/agent/"}}
-                    ]
-                  }
-                }
-              }
-            },
-            "filters": [{
-              "name": "envoy.filters.network.http_connection_manager",
-              "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": "agents",
-                "normalize_path": true,
-                "merge_slashes": true,
-                "path_with_escaped_slashes_action": "REJECT_REQUEST",
-                "route_config": {
-                  "virtual_hosts": [{
-                    "name": "tools",
-                    "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "tool"}}]
-                  }]
-                },
-                "http_filters": [
-                  {
-                    "name": "envoy.filters.http.ext_authz",
-                    "typed_config": {
-                      "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-                      "transport_api_version": "V3",
-                      "failure_mode_allow": false,
-                      "with_request_body": {"max_request_bytes": 65536, "allow_partial_message": true},
-                      "grpc_service": {
-                        "envoy_grpc": {"cluster_name": "jitbroker"},
-                        "timeout": "2s"
-                      }
-                    }
-                  },
-                  {
-                    "name": "envoy.filters.http.router",
-                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
-                  }
-                ]
-              }
-            }]
-          }]
-        }],
-        "clusters": [
-          {
-            "name": "jitbroker",
-            "type": "STATIC",
-            "connect_timeout": "1s",
-            "typed_extension_protocol_options": {
-              "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}}
-              }
-            },
-            "load_assignment": endpoint("jitbroker", broker),
-            "transport_socket": {
-              "name": "envoy.transport_sockets.tls",
-              "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "sni": "localhost",
-                "common_tls_context": {
-                  "alpn_protocols": ["h2"],
-                  "tls_certificates": certs,
-                  "validation_context": {
-                    "trusted_ca": file(&f.bundle),
-                    "match_typed_subject_alt_names": [
-                      {"san_type": "URI", "matcher": {"exact": "spiffe://jitbroker.dev/jitbroker"}}
-                    ]
-                  }
-                }
-              }
-            }
-          },
-          {
-            "name": "tool",
-            "type": "STATIC",
-            "connect_timeout": "1s",
-            "load_assignment": endpoint("tool", tool)
-          }
-        ]
-      }
-    })
+) -> String {
+    let page =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/gateways.md"))
+            .unwrap();
+    let start = page
+        .find("<!-- envoy-config -->\n```yaml\n")
+        .expect("marked Envoy config");
+    let rest = &page[start..];
+    let body = &rest[rest.find("```yaml\n").unwrap() + 8..];
+    let mut yaml = body[..body.find("```").unwrap()].to_owned();
+    let sock = |a: SocketAddr| format!("address: {}, port_value: {}", a.ip(), a.port());
+    for (from, to) in [
+        (
+            "address: 127.0.0.1, port_value: 9901".to_owned(),
+            sock(admin),
+        ),
+        (
+            "address: 0.0.0.0, port_value: 10443".to_owned(),
+            sock(listen),
+        ),
+        (
+            "address: jitbroker.jitbroker.svc.cluster.local, port_value: 8443".to_owned(),
+            sock(broker),
+        ),
+        (
+            "address: tickets.tools.svc.cluster.local, port_value: 8080".to_owned(),
+            sock(tool),
+        ),
+        (
+            "/etc/envoy/svid/svid.pem".to_owned(),
+            f.cert.display().to_string(),
+        ),
+        (
+            "/etc/envoy/svid/svid.key".to_owned(),
+            f.key.display().to_string(),
+        ),
+        (
+            "/etc/envoy/svid/bundle.pem".to_owned(),
+            f.bundle.display().to_string(),
+        ),
+        (
+            "spiffe://example.org/ns/agents/".to_owned(),
+            "spiffe://jitbroker.dev/agent/".to_owned(),
+        ),
+        (
+            "spiffe://example.org/ns/jitbroker/sa/jitbroker".to_owned(),
+            "spiffe://jitbroker.dev/jitbroker".to_owned(),
+        ),
+    ] {
+        assert!(
+            yaml.contains(&from),
+            "docs/gateways.md Envoy config lost {from:?}"
+        );
+        yaml = yaml.replace(&from, &to);
+    }
+    yaml
 }
 
-/// Starts Envoy with `cfg` and waits until its admin endpoint says it is live.
-pub async fn start(bin: &Path, dir: &Path, cfg: serde_json::Value) -> Envoy {
-    let listen: SocketAddr = {
-        let a = &cfg["static_resources"]["listeners"][0]["address"]["socket_address"];
-        format!("{}:{}", a["address"].as_str().unwrap(), a["port_value"])
-            .parse()
-            .unwrap()
-    };
-    let admin = {
-        let a = &cfg["admin"]["address"]["socket_address"];
-        format!("{}:{}", a["address"].as_str().unwrap(), a["port_value"])
-    };
-    let path = dir.join("envoy.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+/// Starts Envoy with the YAML `cfg` (listening on `listen`, admin on `admin`) and waits until
+/// its admin endpoint says it is live.
+pub async fn start(
+    bin: &Path,
+    dir: &Path,
+    cfg: &str,
+    listen: SocketAddr,
+    admin: SocketAddr,
+) -> Envoy {
+    let admin = admin.to_string();
+    let path = dir.join("envoy.yaml");
+    std::fs::write(&path, cfg).unwrap();
     let log = dir.join("envoy.log");
     let child = Command::new(bin)
         .arg("--config-path")
