@@ -58,8 +58,7 @@ def test_files_rotation_with_calls_in_flight(dev: DevBroker, tmp_path: Path) -> 
             time.sleep(0.5)
             _install(dev.mint(AGENT, tmp_path / f"gen{gen}"), live)
         # Past the first SVID's expiry.
-        deadline = src.material().not_after
-        time.sleep(max(0.0, 4.5 - 1.5))
+        time.sleep(3.0)
         done.set()
         for th in threads:
             th.join()
@@ -67,7 +66,6 @@ def test_files_rotation_with_calls_in_flight(dev: DevBroker, tmp_path: Path) -> 
         assert calls[0] > 20
         pool = b._t.pool
         assert pool.swaps >= 3
-        assert src.material().not_after != deadline or pool.swaps >= 3
         # A fresh handshake with the current SVID works after the first one expired.
         b.get_task(t.task_id)
         time.sleep(0.6)
@@ -130,11 +128,13 @@ async def test_workload_api_rotation_with_calls_in_flight(dev: DevBroker, tmp_pa
             for gen in range(1, 4):
                 await asyncio.sleep(0.4)
                 d = await asyncio.to_thread(dev.mint, AGENT, tmp_path / f"g{gen}")
+                before = src.material()
                 fake.rotate(response_from_dir(d, AGENT))
-                for _ in range(100):
-                    if src.material().cert_chain_pem != first.cert_chain_pem:
+                for _ in range(250):
+                    if src.material() is not before:
                         break
                     await asyncio.sleep(0.02)
+                assert src.material() is not before, "the Workload API update never arrived"
             await asyncio.sleep(0.4)
             stop.set()
             await asyncio.gather(*workers)  # any failed call fails the test here
