@@ -104,7 +104,7 @@ def main(n: int) -> None:
 
             class Canned:
                 @staticmethod
-                def IssueCredential(req: object, **kw: object) -> object:  # noqa: N802
+                def IssueCredential(req: object, **kw: object) -> object:
                     return canned
 
             slot.broker = Canned
