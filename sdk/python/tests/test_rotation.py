@@ -147,3 +147,20 @@ async def test_workload_api_rotation_with_calls_in_flight(dev: DevBroker, tmp_pa
     finally:
         src.close()
         await asyncio.to_thread(fake.stop)
+
+
+def test_close_to_expiry_the_files_are_checked_at_once(dev: DevBroker, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    live = tmp_path / "live"
+    live.mkdir()
+    _install(dev.mint(AGENT, tmp_path / "short", ttl_seconds=20), live)
+    # Left alone, this source would not look at its files again for an hour.
+    src = FilesSource(live, check_interval=3600)
+    with Broker(dev.target, src, rotation_grace=0.1) as b, b.task("expiring", grants=READ) as t:
+        with caplog.at_level("WARNING", logger="jitbroker"):
+            b.get_task(t.task_id)
+        assert "no new one has arrived" in caplog.text
+        _install(dev.mint(AGENT, tmp_path / "long"), live)
+        b.get_task(t.task_id)
+        assert b._t.pool.swaps == 1
+        assert src.material().cert_chain_pem == (tmp_path / "long" / "svid.pem").read_bytes()

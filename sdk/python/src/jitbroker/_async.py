@@ -15,7 +15,14 @@ import grpc
 import grpc.aio
 
 from . import context as _ctx
-from ._channels import TRANSIENT, RetryPolicy, _Slot, channel_credentials, channel_options
+from ._channels import (
+    TRANSIENT,
+    RetryPolicy,
+    _Slot,
+    channel_credentials,
+    channel_options,
+    current_material,
+)
 from ._common import (
     CredentialCache,
     DeliveryBoard,
@@ -73,6 +80,7 @@ class AsyncChannelPool:
         self._current: _Slot | None = None
         self._retired: list[_Slot] = []
         self._closed = False
+        self._expiry_state: dict[str, float] = {}
         self.swaps = 0
 
     @property
@@ -80,7 +88,7 @@ class AsyncChannelPool:
         return self._generation
 
     def acquire(self) -> _Slot:
-        m: SvidMaterial = self.source.material()
+        m: SvidMaterial = current_material(self.source, self._expiry_state)
         if self._closed:
             raise JitbrokerError("this client is closed")
         cur = self._current

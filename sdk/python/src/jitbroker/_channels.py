@@ -69,6 +69,35 @@ def channel_credentials(m: SvidMaterial) -> grpc.ChannelCredentials:
     )
 
 
+EXPIRY_MARGIN = 30.0
+"""Seconds before an SVID's expiry from which every call first asks the source for a new one."""
+
+
+def current_material(source: IdentitySource, state: dict[str, float]) -> SvidMaterial:
+    """The source's material; close to expiry, after asking the source to look again now, and
+    with a warning (at most every 30 s) when nothing newer has come."""
+    m = source.material()
+    if m.not_after is None:
+        return m
+    left = m.not_after.timestamp() - time.time()
+    if left > EXPIRY_MARGIN:
+        return m
+    refresh = getattr(source, "refresh", None)
+    if callable(refresh):
+        refresh()
+        m = source.material()
+        if m.not_after is not None:
+            left = m.not_after.timestamp() - time.time()
+    now = time.monotonic()
+    if left <= EXPIRY_MARGIN and now - state.get("warned", -1e9) > 30:
+        state["warned"] = now
+        _log.warning(
+            "the SVID of %s %s at %s and no new one has arrived; is the SPIRE agent (or "
+            "spiffe-helper) running and rotating it?", m.spiffe_id,
+            "expired" if left <= 0 else "expires", m.not_after)
+    return m
+
+
 class _Slot:
     """One channel, the material it was built from, and its calls in flight."""
 
@@ -98,6 +127,7 @@ class ChannelPool:
         self._current: _Slot | None = None
         self._retired: list[_Slot] = []
         self._closed = False
+        self._expiry_state: dict[str, float] = {}
         self.swaps = 0
 
     @property
@@ -111,7 +141,7 @@ class ChannelPool:
         return _Slot(self._generation, m, ch)
 
     def acquire(self) -> _Slot:
-        m = self.source.material()
+        m = current_material(self.source, self._expiry_state)
         with self._lock:
             if self._closed:
                 raise JitbrokerError("this client is closed")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -134,7 +133,3 @@ def jwt_verify(token: str, resource: str, key_for: Callable[[str], Any], *,
     except pyjwt.PyJWTError as e:
         raise InvalidToken(f"JWT rejected: {e}") from None
     return claims
-
-
-def monotonic() -> float:
-    return time.monotonic()

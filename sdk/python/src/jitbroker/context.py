@@ -10,13 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import NoCredentialInScope
 from .types import Credential, Grant
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["credential", "current_task", "tool_credentials"]
 

@@ -188,6 +188,12 @@ class FilesSource:
             _log.info("SVID files changed: %s, valid until %s", mat.spiffe_id, mat.not_after)
         return mat
 
+    def refresh(self) -> None:
+        """Checks the files now, whatever the interval (the SVID is about to expire)."""
+        with self._lock:
+            self._checked = time.monotonic()
+            self._material = self._reload()
+
     def material(self) -> SvidMaterial:
         now = time.monotonic()
         with self._lock:
