@@ -1,0 +1,323 @@
+//! Load for enforcement at the point of tool use (scripts/bench-gateway.sh drives it):
+//!
+//! ```text
+//! jitbroker-gateway-load check --addr BROKER --data-dir D --agents N --seconds S [--rate R]
+//! jitbroker-gateway-load http  --addr ENVOY --broker BROKER --data-dir D --agents N --seconds S [--rate R]
+//! jitbroker-gateway-load tool  --listen 127.0.0.1:PORT
+//! jitbroker-gateway-load gateway-svid --data-dir D --out DIR
+//! ```
+//! `check` calls `envoy.service.auth.v3.Authorization/Check` directly over mTLS as the gateway
+//! (one HTTP/2 channel per agent, one task per agent); `http` sends `GET /tickets/1` with the
+//! task header through Envoy, one keep-alive HTTPS connection per agent presenting the agent's
+//! SVID (without `--broker`, no task is started: for Envoy without the filter); `tool` serves
+//! the upstream (200 "ok"); `gateway-svid` writes the gateway's SVID (serving as localhost) for
+//! Envoy. SVIDs come from the dev CA of the data directory. Latency is per call, reported as
+//! p50/p90/p99/max with the number of calls and errors.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use jitbroker::api::pb;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+const GATEWAY: &str = "spiffe://jitbroker.dev/gateway/bench";
+const TASK_HEADER: &str = "x-jitbroker-task";
+
+#[derive(Parser, Debug)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct Load {
+    /// Where calls go: the broker (check) or Envoy's listener (http).
+    #[arg(long)]
+    addr: SocketAddr,
+    /// The broker, to start each agent's task (http).
+    #[arg(long)]
+    broker: Option<SocketAddr>,
+    #[arg(long, default_value = "jitbroker-dev")]
+    data_dir: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    agents: usize,
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Calls per second across all agents, evenly spread; 0 = as fast as answered.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    Check(Load),
+    Http(Load),
+    Tool {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    GatewaySvid {
+        #[arg(long, default_value = "jitbroker-dev")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+struct Svid {
+    chain: String,
+    key: String,
+    bundle: String,
+}
+
+fn mint(data_dir: &Path, id: &str, dns: &[String]) -> Svid {
+    let ca = jitbroker::identity::dev::ensure_dev_ca(data_dir, "jitbroker.dev").expect("dev CA");
+    let s = ca
+        .mint_svid(id, dns, &[], Duration::from_secs(3600))
+        .expect("mint SVID");
+    Svid {
+        chain: s.cert_chain_pem.clone(),
+        key: s.key_pem.to_string(),
+        bundle: s.bundle_pem.clone(),
+    }
+}
+
+fn tls(s: &Svid, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(s.bundle.as_bytes()) {
+        roots.add(c.expect("bundle")).expect("root");
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(s.chain.as_bytes())
+        .map(|c| c.expect("chain"))
+        .collect();
+    let key = PrivateKeyDer::from_pem_slice(s.key.as_bytes()).expect("key");
+    let mut c = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("client config");
+    c.alpn_protocols = vec![alpn.to_vec()];
+    Arc::new(c)
+}
+
+async fn grpc(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Channel {
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let connector = connector.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
+                let name = ServerName::try_from("localhost").expect("name");
+                let s = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(s))
+            }
+        }))
+        .await
+        .expect("connect")
+}
+
+async fn start_task(broker: SocketAddr, s: &Svid) -> String {
+    let mut c = pb::broker_client::BrokerClient::new(grpc(broker, tls(s, b"h2")).await);
+    c.start_task(pb::StartTaskRequest {
+        purpose: "gateway benchmark".into(),
+        grants: vec![pb::Grant {
+            resource: "tickets".into(),
+            action: "read".into(),
+        }],
+        ttl_seconds: 3600,
+        ..Default::default()
+    })
+    .await
+    .expect("start task")
+    .into_inner()
+    .task_id
+}
+
+/// Waits for the next evenly spread slot of agent `n`.
+struct Pace(Option<(tokio::time::Instant, Duration)>);
+
+impl Pace {
+    fn new(rate: f64, n: usize, agents: usize, start: Instant) -> Self {
+        if rate <= 0.0 {
+            return Self(None);
+        }
+        let period = Duration::from_secs_f64(agents as f64 / rate);
+        let t0 = tokio::time::Instant::from_std(start) + period.mul_f64(n as f64 / agents as f64);
+        Self(Some((t0, period)))
+    }
+    async fn wait(&mut self) {
+        if let Some((next, period)) = &mut self.0 {
+            tokio::time::sleep_until(*next).await;
+            *next += *period;
+        }
+    }
+}
+
+async fn check_agent(l: Load, n: usize, start: Instant) -> (Vec<u64>, u64) {
+    let agent_id = format!("spiffe://jitbroker.dev/agent/bench-{n}");
+    let agent = mint(&l.data_dir, &agent_id, &[]);
+    let task = start_task(l.addr, &agent).await;
+    let gw = mint(&l.data_dir, GATEWAY, &[]);
+    let mut client = AuthorizationClient::new(grpc(l.addr, tls(&gw, b"h2")).await);
+    let req = CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(Peer {
+                principal: agent_id,
+                ..Default::default()
+            }),
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: "GET".into(),
+                    host: "tickets.internal".into(),
+                    path: "/tickets/1".into(),
+                    headers: [(TASK_HEADER.to_owned(), task)].into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    let (mut lat, mut errors) = (Vec::new(), 0u64);
+    let mut pace = Pace::new(l.rate, n, l.agents, start);
+    let deadline = Duration::from_secs(l.seconds);
+    while start.elapsed() < deadline {
+        pace.wait().await;
+        let t = Instant::now();
+        let ok = client.check(req.clone()).await.is_ok_and(|r| {
+            matches!(
+                r.into_inner().http_response,
+                Some(HttpResponse::OkResponse(_))
+            )
+        });
+        lat.push(t.elapsed().as_micros() as u64);
+        errors += u64::from(!ok);
+    }
+    (lat, errors)
+}
+
+async fn http_agent(l: Load, n: usize, start: Instant) -> (Vec<u64>, u64) {
+    let agent_id = format!("spiffe://jitbroker.dev/agent/bench-{n}");
+    let agent = mint(&l.data_dir, &agent_id, &[]);
+    let task = match l.broker {
+        Some(b) => Some(start_task(b, &agent).await),
+        None => None,
+    };
+    let connector = tokio_rustls::TlsConnector::from(tls(&agent, b"http/1.1"));
+    let tcp = tokio::net::TcpStream::connect(l.addr)
+        .await
+        .expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let stream = connector
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("TLS to envoy");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("http1");
+    tokio::spawn(conn);
+    let (mut lat, mut errors) = (Vec::new(), 0u64);
+    let mut pace = Pace::new(l.rate, n, l.agents, start);
+    let deadline = Duration::from_secs(l.seconds);
+    while start.elapsed() < deadline {
+        pace.wait().await;
+        let mut b = hyper::Request::get("/tickets/1").header("host", "tickets.internal");
+        if let Some(t) = &task {
+            b = b.header(TASK_HEADER, t.as_str());
+        }
+        let req = b.body(Empty::<Bytes>::new()).expect("request");
+        let t = Instant::now();
+        let ok = match send.send_request(req).await {
+            Ok(r) => {
+                let status = r.status();
+                let _ = r.into_body().collect().await;
+                status == 200
+            }
+            Err(_) => false,
+        };
+        lat.push(t.elapsed().as_micros() as u64);
+        errors += u64::from(!ok);
+        if !ok && send.ready().await.is_err() {
+            break;
+        }
+    }
+    (lat, errors)
+}
+
+fn report(what: &str, l: &Load, mut lat: Vec<u64>, errors: u64, secs: f64) {
+    lat.sort_unstable();
+    let q = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .map_or(0.0, |v| *v as f64 / 1000.0)
+    };
+    println!(
+        "{what}: agents={} rate={} calls={} errors={errors} throughput={:.0}/s p50={:.3}ms p90={:.3}ms p99={:.3}ms max={:.3}ms",
+        l.agents,
+        if l.rate > 0.0 {
+            format!("{}/s", l.rate)
+        } else {
+            "max".into()
+        },
+        lat.len(),
+        lat.len() as f64 / secs,
+        q(0.50),
+        q(0.90),
+        q(0.99),
+        lat.last().map_or(0.0, |v| *v as f64 / 1000.0),
+    );
+}
+
+async fn run<F, Fut>(what: &str, l: Load, f: F)
+where
+    F: Fn(Load, usize, Instant) -> Fut,
+    Fut: std::future::Future<Output = (Vec<u64>, u64)> + Send + 'static,
+{
+    // Connections and tasks are set up before the clock starts for everyone.
+    let start = Instant::now() + Duration::from_millis(500);
+    let mut handles = Vec::new();
+    for n in 0..l.agents {
+        handles.push(tokio::spawn(f(l.clone(), n, start)));
+    }
+    let (mut lat, mut errors) = (Vec::new(), 0);
+    for h in handles {
+        let (l, e) = h.await.expect("agent");
+        lat.extend(l);
+        errors += e;
+    }
+    report(what, &l, lat, errors, l.seconds as f64);
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    match args.cmd {
+        Cmd::Check(l) => run("check", l, check_agent).await,
+        Cmd::Http(l) => run("http", l, http_agent).await,
+        Cmd::Tool { listen } => {
+            let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");
+            let app = axum::Router::new().fallback(|| async { "ok" });
+            axum::serve(listener, app).await.expect("serve");
+        }
+        Cmd::GatewaySvid { data_dir, out } => {
+            let s = mint(&data_dir, GATEWAY, &["localhost".into()]);
+            std::fs::create_dir_all(&out).expect("out dir");
+            std::fs::write(out.join("svid.pem"), s.chain).expect("write");
+            std::fs::write(out.join("svid.key"), s.key).expect("write");
+            std::fs::write(out.join("bundle.pem"), s.bundle).expect("write");
+        }
+    }
+}
