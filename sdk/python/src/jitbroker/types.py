@@ -4,6 +4,7 @@ never shows its value in ``repr``, ``str``, f-strings or logs."""
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -71,7 +72,8 @@ class Secret:
         return repr(self)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
+        return isinstance(other, Secret) and hmac.compare_digest(
+            other._value.encode(), self._value.encode())
 
     def __hash__(self) -> int:
         return hash(self._value)

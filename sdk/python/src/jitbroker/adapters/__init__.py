@@ -16,6 +16,7 @@ that needs a human's approval makes its tool call wait that long for it; without
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -48,7 +49,7 @@ def credentials_for(task: Any, grants: Iterable[Grant],
     ``approval_timeout``, a grant that needs approval waits that long for an approver;
     without, :class:`~jitbroker.ApprovalPending` propagates."""
     t = _task(task)
-    if asyncio.iscoroutinefunction(t.credential):
+    if inspect.iscoroutinefunction(t.credential):
         raise JitbrokerError("a synchronous tool hook needs a jitbroker.Task, not an AsyncTask")
     out: dict[Grant, Credential] = {}
     for g in grants:
@@ -66,7 +67,7 @@ async def acredentials_for(task: Any, grants: Iterable[Grant],
     """The credentials of ``grants`` from an :class:`~jitbroker.AsyncTask` (awaited) or a
     :class:`~jitbroker.Task` (in a worker thread, so the event loop does not block)."""
     t = _task(task)
-    is_async = asyncio.iscoroutinefunction(t.credential)
+    is_async = inspect.iscoroutinefunction(t.credential)
     out: dict[Grant, Credential] = {}
     for g in grants:
         try:

@@ -8,6 +8,7 @@ it uses that call's credential. A 401 gets one retry with a fresh credential.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncGenerator, Generator
 from typing import Any
 
@@ -56,7 +57,7 @@ class JitbrokerAuth(httpx.Auth):
 
     async def _acredential(self, *, fresh: bool) -> Credential:
         t = _task(self.task)
-        if asyncio.iscoroutinefunction(t.credential):
+        if inspect.iscoroutinefunction(t.credential):
             return await t.credential(*self.grant, fresh=fresh)  # type: ignore[no-any-return]
         cred: Credential = await asyncio.to_thread(t.credential, *self.grant, fresh=fresh)
         return cred
