@@ -36,6 +36,17 @@ pub struct ExtAuthzApi {
 impl Authorization for ExtAuthzApi {
     async fn check(&self, req: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         let gateway = caller(&req, &self.broker, &self.identity).await?;
+        // A gateway vouches for the agent's identity: it must itself be on mTLS, not a bearer.
+        let on_mtls = req
+            .extensions()
+            .get::<super::PeerInfo>()
+            .and_then(|p| p.spiffe_id.as_ref())
+            == Some(&gateway);
+        if !on_mtls {
+            return Err(Status::permission_denied(format!(
+                "{gateway}: gateways call Authorization/Check over mTLS with their X.509-SVID"
+            )));
+        }
         let check = req.into_inner();
         let attrs = check.attributes.unwrap_or_default();
         let principal = attrs.source.map(|s| s.principal).unwrap_or_default();
