@@ -46,6 +46,10 @@ verifiers = ["spiffe://jitbroker.dev/tool/demo"]
 """
 
 
+class _PortTaken(RuntimeError):
+    pass
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -120,6 +124,16 @@ class DevBroker:
 
     def start(self, timeout: float = 30.0) -> DevBroker:
         self._write_config()
+        for attempt in range(3):
+            try:
+                return self._start_once(timeout)
+            except _PortTaken:
+                # Another process took a port between our probe and the broker's bind.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> DevBroker:
         self.port, self.ops_port = free_port(), free_port()
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
         self._proc = subprocess.Popen(
@@ -131,7 +145,10 @@ class DevBroker:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"jitbroker dev exited ({self._proc.returncode}); "
+                self._proc = None
+                if "cannot listen" in self.log_tail():
+                    raise _PortTaken(self.log_tail())
+                raise RuntimeError("jitbroker dev exited; "
                                    f"log: {self.log_path}\n{self.log_tail()}")
             try:
                 url = f"http://127.0.0.1:{self.ops_port}/readyz"
