@@ -542,3 +542,51 @@ async fn agentgateway_shaped_request_is_decided() {
         "the trace id is in the audit entry"
     );
 }
+
+/// A delegate calls tools under the delegated task as itself; the delegator cannot use the
+/// delegate's task, and a blocked agent is denied at once.
+#[tokio::test]
+async fn delegated_tasks_and_blocked_agents() {
+    let dir = dev_dir();
+    let cfg = configure(dir.path());
+    let r = spawn(&cfg, Default::default()).await.unwrap();
+    let mut gw = authz_client(&r, GATEWAY).await;
+    let mut agent = clients(&r, AGENT).await;
+    let mut operator = clients(&r, OPERATOR).await;
+    let parent = start_task(&mut agent, vec![grant("tickets", "read")]).await;
+    let child = agent
+        .broker
+        .delegate_task(pb::DelegateTaskRequest {
+            parent_task_id: parent.clone(),
+            delegate_spiffe_id: AGENT_B.into(),
+            purpose: "look up ticket 42".into(),
+            grants: vec![grant("tickets", "read")],
+            ttl_seconds: 120,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
+    let get =
+        |who: &str, task: &str| check(who, "GET", "/tickets/42", &[(TASK_HEADER, task)], None);
+    let a = answer(gw.check(get(AGENT_B, &child)).await.unwrap().into_inner());
+    assert!(a.allowed, "{}", a.body);
+    let a = answer(gw.check(get(AGENT, &child)).await.unwrap().into_inner());
+    assert!(!a.allowed, "the delegator cannot use the delegate's task");
+    let a = answer(gw.check(get(AGENT_B, &parent)).await.unwrap().into_inner());
+    assert!(!a.allowed, "the delegate cannot use the parent task");
+
+    operator
+        .admin
+        .revoke_identity(pb::RevokeIdentityRequest {
+            spiffe_id: AGENT_B.into(),
+            reason: "incident".into(),
+            block: true,
+        })
+        .await
+        .unwrap();
+    let a = answer(gw.check(get(AGENT_B, &child)).await.unwrap().into_inner());
+    assert!(!a.allowed);
+    assert!(a.body.contains("blocked"), "{}", a.body);
+    r.stop().await;
+}
