@@ -5,7 +5,8 @@ arguments the model writes; the tool reads it with :func:`jitbroker.credential`.
 Each lives in its own module and needs its framework (an optional extra):
 ``jitbroker.adapters.pydantic_ai`` (``pip install jitbroker[pydantic-ai]``),
 ``jitbroker.adapters.langchain`` (``[langchain]``), ``jitbroker.adapters.openai_agents``
-(``[openai-agents]``), ``jitbroker.adapters.httpx`` (``[httpx]``).
+(``[openai-agents]``), ``jitbroker.adapters.httpx`` (``[httpx]``) and
+``jitbroker.adapters.httpx2`` (``[httpx2]``, the client of the MCP Python SDK's transports).
 
 Which tool needs which grant is declared by tool name: ``{"refund": [("payments",
 "refund:issue")]}``. A tool not named gets nothing. With ``approval_timeout`` (seconds), a grant

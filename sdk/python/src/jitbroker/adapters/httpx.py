@@ -1,6 +1,7 @@
 """``httpx.Auth`` that asks the task for a credential per request (cached and renewed by the
-task), for MCP clients and plain HTTP tools. Inside a tool call that an adapter gave the grant,
-it uses that call's credential. A 401 gets one retry with a fresh credential.
+task), for plain HTTP tools; :mod:`jitbroker.adapters.httpx2` is the same for ``httpx2``, which
+the MCP Python SDK's HTTP transports use. Inside a tool call that an adapter gave the grant, it
+uses that call's credential. A 401 gets one retry with a fresh credential.
 
     httpx.get(url, auth=JitbrokerAuth("tickets", "read"))
 """
@@ -18,10 +19,12 @@ from ..context import _tool_credentials
 from ..types import Credential, Grant
 from . import _task
 
-__all__ = ["JitbrokerAuth"]
+__all__ = ["AuthFlows", "JitbrokerAuth"]
 
 
-class JitbrokerAuth(httpx.Auth):
+class AuthFlows:
+    """The flows of :class:`JitbrokerAuth`, for any httpx-shaped ``Auth`` base class."""
+
     def __init__(self, resource: str, action: str, *, task: Any = None,
                  header: str = "Authorization", scheme: str | None = "Bearer") -> None:
         self.grant = Grant(resource, action)
@@ -33,11 +36,11 @@ class JitbrokerAuth(httpx.Auth):
         creds = _tool_credentials.get()
         return creds.get(self.grant) if creds else None
 
-    def _apply(self, request: httpx.Request, cred: Credential) -> None:
+    def _apply(self, request: Any, cred: Credential) -> None:
         value = cred.secret.reveal()
         request.headers[self.header] = f"{self.scheme} {value}" if self.scheme else value
 
-    def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
+    def sync_auth_flow(self, request: Any) -> Generator[Any, Any, None]:
         cred = self._in_scope() or _task(self.task).credential(*self.grant)
         self._apply(request, cred)
         response = yield request
@@ -45,9 +48,7 @@ class JitbrokerAuth(httpx.Auth):
             self._apply(request, _task(self.task).credential(*self.grant, fresh=True))
             yield request
 
-    async def async_auth_flow(
-        self, request: httpx.Request
-    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+    async def async_auth_flow(self, request: Any) -> AsyncGenerator[Any, Any]:
         cred = self._in_scope() or await self._acredential(fresh=False)
         self._apply(request, cred)
         response = yield request
@@ -61,3 +62,7 @@ class JitbrokerAuth(httpx.Auth):
             return await t.credential(*self.grant, fresh=fresh)  # type: ignore[no-any-return]
         cred: Credential = await asyncio.to_thread(t.credential, *self.grant, fresh=fresh)
         return cred
+
+
+class JitbrokerAuth(AuthFlows, httpx.Auth):
+    """``auth=JitbrokerAuth(resource, action)``: the task's credential as a bearer token."""
