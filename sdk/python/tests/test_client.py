@@ -467,6 +467,7 @@ async def test_async_verifier_and_admin(dev: DevBroker, abroker: AsyncBroker) ->
             assert claims["task_id"] == t.task_id
             pending = [a for a in await lead.list_approvals("PENDING") if a.task_id == t.task_id]
             assert len(pending) == 1 and pending[0].grant == ("payments", "refund:issue")
+            assert "BEGIN CERTIFICATE" in await tool.x509_authorities_pem()
             denied = await lead.deny(pending[0].approval_id, "not today")
             assert denied.state == "DENIED" and denied.decided_by.endswith("/approver")
     finally:

@@ -451,6 +451,11 @@ class AsyncVerifier(_AsyncClient):
                                   idempotent=True)
         return str(resp.jwks_json)
 
+    async def x509_authorities_pem(self) -> str:
+        resp = await self._t.call(lambda s: s.verifier.GetX509Authorities,
+                                  verifier_pb2.GetX509AuthoritiesRequest(), idempotent=True)
+        return str(resp.pem)
+
     async def verify_jwt(self, token: Any, resource: str, *, issuer: str | None = None,
                          leeway: float = 5.0, min_refresh: float = 5.0) -> dict[str, Any]:
         value = token.reveal() if hasattr(token, "reveal") else str(token)
@@ -469,6 +474,19 @@ class AsyncVerifier(_AsyncClient):
 
 
 class AsyncAdmin(_AsyncClient):
+    async def list_tasks(self, spiffe_id: str = "", state: str = "") -> list[TaskInfo]:
+        st = broker_pb2.TaskState.Value(state) if state else broker_pb2.TASK_STATE_UNSPECIFIED
+        out: list[TaskInfo] = []
+        token = ""
+        while True:
+            req = admin_pb2.ListTasksRequest(spiffe_id=spiffe_id, state=st, page_size=500,
+                                             page_token=token)
+            resp = await self._t.call(lambda s: s.admin.ListTasks, req, idempotent=True)
+            out.extend(TaskInfo._from_pb(t) for t in resp.tasks)
+            token = resp.next_page_token
+            if not token:
+                return out
+
     async def list_approvals(self, state: str = "") -> list[Approval]:
         resp = await self._t.call(lambda s: s.admin.ListApprovals,
                                   admin_pb2.ListApprovalsRequest(state=state), idempotent=True)
