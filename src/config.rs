@@ -166,7 +166,8 @@ impl ResourceKind {
 #[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
     /// A file holding the admin connection string (libpq `key=value` form or a
-    /// `postgresql://` URL). The role needs CREATEROLE (and the grants it hands out).
+    /// `postgresql://` URL). The role needs CREATEROLE, the grant option on what the statements
+    /// hand out and, on PostgreSQL 16+, the admin option on the group roles; no superuser.
     pub admin_dsn_file: PathBuf,
     /// Every role the broker makes starts with this; the reconciler drops unknown ones.
     #[serde(default = "default_role_prefix")]

@@ -144,6 +144,24 @@ pub fn upstreams(cfg: &Config) -> Result<HashMap<String, Arc<dyn Upstream>>> {
     Ok(out)
 }
 
+/// Checks each upstream's account at start-up: missing privileges stop the start with what to
+/// grant; an upstream that cannot be reached now is only logged (it delays issuance, not start).
+async fn preflight_upstreams(ups: &HashMap<String, Arc<dyn Upstream>>) -> Result<()> {
+    for (name, u) in ups {
+        match tokio::time::timeout(Duration::from_secs(5), u.preflight()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e @ Error::Config(_))) => return Err(e),
+            Ok(Err(e)) => {
+                tracing::warn!(resource = %name, error = %e, "could not check the upstream account's privileges now; issuance will tell")
+            }
+            Err(_) => {
+                tracing::warn!(resource = %name, "checking the upstream account's privileges timed out; issuance will tell")
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Reads the policy file named by the configuration and builds the policy engine.
 pub fn load_policy(cfg: &Config) -> Result<PolicyEngine> {
     let text = std::fs::read_to_string(&cfg.policy_file).map_err(|e| {
@@ -190,6 +208,8 @@ impl App {
         )?);
         drop(kek);
         let policy = Arc::new(load_policy(cfg)?);
+        let ups = upstreams(cfg)?;
+        preflight_upstreams(&ups).await?;
         let metrics = Arc::new(Metrics::default());
         let broker = Arc::new(
             Broker::new(
@@ -201,7 +221,7 @@ impl App {
                 metrics.clone(),
                 Some(cfg.policy_file.clone()),
             )?
-            .with_upstreams(upstreams(cfg)?, cfg.revocation.clone())
+            .with_upstreams(ups, cfg.revocation.clone())
             .with_audit_archive(AuditArchive {
                 dir: cfg.audit_archive_dir(),
                 keep: cfg.retention.audit_entries_in_store,

@@ -657,3 +657,105 @@ async fn admin_connection_uses_verified_tls_when_a_ca_is_configured() {
         r.stop().await;
     }
 }
+
+/// An operator following the README gives the broker no superuser: an admin with CREATEROLE, the
+/// grant option on the table and the admin option on the group role. Issuance and revocation
+/// (sessions cut, role dropped) still work; an admin without CREATEROLE is refused at start with
+/// what to grant.
+#[tokio::test]
+async fn least_privilege_admin_issues_and_revokes() {
+    let Some(pg) = Pg::start() else { return };
+    seed(&pg).await;
+    pg.admin()
+        .await
+        .batch_execute(
+            "CREATE ROLE broker_admin LOGIN CREATEROLE PASSWORD 'broker-admin-pw';
+             CREATE ROLE orders_reader NOLOGIN;
+             GRANT SELECT ON orders TO orders_reader;
+             GRANT orders_reader TO broker_admin WITH ADMIN OPTION;
+             GRANT SELECT ON orders TO broker_admin WITH GRANT OPTION;
+             CREATE ROLE powerless LOGIN PASSWORD 'powerless-pw';",
+        )
+        .await
+        .unwrap();
+    let dir = dev_dir();
+    let cfg = pg_config(dir.path(), &pg);
+    let least = |user: &str, pw: &str| {
+        format!(
+            "host=127.0.0.1 port={} user={user} password={pw} dbname=postgres",
+            pg.port
+        )
+    };
+    // Group role and direct grant, as the admin may hand out.
+    let cfg_text = std::fs::read_to_string(dir.path().join("jitbroker.toml")).unwrap();
+    std::fs::write(
+        dir.path().join("jitbroker.toml"),
+        cfg_text.replace(
+            "statements = [\"GRANT SELECT ON orders TO {role}\"]",
+            "roles = [\"orders_reader\"]\nstatements = [\"GRANT SELECT ON orders TO {role}\"]",
+        ),
+    )
+    .unwrap();
+
+    std::fs::write(
+        cfg.resources["orders-db"]
+            .postgres
+            .as_ref()
+            .unwrap()
+            .admin_dsn_file
+            .clone(),
+        least("powerless", "powerless-pw"),
+    )
+    .unwrap();
+    let cfg = config(dir.path(), |t| t);
+    let err = spawn(&cfg, Default::default())
+        .await
+        .err()
+        .expect("refused");
+    let err = err.to_string();
+    assert!(
+        err.contains("ALTER ROLE \"powerless\" CREATEROLE"),
+        "the error says what to grant: {err}"
+    );
+
+    std::fs::write(
+        cfg.resources["orders-db"]
+            .postgres
+            .as_ref()
+            .unwrap()
+            .admin_dsn_file
+            .clone(),
+        least("broker_admin", "broker-admin-pw"),
+    )
+    .unwrap();
+    let r = spawn(&cfg, Default::default()).await.unwrap();
+    let mut c = clients(&r, AGENT).await;
+    let task = orders_task(&mut c.broker).await;
+    let cred = orders_credential(&mut c.broker, &task.task_id, 300).await;
+    let session = Pg::connect(&cred.secret).await.expect("login");
+    let n: i64 = session
+        .query_one("SELECT count(*) FROM orders", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    c.broker
+        .complete_task(pb::CompleteTaskRequest {
+            task_id: task.task_id.clone(),
+        })
+        .await
+        .unwrap();
+    eventually("the role is dropped by a non-superuser admin", || async {
+        pg.roles(PREFIX).await.is_empty()
+    })
+    .await;
+    assert!(
+        session.query_one("SELECT 1", &[]).await.is_err(),
+        "the open session was terminated"
+    );
+    assert!(Pg::connect(&cred.secret).await.is_err());
+    let m = metrics(r.ops_addr).await;
+    assert!(m.contains("jitbroker_revocation_debt 0"), "{m}");
+    drop(c);
+    r.stop().await;
+}

@@ -51,4 +51,10 @@ pub trait Upstream: Send + Sync {
     ) -> futures::future::BoxFuture<'a, crate::error::Result<()>>;
     /// The names of existing accounts with the prefix.
     fn list<'a>(&'a self) -> futures::future::BoxFuture<'a, crate::error::Result<Vec<String>>>;
+    /// Checks at start-up that the broker's account may do what issuing and revoking need:
+    /// `Err(Error::Config)` says exactly what to grant; other errors (the system is down) only
+    /// delay the check to the first use.
+    fn preflight(&self) -> futures::future::BoxFuture<'_, crate::error::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
 }

@@ -1,8 +1,15 @@
 //! PostgreSQL credentials (DESIGN §6): one login role per credential, made with a random password
-//! and `VALID UNTIL` = the credential's expiry (a backstop that holds even if the broker is gone),
+//! and `VALID UNTIL` = the credential's expiry (new logins are refused after it even if the
+//! broker is gone; open sessions are ended only by revocation),
 //! joined to the configured group roles and given the configured GRANT statements, all in one
 //! transaction. Revocation refuses new logins, terminates the role's sessions, drops what it owns
 //! and drops it; every step is idempotent, so the revocation queue can retry it blindly.
+//!
+//! The admin needs no superuser: `CREATEROLE`, the grant option on what the GRANT statements
+//! hand out and (PostgreSQL 16+) the admin option on the group roles. Each new role is granted
+//! to the admin in the same transaction that creates it, so the admin holds the privileges of
+//! that role: enough to terminate its sessions (`pg_terminate_backend`) and to `DROP OWNED BY` it,
+//! which a `CREATEROLE` alone does not allow. [`PostgresIssuer::preflight`] checks this at start.
 //!
 //! The password never reaches the server in plaintext: the role is created with a SCRAM-SHA-256
 //! verifier computed here (RFC 5802 / RFC 7677), so statement logs and `pg_stat_activity` hold no
@@ -309,11 +316,16 @@ impl PostgresIssuer {
             until.second()
         );
         let role = quote_ident(name);
-        let mut sql = vec![format!(
-            "CREATE ROLE {role} LOGIN NOINHERIT PASSWORD {} VALID UNTIL {}",
-            quote_literal(verifier),
-            quote_literal(&until)
-        )];
+        let mut sql = vec![
+            format!(
+                "CREATE ROLE {role} LOGIN NOINHERIT PASSWORD {} VALID UNTIL {}",
+                quote_literal(verifier),
+                quote_literal(&until)
+            ),
+            // The admin becomes a member of the role it made, so that revocation may end the
+            // role's sessions and drop what it owns without superuser.
+            format!("GRANT {role} TO CURRENT_USER"),
+        ];
         if let Some(g) = self.grants.get(action) {
             if !g.roles.is_empty() {
                 // Group privileges apply through SET ROLE-free inheritance only with INHERIT.
@@ -436,6 +448,15 @@ impl Upstream for PostgresIssuer {
                     if !exists {
                         return Ok(());
                     }
+                    // A role made before the admin joined its roles (or by a broker of an
+                    // earlier version): join it now, so that terminating and DROP OWNED work.
+                    c.batch_execute(&format!(
+                        "DO $$ BEGIN IF NOT pg_has_role(current_user, {lit}, 'USAGE') THEN \
+                         EXECUTE 'GRANT ' || quote_ident({lit}) || ' TO CURRENT_USER'; \
+                         END IF; END $$",
+                        lit = quote_literal(&name)
+                    ))
+                    .await?;
                     // No new sessions, then end the open ones, then drop.
                     c.batch_execute(&format!("ALTER ROLE {role} NOLOGIN"))
                         .await?;
@@ -452,6 +473,86 @@ impl Upstream for PostgresIssuer {
                 })
             })
             .await
+        })
+    }
+
+    fn preflight(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let groups: Vec<String> = self
+                .grants
+                .values()
+                .flat_map(|g| g.roles.iter().cloned())
+                .collect();
+            let facts = self
+                .with_client("check the admin's privileges", |c| {
+                    let groups = groups.clone();
+                    Box::pin(async move {
+                        let me = c
+                            .query_one(
+                                "SELECT current_user::text, rolsuper, rolcreaterole, \
+                                 current_setting('server_version_num')::int \
+                                 FROM pg_roles WHERE rolname = current_user",
+                                &[],
+                            )
+                            .await?;
+                        let mut missing = Vec::new();
+                        for g in &groups {
+                            let row = c
+                                .query_one(
+                                    "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1), \
+                                     EXISTS (SELECT 1 FROM pg_auth_members m \
+                                       JOIN pg_roles r ON r.oid = m.roleid \
+                                       JOIN pg_roles u ON u.oid = m.member \
+                                       WHERE r.rolname = $1 AND u.rolname = current_user \
+                                       AND m.admin_option)",
+                                    &[g],
+                                )
+                                .await?;
+                            missing.push((g.clone(), row.get::<_, bool>(0), row.get::<_, bool>(1)));
+                        }
+                        Ok((
+                            me.get::<_, String>(0),
+                            me.get::<_, bool>(1),
+                            me.get::<_, bool>(2),
+                            me.get::<_, i32>(3),
+                            missing,
+                        ))
+                    })
+                })
+                .await?;
+            let (admin, superuser, createrole, version, groups) = facts;
+            if superuser {
+                return Ok(());
+            }
+            let admin_q = quote_ident(&admin);
+            let mut fixes = Vec::new();
+            if !createrole {
+                fixes.push(format!("ALTER ROLE {admin_q} CREATEROLE;"));
+            }
+            for (g, exists, admin_option) in groups {
+                if !exists {
+                    fixes.push(format!(
+                        "CREATE ROLE {} NOLOGIN; -- the group role of a grant does not exist",
+                        quote_ident(&g)
+                    ));
+                } else if version >= 160_000 && !admin_option {
+                    fixes.push(format!(
+                        "GRANT {} TO {admin_q} WITH ADMIN OPTION;",
+                        quote_ident(&g)
+                    ));
+                }
+            }
+            if fixes.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::Config(format!(
+                    "[resources.{}.postgres] the admin role {admin} cannot issue and revoke \
+                     credentials; as a superuser, run: {} (and grant it, WITH GRANT OPTION, what \
+                     the GRANT statements hand out)",
+                    self.resource,
+                    fixes.join(" ")
+                )))
+            }
         })
     }
 
