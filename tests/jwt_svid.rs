@@ -149,6 +149,27 @@ async fn jwt_svids_authenticate_and_hostile_tokens_are_refused_with_a_logged_rea
             "expired",
         ),
         (
+            "minted for several audiences",
+            &bare,
+            format!(
+                "Bearer {}",
+                es(
+                    &key,
+                    json!({"sub": AGENT, "aud": [AUD, "another-service"], "exp": now() + 300})
+                )
+            ),
+            "2 audiences",
+        ),
+        (
+            "living longer than a bearer JWT-SVID may",
+            &bare,
+            format!(
+                "Bearer {}",
+                es(&key, claims(AGENT, AUD, now() + 30 * 86_400))
+            ),
+            "beyond",
+        ),
+        (
             "from an unauthorised trust domain",
             &bare,
             format!(

@@ -170,9 +170,30 @@ impl JwtAuth {
             }
         }
         .map_err(|e| refuse(describe(&e, token)))?;
+        // A token minted for several audiences can be replayed by any of them: only tokens
+        // for this broker alone are accepted.
+        if verified.audience().len() != 1 {
+            return Err(refuse(format!(
+                "token names {} audiences; a JWT-SVID for this broker must name only {:?}",
+                verified.audience().len(),
+                self.audience
+            )));
+        }
+        let left = verified.expiry() - time::OffsetDateTime::now_utc();
+        if left > time::Duration::seconds(MAX_JWT_LIFETIME_SECONDS) {
+            return Err(refuse(format!(
+                "token expires in {}s, beyond the {MAX_JWT_LIFETIME_SECONDS}s a bearer JWT-SVID \
+                 may live (mint shorter ones; SPIRE's default is 5 minutes)",
+                left.whole_seconds()
+            )));
+        }
         Ok(verified.spiffe_id().to_string())
     }
 }
+
+/// Longest remaining life accepted on a JWT-SVID: a stolen bearer token is useful for at most
+/// this long.
+pub const MAX_JWT_LIFETIME_SECONDS: i64 = 24 * 3600;
 
 /// The `alg` of a token's (unverified) header, to name it in a refusal.
 fn header_alg(token: &str) -> Option<String> {
