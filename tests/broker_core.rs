@@ -527,3 +527,60 @@ async fn bad_input_gets_the_designed_status() {
     drop((a, b, tool));
     r.stop().await;
 }
+
+/// Unreadable entries at the head of the expiry index (a corrupt key, an id that does not
+/// parse) do not stop the reaper: the credential behind them still expires and is ended.
+#[tokio::test]
+async fn corrupt_expiry_entries_do_not_stop_the_reaper() {
+    use jitbroker::broker::{Clock, ManualClock};
+    use std::sync::Arc;
+    let dir = dev_dir();
+    let cfg = config(dir.path(), |t| t);
+    let clock = ManualClock::new();
+    let opts = || Options {
+        clock: Arc::new(clock.clone()) as Arc<dyn Clock>,
+        reaper: true,
+    };
+    let r = spawn(&cfg, opts()).await.unwrap();
+    let mut c = clients(&r, AGENT).await;
+    let task = c
+        .broker
+        .start_task(start_req(vec![grant("demo-token", "read")], 600))
+        .await
+        .unwrap()
+        .into_inner();
+    c.broker
+        .issue_credential(issue_req(&task.task_id, "demo-token", 60))
+        .await
+        .unwrap();
+    drop(c);
+    r.stop().await;
+    {
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let expiry = db.open_tree("expiry").unwrap();
+        let mut bad_utf8 = 0u64.to_be_bytes().to_vec();
+        bad_utf8.extend_from_slice(b"c\xff\xfe");
+        let mut bad_id = 1u64.to_be_bytes().to_vec();
+        bad_id.extend_from_slice(b"cnot-a-credential");
+        let mut bad_kind = 2u64.to_be_bytes().to_vec();
+        bad_kind.extend_from_slice(b"?tsk_0");
+        for k in [bad_utf8, bad_id, bad_kind, vec![1, 2, 3]] {
+            expiry.insert(k, &[]).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let r = spawn(&cfg, opts()).await.unwrap();
+    clock.advance(Duration::from_secs(61));
+    let ops = r.ops_addr.to_string();
+    eventually("the credential behind the corrupt entries expires", || {
+        let ops = ops.clone();
+        async move {
+            http_get(&ops, "/metrics")
+                .await
+                .unwrap_or_default()
+                .contains("jitbroker_credentials_ended_total{reason=\"expired\"} 1")
+        }
+    })
+    .await;
+    r.stop().await;
+}

@@ -35,55 +35,20 @@ impl Broker {
                 break;
             }
             let n = due.len();
+            let mut failed = 0;
             for (i, (at, what)) in due.into_iter().enumerate() {
                 if i % YIELD_EVERY == YIELD_EVERY - 1 {
                     tokio::task::yield_now().await;
                 }
-                match &what {
-                    Expiring::Credential(id) => {
-                        // Take the task's lock so this does not race a completion of the task.
-                        let task_id = self.store.get_credential(id)?.map(|r| r.task_id);
-                        let _g = match &task_id {
-                            Some(t) => Some(self.lock_task(t).lock().await),
-                            None => None,
-                        };
-                        self.end_credential(
-                            id,
-                            CredentialState::Expired,
-                            RevokeReason::Expired,
-                            now,
-                        )?;
-                    }
-                    Expiring::Task(id) => {
-                        let mut out = Completed::default();
-                        {
-                            let _g = self.lock_task(id).lock().await;
-                            if let Some(mut task) = self.store.get_task(id)?
-                                && task.state == TaskState::Active
-                            {
-                                self.end_task(
-                                    &mut task,
-                                    TaskState::Expired,
-                                    RevokeReason::Expired,
-                                    now,
-                                    &mut out,
-                                )?;
-                            }
-                        }
-                        self.revoke_descendants(id, &mut out).await?;
-                    }
-                    Expiring::Purge(id) => {
-                        let _g = self.lock_task(id).lock().await;
-                        if self.store.purge_task(id)? {
-                            self.metrics.purged();
-                        }
-                    }
+                // One entry that cannot be handled (a corrupt record) must not stop the others.
+                if let Err(e) = self.reap_one(now, at, &what).await {
+                    failed += 1;
+                    tracing::error!(error = %e, entry = ?what, "could not end an expired entry; the others go on");
                 }
-                self.store.remove_due(at, &what)?;
             }
             self.store.durable().await?;
             handled += n;
-            if n < BATCH {
+            if n < BATCH || failed == n {
                 break;
             }
             tokio::time::sleep(started.elapsed()).await;
@@ -92,6 +57,51 @@ impl Broker {
             self.store.durable().await?;
         }
         Ok(handled)
+    }
+
+    /// Ends one due entry and removes it from the index.
+    async fn reap_one(
+        &self,
+        now: crate::model::UnixMillis,
+        at: crate::model::UnixMillis,
+        what: &Expiring,
+    ) -> Result<()> {
+        match what {
+            Expiring::Credential(id) => {
+                // Take the task's lock so this does not race a completion of the task.
+                let task_id = self.store.get_credential(id)?.map(|r| r.task_id);
+                let _g = match &task_id {
+                    Some(t) => Some(self.lock_task(t).lock().await),
+                    None => None,
+                };
+                self.end_credential(id, CredentialState::Expired, RevokeReason::Expired, now)?;
+            }
+            Expiring::Task(id) => {
+                let mut out = Completed::default();
+                {
+                    let _g = self.lock_task(id).lock().await;
+                    if let Some(mut task) = self.store.get_task(id)?
+                        && task.state == TaskState::Active
+                    {
+                        self.end_task(
+                            &mut task,
+                            TaskState::Expired,
+                            RevokeReason::Expired,
+                            now,
+                            &mut out,
+                        )?;
+                    }
+                }
+                self.revoke_descendants(id, &mut out).await?;
+            }
+            Expiring::Purge(id) => {
+                let _g = self.lock_task(id).lock().await;
+                if self.store.purge_task(id)? {
+                    self.metrics.purged();
+                }
+            }
+        }
+        self.store.remove_due(at, what)
     }
 
     /// Runs until `shutdown` resolves.

@@ -850,14 +850,29 @@ impl Store for SledStore {
         let mut out = Vec::new();
         for item in self.expiry.range(..end.as_slice()).take(limit) {
             let (k, _) = item.map_err(st)?;
-            out.push(parse_expiry_key(&k)?);
+            match parse_expiry_key(&k) {
+                Ok(e) => out.push(e),
+                Err(e) => {
+                    // An entry nothing can act on would stop the reaper at the head of the
+                    // index for good. Readers check expiry themselves, so dropping it loses
+                    // only bookkeeping; say so loudly.
+                    tracing::error!(error = %e, key = %hex::encode(&k[..k.len().min(64)]), "removing an unreadable expiry index entry");
+                    self.expiry.remove(&k).map_err(st)?;
+                }
+            }
         }
         Ok(out)
     }
 
     fn next_due(&self) -> Result<Option<UnixMillis>> {
         match self.expiry.first().map_err(st)? {
-            Some((k, _)) => Ok(Some(parse_expiry_key(&k)?.0)),
+            // The time is readable even when the rest is not; `due` removes such entries.
+            Some((k, _)) if k.len() >= 8 => Ok(Some(u64::from_be_bytes(
+                k[..8]
+                    .try_into()
+                    .map_err(|_| Error::Storage("expiry key".into()))?,
+            ) as i64)),
+            Some(_) => Ok(Some(0)),
             None => Ok(None),
         }
     }
