@@ -134,6 +134,19 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Serve { config } => {
             let cfg = Config::load(&config)?;
             crate::telemetry::init_logging(cfg.log_format);
+            if cfg.identity.source == crate::config::SourceKind::Dev {
+                // The dev CA's key sits in plaintext in the data directory: whoever reads it can
+                // mint any identity of the trust domain. Never silently in production.
+                let warning = format!(
+                    "INSECURE: identity.source = \"dev\" in {}: the dev CA key in {} lets anyone \
+                     who can read it mint any identity; use source = \"spire\" or \"files\" in \
+                     production",
+                    config.display(),
+                    cfg.data_dir.join("dev").display()
+                );
+                eprintln!("jitbroker: {warning}");
+                tracing::warn!(event = "insecure_dev_identity", "{warning}");
+            }
             serve(cfg, None).await
         }
         Command::Dev {

@@ -584,3 +584,29 @@ async fn corrupt_expiry_entries_do_not_stop_the_reaper() {
     .await;
     r.stop().await;
 }
+
+/// `serve` with the dev identity source says at once, on stderr and in the log, that it is not
+/// for production.
+#[tokio::test]
+async fn serve_with_the_dev_identity_source_says_it_is_insecure() {
+    use std::io::{BufRead, BufReader};
+    let dir = dev_dir();
+    let _ = config(dir.path(), |t| t);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_jitbroker"))
+        .args(["serve", "--config"])
+        .arg(dir.path().join("jitbroker.toml"))
+        .env("JITBROKER_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("JITBROKER_OPS_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let first = BufReader::new(stderr).lines().next().unwrap().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        first.contains("INSECURE") && first.contains("identity.source = \"dev\""),
+        "{first}"
+    );
+}
