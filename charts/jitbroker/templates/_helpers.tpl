@@ -140,6 +140,48 @@ Cross-field checks the JSON schema cannot express.
 {{- fail (printf "config.resources.%s.maxTTLSeconds (%v) must not exceed config.maxTTLSeconds (%v)" $name $r.maxTTLSeconds $c.maxTTLSeconds) }}
 {{- end }}
 {{- end }}
+{{- range $name, $r := $c.resources }}
+{{- if kindIs "map" $r.inject }}
+{{- if not (has $r.kind (list "token" "jwt")) }}
+{{- fail (printf "config.resources.%s.inject: a %s credential cannot be injected into an HTTP header; inject needs kind token or jwt" $name $r.kind) }}
+{{- end }}
+{{- with $r.inject.format }}
+{{- if ne (len (regexFindAll "\\{secret\\}" . -1)) 1 }}
+{{- fail (printf "config.resources.%s.inject.format (%q) must contain {secret} exactly once" $name .) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $g := $c.gateway | default dict }}
+{{- if and $g.routes (not $g.ids) }}
+{{- fail "config.gateway.routes are set but config.gateway.ids is empty: list the gateways' SPIFFE IDs (the [gateway] section is rendered only with ids)" }}
+{{- end }}
+{{- if $g.ids }}
+{{- if ge (int $g.reuseMinRemainingSeconds) (int $g.credentialTTLSeconds) }}
+{{- fail (printf "config.gateway.reuseMinRemainingSeconds (%v) must be below config.gateway.credentialTTLSeconds (%v)" $g.reuseMinRemainingSeconds $g.credentialTTLSeconds) }}
+{{- end }}
+{{- $seen := dict }}
+{{- range $i, $rt := $g.routes }}
+{{- $at := printf "config.gateway.routes[%d] (%s)" $i $rt.name }}
+{{- if hasKey $seen $rt.name }}
+{{- fail (printf "%s: two routes have this name" $at) }}
+{{- end }}
+{{- $_ := set $seen $rt.name true }}
+{{- $r := index $c.resources $rt.resource }}
+{{- if not $r }}
+{{- fail (printf "%s: resource %q is not in config.resources" $at $rt.resource) }}
+{{- end }}
+{{- if not (has $rt.action $r.actions) }}
+{{- fail (printf "%s: resource %s has no action %q (it has: %s)" $at $rt.resource $rt.action (join ", " $r.actions)) }}
+{{- end }}
+{{- if not (kindIs "map" $r.inject) }}
+{{- fail (printf "%s: resource %s has no inject section saying which header carries its credential (set config.resources.%s.inject, e.g. {} for \"authorization: Bearer <credential>\")" $at $rt.resource $rt.resource) }}
+{{- end }}
+{{- if and $rt.mcpTools (not (has "tools/call" (default (list) $rt.mcpMethods))) }}
+{{- fail (printf "%s: mcpTools applies only to a route whose mcpMethods include \"tools/call\"" $at) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- if eq (int .Values.service.apiPort) (int .Values.service.opsPort) }}
 {{- fail "service.apiPort and service.opsPort must differ" }}
 {{- end }}
