@@ -190,7 +190,11 @@ impl PostgresIssuer {
                     }
                     #[allow(unreachable_patterns)]
                     _ => true, // a unix socket
-                });
+                }) && parsed
+                    .get_hostaddrs()
+                    .iter()
+                    // `hostaddr` is where the connection really goes when it is set.
+                    .all(std::net::IpAddr::is_loopback);
                 if !local {
                     return Err(Error::Config(format!(
                         "[resources.{resource}.postgres] the admin connection goes to a host that \
@@ -615,6 +619,10 @@ mod tests {
         assert!(e.to_string().contains("ca_file"), "{e}");
         PostgresIssuer::new("db", &cfg("127.0.0.1", None)).expect("loopback is fine");
         PostgresIssuer::new("db", &cfg("localhost", None)).expect("loopback is fine");
+        let e = PostgresIssuer::new("db", &cfg("localhost hostaddr=10.1.2.3", None)).unwrap_err();
+        assert!(e.to_string().contains("ca_file"), "hostaddr decides: {e}");
+        PostgresIssuer::new("db", &cfg("localhost hostaddr=127.0.0.1", None))
+            .expect("loopback hostaddr is fine");
         let missing = dir.path().join("no-such-ca.pem");
         let e = PostgresIssuer::new("db", &cfg("db.example.com", Some(missing))).unwrap_err();
         assert!(e.to_string().contains("no-such-ca.pem"), "{e}");
