@@ -231,6 +231,19 @@ expect_refused "defaultTTLSeconds above maxTTLSeconds" "defaultTTLSeconds" "${K[
 expect_refused "a resource TTL above maxTTLSeconds" "maxTTLSeconds" "${K[@]}" --set config.resources.demo-token.maxTTLSeconds=7200
 expect_refused "an unknown Workload API mode" "workloadAPI.mode" "${K[@]}" --set workloadAPI.mode=socket
 expect_refused "the same port for API and ops" "must differ" "${K[@]}" --set service.opsPort=8443
+G=(--set 'config.gateway.ids={/ns/gateways/sa/envoy}' --set 'config.gateway.routes[0].name=demo' --set 'config.gateway.routes[0].resource=demo-token' --set 'config.gateway.routes[0].action=read')
+expect_refused "a gateway route to a resource without inject" "has no inject section" "${K[@]}" "${G[@]}"
+expect_refused "a gateway route to an unknown resource" "is not in config.resources" "${K[@]}" "${G[@]}" --set 'config.gateway.routes[0].resource=nope'
+expect_refused "a gateway route with an action the resource lacks" "has no action" "${K[@]}" "${G[@]}" --set config.resources.demo-token.inject.header=authorization --set 'config.gateway.routes[0].action=delete'
+expect_refused "gateway routes without gateway ids" "gateway.ids is empty" "${K[@]}" "${G[@]:2}"
+expect_refused "a lower-case route method" "methods" "${K[@]}" "${G[@]}" --set config.resources.demo-token.inject.header=authorization --set 'config.gateway.routes[0].methods={post}'
+expect_refused "mcpTools without tools/call" "mcpTools applies only" "${K[@]}" "${G[@]}" --set config.resources.demo-token.inject.header=authorization --set 'config.gateway.routes[0].mcpMethods={tools/list}' --set 'config.gateway.routes[0].mcpTools={search}'
+expect_refused "an unknown tool argument type" "toolArguments" "${K[@]}" --set config.gateway.toolArguments.amount=int
+expect_refused "an upper-case inject header" "header" "${K[@]}" --set config.resources.demo-token.inject.header=X-Api-Key
+expect_refused "an inject format without {secret}" "format" "${K[@]}" --set config.resources.demo-token.inject.format=Bearer
+expect_refused "an inject format with {secret} twice" "exactly once" "${K[@]}" --set-json 'config.resources.demo-token.inject.format="{secret}-{secret}"'
+expect_refused "inject on an x509 resource" "kind token or jwt" "${K[@]}" --set config.resources.demo-token.kind=x509 --set config.resources.demo-token.inject.header=authorization
+expect_refused "reuseMinRemainingSeconds not below credentialTTLSeconds" "must be below" "${K[@]}" --set 'config.gateway.ids={/ns/gateways/sa/envoy}' --set config.gateway.reuseMinRemainingSeconds=300
 
 # ---- 5. negative self-test: validation must be able to fail -------------------------------------
 

@@ -61,14 +61,20 @@ TOP_KEYS = {
     "listen", "ops_listen", "data_dir", "kek_file", "policy_file", "admin_ids", "approver_ids",
     "max_ttl_seconds", "default_ttl_seconds", "max_active_tasks_per_identity",
     "max_credentials_per_task", "approval_ttl_seconds", "max_delegation_depth", "log_format", "jwt_issuer", "identity", "resources",
-    "retention", "store",
+    "retention", "store", "gateway",
 }
 REQUIRED_TOP = {"data_dir", "kek_file", "policy_file", "identity"}
 IDENTITY_KEYS = {
     "source", "trust_domain", "authorized_trust_domains", "workload_api_socket", "jwt_audience",
     "svid_file", "svid_key_file", "bundle_file",
 }
-RESOURCE_KEYS = {"kind", "actions", "verifiers", "max_ttl_seconds"}
+RESOURCE_KEYS = {"kind", "actions", "verifiers", "max_ttl_seconds", "inject"}
+INJECT_KEYS = {"header", "format", "gateway_only"}
+GATEWAY_KEYS = {
+    "ids", "task_header", "credential_ttl_seconds", "reuse_min_remaining_seconds", "max_body_bytes",
+    "strip_headers", "tool_arguments", "routes",
+}
+ROUTE_KEYS = {"name", "host", "path_prefix", "methods", "mcp_methods", "mcp_tools", "resource", "action"}
 RETENTION_KEYS = {"ended_records_seconds", "audit_entries_in_store", "audit_segment_entries"}
 STORE_KEYS = {"cache_mb"}
 SPIFFE_ID = re.compile(r"^spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)+$")
@@ -291,6 +297,31 @@ def check_config_toml(text: str, rep: Report) -> dict | None:
         for v in r.get("verifiers", []):
             if not SPIFFE_ID.match(v):
                 rep.err(w, f"resources.{name}.verifiers: {v!r} is not a SPIFFE ID")
+        inject = r.get("inject")
+        if inject is not None:
+            for k in set(inject) - INJECT_KEYS:
+                rep.err(w, f"unknown key resources.{name}.inject.{k}")
+            if r.get("kind") not in ("token", "jwt"):
+                rep.err(w, f"resources.{name}.inject on kind {r.get('kind')!r} (token or jwt only)")
+            if inject.get("format", "{secret}").count("{secret}") != 1:
+                rep.err(w, f"resources.{name}.inject.format must hold {{secret}} exactly once")
+    gw = cfg.get("gateway")
+    if gw is not None:
+        for k in set(gw) - GATEWAY_KEYS:
+            rep.err(w, f"unknown key gateway.{k}")
+        if not gw.get("ids"):
+            rep.err(w, "gateway.ids is empty")
+        for i in gw.get("ids", []):
+            if not SPIFFE_ID.match(i):
+                rep.err(w, f"gateway.ids: {i!r} is not a SPIFFE ID")
+        resources = cfg.get("resources") or {}
+        for rt in gw.get("routes", []):
+            for k in set(rt) - ROUTE_KEYS:
+                rep.err(w, f"unknown key gateway.routes.{k} (route {rt.get('name')!r})")
+            res = resources.get(rt.get("resource"))
+            if res is None or "inject" not in res or rt.get("action") not in res.get("actions", []):
+                rep.err(w, f"gateway route {rt.get('name')!r}: {rt.get('resource')!r} is not a resource "
+                        f"with an inject section and the action {rt.get('action')!r}")
     return cfg
 
 
