@@ -91,8 +91,11 @@ impl Broker {
                 Ok((name, issued))
             }
             Err(e) => {
-                // Whatever part of it may exist is cleaned up by the queue.
-                tracing::warn!(resource, account = %name, error = %e, "upstream account creation failed");
+                // Whatever part of it may exist is cleaned up by the queue. The database's own
+                // words (role names, SQL, certificate problems) are for operators, not agents:
+                // the agent gets a reference to find them in the log.
+                let reference = hex::encode(rand::random::<[u8; 4]>());
+                tracing::warn!(resource, account = %name, error = %e, reference = %reference, "upstream account creation failed");
                 self.queue_upstream_revocation(
                     resource,
                     &name,
@@ -101,7 +104,11 @@ impl Broker {
                     now,
                 )?;
                 self.store.durable().await?;
-                Err(e)
+                Err(Error::Unavailable(format!(
+                    "resource {resource}: the upstream could not make the credential now; try \
+                     again later (operators: the broker log has the cause under reference \
+                     {reference})"
+                )))
             }
         }
     }

@@ -333,6 +333,13 @@ impl LogCapture {
         cap
     }
 
+    /// One capture for the whole test binary, installed by whichever test asks first (tests in
+    /// one binary share the global subscriber).
+    pub fn shared() -> Self {
+        static SHARED: std::sync::OnceLock<LogCapture> = std::sync::OnceLock::new();
+        SHARED.get_or_init(Self::install).clone()
+    }
+
     pub fn text(&self) -> Vec<u8> {
         self.0.lock().unwrap().clone()
     }
