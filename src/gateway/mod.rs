@@ -491,8 +491,9 @@ pub fn parse_mcp(
     body: &[u8],
     declared: &BTreeMap<String, ArgType>,
 ) -> std::result::Result<McpCall, Unroutable> {
-    let v: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| unroutable(format!("the body is not JSON: {e}")))?;
+    let v: serde_json::Value = serde_json::from_slice::<Unique>(body)
+        .map_err(|e| unroutable(format!("the body is not JSON: {e}")))?
+        .0;
     let serde_json::Value::Object(obj) = v else {
         return Err(unroutable(
             "the body is not one JSON-RPC message (batches are not accepted)",
@@ -556,6 +557,74 @@ pub fn parse_mcp(
         }
     }
     Ok(call)
+}
+
+/// JSON that refuses an object with the same key twice, at any depth. Parsers disagree on which
+/// of two `"name"`s wins; a call is decided only on a body every parser reads the same way.
+struct Unique(serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for Unique {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(UniqueVisitor).map(Unique)
+    }
+}
+
+struct UniqueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, v: bool) -> std::result::Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_i64<E>(self, v: i64) -> std::result::Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> std::result::Result<Self::Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into))
+    }
+    fn visit_str<E>(self, v: &str) -> std::result::Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_string<E>(self, v: String) -> std::result::Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(Unique(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(out.into())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            let Unique(v) = map.next_value()?;
+            if out.contains_key(&k) {
+                return Err(serde::de::Error::custom(format!(
+                    "key {} appears twice in one object",
+                    preview(&k)
+                )));
+            }
+            out.insert(k, v);
+        }
+        Ok(out.into())
+    }
 }
 
 #[cfg(test)]
