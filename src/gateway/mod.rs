@@ -9,6 +9,7 @@
 //! `api::ext_authz`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 
 use serde::Deserialize;
 
@@ -16,6 +17,8 @@ use crate::config::{ResourceConfig, ResourceKind, check_name};
 use crate::error::{Error, Result};
 use crate::model::{SpiffeId, preview};
 use crate::policy::{ArgType, ArgValue};
+
+pub mod client_cert;
 
 /// Header Envoy sets on the check request when it cut the body at `max_request_bytes`.
 pub const PARTIAL_BODY_HEADER: &str = "x-envoy-auth-partial-body";
@@ -53,6 +56,10 @@ pub struct GatewayConfig {
     /// Matched in order; the first match decides the `(resource, action)`. No match: denied.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// An HTTPS listener (mTLS, the proxy's own SVID) for nginx `auth_request`, Caddy
+    /// `forward_auth` and Traefik `forwardAuth` at `/forward-auth`; absent = none.
+    #[serde(default)]
+    pub forward_auth_listen: Option<SocketAddr>,
 }
 
 /// `[[gateway.routes]]`: one kind of call and the grant it needs.

@@ -2,11 +2,15 @@
 //! downstream mTLS requiring the agent's SVID, ext_authz over gRPC with mTLS using the gateway's
 //! own SVID, the request body forwarded for MCP, fail closed.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use jitbroker::api::pb;
+use jitbroker::api::pb::verifier_client::VerifierClient;
 
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -201,6 +205,9 @@ pub async fn https(
     headers: &[(&str, &str)],
     body: &str,
 ) -> std::io::Result<HttpResponse> {
+    // This client speaks HTTP/1.1, and says so (servers may refuse another protocol).
+    let mut tls = tls;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let mut s = connector
@@ -254,4 +261,70 @@ fn unchunk(mut s: &str) -> String {
         s = rest[n..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// What the tool saw: the headers of each request that reached it, and what introspecting the
+/// credential it carried said.
+#[derive(Clone, Default)]
+pub struct Seen(pub Arc<Mutex<Vec<HashMap<String, String>>>>);
+
+impl Seen {
+    pub fn all(&self) -> Vec<HashMap<String, String>> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// A small HTTP tool: records each request and introspects the credential the gateway put in
+/// `authorization` (tickets) or `x-api-key` (MCP), answering with the verdict only.
+pub async fn tool_server(
+    verifier: VerifierClient<tonic::transport::Channel>,
+) -> (SocketAddr, Seen) {
+    let seen = Seen::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let s = seen.clone();
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let s = s.clone();
+        let mut verifier = verifier.clone();
+        async move {
+            let headers: HashMap<String, String> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+                .collect();
+            s.0.lock().unwrap().push(headers.clone());
+            let (secret, resource) = if req.uri().path().starts_with("/mcp") {
+                (headers.get("x-api-key").cloned(), "helpdesk-mcp")
+            } else {
+                (
+                    headers
+                        .get("authorization")
+                        .and_then(|v| v.strip_prefix("Bearer "))
+                        .map(str::to_owned),
+                    "tickets",
+                )
+            };
+            let verdict = match secret {
+                Some(secret) => verifier
+                    .introspect(pb::IntrospectRequest {
+                        secret,
+                        resource: resource.into(),
+                    })
+                    .await
+                    .map(|r| r.into_inner())
+                    .ok(),
+                None => None,
+            };
+            let body = serde_json::json!({
+                "active": verdict.as_ref().is_some_and(|v| v.active),
+                "spiffe_id": verdict.as_ref().map(|v| v.spiffe_id.clone()),
+                "task_id": verdict.as_ref().map(|v| v.task_id.clone()),
+            });
+            ([("content-type", "application/json")], body.to_string())
+        }
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, seen)
 }

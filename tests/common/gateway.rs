@@ -38,6 +38,7 @@ verifiers = ["spiffe://jitbroker.dev/tool/demo"]
 [gateway]
 ids = ["spiffe://jitbroker.dev/gateway/envoy"]
 tool_arguments = { amount = "long" }
+forward_auth_listen = "127.0.0.1:0"
 
 [[gateway.routes]]
 name = "tickets-read"

@@ -35,6 +35,8 @@ pub const OPERATOR: &str = "spiffe://jitbroker.dev/operator";
 pub struct Running {
     pub addr: SocketAddr,
     pub ops_addr: SocketAddr,
+    /// The forward-auth listener, when the config sets `[gateway] forward_auth_listen`.
+    pub forward_auth_addr: Option<SocketAddr>,
     pub data_dir: PathBuf,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<jitbroker::error::Result<()>>>,
@@ -74,6 +76,7 @@ pub async fn spawn(cfg: &Config, options: Options) -> jitbroker::error::Result<R
     let addr = api.local_addr().unwrap();
     let ops_addr = ops.local_addr().unwrap();
     let app = App::build(cfg, Some(addr), options).await?;
+    let forward_auth_addr = app.forward_auth.as_ref().and_then(|l| l.local_addr().ok());
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(jitbroker::server::run(api, ops, app, async move {
         let _ = rx.await;
@@ -81,6 +84,7 @@ pub async fn spawn(cfg: &Config, options: Options) -> jitbroker::error::Result<R
     Ok(Running {
         addr,
         ops_addr,
+        forward_auth_addr,
         data_dir: cfg.data_dir.clone(),
         stop: Some(tx),
         task: Some(task),

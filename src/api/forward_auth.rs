@@ -1,0 +1,184 @@
+//! HTTP forward auth for nginx `auth_request`, Caddy `forward_auth` and Traefik `forwardAuth`:
+//! the proxy (on mTLS with its own SVID, a configured gateway) asks `/forward-auth` about the
+//! request it holds, passing the agent's verified client certificate and the original method,
+//! host and URI in headers. The decision is [`Broker::check_tool_call`], as for Envoy; allowed
+//! answers 200 with the credential header for the proxy to copy upstream, denied 403 (401 when
+//! no agent certificate came).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Request, Response, StatusCode};
+
+use super::ext_authz::denial_body;
+use crate::broker::Broker;
+use crate::broker::tool_calls::{ToolCallRequest, ToolCallVerdict};
+use crate::error::Error;
+use crate::gateway::{HttpCall, client_cert};
+use crate::model::SpiffeId;
+
+/// The path proxies call.
+pub const PATH: &str = "/forward-auth";
+
+/// Headers that carry the agent's certificate, in the order they are looked at.
+const CERT_HEADERS: [&str; 2] = ["x-forwarded-tls-client-cert", "x-client-cert"];
+
+fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn refusal(status: StatusCode, error: &str, reason: &str) -> Response<Full<Bytes>> {
+    json(
+        status,
+        serde_json::json!({"error": error, "reason": reason}).to_string(),
+    )
+}
+
+/// The first of `names` present in `headers`.
+fn first<'a>(headers: &'a HashMap<String, String>, names: &[&str]) -> Option<&'a str> {
+    names
+        .iter()
+        .find_map(|n| headers.get(*n).map(String::as_str))
+}
+
+/// Answers one forward-auth request from `proxy` (the verified SPIFFE ID of the connection).
+pub async fn handle<B>(
+    broker: &Arc<Broker>,
+    proxy: Option<&SpiffeId>,
+    max_body: usize,
+    req: Request<B>,
+) -> Response<Full<Bytes>>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let Some(proxy) = proxy else {
+        return refusal(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "the proxy must connect with mTLS using its X.509-SVID",
+        );
+    };
+    if req.uri().path() != PATH {
+        return refusal(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "forward auth is at /forward-auth",
+        );
+    }
+    let mut headers = HashMap::new();
+    for (k, v) in req.headers() {
+        let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+        headers
+            .entry(k.as_str().to_owned())
+            .and_modify(|e: &mut String| {
+                e.push(',');
+                e.push_str(&v);
+            })
+            .or_insert(v);
+    }
+    // Traefik can forward the body (forwardBody); nginx and Caddy send none.
+    let body = match Limited::new(req.into_body(), max_body.saturating_add(1))
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return refusal(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "denied",
+                &format!("the forwarded body could not be read: {e}"),
+            );
+        }
+    };
+    let agent = match first(&headers, &CERT_HEADERS) {
+        None => {
+            return refusal(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "no agent certificate: the proxy must require the agent's X.509-SVID and pass it \
+                 in x-client-cert or x-forwarded-tls-client-cert",
+            );
+        }
+        Some(v) => match client_cert::leaf_der(v).and_then(|der| {
+            crate::identity::peer_spiffe_id(&[rustls_pki_types::CertificateDer::from(der)])
+                .map_err(|e| e.to_string())
+        }) {
+            Ok(id) => id,
+            Err(e) => {
+                return refusal(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthenticated",
+                    &format!("the agent certificate is unusable: {e}"),
+                );
+            }
+        },
+    };
+    let (Some(method), Some(uri)) = (
+        first(&headers, &["x-forwarded-method", "x-original-method"]),
+        first(&headers, &["x-forwarded-uri", "x-original-uri"]),
+    ) else {
+        return refusal(
+            StatusCode::BAD_REQUEST,
+            "denied",
+            "the proxy must pass the original method and URI (x-forwarded-method and \
+             x-forwarded-uri, or x-original-method and x-original-uri)",
+        );
+    };
+    let host = first(&headers, &["x-forwarded-host", "x-original-host"]).unwrap_or_default();
+    let request_id = first(&headers, &["traceparent", "x-request-id"]).unwrap_or_default();
+    let verdict = broker
+        .check_tool_call(
+            proxy,
+            ToolCallRequest {
+                principal: &agent,
+                call: HttpCall {
+                    method,
+                    host,
+                    path: uri,
+                    headers: &headers,
+                    body: (!body.is_empty()).then_some(&body[..]),
+                },
+                request_id,
+            },
+        )
+        .await;
+    match verdict {
+        Ok(ToolCallVerdict::Allow { header, value, .. }) => {
+            let mut r = Response::new(Full::new(Bytes::new()));
+            match (
+                hyper::header::HeaderName::from_bytes(header.as_bytes()),
+                hyper::header::HeaderValue::from_str(value.as_str()),
+            ) {
+                (Ok(n), Ok(mut v)) => {
+                    v.set_sensitive(true);
+                    r.headers_mut().insert(n, v);
+                    r
+                }
+                _ => refusal(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "error",
+                    "the credential does not fit in an HTTP header",
+                ),
+            }
+        }
+        Ok(ToolCallVerdict::Deny(d)) => json(StatusCode::FORBIDDEN, denial_body(&d)),
+        Err(e) => {
+            let status = match &e {
+                Error::PermissionDenied(_) => StatusCode::FORBIDDEN,
+                Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+                Error::Unavailable(_) | Error::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            refusal(status, "denied", &e.to_string())
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! Forward auth at `/forward-auth` for proxies that delegate the decision over HTTP: called
+//! directly the way nginx, Caddy and Traefik call it, then through a real nginx (`auth_request`)
+//! in front of a tool of the test's own.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::envoy::https;
+use common::gateway::{GATEWAY, TASK_HEADER, configure};
+use common::*;
+use jitbroker::api::pb;
+
+/// The agent's certificate as nginx's `$ssl_client_escaped_cert` passes it.
+fn escaped(pem: &str) -> String {
+    pem.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// The leaf of a PEM chain.
+fn leaf(chain: &str) -> String {
+    let end = "-----END CERTIFICATE-----";
+    let i = chain.find(end).unwrap() + end.len();
+    format!("{}\n", &chain[..i])
+}
+
+async fn task_for(r: &Running, who: &str) -> (Clients, String) {
+    let mut c = clients(r, who).await;
+    let t = c
+        .broker
+        .start_task(start_req(vec![grant("tickets", "read")], 600))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
+    (c, t)
+}
+
+#[tokio::test]
+async fn forward_auth_decides_as_proxies_ask() {
+    let dir = dev_dir();
+    let cfg = configure(dir.path());
+    let r = spawn(&cfg, Default::default()).await.unwrap();
+    let fa = r.forward_auth_addr.expect("forward-auth listener");
+    let (gw_chain, gw_key, bundle) = mint(&r.data_dir, GATEWAY);
+    let gw_tls = tls_config(&bundle, Some((&gw_chain, &gw_key)));
+    let (agent_chain, _, _) = mint(&r.data_dir, AGENT);
+    let agent_cert = leaf(&agent_chain);
+    let (mut agent, task) = task_for(&r, AGENT).await;
+    let mut tool = clients(&r, TOOL).await;
+    let ask = |headers: Vec<(&'static str, String)>, tls: rustls::ClientConfig| async move {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        https(fa, tls, "GET", "/forward-auth", &h, "")
+            .await
+            .unwrap()
+    };
+
+    // nginx: escaped PEM and X-Original-*; the answer carries the credential to copy upstream.
+    let nginx = vec![
+        ("x-client-cert", escaped(&agent_cert)),
+        ("x-original-method", "GET".to_owned()),
+        ("x-original-uri", "/tickets/42?x=1".to_owned()),
+        (TASK_HEADER, task.clone()),
+    ];
+    let resp = ask(nginx.clone(), gw_tls.clone()).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let from_nginx_form = raw_header(fa, gw_tls.clone(), &nginx, "authorization").await;
+
+    // Traefik: the PEM body alone in X-Forwarded-Tls-Client-Cert, X-Forwarded-*.
+    let body: String = agent_cert
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let traefik = vec![
+        ("x-forwarded-tls-client-cert", escaped(&body)),
+        ("x-forwarded-method", "GET".to_owned()),
+        ("x-forwarded-host", "tickets.internal".to_owned()),
+        ("x-forwarded-uri", "/tickets/42".to_owned()),
+        (TASK_HEADER, task.clone()),
+    ];
+    let resp = ask(traefik.clone(), gw_tls.clone()).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+
+    // The task's credential, the same for both forms (reused), live for the agent and the task.
+    let raw = raw_header(fa, gw_tls.clone(), &traefik, "authorization").await;
+    assert_eq!(raw, from_nginx_form);
+    let secret = raw.strip_prefix("Bearer ").expect("Bearer");
+    let i = introspect(&mut tool, secret, "tickets").await;
+    assert!(i.active);
+    assert_eq!(i.spiffe_id, AGENT);
+    assert_eq!(i.task_id, task);
+
+    // Refusals: no agent certificate (401), no original request (400), another agent's task
+    // (403, JSON naming why), a caller that is not a gateway (403).
+    let no_cert: Vec<_> = nginx.iter().skip(1).cloned().collect();
+    assert_eq!(ask(no_cert, gw_tls.clone()).await.status, 401);
+    let no_uri = vec![nginx[0].clone(), (TASK_HEADER, task.clone())];
+    assert_eq!(ask(no_uri, gw_tls.clone()).await.status, 400);
+    let (_other, others) = task_for(&r, AGENT_B).await;
+    let mut foreign = nginx.clone();
+    foreign[3] = (TASK_HEADER, others);
+    let resp = ask(foreign, gw_tls.clone()).await;
+    assert_eq!(resp.status, 403);
+    let v: serde_json::Value = serde_json::from_str(&resp.body).unwrap();
+    assert!(
+        v["reason"].as_str().unwrap().contains("not a task of"),
+        "{v}"
+    );
+    let (a_chain, a_key, _) = mint(&r.data_dir, AGENT);
+    let not_gateway = tls_config(&bundle, Some((&a_chain, &a_key)));
+    assert_eq!(ask(nginx.clone(), not_gateway).await.status, 403);
+
+    // After CompleteTask: denied at once.
+    agent
+        .broker
+        .complete_task(pb::CompleteTaskRequest {
+            task_id: task.clone(),
+        })
+        .await
+        .unwrap();
+    let resp = ask(nginx, gw_tls).await;
+    assert_eq!(resp.status, 403);
+    assert!(resp.body.contains("COMPLETED"), "{}", resp.body);
+    r.stop().await;
+}
+
+/// The exact value of one response header (the shared client lower-cases the head).
+async fn raw_header(
+    addr: SocketAddr,
+    tls: rustls::ClientConfig,
+    headers: &[(&str, String)],
+    name: &str,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = tls;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut s = connector
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let mut req = "GET /forward-auth HTTP/1.1\r\nhost: x\r\nconnection: close\r\n".to_owned();
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    text.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(": ")?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        })
+        .unwrap_or_default()
+}
+
+/// nginx: `JITBROKER_NGINX`, then `nginx` on PATH, then `/usr/sbin/nginx`. Skips when absent
+/// unless `JITBROKER_REQUIRE_NGINX=1`.
+fn nginx_binary() -> Option<PathBuf> {
+    let found = std::env::var_os("JITBROKER_NGINX")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("PATH").and_then(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join("nginx"))
+                    .find(|f| f.is_file())
+            })
+        })
+        .or_else(|| Some(PathBuf::from("/usr/sbin/nginx")).filter(|p| p.is_file()));
+    if found.is_none() {
+        assert!(
+            std::env::var("JITBROKER_REQUIRE_NGINX").as_deref() != Ok("1"),
+            "JITBROKER_REQUIRE_NGINX=1 but no nginx (apt-get install nginx-light)"
+        );
+        eprintln!("skipping: no nginx");
+    }
+    found
+}
+
+struct Nginx(Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The nginx configuration of docs/gateways.md with the test's addresses and files.
+fn nginx_config(
+    dir: &Path,
+    listen: u16,
+    forward_auth: SocketAddr,
+    tool: SocketAddr,
+    files: &[(&str, PathBuf)],
+) -> String {
+    let page =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/gateways.md"))
+            .unwrap();
+    let start = page
+        .find("<!-- nginx-config -->\n```nginx\n")
+        .expect("marked nginx config");
+    let rest = &page[start..];
+    let body = &rest[rest.find("```nginx\n").unwrap() + 9..];
+    let mut server = body[..body.find("```").unwrap()].to_owned();
+    let mut subst = vec![
+        (
+            "listen 443 ssl;".to_owned(),
+            format!("listen 127.0.0.1:{listen} ssl;"),
+        ),
+        (
+            "https://jitbroker.jitbroker.svc.cluster.local:8444/forward-auth".to_owned(),
+            format!("https://{forward_auth}/forward-auth"),
+        ),
+        (
+            "http://tickets.tools.svc.cluster.local:8080".to_owned(),
+            format!("http://{tool}"),
+        ),
+        (
+            "proxy_ssl_name jitbroker.jitbroker.svc.cluster.local;".to_owned(),
+            "proxy_ssl_name localhost;".to_owned(),
+        ),
+    ];
+    for (from, to) in files {
+        subst.push(((*from).to_owned(), to.display().to_string()));
+    }
+    for (from, to) in subst {
+        assert!(
+            server.contains(&from),
+            "docs/gateways.md nginx config lost {from:?}"
+        );
+        server = server.replace(&from, &to);
+    }
+    let d = dir.display();
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"));
+    format!(
+        "{user}worker_processes 1;\nerror_log {d}/error.log warn;\npid {d}/nginx.pid;\n\
+         events {{ worker_connections 64; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/t1;\n  proxy_temp_path {d}/t2;\n  \
+         fastcgi_temp_path {d}/t3;\n  uwsgi_temp_path {d}/t4;\n  scgi_temp_path {d}/t5;\n{server}\n}}\n",
+        user = if root { "user root;\n" } else { "" },
+    )
+}
+
+#[tokio::test]
+async fn nginx_auth_request_injects_the_credential_and_fails_closed() {
+    let Some(bin) = nginx_binary() else { return };
+    let dir = dev_dir();
+    let cfg = configure(dir.path());
+    let r = spawn(&cfg, Default::default()).await.unwrap();
+    let fa = r.forward_auth_addr.unwrap();
+    let tool = clients(&r, TOOL).await;
+    let (tool_addr, seen) = common::envoy::tool_server(tool.verifier.clone()).await;
+    let (mut agent, task) = task_for(&r, AGENT).await;
+
+    let ca = jitbroker::identity::dev::ensure_dev_ca(&r.data_dir, "jitbroker.dev").unwrap();
+    let gw = ca
+        .mint_svid(
+            GATEWAY,
+            &["localhost".into()],
+            &[],
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let (cert, key, bundle) = (
+        work.path().join("svid.pem"),
+        work.path().join("svid.key"),
+        work.path().join("bundle.pem"),
+    );
+    std::fs::write(&cert, &gw.cert_chain_pem).unwrap();
+    std::fs::write(&key, gw.key_pem.as_bytes()).unwrap();
+    std::fs::write(&bundle, &gw.bundle_pem).unwrap();
+    let port = free_port();
+    let conf = nginx_config(
+        work.path(),
+        port,
+        fa,
+        tool_addr,
+        &[
+            ("/etc/nginx/svid/svid.pem", cert),
+            ("/etc/nginx/svid/svid.key", key),
+            ("/etc/nginx/svid/bundle.pem", bundle),
+        ],
+    );
+    let conf_path = work.path().join("nginx.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let child = Command::new(&bin)
+        .arg("-p")
+        .arg(work.path())
+        .arg("-c")
+        .arg(&conf_path)
+        .args(["-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nginx");
+    let _nginx = Nginx(child);
+    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(listen).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (chain, akey, abundle) = mint(&r.data_dir, AGENT);
+    let agent_tls = tls_config(&abundle, Some((&chain, &akey)));
+    let call = |headers: Vec<(&'static str, String)>| {
+        let tls = agent_tls.clone();
+        async move {
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            https(listen, tls, "GET", "/tickets/42", &h, "")
+                .await
+                .unwrap()
+        }
+    };
+    let log = || std::fs::read_to_string(work.path().join("error.log")).unwrap_or_default();
+
+    let resp = call(vec![
+        (TASK_HEADER, task.clone()),
+        ("authorization", "Bearer agent-own-token".into()),
+    ])
+    .await;
+    assert_eq!(resp.status, 200, "{resp:?}\n{}", log());
+    let v: serde_json::Value = serde_json::from_str(&resp.body).unwrap();
+    assert_eq!(v["active"], true, "{v}");
+    assert_eq!(v["spiffe_id"], AGENT);
+    assert_eq!(v["task_id"], task.as_str());
+    let got = seen.all();
+    assert_eq!(got.len(), 1);
+    let auth = got[0].get("authorization").expect("injected").clone();
+    assert!(auth.starts_with("Bearer jbt_"), "{auth}");
+    assert!(!got[0].contains_key(TASK_HEADER), "task header removed");
+    let secret = auth.trim_start_matches("Bearer ");
+    assert!(!resp.head.contains(&secret.to_lowercase()) && !resp.body.contains(secret));
+
+    let (_b, others) = task_for(&r, AGENT_B).await;
+    for headers in [vec![], vec![(TASK_HEADER, others)]] {
+        let resp = call(headers).await;
+        assert_eq!(resp.status, 403, "{resp:?}");
+    }
+    assert_eq!(seen.all().len(), 1, "denied calls never reach the tool");
+
+    agent
+        .broker
+        .complete_task(pb::CompleteTaskRequest {
+            task_id: task.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(call(vec![(TASK_HEADER, task.clone())]).await.status, 403);
+
+    let (_c, task2) = task_for(&r, AGENT).await;
+    r.stop().await;
+    let resp = call(vec![(TASK_HEADER, task2)]).await;
+    assert!(
+        !(200..300).contains(&resp.status),
+        "the broker down must deny: {resp:?}"
+    );
+    assert_eq!(seen.all().len(), 1);
+}
