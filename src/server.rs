@@ -32,6 +32,8 @@ use crate::telemetry::Metrics;
 
 /// A TLS handshake that takes longer than this is dropped (slow-loris guard).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Forward-auth connections open at once (TLS handshakes included).
+const FORWARD_AUTH_CONNECTIONS: usize = 1024;
 /// Connections waiting for the gRPC server; more wait in the kernel's accept queue.
 const ACCEPT_QUEUE: usize = 256;
 
@@ -547,6 +549,9 @@ async fn serve_forward_auth(
     max_body: usize,
     mut stop: watch::Receiver<bool>,
 ) {
+    // Proxies keep a few connections each; a flood of idle or junk ones cannot grow without
+    // bound: beyond the cap new connections are closed at once.
+    let slots = Arc::new(tokio::sync::Semaphore::new(FORWARD_AUTH_CONNECTIONS));
     loop {
         let (tcp, remote) = tokio::select! {
             r = listener.accept() => match r {
@@ -559,9 +564,14 @@ async fn serve_forward_auth(
             },
             _ = stop.changed() => return,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(remote = %remote, "forward-auth connection refused: {FORWARD_AUTH_CONNECTIONS} already open");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let (acceptor, broker, mut stop) = (acceptor.clone(), broker.clone(), stop.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
