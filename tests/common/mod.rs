@@ -5,6 +5,7 @@
 pub mod envoy;
 pub mod gateway;
 pub mod pg;
+pub mod proxies;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,326 @@
+//! Real Caddy and Traefik in front of a tool of the test's own, asking the broker's forward-auth
+//! endpoint about each request: agents on mTLS with their SVID, the proxy on mTLS to the broker
+//! with the gateway's SVID, the agent's certificate passed in a header, the credential copied
+//! onto the upstream request and the task header dropped. Their configurations are read from
+//! docs/gateways.md, so the page and the tests cannot drift.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::envoy::{GatewayFiles, HttpResponse};
+use super::free_port;
+
+/// The proxies under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Caddy,
+    Traefik,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Caddy => "caddy",
+            Kind::Traefik => "traefik",
+        }
+    }
+
+    /// The binary: `JITBROKER_CADDY` / `JITBROKER_TRAEFIK`, then PATH, then the tools cache.
+    /// `None` skips the test unless `JITBROKER_REQUIRE_CADDY=1` / `JITBROKER_REQUIRE_TRAEFIK=1`
+    /// (scripts/test.sh sets them).
+    pub fn binary(self) -> Option<PathBuf> {
+        let name = self.name();
+        let upper = name.to_ascii_uppercase();
+        let found = std::env::var_os(format!("JITBROKER_{upper}"))
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("PATH").and_then(|p| {
+                    std::env::split_paths(&p)
+                        .map(|d| d.join(name))
+                        .find(|f| f.is_file())
+                })
+            })
+            .or_else(|| {
+                let home = std::env::var_os("HOME")?;
+                let f = Path::new(&home)
+                    .join(".cache/jitbroker/tools/bin")
+                    .join(name);
+                f.is_file().then_some(f)
+            });
+        if found.is_none() {
+            assert!(
+                std::env::var(format!("JITBROKER_REQUIRE_{upper}")).as_deref() != Ok("1"),
+                "JITBROKER_REQUIRE_{upper}=1 but no {name} binary (scripts/tools.sh install {name})"
+            );
+            eprintln!("skipping: no {name} binary (scripts/tools.sh install {name})");
+        }
+        found
+    }
+}
+
+/// A running proxy, killed on drop.
+pub struct Proxy {
+    child: Child,
+    pub kind: Kind,
+    pub listen: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Proxy {
+    /// What the proxy logged so far (for assertion messages).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The fenced block after `<!-- marker -->` in docs/gateways.md.
+fn docs_block(marker: &str, lang: &str) -> String {
+    let page =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/gateways.md"))
+            .unwrap();
+    let fence = format!("<!-- {marker} -->\n```{lang}\n");
+    let start = page
+        .find(&fence)
+        .unwrap_or_else(|| panic!("docs/gateways.md has no {fence:?}"));
+    let body = &page[start + fence.len()..];
+    body[..body.find("```").unwrap()].to_owned()
+}
+
+/// Replaces each `from` (which must be there) by `to`.
+fn replace_all(mut text: String, what: &str, pairs: &[(String, String)]) -> String {
+    for (from, to) in pairs {
+        assert!(
+            text.contains(from.as_str()),
+            "docs/gateways.md {what} lost {from:?}"
+        );
+        text = text.replace(from.as_str(), to);
+    }
+    text
+}
+
+/// The replacements both proxies share: the SVID files, the broker and the tool.
+fn common_pairs(dir: &str, f: &GatewayFiles, tool: SocketAddr) -> Vec<(String, String)> {
+    vec![
+        (format!("{dir}/svid.pem"), f.cert.display().to_string()),
+        (format!("{dir}/svid.key"), f.key.display().to_string()),
+        (format!("{dir}/bundle.pem"), f.bundle.display().to_string()),
+        (
+            "tickets.tools.svc.cluster.local:8080".to_owned(),
+            tool.to_string(),
+        ),
+    ]
+}
+
+/// The Caddyfile of docs/gateways.md, listening on `listen` (loopback only), asking the broker's
+/// forward-auth endpoint at `broker` (its certificate names `localhost`).
+pub fn caddy_config_from_docs(
+    listen: SocketAddr,
+    broker: SocketAddr,
+    tool: SocketAddr,
+    f: &GatewayFiles,
+) -> String {
+    let mut pairs = common_pairs("/etc/caddy/svid", f, tool);
+    pairs.extend([
+        (
+            "https://:10443 {".to_owned(),
+            format!("https://:{} {{\n\tbind {}", listen.port(), listen.ip()),
+        ),
+        (
+            "https://jitbroker.jitbroker.svc.cluster.local:8444".to_owned(),
+            format!("https://{broker}"),
+        ),
+        (
+            "tls_server_name jitbroker.jitbroker.svc.cluster.local".to_owned(),
+            "tls_server_name localhost".to_owned(),
+        ),
+    ]);
+    replace_all(docs_block("caddy-config", "caddyfile"), "Caddyfile", &pairs)
+}
+
+/// Traefik's static and dynamic configuration of docs/gateways.md, listening on `listen`, with
+/// a ping entry point on `ping` for readiness.
+pub fn traefik_config_from_docs(
+    listen: SocketAddr,
+    ping: SocketAddr,
+    dynamic_path: &Path,
+    broker: SocketAddr,
+    tool: SocketAddr,
+    f: &GatewayFiles,
+) -> (String, String) {
+    let static_cfg = replace_all(
+        docs_block("traefik-static", "yaml"),
+        "Traefik static configuration",
+        &[
+            (
+                "address: \":10443\"".to_owned(),
+                format!("address: \"{listen}\"\n  ping:\n    address: \"{ping}\""),
+            ),
+            (
+                "/etc/traefik/dynamic.yml".to_owned(),
+                dynamic_path.display().to_string(),
+            ),
+        ],
+    ) + "ping:\n  entryPoint: ping\nlog:\n  level: WARN\n";
+    let mut pairs = common_pairs("/etc/traefik/svid", f, tool);
+    pairs.push((
+        "https://jitbroker.jitbroker.svc.cluster.local:8444/forward-auth".to_owned(),
+        format!("https://{broker}/forward-auth"),
+    ));
+    let dynamic = replace_all(
+        docs_block("traefik-dynamic", "yaml"),
+        "Traefik dynamic configuration",
+        &pairs,
+    );
+    (static_cfg, dynamic)
+}
+
+/// Starts `kind` in front of `tool`, deciding with the broker's forward-auth endpoint `broker`,
+/// and waits until a call by the agent (`agent_tls`) gets an answer decided by the broker.
+pub async fn start(
+    kind: Kind,
+    bin: &Path,
+    dir: &Path,
+    broker: SocketAddr,
+    tool: SocketAddr,
+    files: &GatewayFiles,
+    agent_tls: &rustls::ClientConfig,
+) -> Proxy {
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let log = dir.join(format!("{}.log", kind.name()));
+    let out = std::fs::File::create(&log).unwrap();
+    let mut cmd = Command::new(bin);
+    match kind {
+        Kind::Caddy => {
+            let path = dir.join("Caddyfile");
+            std::fs::write(&path, caddy_config_from_docs(listen, broker, tool, files)).unwrap();
+            // Caddy keeps its state (instance id, locks) under the XDG directories.
+            cmd.args(["run", "--adapter", "caddyfile", "--config"])
+                .arg(&path)
+                .env("HOME", dir)
+                .env("XDG_DATA_HOME", dir.join("data"))
+                .env("XDG_CONFIG_HOME", dir.join("config"));
+        }
+        Kind::Traefik => {
+            let ping = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let dynamic_path = dir.join("dynamic.yml");
+            let (static_cfg, dynamic) =
+                traefik_config_from_docs(listen, ping, &dynamic_path, broker, tool, files);
+            let static_path = dir.join("traefik.yml");
+            std::fs::write(&dynamic_path, dynamic).unwrap();
+            std::fs::write(&static_path, static_cfg).unwrap();
+            cmd.arg(format!("--configfile={}", static_path.display()))
+                .env("HOME", dir);
+        }
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e}", kind.name()));
+    let mut proxy = Proxy {
+        child,
+        kind,
+        listen,
+        log,
+    };
+    // Ready when a call without a task is answered by the broker (403 with its JSON): the
+    // listener is up and the route (Traefik loads it after listening) goes through forward auth.
+    let mut last = None;
+    for _ in 0..300 {
+        match https(listen, agent_tls.clone(), "GET", "/", &[], "").await {
+            Ok(r) if r.status == 403 && r.body.contains("\"denied\"") => return proxy,
+            r => last = Some(r),
+        }
+        if let Ok(Some(status)) = proxy.child.try_wait() {
+            panic!("{} exited ({status}):\n{}", kind.name(), proxy.log_text());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "{} did not become ready (last answer: {last:?}); its log:\n{}",
+        kind.name(),
+        proxy.log_text()
+    );
+}
+
+/// One HTTP/1.1 request over TLS to `addr`, with `localhost` as both the server name and the
+/// `host` header (Caddy refuses a host that differs from the SNI when it verifies client
+/// certificates).
+pub async fn https(
+    addr: SocketAddr,
+    tls: rustls::ClientConfig,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<HttpResponse> {
+    let mut tls = tls;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let mut s = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await?;
+    let mut raw = Vec::new();
+    // The proxy closes after the response (connection: close); a TLS close without notify is fine.
+    let _ = s.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        unchunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok(HttpResponse {
+        status,
+        head: head.to_ascii_lowercase(),
+        body,
+    })
+}
+
+fn unchunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}

@@ -1,0 +1,190 @@
+//! Enforcement at the point of tool use through real Caddy and Traefik, which ask the broker's
+//! forward-auth endpoint about each request (the configurations of docs/gateways.md): the agent
+//! calls a tool through the proxy with its task id; the broker decides each call and the proxy
+//! copies the credential onto the upstream request, so the tool gets it and the agent never does.
+
+mod common;
+
+use std::time::Duration;
+
+use common::envoy::{GatewayFiles, tool_server};
+use common::gateway::{GATEWAY, TASK_HEADER, configure};
+use common::proxies::{self, Kind, https};
+use common::*;
+use jitbroker::api::pb;
+
+/// The base64 DER of the leaf in `chain_pem` (what a proxy passes for a verified agent).
+fn leaf_b64(chain_pem: &str) -> String {
+    let start = chain_pem.find("-----BEGIN CERTIFICATE-----").unwrap() + 27;
+    let end = chain_pem[start..].find("-----END").unwrap() + start;
+    chain_pem[start..end]
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect()
+}
+
+async fn forward_auth_through(kind: Kind) {
+    let Some(bin) = kind.binary() else { return };
+    let dir = dev_dir();
+    let cfg = configure(dir.path());
+    let r = spawn(&cfg, Default::default()).await.expect("spawn");
+    let fa = r.forward_auth_addr.expect("a forward-auth listener");
+    let mut agent = clients(&r, AGENT).await;
+    let mut other = clients(&r, AGENT_B).await;
+    let tool = clients(&r, TOOL).await;
+    let (tool_addr, seen) = tool_server(tool.verifier.clone()).await;
+
+    // The proxy's own SVID (serving agents as localhost, calling the broker as a client).
+    let ca = jitbroker::identity::dev::ensure_dev_ca(&r.data_dir, "jitbroker.dev").unwrap();
+    let gw = ca
+        .mint_svid(
+            GATEWAY,
+            &["localhost".into()],
+            &[],
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let files_dir = tempfile::tempdir().unwrap();
+    let files = GatewayFiles {
+        cert: files_dir.path().join("gateway.pem"),
+        key: files_dir.path().join("gateway.key"),
+        bundle: files_dir.path().join("bundle.pem"),
+    };
+    std::fs::write(&files.cert, &gw.cert_chain_pem).unwrap();
+    std::fs::write(&files.key, gw.key_pem.as_bytes()).unwrap();
+    std::fs::write(&files.bundle, &gw.bundle_pem).unwrap();
+
+    let (chain, key, bundle) = mint(&r.data_dir, AGENT);
+    let agent_tls = tls_config(&bundle, Some((&chain, &key)));
+    let proxy = proxies::start(
+        kind,
+        &bin,
+        files_dir.path(),
+        fa,
+        tool_addr,
+        &files,
+        &agent_tls,
+    )
+    .await;
+    let listen = proxy.listen;
+    let call = |method: &'static str, headers: Vec<(&'static str, String)>| {
+        let tls = agent_tls.clone();
+        async move {
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            https(listen, tls, method, "/tickets/42", &h, "")
+                .await
+                .expect("call through the proxy")
+        }
+    };
+    let task = agent
+        .broker
+        .start_task(start_req(vec![grant("tickets", "read")], 600))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
+
+    // Allowed: the tool gets a live credential bound to the agent and the task, never the
+    // agent's own authorization nor the task header; the agent's response holds no credential.
+    let resp = call(
+        "GET",
+        vec![
+            (TASK_HEADER, task.clone()),
+            ("authorization", "Bearer agent-own-token".into()),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{kind:?}: {resp:?}\n{}", proxy.log_text());
+    let v: serde_json::Value = serde_json::from_str(&resp.body).unwrap();
+    assert_eq!(v["active"], true, "{kind:?}: {v}");
+    assert_eq!(v["spiffe_id"], AGENT);
+    assert_eq!(v["task_id"], task.as_str());
+    let got = seen.all();
+    assert_eq!(got.len(), 1);
+    let auth = got[0].get("authorization").expect("injected").clone();
+    let secret = auth.strip_prefix("Bearer jbt_").expect("a broker token");
+    assert!(!got[0].contains_key(TASK_HEADER), "task header stripped");
+    assert!(!auth.contains("agent-own-token"));
+    assert!(!resp.head.contains(secret) && !resp.body.contains(secret));
+
+    // Denied before the tool: another agent's task, also with that agent's certificate in the
+    // headers the broker reads the agent from (the proxy sets or drops them), and a POST that
+    // claims to be a GET.
+    let others = other
+        .broker
+        .start_task(start_req(vec![grant("tickets", "read")], 600))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
+    let (b_chain, _, _) = mint(&r.data_dir, AGENT_B);
+    let b_cert = leaf_b64(&b_chain);
+    for (method, headers) in [
+        ("GET", vec![(TASK_HEADER, others.clone())]),
+        (
+            "GET",
+            vec![
+                (TASK_HEADER, others.clone()),
+                ("x-client-cert", b_cert.clone()),
+                ("x-forwarded-tls-client-cert", b_cert.clone()),
+            ],
+        ),
+        (
+            "POST",
+            vec![
+                (TASK_HEADER, task.clone()),
+                ("x-forwarded-method", "GET".into()),
+                ("x-original-method", "GET".into()),
+            ],
+        ),
+    ] {
+        let resp = call(method, headers.clone()).await;
+        assert_eq!(resp.status, 403, "{kind:?} {method} {headers:?}: {resp:?}");
+        let v: serde_json::Value = serde_json::from_str(&resp.body).expect("JSON denial");
+        assert_eq!(v["error"], "denied");
+    }
+    assert_eq!(seen.all().len(), 1, "denied calls never reach the tool");
+
+    // After CompleteTask the same call is denied at once.
+    agent
+        .broker
+        .complete_task(pb::CompleteTaskRequest {
+            task_id: task.clone(),
+        })
+        .await
+        .unwrap();
+    let resp = call("GET", vec![(TASK_HEADER, task.clone())]).await;
+    assert_eq!(resp.status, 403, "{kind:?}: {resp:?}");
+    assert!(resp.body.contains("COMPLETED"), "{}", resp.body);
+
+    // The broker down means failed tool calls that never reach the tool.
+    let task2 = agent
+        .broker
+        .start_task(start_req(vec![grant("tickets", "read")], 600))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
+    r.stop().await;
+    let resp = call("GET", vec![(TASK_HEADER, task2)]).await;
+    assert!(
+        !(200..300).contains(&resp.status),
+        "{kind:?} with the broker down: {resp:?}"
+    );
+    assert_eq!(
+        seen.all().len(),
+        1,
+        "nothing reached the tool with the broker down"
+    );
+    drop(proxy);
+}
+
+#[tokio::test]
+async fn caddy_forward_auth_injects_the_credential_and_fails_closed() {
+    forward_auth_through(Kind::Caddy).await;
+}
+
+#[tokio::test]
+async fn traefik_forward_auth_injects_the_credential_and_fails_closed() {
+    forward_auth_through(Kind::Traefik).await;
+}
