@@ -67,18 +67,31 @@ async fn forward_auth_through(kind: Kind) {
     )
     .await;
     let listen = proxy.listen;
-    let call = |method: &'static str, headers: Vec<(&'static str, String)>| {
+    let send = |method: &'static str,
+                path: &'static str,
+                headers: Vec<(&'static str, String)>,
+                body: String| {
         let tls = agent_tls.clone();
         async move {
             let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            https(listen, tls, method, "/tickets/42", &h, "")
+            https(listen, tls, method, path, &h, &body)
                 .await
                 .expect("call through the proxy")
         }
     };
+    let call = |method: &'static str, headers: Vec<(&'static str, String)>| {
+        send(method, "/tickets/42", headers, String::new())
+    };
     let task = agent
         .broker
-        .start_task(start_req(vec![grant("tickets", "read")], 600))
+        .start_task(start_req(
+            vec![
+                grant("tickets", "read"),
+                grant("helpdesk-mcp", "list"),
+                grant("helpdesk-mcp", "call"),
+            ],
+            600,
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -144,6 +157,42 @@ async fn forward_auth_through(kind: Kind) {
         assert_eq!(v["error"], "denied");
     }
     assert_eq!(seen.all().len(), 1, "denied calls never reach the tool");
+    let mut reached = 1;
+
+    // MCP through Traefik, which forwards the body (forwardBody): an allowed tool passes with the
+    // JWT in x-api-key; a forbidden one gets a JSON-RPC tool error naming the policy.
+    if kind == Kind::Traefik {
+        let mcp = |id: u32, tool: &str| {
+            serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                "params": {"name": tool, "arguments": {"id": 42}}})
+            .to_string()
+        };
+        let headers = vec![
+            (TASK_HEADER, task.clone()),
+            ("content-type", "application/json".to_owned()),
+        ];
+        let resp = send("POST", "/mcp", headers.clone(), mcp(1, "lookup_ticket")).await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        let v: serde_json::Value = serde_json::from_str(&resp.body).unwrap();
+        assert_eq!(v["active"], true, "{v}");
+        assert_eq!(v["task_id"], task.as_str());
+        let resp = send("POST", "/mcp", headers.clone(), mcp(2, "delete_ticket")).await;
+        assert_eq!(resp.status, 403, "{resp:?}");
+        let v: serde_json::Value = serde_json::from_str(&resp.body).unwrap();
+        assert_eq!(v["id"], 2);
+        assert_eq!(v["result"]["isError"], true);
+        assert!(resp.body.contains("no-ticket-deletion"), "{}", resp.body);
+        reached += 1;
+        assert_eq!(seen.all().len(), reached);
+        // A body over maxBodySize is refused by Traefik itself (401).
+        let big = format!(
+            r#"{{"jsonrpc":"2.0","id":3,"method":"tools/list","pad":"{}"}}"#,
+            "x".repeat(70_000)
+        );
+        let resp = send("POST", "/mcp", headers, big).await;
+        assert!(!(200..300).contains(&resp.status), "{resp:?}");
+        assert_eq!(seen.all().len(), reached);
+    }
 
     // After CompleteTask the same call is denied at once.
     agent
@@ -173,7 +222,7 @@ async fn forward_auth_through(kind: Kind) {
     );
     assert_eq!(
         seen.all().len(),
-        1,
+        reached,
         "nothing reached the tool with the broker down"
     );
     drop(proxy);
