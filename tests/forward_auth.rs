@@ -116,6 +116,14 @@ async fn forward_auth_decides_as_proxies_ask() {
         v["reason"].as_str().unwrap().contains("not a task of"),
         "{v}"
     );
+    let mut two_certs = traefik.clone();
+    two_certs.push(("x-client-cert", escaped(&agent_cert)));
+    let resp = ask(two_certs, gw_tls.clone()).await;
+    assert_eq!(resp.status, 400, "{resp:?}");
+    assert!(resp.body.contains("came from the client"), "{}", resp.body);
+    let mut two_families = nginx.clone();
+    two_families.push(("x-forwarded-uri", "/billing".to_owned()));
+    assert_eq!(ask(two_families, gw_tls.clone()).await.status, 400);
     let (a_chain, a_key, _) = mint(&r.data_dir, AGENT);
     let not_gateway = tls_config(&bundle, Some((&a_chain, &a_key)));
     assert_eq!(ask(nginx.clone(), not_gateway).await.status, 403);
@@ -354,9 +362,34 @@ async fn nginx_auth_request_injects_the_credential_and_fails_closed() {
     assert!(!resp.head.contains(&secret.to_lowercase()) && !resp.body.contains(secret));
 
     let (_b, others) = task_for(&r, AGENT_B).await;
-    for headers in [vec![], vec![(TASK_HEADER, others)]] {
-        let resp = call(headers).await;
-        assert_eq!(resp.status, 403, "{resp:?}");
+    // Agent B's certificate is public: an agent that sends it, or claims another request, in
+    // the headers the broker reads must not become B or change what is decided.
+    let (b_chain, _, _) = mint(&r.data_dir, AGENT_B);
+    let b_cert = leaf(&b_chain);
+    let b_body: String = b_cert.lines().filter(|l| !l.starts_with("-----")).collect();
+    for headers in [
+        vec![],
+        vec![(TASK_HEADER, others.clone())],
+        vec![
+            (TASK_HEADER, others.clone()),
+            ("x-forwarded-tls-client-cert", escaped(&b_body)),
+        ],
+        vec![
+            (TASK_HEADER, others.clone()),
+            ("x-client-cert", escaped(&b_cert)),
+        ],
+        vec![
+            (TASK_HEADER, others.clone()),
+            ("x-forwarded-tls-client-cert", escaped(&b_body)),
+            ("x-forwarded-method", "GET".into()),
+            ("x-forwarded-uri", "/tickets/1".into()),
+        ],
+    ] {
+        let resp = call(headers.clone()).await;
+        assert!(
+            resp.status == 403 || resp.status == 401,
+            "{headers:?}: {resp:?}"
+        );
     }
     assert_eq!(seen.all().len(), 1, "denied calls never reach the tool");
 

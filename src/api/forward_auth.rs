@@ -42,11 +42,24 @@ fn refusal(status: StatusCode, error: &str, reason: &str) -> Response<Full<Bytes
     )
 }
 
-/// The first of `names` present in `headers`.
-fn first<'a>(headers: &'a HashMap<String, String>, names: &[&str]) -> Option<&'a str> {
-    names
+/// The one of `names` present in `headers`. Two present at once is refused: the proxy sets
+/// one, so the other came from the agent (a proxy that passes the agent's headers on, as nginx's
+/// `auth_request` does, would otherwise let the agent choose).
+fn one_of<'a>(
+    headers: &'a HashMap<String, String>,
+    names: &[&str],
+) -> Result<Option<&'a str>, String> {
+    let mut found = names
         .iter()
-        .find_map(|n| headers.get(*n).map(String::as_str))
+        .filter_map(|n| headers.get(*n).map(|v| (*n, v.as_str())));
+    match (found.next(), found.next()) {
+        (Some((_, v)), None) => Ok(Some(v)),
+        (None, _) => Ok(None),
+        (Some((a, _)), Some((b, _))) => Err(format!(
+            "both {a} and {b} arrived: the proxy sets one, so the other came from the client; \
+             configure the proxy to remove the one it does not set"
+        )),
+    }
 }
 
 /// Answers one forward-auth request from `proxy` (the verified SPIFFE ID of the connection).
@@ -99,7 +112,23 @@ where
             );
         }
     };
-    let agent = match first(&headers, &CERT_HEADERS) {
+    let ambiguous = |e: String| refusal(StatusCode::BAD_REQUEST, "denied", &e);
+    let cert = match one_of(&headers, &CERT_HEADERS) {
+        Ok(c) => c,
+        Err(e) => return ambiguous(e),
+    };
+    // The original request comes in one family of headers, never a mix.
+    let forwarded = ["x-forwarded-method", "x-forwarded-uri", "x-forwarded-host"];
+    let original = ["x-original-method", "x-original-uri", "x-original-host"];
+    let family = |names: &[&str]| names.iter().any(|n| headers.contains_key(*n));
+    if family(&forwarded) && family(&original) {
+        return ambiguous(
+            "both x-forwarded-* and x-original-* arrived: the proxy sets one family, so the \
+             other came from the client; configure the proxy to remove it"
+                .into(),
+        );
+    }
+    let agent = match cert {
         None => {
             return refusal(
                 StatusCode::UNAUTHORIZED,
@@ -122,9 +151,15 @@ where
             }
         },
     };
+    let pick = |a: &str, b: &str| {
+        headers
+            .get(a)
+            .or_else(|| headers.get(b))
+            .map(String::as_str)
+    };
     let (Some(method), Some(uri)) = (
-        first(&headers, &["x-forwarded-method", "x-original-method"]),
-        first(&headers, &["x-forwarded-uri", "x-original-uri"]),
+        pick("x-forwarded-method", "x-original-method"),
+        pick("x-forwarded-uri", "x-original-uri"),
     ) else {
         return refusal(
             StatusCode::BAD_REQUEST,
@@ -133,8 +168,8 @@ where
              x-forwarded-uri, or x-original-method and x-original-uri)",
         );
     };
-    let host = first(&headers, &["x-forwarded-host", "x-original-host"]).unwrap_or_default();
-    let request_id = first(&headers, &["traceparent", "x-request-id"]).unwrap_or_default();
+    let host = pick("x-forwarded-host", "x-original-host").unwrap_or_default();
+    let request_id = pick("traceparent", "x-request-id").unwrap_or_default();
     let verdict = broker
         .check_tool_call(
             proxy,
