@@ -4,10 +4,8 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::envoy::{self, GatewayFiles, https, tool_server};
-use common::gateway::{GATEWAY, TASK_HEADER, configure};
+use common::envoy::{self, https, tool_server};
+use common::gateway::{TASK_HEADER, configure};
 use common::*;
 use jitbroker::api::pb;
 
@@ -22,25 +20,8 @@ async fn envoy_injects_the_credential_and_fails_closed() {
     let tool = clients(&r, TOOL).await;
     let (tool_addr, seen) = tool_server(tool.verifier.clone()).await;
 
-    // The gateway's own SVID (serving agents as localhost, calling the broker as a client).
-    let ca = jitbroker::identity::dev::ensure_dev_ca(&r.data_dir, "jitbroker.dev").unwrap();
-    let gw = ca
-        .mint_svid(
-            GATEWAY,
-            &["localhost".into()],
-            &[],
-            Duration::from_secs(3600),
-        )
-        .unwrap();
     let files_dir = tempfile::tempdir().unwrap();
-    let files = GatewayFiles {
-        cert: files_dir.path().join("gateway.pem"),
-        key: files_dir.path().join("gateway.key"),
-        bundle: files_dir.path().join("bundle.pem"),
-    };
-    std::fs::write(&files.cert, &gw.cert_chain_pem).unwrap();
-    std::fs::write(&files.key, gw.key_pem.as_bytes()).unwrap();
-    std::fs::write(&files.bundle, &gw.bundle_pem).unwrap();
+    let files = common::gateway::gateway_files(&r.data_dir, files_dir.path());
     let (listen, admin) = envoy::addrs();
     let cfg_yaml = envoy::config_from_docs(listen, admin, r.addr, tool_addr, &files);
     let proxy = envoy::start(&bin, files_dir.path(), &cfg_yaml, listen, admin).await;

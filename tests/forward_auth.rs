@@ -280,24 +280,8 @@ async fn nginx_auth_request_injects_the_credential_and_fails_closed() {
     let (tool_addr, seen) = common::envoy::tool_server(tool.verifier.clone()).await;
     let (mut agent, task) = task_for(&r, AGENT).await;
 
-    let ca = jitbroker::identity::dev::ensure_dev_ca(&r.data_dir, "jitbroker.dev").unwrap();
-    let gw = ca
-        .mint_svid(
-            GATEWAY,
-            &["localhost".into()],
-            &[],
-            Duration::from_secs(3600),
-        )
-        .unwrap();
     let work = tempfile::tempdir().unwrap();
-    let (cert, key, bundle) = (
-        work.path().join("svid.pem"),
-        work.path().join("svid.key"),
-        work.path().join("bundle.pem"),
-    );
-    std::fs::write(&cert, &gw.cert_chain_pem).unwrap();
-    std::fs::write(&key, gw.key_pem.as_bytes()).unwrap();
-    std::fs::write(&bundle, &gw.bundle_pem).unwrap();
+    let files = common::gateway::gateway_files(&r.data_dir, work.path());
     let port = free_port();
     let conf = nginx_config(
         work.path(),
@@ -305,9 +289,9 @@ async fn nginx_auth_request_injects_the_credential_and_fails_closed() {
         fa,
         tool_addr,
         &[
-            ("/etc/nginx/svid/svid.pem", cert),
-            ("/etc/nginx/svid/svid.key", key),
-            ("/etc/nginx/svid/bundle.pem", bundle),
+            ("/etc/nginx/svid/svid.pem", files.cert),
+            ("/etc/nginx/svid/svid.key", files.key),
+            ("/etc/nginx/svid/bundle.pem", files.bundle),
         ],
     );
     let conf_path = work.path().join("nginx.conf");

@@ -5,10 +5,8 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::envoy::{GatewayFiles, tool_server};
-use common::gateway::{GATEWAY, TASK_HEADER, configure};
+use common::envoy::tool_server;
+use common::gateway::{TASK_HEADER, configure};
 use common::proxies::{self, Kind, https};
 use common::*;
 use jitbroker::api::pb;
@@ -34,25 +32,8 @@ async fn forward_auth_through(kind: Kind) {
     let tool = clients(&r, TOOL).await;
     let (tool_addr, seen) = tool_server(tool.verifier.clone()).await;
 
-    // The proxy's own SVID (serving agents as localhost, calling the broker as a client).
-    let ca = jitbroker::identity::dev::ensure_dev_ca(&r.data_dir, "jitbroker.dev").unwrap();
-    let gw = ca
-        .mint_svid(
-            GATEWAY,
-            &["localhost".into()],
-            &[],
-            Duration::from_secs(3600),
-        )
-        .unwrap();
     let files_dir = tempfile::tempdir().unwrap();
-    let files = GatewayFiles {
-        cert: files_dir.path().join("gateway.pem"),
-        key: files_dir.path().join("gateway.key"),
-        bundle: files_dir.path().join("bundle.pem"),
-    };
-    std::fs::write(&files.cert, &gw.cert_chain_pem).unwrap();
-    std::fs::write(&files.key, gw.key_pem.as_bytes()).unwrap();
-    std::fs::write(&files.bundle, &gw.bundle_pem).unwrap();
+    let files = common::gateway::gateway_files(&r.data_dir, files_dir.path());
 
     let (chain, key, bundle) = mint(&r.data_dir, AGENT);
     let agent_tls = tls_config(&bundle, Some((&chain, &key)));

@@ -86,6 +86,23 @@ impl Broker {
             .map(|a| a.id))
     }
 
+    /// The pending approval request of this grant, or a new one recorded on the task.
+    pub(crate) fn pending_or_new_approval(
+        &self,
+        task: &Task,
+        grant: &Grant,
+        policy_ids: Vec<String>,
+        now: UnixMillis,
+    ) -> Result<ApprovalId> {
+        if let Some(id) = self.pending_approval(task, grant, now)? {
+            return Ok(id);
+        }
+        let mut t = task.clone();
+        let id = self.request_approval(&mut t, grant, policy_ids, now)?;
+        self.store.update_task(&t)?;
+        Ok(id)
+    }
+
     /// Marks an approval consumed by an issuance.
     pub(crate) fn use_approval(&self, mut a: Approval, credential: &str) -> Result<()> {
         a.state = ApprovalState::Used;

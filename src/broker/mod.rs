@@ -753,16 +753,7 @@ impl Broker {
                 )));
             }
             Decision::NeedsApproval => {
-                let id = match self.pending_approval(&task, &grant, now)? {
-                    Some(id) => id,
-                    None => {
-                        let mut t = task.clone();
-                        let id =
-                            self.request_approval(&mut t, &grant, v.policy_ids.clone(), now)?;
-                        self.store.update_task(&t)?;
-                        id
-                    }
-                };
+                let id = self.pending_or_new_approval(&task, &grant, v.policy_ids, now)?;
                 self.store.durable().await?;
                 return Err(Error::FailedPrecondition(format!(
                     "({}, {}) needs approval: {} approval_id={id}",

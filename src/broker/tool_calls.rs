@@ -324,15 +324,7 @@ impl Broker {
             Decision::Allowed => {}
             Decision::Denied => return Ok(out.deny(v.reason)),
             Decision::NeedsApproval => {
-                let id = match self.pending_approval(&task, &grant, now)? {
-                    Some(id) => id,
-                    None => {
-                        let mut t = task.clone();
-                        let id = self.request_approval(&mut t, &grant, v.policy_ids, now)?;
-                        self.store.update_task(&t)?;
-                        id
-                    }
-                };
+                let id = self.pending_or_new_approval(&task, &grant, v.policy_ids, now)?;
                 out.denial.approval_id = Some(id.to_string());
                 return Ok(out.deny(format!("{}; approval_id={id}", v.reason)));
             }

@@ -121,3 +121,26 @@ pub async fn authz_client(r: &Running, id: &str) -> AuthorizationClient<Channel>
         .expect("connect");
     AuthorizationClient::new(ch)
 }
+
+/// The gateway's own SVID (serving agents as `localhost`, calling the broker as a client) and
+/// the trust bundle, as files in `dir` for a proxy to read.
+pub fn gateway_files(data_dir: &Path, dir: &Path) -> super::envoy::GatewayFiles {
+    let ca = jitbroker::identity::dev::ensure_dev_ca(data_dir, "jitbroker.dev").unwrap();
+    let gw = ca
+        .mint_svid(
+            GATEWAY,
+            &["localhost".into()],
+            &[],
+            std::time::Duration::from_secs(3600),
+        )
+        .unwrap();
+    let files = super::envoy::GatewayFiles {
+        cert: dir.join("svid.pem"),
+        key: dir.join("svid.key"),
+        bundle: dir.join("bundle.pem"),
+    };
+    std::fs::write(&files.cert, &gw.cert_chain_pem).unwrap();
+    std::fs::write(&files.key, gw.key_pem.as_bytes()).unwrap();
+    std::fs::write(&files.bundle, &gw.bundle_pem).unwrap();
+    files
+}
