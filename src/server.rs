@@ -216,7 +216,7 @@ impl App {
         let policy = Arc::new(load_policy(cfg)?);
         let ups = upstreams(cfg)?;
         preflight_upstreams(&ups).await?;
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::new(crate::api::served_methods()));
         let broker = Arc::new(
             Broker::new(
                 store,

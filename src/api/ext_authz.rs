@@ -19,6 +19,9 @@ use crate::broker::tool_calls::{ToolCallDenial, ToolCallRequest, ToolCallVerdict
 use crate::error::to_status;
 use crate::gateway::HttpCall;
 
+/// The gRPC path of the check (metrics label requests by it).
+pub const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
+
 /// gRPC status codes carried inside `CheckResponse.status`.
 const RPC_OK: i32 = 0;
 const RPC_PERMISSION_DENIED: i32 = 7;

@@ -24,6 +24,34 @@ pub mod pb {
         tonic::include_file_descriptor_set!("jitbroker_descriptor");
 }
 
+/// Every gRPC method the API port serves, as `/package.Service/Method`, read from the descriptor
+/// sets compiled into the binary (the broker's own services and `grpc.health.v1`). Metrics label
+/// requests by these names only.
+pub fn served_methods() -> Vec<String> {
+    use prost::Message;
+    let mut out = Vec::new();
+    for set in [
+        pb::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ] {
+        // The sets are compiled in; one that does not decode labels nothing rather than failing.
+        let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
+            continue;
+        };
+        for file in set.file {
+            let package = file.package();
+            for service in &file.service {
+                for method in &service.method {
+                    out.push(format!("/{package}.{}/{}", service.name(), method.name()));
+                }
+            }
+        }
+    }
+    // Envoy's external authorization, served from the envoy-types crate's own code.
+    out.push(ext_authz::CHECK_PATH.to_owned());
+    out
+}
+
 /// What the transport learnt about the caller: set by the TLS acceptor for each connection.
 #[derive(Clone, Debug)]
 pub struct PeerInfo {

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -49,9 +49,6 @@ struct Histogram {
     sum_micros: AtomicU64,
 }
 
-/// The gRPC path of Envoy's external authorization check.
-const EXT_AUTHZ_CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
-
 impl Histogram {
     fn record(&self, elapsed: Duration) {
         let secs = elapsed.as_secs_f64();
@@ -66,11 +63,17 @@ impl Histogram {
     }
 }
 
+/// The label under which every request to a path that is not a served gRPC method is counted.
+pub const OTHER_METHOD: &str = "other";
+
 /// The broker's counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// Request latency by gRPC method (only the broker's own methods; others share "other").
-    latency: RwLock<BTreeMap<String, Arc<Histogram>>>,
+    /// Request latency by gRPC method: one series per method fixed at construction, and one
+    /// ([`OTHER_METHOD`]) for every other path. The set never grows, so a client choosing paths
+    /// can neither add series nor put its bytes in a label.
+    latency: BTreeMap<String, Histogram>,
+    other: Histogram,
     issued_token: AtomicU64,
     issued_jwt: AtomicU64,
     issued_postgres: AtomicU64,
@@ -88,6 +91,27 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Counters labelling request latency by the given gRPC methods (`/package.Service/Method`);
+    /// requests to any other path are counted as [`OTHER_METHOD`]. A method whose name is not a
+    /// plain gRPC name is left out rather than written into the exposition.
+    pub fn new(methods: impl IntoIterator<Item = String>) -> Self {
+        let latency = methods
+            .into_iter()
+            .filter_map(|m| {
+                let label = m.strip_prefix('/')?.to_owned();
+                let plain = !label.is_empty()
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._/".contains(&b));
+                plain.then(|| (label, Histogram::default()))
+            })
+            .collect();
+        Self {
+            latency,
+            ..Self::default()
+        }
+    }
+
     pub fn issued(&self, kind: &str) {
         match kind {
             "jwt" => &self.issued_jwt,
@@ -134,28 +158,13 @@ impl Metrics {
         self.tool_call_latency.record(elapsed);
     }
 
-    /// Records one request's latency under its gRPC path.
+    /// Records one request's latency under its gRPC path, or under [`OTHER_METHOD`] when the
+    /// path is not a method this broker serves.
     pub fn observe(&self, path: &str, elapsed: Duration) {
-        let method = if path.starts_with("/jitbroker.v1.") || path == EXT_AUTHZ_CHECK {
-            path.trim_start_matches('/')
-        } else {
-            "other"
-        };
-        let h = {
-            let map = self.latency.read().unwrap_or_else(|p| p.into_inner());
-            map.get(method).cloned()
-        };
-        let h = match h {
-            Some(h) => h,
-            None => self
-                .latency
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(method.to_owned())
-                .or_default()
-                .clone(),
-        };
-        h.record(elapsed);
+        path.strip_prefix('/')
+            .and_then(|m| self.latency.get(m))
+            .unwrap_or(&self.other)
+            .record(elapsed);
     }
 
     pub fn auth_failure(&self) {
@@ -226,12 +235,12 @@ impl Metrics {
             "# HELP jitbroker_request_duration_seconds gRPC request latency by method.\n\
              # TYPE jitbroker_request_duration_seconds histogram"
         );
-        for (method, h) in self
+        let series = self
             .latency
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
             .iter()
-        {
+            .map(|(m, h)| (m.as_str(), h))
+            .chain([(OTHER_METHOD, &self.other)]);
+        for (method, h) in series {
             for (i, b) in BUCKETS.iter().enumerate() {
                 let _ = writeln!(
                     s,
@@ -332,5 +341,68 @@ where
             metrics.observe(&path, start.elapsed());
             r
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each exposition line without its value: the series a scrape would see.
+    fn series(text: &str) -> Vec<String> {
+        text.lines()
+            .map(|l| match l.rsplit_once(' ') {
+                Some((name, _)) if !l.starts_with('#') => name.to_owned(),
+                _ => l.to_owned(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn served_methods_are_labelled_and_every_other_path_is_other() {
+        let m = Metrics::new(crate::api::served_methods());
+        let before = series(&m.render(&[]));
+        assert!(
+            before.iter().any(|l| l.contains(
+                "jitbroker_request_duration_seconds_count{method=\"jitbroker.v1.Broker/StartTask\"}"
+            )),
+            "{before:#?}"
+        );
+        m.observe("/jitbroker.v1.Broker/StartTask", Duration::from_millis(1));
+        let crafted = [
+            "/jitbroker.v1.Broker/StartTask\"} 1\n# TYPE evil counter\nevil",
+            "/jitbroker.v1.x\"}junk{a=\"",
+            "/jitbroker.v1.Broker/StartTask/",
+            "jitbroker.v1.Broker/StartTask",
+            "/other",
+            "",
+        ];
+        for p in crafted {
+            m.observe(p, Duration::from_millis(1));
+        }
+        for i in 0..10_000 {
+            m.observe(&format!("/jitbroker.v1.Broker/R{i}"), Duration::ZERO);
+        }
+        let text = m.render(&[]);
+        assert_eq!(series(&text), before, "the set of series changed");
+        assert!(!text.contains("evil") && !text.contains("junk") && !text.contains("R1"));
+        assert!(text.contains(
+            "jitbroker_request_duration_seconds_count{method=\"jitbroker.v1.Broker/StartTask\"} 1\n"
+        ));
+        assert!(
+            text.contains("jitbroker_request_duration_seconds_count{method=\"other\"} 10006\n")
+        );
+    }
+
+    #[test]
+    fn a_method_name_that_is_not_a_plain_grpc_name_is_never_a_label() {
+        let m = Metrics::new([
+            "/a.B/C\"}x".to_owned(),
+            "/a.B/D".to_owned(),
+            "nope".to_owned(),
+        ]);
+        let text = m.render(&[]);
+        assert!(text.contains("method=\"a.B/D\""), "{text}");
+        assert!(!text.contains("x\"") && !text.contains("nope"), "{text}");
     }
 }

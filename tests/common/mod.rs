@@ -384,3 +384,77 @@ pub fn distinctive_part(secret: &str) -> &str {
     );
     part
 }
+
+/// One sample of a Prometheus text exposition: metric name, labels, value.
+pub type Sample = (String, Vec<(String, String)>, f64);
+
+/// Parses a Prometheus text exposition strictly (names, quoted and escaped label values, a
+/// numeric value), as a scraper would; the first malformed line is the error.
+pub fn parse_exposition(text: &str) -> Result<Vec<Sample>, String> {
+    let name_ok = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with(|c: char| c.is_ascii_digit())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':')
+    };
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = || format!("malformed exposition line: {line:?}");
+        let (series, value) = line.rsplit_once(' ').ok_or_else(bad)?;
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            v => v.parse().map_err(|_| bad())?,
+        };
+        let (name, labels) = match series.split_once('{') {
+            None => (series, Vec::new()),
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').ok_or_else(bad)?;
+                let mut labels = Vec::new();
+                let mut chars = body.chars().peekable();
+                while chars.peek().is_some() {
+                    let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+                    if !name_ok(&key) || chars.next() != Some('"') {
+                        return Err(bad());
+                    }
+                    let mut v = String::new();
+                    loop {
+                        match chars.next().ok_or_else(bad)? {
+                            '"' => break,
+                            '\\' => match chars.next().ok_or_else(bad)? {
+                                'n' => v.push('\n'),
+                                c @ ('\\' | '"') => v.push(c),
+                                _ => return Err(bad()),
+                            },
+                            '\n' => return Err(bad()),
+                            c => v.push(c),
+                        }
+                    }
+                    labels.push((key, v));
+                    match chars.next() {
+                        None => break,
+                        Some(',') => {}
+                        Some(_) => return Err(bad()),
+                    }
+                }
+                (name, labels)
+            }
+        };
+        if !name_ok(name) {
+            return Err(bad());
+        }
+        out.push((name.to_owned(), labels, value));
+    }
+    Ok(out)
+}
+
+/// The ops port's `/metrics`, parsed (panics naming the bad line if it does not parse).
+pub async fn scrape(r: &Running) -> Vec<Sample> {
+    let resp = http_get(&r.ops_addr.to_string(), "/metrics")
+        .await
+        .expect("ops port reachable");
+    let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    parse_exposition(body).unwrap_or_else(|e| panic!("/metrics does not parse: {e}"))
+}
