@@ -57,7 +57,125 @@ pub struct Config {
     /// Tool calls decided for gateways (Envoy ext_authz); absent = no gateway may ask.
     #[serde(default)]
     pub gateway: Option<crate::gateway::GatewayConfig>,
+    #[serde(default)]
+    pub server: ServerConfig,
 }
+
+/// `[server]`: limits of the API port. Everything here bounds what a client, authenticated or
+/// not, can make the broker hold: connections, streams, requests in progress, bytes buffered
+/// and time.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Open connections (TLS handshakes included). Beyond it new connections wait in the
+    /// kernel's accept queue until one closes.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Open connections from one IP address. Beyond it a new connection is closed at once.
+    #[serde(default = "default_max_connections_per_remote")]
+    pub max_connections_per_remote: usize,
+    /// HTTP/2 streams (requests) one connection may have open at once.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+    /// Requests being handled at once, over all connections. A request that finds no room
+    /// within its timeout is answered `RESOURCE_EXHAUSTED`.
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
+    /// A request not answered within this is answered `DEADLINE_EXCEEDED` (a request body still
+    /// arriving by then is cut off).
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_ms: u64,
+    /// A TLS handshake not done within this is dropped.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_ms: u64,
+    /// A connection with no request in progress for this long is closed.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_ms: u64,
+    /// HTTP/2 PING interval, and how long an unanswered PING waits before the connection is
+    /// closed as dead.
+    #[serde(default = "default_keepalive_interval")]
+    pub keepalive_interval_ms: u64,
+    #[serde(default = "default_keepalive_timeout")]
+    pub keepalive_timeout_ms: u64,
+    /// Streams a client may reset before the broker accepted them, before the connection is
+    /// closed (HTTP/2 rapid-reset protection).
+    #[serde(default = "default_max_pending_reset_streams")]
+    pub max_pending_reset_streams: usize,
+    /// Streams the broker may reset for a client's protocol errors before it closes the
+    /// connection.
+    #[serde(default = "default_max_local_error_reset_streams")]
+    pub max_local_error_reset_streams: usize,
+    /// Largest request message, in bytes. It is read before the caller is authenticated, so it
+    /// stays small; the largest valid request (an `Introspect` of a 16 KiB secret) fits.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Largest block of request headers, in bytes (a JWT-SVID travels in one).
+    #[serde(default = "default_max_header_list_bytes")]
+    pub max_header_list_bytes: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: default_max_connections(),
+            max_connections_per_remote: default_max_connections_per_remote(),
+            max_concurrent_streams: default_max_concurrent_streams(),
+            max_concurrent_requests: default_max_concurrent_requests(),
+            request_timeout_ms: default_request_timeout(),
+            handshake_timeout_ms: default_handshake_timeout(),
+            idle_timeout_ms: default_idle_timeout(),
+            keepalive_interval_ms: default_keepalive_interval(),
+            keepalive_timeout_ms: default_keepalive_timeout(),
+            max_pending_reset_streams: default_max_pending_reset_streams(),
+            max_local_error_reset_streams: default_max_local_error_reset_streams(),
+            max_message_bytes: default_max_message_bytes(),
+            max_header_list_bytes: default_max_header_list_bytes(),
+        }
+    }
+}
+
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_max_connections_per_remote() -> usize {
+    64
+}
+fn default_max_concurrent_streams() -> u32 {
+    32
+}
+fn default_max_concurrent_requests() -> usize {
+    256
+}
+fn default_request_timeout() -> u64 {
+    30_000
+}
+fn default_handshake_timeout() -> u64 {
+    10_000
+}
+fn default_idle_timeout() -> u64 {
+    300_000
+}
+fn default_keepalive_interval() -> u64 {
+    30_000
+}
+fn default_keepalive_timeout() -> u64 {
+    20_000
+}
+fn default_max_pending_reset_streams() -> usize {
+    20
+}
+fn default_max_local_error_reset_streams() -> usize {
+    256
+}
+fn default_max_message_bytes() -> usize {
+    64 * 1024
+}
+fn default_max_header_list_bytes() -> u32 {
+    16 * 1024
+}
+
+/// Smallest `server.max_message_bytes`: an `Introspect` of the longest secret must fit.
+pub const MIN_MESSAGE_BYTES: usize = 20 * 1024;
 
 /// `[store]`: the data store's memory.
 #[derive(Clone, Debug, Deserialize)]
@@ -632,6 +750,49 @@ impl Config {
                 self.store.cache_mb
             ));
         }
+        let sv = &self.server;
+        let positive = [
+            ("max_connections", sv.max_connections as u64),
+            (
+                "max_connections_per_remote",
+                sv.max_connections_per_remote as u64,
+            ),
+            (
+                "max_concurrent_streams",
+                u64::from(sv.max_concurrent_streams),
+            ),
+            ("max_concurrent_requests", sv.max_concurrent_requests as u64),
+            ("request_timeout_ms", sv.request_timeout_ms),
+            ("handshake_timeout_ms", sv.handshake_timeout_ms),
+            ("idle_timeout_ms", sv.idle_timeout_ms),
+            ("keepalive_interval_ms", sv.keepalive_interval_ms),
+            ("keepalive_timeout_ms", sv.keepalive_timeout_ms),
+            (
+                "max_pending_reset_streams",
+                sv.max_pending_reset_streams as u64,
+            ),
+            (
+                "max_local_error_reset_streams",
+                sv.max_local_error_reset_streams as u64,
+            ),
+        ];
+        if let Some((k, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return bad(format!("[server] {k} must be at least 1"));
+        }
+        if !(MIN_MESSAGE_BYTES..=4 << 20).contains(&sv.max_message_bytes) {
+            return bad(format!(
+                "[server] max_message_bytes = {} must be between {MIN_MESSAGE_BYTES} and {}",
+                sv.max_message_bytes,
+                4 << 20
+            ));
+        }
+        if !(4096..=1 << 20).contains(&sv.max_header_list_bytes) {
+            return bad(format!(
+                "[server] max_header_list_bytes = {} must be between 4096 and {}",
+                sv.max_header_list_bytes,
+                1 << 20
+            ));
+        }
         let rv = &self.revocation;
         if rv.backoff_initial_ms == 0
             || rv.backoff_max_ms < rv.backoff_initial_ms
@@ -767,6 +928,31 @@ verifiers = ["spiffe://jitbroker.dev/tool/demo"]
         }
         let err = with("[retention]\nkeep = 1\n").unwrap_err().to_string();
         assert!(err.contains("keep"), "{err}");
+    }
+
+    #[test]
+    fn server_limits_default_and_bounds() {
+        let c = with("").unwrap();
+        assert_eq!(c.server.max_message_bytes, 64 * 1024);
+        assert_eq!(c.server.max_pending_reset_streams, 20);
+        let c = with("[server]\nmax_connections = 10\nrequest_timeout_ms = 500\n").unwrap();
+        assert_eq!(
+            (c.server.max_connections, c.server.request_timeout_ms),
+            (10, 500)
+        );
+        for (bad, named) in [
+            ("[server]\nmax_connections = 0\n", "max_connections"),
+            ("[server]\nidle_timeout_ms = 0\n", "idle_timeout_ms"),
+            ("[server]\nmax_message_bytes = 100\n", "max_message_bytes"),
+            (
+                "[server]\nmax_header_list_bytes = 10\n",
+                "max_header_list_bytes",
+            ),
+            ("[server]\nmax_conns = 1\n", "max_conns"),
+        ] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains(named), "{bad}: {err}");
+        }
     }
 
     #[test]

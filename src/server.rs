@@ -18,9 +18,11 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
+mod limits;
+
 use crate::api::{AdminApi, BrokerApi, ExtAuthzApi, PeerInfo, ServerFacts, VerifierApi, pb};
 use crate::broker::{AuditArchive, Broker, Clock, Limits, SystemClock};
-use crate::config::{Config, SourceKind};
+use crate::config::{Config, ServerConfig, SourceKind};
 use crate::error::{Error, Result};
 use crate::identity::{self, Identity, IdentitySource};
 use crate::issuers::Upstream;
@@ -65,6 +67,8 @@ pub struct App {
     pub forward_auth: Option<TcpListener>,
     /// Largest body read for MCP routing (`[gateway] max_body_bytes`).
     pub forward_auth_max_body: usize,
+    /// The API port's limits.
+    pub limits: ServerConfig,
 }
 
 /// The identity source the configuration asks for.
@@ -266,19 +270,31 @@ impl App {
             options,
             forward_auth,
             forward_auth_max_body: cfg.gateway.as_ref().map_or(0, |g| g.max_body_bytes),
+            limits: {
+                // A gateway's check carries the request body it asks about: room for
+                // `[gateway] max_body_bytes` of body and its headers.
+                let mut l = cfg.server.clone();
+                if let Some(g) = &cfg.gateway {
+                    l.max_message_bytes = l.max_message_bytes.max(g.max_body_bytes + (64 << 10));
+                }
+                l
+            },
         })
     }
 }
 
-/// A verified TLS connection and what it told us about the peer.
+/// A verified TLS connection, what it told us about the peer, and its place among the open
+/// connections (given back when the connection is dropped).
 struct TlsConn {
     inner: TlsStream<TcpStream>,
-    info: PeerInfo,
+    info: limits::ConnInfo,
+    idle: limits::IdleClose,
+    _permit: limits::ConnectionPermit,
 }
 
 impl Connected for TlsConn {
-    type ConnectInfo = PeerInfo;
-    fn connect_info(&self) -> PeerInfo {
+    type ConnectInfo = limits::ConnInfo;
+    fn connect_info(&self) -> limits::ConnInfo {
         self.info.clone()
     }
 }
@@ -289,7 +305,12 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            // Idle for `server.idle_timeout_ms`: end of stream, and the HTTP/2 server closes.
+            Poll::Pending if this.idle.poll_idle(cx).is_ready() => Poll::Ready(Ok(())),
+            r => r,
+        }
     }
 }
 
@@ -326,9 +347,18 @@ async fn accept_loop(
     acceptor: TlsAcceptor,
     tx: mpsc::Sender<std::io::Result<TlsConn>>,
     broker: Arc<Broker>,
+    gate: Arc<limits::ConnectionGate>,
+    cfg: ServerConfig,
     mut stop: watch::Receiver<bool>,
 ) {
+    let handshake_timeout = Duration::from_millis(cfg.handshake_timeout_ms);
+    let idle_timeout = Duration::from_millis(cfg.idle_timeout_ms);
     loop {
+        // At `server.max_connections`, stop accepting: new connections wait in the kernel.
+        let room = tokio::select! {
+            room = gate.room() => room,
+            _ = stop.changed() => return,
+        };
         let (tcp, remote) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -340,12 +370,16 @@ async fn accept_loop(
             },
             _ = stop.changed() => return,
         };
+        let Some(permit) = gate.admit(room, remote) else {
+            tracing::debug!(remote = %remote, "connection refused: server.max_connections_per_remote reached");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let tx = tx.clone();
         let broker = broker.clone();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::warn!(event = "tls_handshake_failed", remote = %remote, reason = %e, "TLS handshake refused");
@@ -380,12 +414,18 @@ async fn accept_loop(
                     return;
                 }
             };
+            let activity = limits::Activity::new();
             let conn = TlsConn {
                 inner: tls,
-                info: PeerInfo {
-                    spiffe_id,
-                    remote_addr: Some(remote),
+                info: limits::ConnInfo {
+                    peer: PeerInfo {
+                        spiffe_id,
+                        remote_addr: Some(remote),
+                    },
+                    activity: activity.clone(),
                 },
+                idle: limits::IdleClose::new(activity, idle_timeout),
+                _permit: permit,
             };
             let _ = tx.send(Ok(conn)).await;
         });
@@ -406,11 +446,14 @@ pub async fn run(
     let acceptor = TlsAcceptor::from(tls_config.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let (conn_tx, conn_rx) = mpsc::channel(ACCEPT_QUEUE);
+    let lim = app.limits.clone();
     let accept = tokio::spawn(accept_loop(
         api,
         acceptor,
         conn_tx,
         app.broker.clone(),
+        limits::ConnectionGate::new(&lim, app.metrics.clone()),
+        lim.clone(),
         stop_rx.clone(),
     ));
 
@@ -501,16 +544,30 @@ pub async fn run(
     ));
 
     let mut grpc_stop = stop_rx.clone();
+    let max_msg = lim.max_message_bytes;
     let grpc = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(lim.max_concurrent_streams)
+        .http2_max_pending_accept_reset_streams(Some(lim.max_pending_reset_streams))
+        .http2_max_local_error_reset_streams(Some(lim.max_local_error_reset_streams))
+        .http2_max_header_list_size(lim.max_header_list_bytes)
+        .http2_keepalive_interval(Some(Duration::from_millis(lim.keepalive_interval_ms)))
+        .http2_keepalive_timeout(Some(Duration::from_millis(lim.keepalive_timeout_ms)))
+        .layer(limits::RequestLimits::new(&lim, app.metrics.clone()))
         .layer(crate::telemetry::LatencyLayer(app.metrics.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(pb::broker_server::BrokerServer::new(broker_api))
-        .add_service(pb::verifier_server::VerifierServer::new(verifier_api))
-        .add_service(pb::admin_server::AdminServer::new(admin_api))
-        .add_service(AuthorizationServer::new(ext_authz_api))
+        .add_service(
+            pb::broker_server::BrokerServer::new(broker_api).max_decoding_message_size(max_msg),
+        )
+        .add_service(
+            pb::verifier_server::VerifierServer::new(verifier_api)
+                .max_decoding_message_size(max_msg),
+        )
+        .add_service(
+            pb::admin_server::AdminServer::new(admin_api).max_decoding_message_size(max_msg),
+        )
+        .add_service(AuthorizationServer::new(ext_authz_api).max_decoding_message_size(max_msg))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::ReceiverStream::new(conn_rx),
             async move {
@@ -534,8 +591,22 @@ pub async fn run(
         let _ = f.await;
     }
     let _ = watcher.await;
-    let served = grpc.await.map_err(Error::internal)?;
-    served.map_err(|e| Error::Internal(format!("gRPC server: {e}")))?;
+    // Requests in progress get up to their timeout to finish; a connection that keeps a stream
+    // open past that (or never speaks HTTP/2) does not hold the shutdown up.
+    let grace = Duration::from_millis(lim.request_timeout_ms);
+    let mut grpc = grpc;
+    match tokio::time::timeout(grace, &mut grpc).await {
+        Ok(served) => served
+            .map_err(Error::internal)?
+            .map_err(|e| Error::Internal(format!("gRPC server: {e}")))?,
+        Err(_) => {
+            tracing::warn!(
+                grace_ms = lim.request_timeout_ms,
+                "connections still open after the shutdown grace period are dropped"
+            );
+            grpc.abort();
+        }
+    }
     app.broker.store().durable().await?;
     Ok(())
 }

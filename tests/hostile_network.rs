@@ -79,3 +79,398 @@ async fn crafted_paths_neither_break_the_exposition_nor_add_series() {
     assert_eq!(count("jitbroker.v1.Broker/GetTask"), Some(1.0));
     r.stop().await;
 }
+
+/// A broker on a fresh dev dir whose `[server]` section is `server`.
+async fn spawn_limited(dir: &std::path::Path, server: &str) -> Running {
+    let cfg = config(dir, |t| format!("{t}\n[server]\n{server}\n"));
+    spawn(&cfg, jitbroker::server::Options::default())
+        .await
+        .expect("spawn")
+}
+
+type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A TLS connection as `AGENT` from the local address `from` (any 127.x.y.z is loopback).
+async fn tls_from(r: &Running, from: [u8; 4]) -> std::io::Result<Tls> {
+    tls_to(r.addr, &r.data_dir, from).await
+}
+
+/// A TLS connection as `AGENT` to `addr` from the local address `from`.
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    data_dir: &std::path::Path,
+    from: [u8; 4],
+) -> std::io::Result<Tls> {
+    let (chain, key, bundle) = mint(data_dir, AGENT);
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind((std::net::Ipv4Addr::from(from), 0).into())?;
+    let tcp = sock.connect(addr).await?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls_config(
+        &bundle,
+        Some((&chain, &key)),
+    )));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await
+}
+
+/// [`tls_connect`] and the HTTP/2 preface, once the server has answered it with its SETTINGS.
+async fn tls_to(
+    addr: std::net::SocketAddr,
+    data_dir: &std::path::Path,
+    from: [u8; 4],
+) -> std::io::Result<Tls> {
+    let mut tls = tls_connect(addr, data_dir, from).await?;
+    // TLS 1.3: the server's verdict on the client certificate, or its close, arrives after the
+    // client's Finished. An HTTP/2 preface makes the server answer with its SETTINGS.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(PREFACE).await?;
+    let mut head = [0u8; 9];
+    tls.read_exact(&mut head).await?;
+    let mut settings = vec![0u8; u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize];
+    tls.read_exact(&mut settings).await?;
+    Ok(tls)
+}
+
+/// The HTTP/2 client preface and an empty SETTINGS frame.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+
+fn metric(samples: &[Sample], name: &str) -> f64 {
+    samples
+        .iter()
+        .find(|(n, l, _)| n == name && l.is_empty())
+        .unwrap_or_else(|| panic!("no {name}"))
+        .2
+}
+
+#[tokio::test]
+async fn connections_beyond_the_caps_are_refused_or_wait() {
+    let dir = dev_dir();
+    let r = spawn_limited(
+        dir.path(),
+        "max_connections = 3\nmax_connections_per_remote = 2",
+    )
+    .await;
+    let a1 = tls_from(&r, [127, 0, 0, 1]).await.expect("first");
+    let _a2 = tls_from(&r, [127, 0, 0, 1]).await.expect("second");
+    // A third from the same address is closed at once.
+    assert!(tls_from(&r, [127, 0, 0, 1]).await.is_err());
+    let _b1 = tls_from(&r, [127, 0, 0, 2]).await.expect("other address");
+    // The fourth in all waits in the accept queue ...
+    let (addr, data_dir) = (r.addr, r.data_dir.clone());
+    let mut waiting = tokio::spawn(async move { tls_to(addr, &data_dir, [127, 0, 0, 2]).await });
+    let early = tokio::time::timeout(std::time::Duration::from_millis(500), &mut waiting).await;
+    assert!(
+        early.is_err(),
+        "a connection beyond max_connections was served"
+    );
+    // ... until one closes.
+    drop(a1);
+    let fourth = tokio::time::timeout(std::time::Duration::from_secs(20), waiting)
+        .await
+        .expect("the queued connection is served once one closes")
+        .unwrap();
+    assert!(fourth.is_ok(), "{fourth:?}");
+    let m = scrape(&r).await;
+    assert_eq!(metric(&m, "jitbroker_api_connections_refused_total"), 1.0);
+    assert_eq!(metric(&m, "jitbroker_api_connections"), 3.0);
+    drop((_a2, _b1, fourth));
+    r.stop().await;
+}
+
+/// One HTTP/2 frame.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = len.to_be_bytes()[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+/// A HEADERS frame opening a gRPC call to `path` on `stream` (HPACK literals, no indexing),
+/// its body left open.
+fn grpc_headers(stream: u32, path: &str) -> Vec<u8> {
+    let mut h = vec![0x83, 0x87]; // :method POST, :scheme https
+    h.extend([0x04, path.len() as u8]);
+    h.extend(path.as_bytes());
+    h.extend([0x01, 9]);
+    h.extend(b"localhost");
+    h.extend([0x0f, 0x10, 16]);
+    h.extend(b"application/grpc");
+    h.extend([0x00, 2]);
+    h.extend(b"te");
+    h.extend([8]);
+    h.extend(b"trailers");
+    frame(0x1, 0x4, stream, &h)
+}
+
+/// Every frame the server sends until it closes the connection (or `bound` passes): (type,
+/// stream, payload).
+async fn frames_until_close(tls: &mut Tls, bound: std::time::Duration) -> Vec<(u8, u32, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(bound, async {
+        let mut chunk = [0u8; 16384];
+        loop {
+            match tls.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    let mut out = Vec::new();
+    let mut rest = &buf[..];
+    while rest.len() >= 9 {
+        let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+        if rest.len() < 9 + len {
+            break;
+        }
+        let stream = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]) & 0x7fff_ffff;
+        out.push((rest[3], stream, rest[9..9 + len].to_vec()));
+        rest = &rest[9 + len..];
+    }
+    out
+}
+
+/// The error code of the GOAWAY among `frames`, if any.
+fn goaway(frames: &[(u8, u32, Vec<u8>)]) -> Option<u32> {
+    frames
+        .iter()
+        .find(|(t, _, _)| *t == 0x7)
+        .map(|(_, _, p)| u32::from_be_bytes([p[4], p[5], p[6], p[7]]))
+}
+
+#[tokio::test]
+async fn a_reset_flood_closes_the_connection_and_others_are_served() {
+    let dir = dev_dir();
+    let r = spawn_limited(dir.path(), "max_pending_reset_streams = 5").await;
+    use tokio::io::AsyncWriteExt;
+    let mut tls = tls_from(&r, [127, 0, 0, 1]).await.unwrap();
+    let mut flood = Vec::new();
+    for i in 0..200u32 {
+        let stream = 2 * i + 1;
+        flood.extend(grpc_headers(stream, "/jitbroker.v1.Broker/GetTask"));
+        flood.extend(frame(0x3, 0, stream, &8u32.to_be_bytes())); // RST_STREAM CANCEL
+    }
+    tls.write_all(&flood).await.unwrap();
+    let got = frames_until_close(&mut tls, std::time::Duration::from_secs(20)).await;
+    assert_eq!(
+        goaway(&got),
+        Some(0xb),
+        "ENHANCE_YOUR_CALM expected: {got:?}"
+    );
+    // The broker still serves everyone else.
+    let mut c = clients(&r, AGENT).await;
+    let code = c
+        .broker
+        .get_task(pb::GetTaskRequest::default())
+        .await
+        .unwrap_err()
+        .code();
+    assert_eq!(code, tonic::Code::InvalidArgument);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn streams_beyond_the_per_connection_limit_are_refused() {
+    let dir = dev_dir();
+    let r = spawn_limited(
+        dir.path(),
+        "max_concurrent_streams = 3\nrequest_timeout_ms = 1000",
+    )
+    .await;
+    use tokio::io::AsyncWriteExt;
+    let mut tls = tls_from(&r, [127, 0, 0, 1]).await.unwrap();
+    // The client ignores the advertised limit and opens five streams whose bodies never end.
+    let mut open = Vec::new();
+    for i in 0..5u32 {
+        open.extend(grpc_headers(2 * i + 1, "/jitbroker.v1.Broker/GetTask"));
+    }
+    tls.write_all(&open).await.unwrap();
+    let got = frames_until_close(&mut tls, std::time::Duration::from_secs(3)).await;
+    let refused: Vec<u32> = got
+        .iter()
+        .filter(|(t, _, p)| *t == 0x3 && p[..] == 7u32.to_be_bytes()) // REFUSED_STREAM
+        .map(|(_, s, _)| *s)
+        .collect();
+    assert_eq!(refused, vec![7, 9], "{got:?}");
+    r.stop().await;
+}
+
+/// A call to GetTask whose request body never comes, optionally with a client `grpc-timeout`.
+async fn stalled_call(
+    ch: tonic::transport::Channel,
+    timeout: Option<std::time::Duration>,
+) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready().await.expect("channel ready");
+    let codec = tonic_prost::ProstCodec::<pb::GetTaskRequest, pb::Task>::default();
+    let mut req = tonic::Request::new(futures::stream::pending::<pb::GetTaskRequest>());
+    if let Some(t) = timeout {
+        req.set_timeout(t);
+    }
+    grpc.client_streaming(
+        req,
+        PathAndQuery::from_static("/jitbroker.v1.Broker/GetTask"),
+        codec,
+    )
+    .await
+    .expect_err("a call without a request cannot succeed")
+}
+
+/// An empty GetTask call over a fresh HTTP/2 connection with `grpc-timeout: timeout`, from a
+/// client that leaves the deadline to the server: (grpc-status, grpc-message).
+async fn call_with_grpc_timeout(r: &Running, timeout: &str) -> (String, String) {
+    use http_body_util::Full;
+    let tls = tls_connect(r.addr, &r.data_dir, [127, 0, 0, 3])
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = tonic::codegen::http::Request::post("https://localhost/jitbroker.v1.Broker/GetTask")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .body(Full::new(bytes::Bytes::from_static(&[0, 0, 0, 0, 0])))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let h = |k: &str| {
+        resp.headers()
+            .get(k)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    (h("grpc-status"), h("grpc-message"))
+}
+
+async fn agent_channel(r: &Running) -> tonic::transport::Channel {
+    let (chain, key, bundle) = mint(&r.data_dir, AGENT);
+    channel(r.addr, tls_config(&bundle, Some((&chain, &key))))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_request_not_answered_in_time_gets_deadline_exceeded() {
+    let dir = dev_dir();
+    let r = spawn_limited(dir.path(), "request_timeout_ms = 400").await;
+    let ch = agent_channel(&r).await;
+    let s = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        stalled_call(ch.clone(), None),
+    )
+    .await
+    .expect("the server answers a stalled request");
+    assert_eq!(s.code(), tonic::Code::DeadlineExceeded, "{s:?}");
+    assert!(s.message().contains("request_timeout_ms"), "{s:?}");
+    let code = BrokerClient::new(ch)
+        .get_task(pb::GetTaskRequest::default())
+        .await
+        .unwrap_err()
+        .code();
+    assert_eq!(code, tonic::Code::InvalidArgument);
+    assert_eq!(
+        metric(&scrape(&r).await, "jitbroker_api_requests_timed_out_total"),
+        1.0
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_finding_every_slot_busy_is_refused_then_served_once_one_frees() {
+    let dir = dev_dir();
+    let r = spawn_limited(
+        dir.path(),
+        "max_concurrent_requests = 2\nrequest_timeout_ms = 3000",
+    )
+    .await;
+    let ch = agent_channel(&r).await;
+    let holders: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(stalled_call(ch.clone(), None)))
+        .collect();
+    // Until both holders are in, a request may still find a slot and be answered on its merits.
+    // The short deadline is sent as grpc-timeout by a client that does not enforce it itself, so
+    // the answer is the server's.
+    let mut refused = None;
+    for _ in 0..50 {
+        let (code, message) = call_with_grpc_timeout(&r, "200m").await;
+        if code == "8" {
+            refused = Some(message);
+            break;
+        }
+    }
+    let refused = refused.expect("a request is refused while both slots are held");
+    assert!(refused.contains("max_concurrent_requests"), "{refused}");
+    for h in holders {
+        assert_eq!(h.await.unwrap().code(), tonic::Code::DeadlineExceeded);
+    }
+    let code = BrokerClient::new(ch)
+        .get_task(pb::GetTaskRequest::default())
+        .await
+        .unwrap_err()
+        .code();
+    assert_eq!(code, tonic::Code::InvalidArgument);
+    assert!(
+        metric(
+            &scrape(&r).await,
+            "jitbroker_api_requests_refused_busy_total"
+        ) >= 1.0
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn an_oversized_message_is_refused_before_it_is_decoded() {
+    let dir = dev_dir();
+    let r = spawn_limited(dir.path(), "").await;
+    let mut c = clients(&r, AGENT).await;
+    let mut req = start_req(vec![grant("demo-token", "read")], 60);
+    req.purpose = "x".repeat(100_000);
+    let s = c.broker.start_task(req).await.unwrap_err();
+    assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+    assert!(
+        s.message().contains("server.max_message_bytes = 65536"),
+        "{s:?}"
+    );
+    // Just under the limit, the request is decoded and refused for what it says.
+    let mut req = start_req(vec![grant("demo-token", "read")], 60);
+    req.purpose = "x".repeat(60_000);
+    let s = c.broker.start_task(req).await.unwrap_err();
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    assert!(s.message().starts_with("purpose:"), "{s:?}");
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_but_not_one_with_a_request_in_progress() {
+    let dir = dev_dir();
+    let r = spawn_limited(
+        dir.path(),
+        "idle_timeout_ms = 300\nrequest_timeout_ms = 1500",
+    )
+    .await;
+    let mut idle = tls_from(&r, [127, 0, 0, 1]).await.unwrap();
+    let started = std::time::Instant::now();
+    let got = frames_until_close(&mut idle, std::time::Duration::from_secs(20)).await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "an idle connection stayed open: {got:?}"
+    );
+    use tokio::io::AsyncWriteExt;
+    let mut busy = tls_from(&r, [127, 0, 0, 1]).await.unwrap();
+    busy.write_all(&grpc_headers(1, "/jitbroker.v1.Broker/GetTask"))
+        .await
+        .unwrap();
+    let got = frames_until_close(&mut busy, std::time::Duration::from_secs(20)).await;
+    assert!(
+        got.iter().any(|(t, s, _)| *t == 0x1 && *s == 1),
+        "the request in progress was answered before the connection closed: {got:?}"
+    );
+    r.stop().await;
+}

@@ -88,6 +88,10 @@ pub struct Metrics {
     /// Gateway tool calls by decision (allowed, needs approval, denied) and their latency.
     tool_calls: [AtomicU64; 3],
     tool_call_latency: Histogram,
+    connections_open: AtomicU64,
+    connections_refused: AtomicU64,
+    requests_timed_out: AtomicU64,
+    requests_refused_busy: AtomicU64,
 }
 
 impl Metrics {
@@ -167,6 +171,30 @@ impl Metrics {
             .record(elapsed);
     }
 
+    /// A connection accepted (`true`) or closed (`false`).
+    pub fn connection(&self, opened: bool) {
+        if opened {
+            self.connections_open.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.connections_open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A connection closed at once because its remote address had too many open.
+    pub fn connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request answered `DEADLINE_EXCEEDED` by the server's request timeout.
+    pub fn request_timed_out(&self) {
+        self.requests_timed_out.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request answered `RESOURCE_EXHAUSTED` because every request slot stayed busy.
+    pub fn request_refused_busy(&self) {
+        self.requests_refused_busy.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn auth_failure(&self) {
         self.auth_failures.fetch_add(1, Ordering::Relaxed);
     }
@@ -218,6 +246,25 @@ impl Metrics {
              # TYPE jitbroker_authentication_failures_total counter\n\
              jitbroker_authentication_failures_total {}",
             g(&self.auth_failures)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP jitbroker_api_connections Connections open on the API port.\n\
+             # TYPE jitbroker_api_connections gauge\n\
+             jitbroker_api_connections {}\n\
+             # HELP jitbroker_api_connections_refused_total Connections closed at once: their remote address had server.max_connections_per_remote open.\n\
+             # TYPE jitbroker_api_connections_refused_total counter\n\
+             jitbroker_api_connections_refused_total {}\n\
+             # HELP jitbroker_api_requests_timed_out_total Requests answered DEADLINE_EXCEEDED after server.request_timeout_ms.\n\
+             # TYPE jitbroker_api_requests_timed_out_total counter\n\
+             jitbroker_api_requests_timed_out_total {}\n\
+             # HELP jitbroker_api_requests_refused_busy_total Requests answered RESOURCE_EXHAUSTED: server.max_concurrent_requests stayed busy.\n\
+             # TYPE jitbroker_api_requests_refused_busy_total counter\n\
+             jitbroker_api_requests_refused_busy_total {}",
+            g(&self.connections_open),
+            g(&self.connections_refused),
+            g(&self.requests_timed_out),
+            g(&self.requests_refused_busy)
         );
         let _ = writeln!(
             s,

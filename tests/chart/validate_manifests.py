@@ -61,7 +61,7 @@ TOP_KEYS = {
     "listen", "ops_listen", "data_dir", "kek_file", "policy_file", "admin_ids", "approver_ids",
     "max_ttl_seconds", "default_ttl_seconds", "max_active_tasks_per_identity",
     "max_credentials_per_task", "approval_ttl_seconds", "max_delegation_depth", "log_format", "jwt_issuer", "identity", "resources",
-    "retention", "store", "gateway",
+    "retention", "store", "gateway", "server",
 }
 REQUIRED_TOP = {"data_dir", "kek_file", "policy_file", "identity"}
 IDENTITY_KEYS = {
@@ -77,6 +77,21 @@ GATEWAY_KEYS = {
 ROUTE_KEYS = {"name", "host", "path_prefix", "methods", "mcp_methods", "mcp_tools", "resource", "action"}
 RETENTION_KEYS = {"ended_records_seconds", "audit_entries_in_store", "audit_segment_entries"}
 STORE_KEYS = {"cache_mb"}
+SERVER_KEYS = {
+    "max_connections",
+    "max_connections_per_remote",
+    "max_concurrent_streams",
+    "max_concurrent_requests",
+    "request_timeout_ms",
+    "handshake_timeout_ms",
+    "idle_timeout_ms",
+    "keepalive_interval_ms",
+    "keepalive_timeout_ms",
+    "max_pending_reset_streams",
+    "max_local_error_reset_streams",
+    "max_message_bytes",
+    "max_header_list_bytes",
+}
 SPIFFE_ID = re.compile(r"^spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)+$")
 EXPECTED_ARGS = ["serve", "--config", "/etc/jitbroker/jitbroker.toml"]
 
@@ -284,6 +299,11 @@ def check_config_toml(text: str, rep: Report) -> dict | None:
         rep.err(w, f"unknown key retention.{k}")
     for k in set(cfg.get("store") or {}) - STORE_KEYS:
         rep.err(w, f"unknown key store.{k}")
+    for k, v in (cfg.get("server") or {}).items():
+        if k not in SERVER_KEYS:
+            rep.err(w, f"unknown key server.{k}")
+        elif not isinstance(v, int) or v < 1:
+            rep.err(w, f"server.{k} = {v!r} must be a positive integer")
     cache = (cfg.get("store") or {}).get("cache_mb", 256)
     if not 16 <= cache <= 65536:
         rep.err(w, f"store.cache_mb {cache} out of range (16..65536)")
