@@ -71,7 +71,16 @@ struct Flush {
     kick: Mutex<bool>,
     cv: Condvar,
     flushed: watch::Sender<u64>,
+    /// The last failed flush: the tickets it was to cover and why it failed (`None` once a
+    /// flush succeeds).
+    failed: watch::Sender<Option<(u64, String)>>,
+    /// Tests make the next flushes fail (a full disk is hard to arrange in a test).
+    fail_flushes: std::sync::atomic::AtomicBool,
 }
+
+/// The longest a caller waits for its change to be flushed before it is told the store is
+/// unavailable (the flusher keeps retrying; the change may still become durable later).
+const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub struct SledStore {
     db: sled::Db,
@@ -269,12 +278,15 @@ impl SledStore {
             write_kek_check(&check, kek)?;
         }
         let (flushed, _) = watch::channel(0u64);
+        let (failed, _) = watch::channel(None);
         let flush = Arc::new(Flush {
             stop: std::sync::atomic::AtomicBool::new(false),
             written: AtomicU64::new(0),
             kick: Mutex::new(false),
             cv: Condvar::new(),
             flushed,
+            failed,
+            fail_flushes: std::sync::atomic::AtomicBool::new(false),
         });
         let store = Self {
             tasks: t("tasks")?,
@@ -602,13 +614,21 @@ fn flusher(db: sled::Db, f: Arc<Flush>) {
         }
         // Every ticket taken before this load was taken after its write, so one flush covers it.
         let target = f.written.load(Ordering::SeqCst);
-        match db.flush() {
-            Ok(_) => {
+        let flushed = if f.fail_flushes.load(Ordering::SeqCst) {
+            Err("flush refused by the test".to_owned())
+        } else {
+            db.flush().map(|_| ()).map_err(|e| e.to_string())
+        };
+        match flushed {
+            Ok(()) => {
                 f.flushed.send_replace(target);
+                f.failed.send_replace(None);
             }
             Err(e) => {
-                // Fail closed: nobody is told "done" until a flush succeeds.
+                // Fail closed: nobody is told "done" until a flush succeeds, and whoever waits for
+                // this one is told it failed rather than left waiting.
                 tracing::error!(error = %e, "flushing the data store failed; retrying");
+                f.failed.send_replace(Some((target, e)));
                 *f.kick.lock().unwrap_or_else(|p| p.into_inner()) = true;
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
@@ -1103,19 +1123,47 @@ impl Store for SledStore {
         Box::pin(async move {
             let ticket = self.flush.written.fetch_add(1, Ordering::SeqCst) + 1;
             let mut rx = self.flush.flushed.subscribe();
+            let mut failed = self.flush.failed.subscribe();
+            failed.mark_unchanged();
             {
                 *self.flush.kick.lock().unwrap_or_else(|p| p.into_inner()) = true;
                 self.flush.cv.notify_one();
             }
-            loop {
-                if *rx.borrow_and_update() >= ticket {
-                    return Ok(());
+            let wait = async {
+                loop {
+                    if *rx.borrow_and_update() >= ticket {
+                        return Ok(());
+                    }
+                    if let Some((covered, why)) = &*failed.borrow_and_update()
+                        && *covered >= ticket
+                    {
+                        return Err(Error::Unavailable(format!(
+                            "the data store could not be written to disk ({why}); the change may \
+                             not be durable: is the disk full or failing?"
+                        )));
+                    }
+                    tokio::select! {
+                        r = rx.changed() => r.map_err(|_| Error::Storage("the flusher stopped".into()))?,
+                        r = failed.changed() => r.map_err(|_| Error::Storage("the flusher stopped".into()))?,
+                    }
                 }
-                rx.changed()
-                    .await
-                    .map_err(|_| Error::Storage("the flusher stopped".into()))?;
-            }
+            };
+            tokio::time::timeout(FLUSH_WAIT, wait).await.map_err(|_| {
+                Error::Unavailable(format!(
+                    "the data store was not written to disk within {} s; the change may not be \
+                     durable: is the disk full or failing?",
+                    FLUSH_WAIT.as_secs()
+                ))
+            })?
         })
+    }
+}
+
+impl SledStore {
+    /// Makes every flush fail (`true`) or work again, as a full or failing disk would.
+    #[cfg(test)]
+    pub(crate) fn fail_flushes_for_tests(&self, fail: bool) {
+        self.flush.fail_flushes.store(fail, Ordering::SeqCst);
     }
 }
 
@@ -1192,6 +1240,24 @@ mod tests {
             attributes: Default::default(),
             delegation_chain: vec![],
         }
+    }
+
+    #[tokio::test]
+    async fn a_failing_flush_is_an_error_for_its_waiters_not_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = Kek::create(&dir.path().join("kek")).unwrap();
+        let s = SledStore::open(&dir.path().join("db"), &kek).unwrap();
+        s.fail_flushes_for_tests(true);
+        s.create_task(&task("spiffe://x/a", 5_000)).unwrap();
+        let waiters = futures::future::join_all((0..3).map(|_| s.durable())).await;
+        for r in waiters {
+            let err = r.unwrap_err();
+            assert!(matches!(err, Error::Unavailable(_)), "{err}");
+            assert!(err.to_string().contains("disk"), "{err}");
+        }
+        s.fail_flushes_for_tests(false);
+        s.create_task(&task("spiffe://x/b", 5_000)).unwrap();
+        s.durable().await.unwrap();
     }
 
     #[tokio::test]
