@@ -112,6 +112,22 @@ pub struct ServerConfig {
     /// Largest block of request headers, in bytes (a JWT-SVID travels in one).
     #[serde(default = "default_max_header_list_bytes")]
     pub max_header_list_bytes: u32,
+    /// Requests per second from one IP address (bursts of twice as many), authenticated or
+    /// not; beyond it `RESOURCE_EXHAUSTED`.
+    #[serde(default = "default_requests_per_remote")]
+    pub requests_per_remote_per_second: u32,
+    /// New connections per second from one IP address (bursts of twice as many); beyond it a
+    /// connection is closed before its TLS handshake.
+    #[serde(default = "default_connections_per_remote")]
+    pub connections_per_remote_per_second: u32,
+    /// Requests per second from one SPIFFE ID (bursts of twice as many); beyond it
+    /// `RESOURCE_EXHAUSTED`.
+    #[serde(default = "default_requests_per_identity")]
+    pub requests_per_identity_per_second: u32,
+    /// Refused authentications are counted per remote address and audited as one summary per
+    /// address this often (never one entry per attempt).
+    #[serde(default = "default_auth_failure_summary")]
+    pub auth_failure_summary_seconds: u64,
 }
 
 impl Default for ServerConfig {
@@ -130,6 +146,10 @@ impl Default for ServerConfig {
             max_local_error_reset_streams: default_max_local_error_reset_streams(),
             max_message_bytes: default_max_message_bytes(),
             max_header_list_bytes: default_max_header_list_bytes(),
+            requests_per_remote_per_second: default_requests_per_remote(),
+            connections_per_remote_per_second: default_connections_per_remote(),
+            requests_per_identity_per_second: default_requests_per_identity(),
+            auth_failure_summary_seconds: default_auth_failure_summary(),
         }
     }
 }
@@ -173,6 +193,18 @@ fn default_max_message_bytes() -> usize {
 fn default_max_header_list_bytes() -> u32 {
     16 * 1024
 }
+fn default_requests_per_remote() -> u32 {
+    1000
+}
+fn default_connections_per_remote() -> u32 {
+    50
+}
+fn default_requests_per_identity() -> u32 {
+    200
+}
+fn default_auth_failure_summary() -> u64 {
+    60
+}
 
 /// Smallest `server.max_message_bytes`: an `Introspect` of the longest secret must fit.
 pub const MIN_MESSAGE_BYTES: usize = 20 * 1024;
@@ -185,14 +217,23 @@ pub struct StoreConfig {
     /// slack on top). Size the process's memory limit well above it.
     #[serde(default = "default_cache_mb")]
     pub cache_mb: u64,
+    /// Free space (MiB) the file system of `data_dir` must keep: under it every write is refused
+    /// with `UNAVAILABLE` naming the disk, and `/readyz` fails, until space is freed.
+    #[serde(default = "default_min_free_mb")]
+    pub min_free_mb: u64,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             cache_mb: default_cache_mb(),
+            min_free_mb: default_min_free_mb(),
         }
     }
+}
+
+fn default_min_free_mb() -> u64 {
+    64
 }
 
 fn default_cache_mb() -> u64 {
@@ -774,6 +815,22 @@ impl Config {
             (
                 "max_local_error_reset_streams",
                 sv.max_local_error_reset_streams as u64,
+            ),
+            (
+                "requests_per_remote_per_second",
+                u64::from(sv.requests_per_remote_per_second),
+            ),
+            (
+                "connections_per_remote_per_second",
+                u64::from(sv.connections_per_remote_per_second),
+            ),
+            (
+                "requests_per_identity_per_second",
+                u64::from(sv.requests_per_identity_per_second),
+            ),
+            (
+                "auth_failure_summary_seconds",
+                sv.auth_failure_summary_seconds,
             ),
         ];
         if let Some((k, _)) = positive.iter().find(|(_, v)| *v == 0) {

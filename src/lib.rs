@@ -19,6 +19,8 @@
 //! - [`issuers`]: the credential kinds (opaque tokens, JWTs).
 //! - [`store`]: the storage trait, the sled store, sealing with AES-256-GCM.
 //! - [`audit`]: the tamper-evident hash chain of every decision and action.
+//! - [`ratelimit`]: token buckets by caller and by remote address, summaries of refused
+//!   authentications; bounded whatever keys a client makes up.
 //! - [`telemetry`]: logging and metrics.
 //! - [`model`]: validated identifiers and the records the others share.
 
@@ -36,6 +38,7 @@ pub mod identity;
 pub mod issuers;
 pub mod model;
 pub mod policy;
+pub mod ratelimit;
 pub mod server;
 pub mod store;
 pub mod telemetry;

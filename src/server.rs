@@ -232,6 +232,11 @@ impl App {
                 Some(cfg.policy_file.clone()),
             )?
             .with_upstreams(ups, cfg.revocation.clone())
+            .with_identity_rate(cfg.server.requests_per_identity_per_second)
+            .with_disk_floor(crate::store::disk::DiskFloor::new(
+                cfg.data_dir.clone(),
+                cfg.store.min_free_mb,
+            ))
             .with_audit_archive(AuditArchive {
                 dir: cfg.audit_archive_dir(),
                 keep: cfg.retention.audit_entries_in_store,
@@ -371,7 +376,7 @@ async fn accept_loop(
             _ = stop.changed() => return,
         };
         let Some(permit) = gate.admit(room, remote) else {
-            tracing::debug!(remote = %remote, "connection refused: server.max_connections_per_remote reached");
+            tracing::debug!(remote = %remote, "connection refused: a per-remote connection limit is reached");
             continue;
         };
         let _ = tcp.set_nodelay(true);
@@ -382,14 +387,14 @@ async fn accept_loop(
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    tracing::warn!(event = "tls_handshake_failed", remote = %remote, reason = %e, "TLS handshake refused");
-                    broker
-                        .auth_failed(&remote.to_string(), &e.to_string())
-                        .await;
+                    broker.auth_failed(
+                        &remote.ip().to_string(),
+                        &format!("TLS handshake refused: {e}"),
+                    );
                     return;
                 }
                 Err(_) => {
-                    tracing::warn!(event = "tls_handshake_failed", remote = %remote, reason = "timed out", "TLS handshake timed out");
+                    broker.auth_failed(&remote.ip().to_string(), "TLS handshake timed out");
                     return;
                 }
             };
@@ -409,8 +414,10 @@ async fn accept_loop(
             let spiffe_id = match spiffe_id {
                 Ok(id) => id,
                 Err(reason) => {
-                    tracing::warn!(event = "authentication_failed", remote = %remote, reason = %reason, "peer certificate refused");
-                    broker.auth_failed(&remote.to_string(), &reason).await;
+                    broker.auth_failed(
+                        &remote.ip().to_string(),
+                        &format!("peer certificate refused: {reason}"),
+                    );
                     return;
                 }
             };
@@ -468,6 +475,10 @@ pub async fn run(
     let revoker = tokio::spawn(app.broker.clone().run_revocations(stop_rx.clone()));
     let reconciler = tokio::spawn(app.broker.clone().run_reconciler(stop_rx.clone()));
     let archiver = tokio::spawn(app.broker.clone().run_audit_archiver(stop_rx.clone()));
+    let summaries = tokio::spawn(app.broker.clone().run_auth_summaries(
+        Duration::from_secs(lim.auth_failure_summary_seconds),
+        stop_rx.clone(),
+    ));
     let reaper = if app.options.reaper {
         let mut rx = stop_rx.clone();
         Some(tokio::spawn(app.broker.clone().run_reaper(async move {
@@ -586,6 +597,7 @@ pub async fn run(
     let _ = revoker.await;
     let _ = reconciler.await;
     let _ = archiver.await;
+    let _ = summaries.await;
     let _ = ops_task.await;
     if let Some(f) = forward_auth {
         let _ = f.await;
@@ -733,6 +745,7 @@ async fn serve_ops(
     use axum::routing::get;
     let (reporter, health) = tonic_health::server::health_reporter();
     let ready_identity = identity.clone();
+    let ready_broker = broker.clone();
     let page = move |path: &'static str| {
         let (broker, identity, metrics) = (broker.clone(), identity.clone(), metrics.clone());
         get(move || {
@@ -765,7 +778,7 @@ async fn serve_ops(
     let mut watch_stop = stop.clone();
     let watcher = tokio::spawn(async move {
         loop {
-            let status = if ready_identity.is_ready() {
+            let status = if ready_identity.is_ready() && ready_broker.writable().is_ok() {
                 tonic_health::ServingStatus::Serving
             } else {
                 tonic_health::ServingStatus::NotServing
@@ -797,13 +810,15 @@ fn ops_response(
     match path {
         "/healthz" => (200, "ok\n".into()),
         "/readyz" => {
-            if identity.is_ready() {
-                (200, "ready\n".into())
-            } else {
+            if !identity.is_ready() {
                 (
                     503,
                     "not ready: no usable SVID from the identity source\n".into(),
                 )
+            } else if let Err(e) = broker.writable() {
+                (503, format!("not ready: {e}\n"))
+            } else {
+                (200, "ready\n".into())
             }
         }
         "/metrics" => {

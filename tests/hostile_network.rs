@@ -474,3 +474,263 @@ async fn an_idle_connection_is_closed_but_not_one_with_a_request_in_progress() {
     );
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_and_unauthenticated_floods_leave_the_agent_served_and_the_disk_bounded() {
+    use tokio::io::AsyncWriteExt;
+    let dir = dev_dir();
+    // JWT-SVIDs on: a client certificate becomes optional, so unauthenticated requests reach
+    // the gRPC layer instead of stopping at the handshake.
+    let cfg = config(dir.path(), |t| {
+        t.replace("# jwt_audience = ", "jwt_audience = ")
+    });
+    let r = spawn(&cfg, jitbroker::server::Options::default())
+        .await
+        .unwrap();
+    let mut agent = clients(&r, AGENT).await;
+    let (_, _, bundle) = mint(&r.data_dir, AGENT);
+    let bytes_before = dir_bytes(&r.data_dir);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(4);
+
+    // Junk: TCP connections from 127.0.0.2 that send garbage instead of a TLS ClientHello.
+    let addr = r.addr;
+    let junk = tokio::spawn(async move {
+        let mut n = 0u64;
+        while std::time::Instant::now() < until {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(([127, 0, 0, 2], 0).into()).unwrap();
+            if let Ok(mut s) = sock.connect(addr).await {
+                let _ = s.write_all(b"\x16\x03\x01\x00\x05junk-junk-junk\r\n").await;
+                n += 1;
+            }
+        }
+        n
+    });
+    // Unauthenticated: TLS without a certificate from 127.0.0.3, gRPC calls with no identity.
+    let mut floods = Vec::new();
+    for _ in 0..4 {
+        let tls = tls_config(&bundle, None);
+        floods.push(tokio::spawn(async move {
+            let ch = channel(addr, tls).await.unwrap();
+            let mut c = BrokerClient::new(ch);
+            let (mut unauth, mut limited) = (0u64, 0u64);
+            while std::time::Instant::now() < until {
+                match c.get_task(pb::GetTaskRequest::default()).await {
+                    Err(s) if s.code() == tonic::Code::Unauthenticated => unauth += 1,
+                    Err(s) if s.code() == tonic::Code::ResourceExhausted => limited += 1,
+                    other => panic!("unexpected answer to an unauthenticated call: {other:?}"),
+                }
+            }
+            (unauth, limited)
+        }));
+    }
+    // Meanwhile the agent works: every call must succeed.
+    let mut served = 0u64;
+    let mut slowest = std::time::Duration::ZERO;
+    while std::time::Instant::now() < until {
+        let t0 = std::time::Instant::now();
+        let task = agent
+            .broker
+            .start_task(start_req(vec![grant("demo-token", "read")], 60))
+            .await
+            .expect("the agent is served during the flood")
+            .into_inner();
+        agent
+            .broker
+            .issue_credential(issue_req(&task.task_id, "demo-token", 30))
+            .await
+            .expect("the agent gets its credential during the flood");
+        agent
+            .broker
+            .complete_task(pb::CompleteTaskRequest {
+                task_id: task.task_id,
+            })
+            .await
+            .expect("the agent completes its task during the flood");
+        slowest = slowest.max(t0.elapsed());
+        served += 1;
+    }
+    let junk = junk.await.unwrap();
+    let (mut unauth, mut limited) = (0, 0);
+    for f in floods {
+        let (u, l) = f.await.unwrap();
+        unauth += u;
+        limited += l;
+    }
+    let m = scrape(&r).await;
+    let failures = metric(&m, "jitbroker_authentication_failures_total");
+    r.stop().await;
+    let bytes_after = dir_bytes(dir.path());
+    let entries = audit_entries(dir.path());
+    let summaries: Vec<&serde_json::Value> = entries
+        .iter()
+        .filter(|e| e["kind"] == "auth_failed")
+        .collect();
+    eprintln!(
+        "hostile network, 4 s: {junk} junk connections, {unauth} unauthenticated calls \
+         refused, {limited} rate-limited, {failures} authentication failures counted; agent \
+         served {served} task cycles (slowest {slowest:?}); audit: {} entries, {} auth_failed \
+         summaries; data dir {bytes_before} -> {bytes_after} bytes",
+        entries.len(),
+        summaries.len(),
+    );
+    // One audit entry and flush per attempt wrote about 600 bytes each.
+    assert!(
+        bytes_after < 2 << 20,
+        "the data dir grew to {bytes_after} bytes"
+    );
+    assert!(served >= 3, "the agent was starved: {served} cycles");
+    assert!(
+        junk + unauth >= 200,
+        "the flood was too small to show anything"
+    );
+    assert!(failures >= unauth as f64, "every refusal is counted");
+    // One summary per remote address (127.0.0.2 and 127.0.0.3), not one entry per attempt.
+    assert!(
+        (1..=2).contains(&summaries.len()),
+        "{} auth_failed entries: {summaries:#?}",
+        summaries.len()
+    );
+    for s in &summaries {
+        assert!(
+            s["detail"].as_str().unwrap().contains(" refused between "),
+            "{s}"
+        );
+    }
+    // The audit holds the agent's work and the summaries, nothing per attempt.
+    assert!(
+        (entries.len() as u64) < 10 * served + 10,
+        "{} audit entries for {served} cycles",
+        entries.len()
+    );
+}
+
+#[tokio::test]
+async fn under_the_disk_floor_writes_are_refused_naming_the_disk_and_readiness_fails() {
+    let dir = dev_dir();
+    let cfg = config(dir.path(), |t| {
+        format!("{t}\n[store]\nmin_free_mb = 1000000000\n")
+    });
+    let r = spawn(&cfg, jitbroker::server::Options::default())
+        .await
+        .unwrap();
+    let mut agent = clients(&r, AGENT).await;
+    let s = agent
+        .broker
+        .start_task(start_req(vec![grant("demo-token", "read")], 60))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+    assert!(
+        s.message().contains("min_free_mb") && s.message().contains("free"),
+        "{s:?}"
+    );
+    let mut op = clients(&r, OPERATOR).await;
+    let s = op
+        .admin
+        .revoke_identity(pb::RevokeIdentityRequest {
+            spiffe_id: AGENT.into(),
+            reason: "x".into(),
+            block: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+    // Reads still answer.
+    let s = agent
+        .broker
+        .get_task(pb::GetTaskRequest {
+            task_id: "task_00000000000000000000000000".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_ne!(s.code(), tonic::Code::Unavailable, "{s:?}");
+    let ready = http_get(&r.ops_addr.to_string(), "/readyz").await.unwrap();
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    assert!(ready.contains("min_free_mb"), "{ready}");
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_caller_over_its_rate_is_refused_until_its_budget_refills() {
+    let dir = dev_dir();
+    let clock = jitbroker::broker::ManualClock::new();
+    let cfg = config(dir.path(), |t| {
+        format!("{t}\n[server]\nrequests_per_identity_per_second = 1\n")
+    });
+    let r = spawn(
+        &cfg,
+        jitbroker::server::Options {
+            clock: std::sync::Arc::new(clock.clone()),
+            reaper: false,
+        },
+    )
+    .await
+    .unwrap();
+    let mut a = clients(&r, AGENT).await;
+    let mut b = clients(&r, AGENT_B).await;
+    let get = pb::GetTaskRequest::default;
+    // A burst of twice the rate, then refused.
+    for _ in 0..2 {
+        let s = a.broker.get_task(get()).await.unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    }
+    let s = a.broker.get_task(get()).await.unwrap_err();
+    assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+    assert!(
+        s.message().contains("requests_per_identity_per_second")
+            && s.message().contains("retry in 1000 ms"),
+        "{s:?}"
+    );
+    // Another caller has its own budget.
+    let s = b.broker.get_task(get()).await.unwrap_err();
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    clock.advance(std::time::Duration::from_secs(1));
+    let s = a.broker.get_task(get()).await.unwrap_err();
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    assert_eq!(
+        scrape(&r)
+            .await
+            .iter()
+            .find(|(n, l, _)| n == "jitbroker_rate_limited_total"
+                && l == &[("scope".to_owned(), "identity".to_owned())])
+            .map(|s| s.2),
+        Some(1.0)
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_start_task_whose_grants_are_all_denied_writes_one_audit_entry() {
+    let dir = dev_dir();
+    let (r, _clock) = spawn_manual(dir.path()).await;
+    let mut tool = clients(&r, TOOL).await;
+    let grants = vec![
+        grant("demo-token", "read"),
+        grant("demo-token", "write"),
+        grant("demo-jwt", "read"),
+        grant("demo-jwt", "write"),
+    ];
+    for _ in 0..5 {
+        let s = tool
+            .broker
+            .start_task(start_req(grants.clone(), 60))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), tonic::Code::PermissionDenied);
+    }
+    r.stop().await;
+    let decisions: Vec<_> = audit_entries(dir.path())
+        .into_iter()
+        .filter(|e| e["kind"] == "decision")
+        .collect();
+    assert_eq!(decisions.len(), 5, "{decisions:#?}");
+    for d in &decisions {
+        assert_eq!(d["decision"], "DENIED");
+        assert_eq!(d["spiffe_id"], TOOL);
+        let reason = d["reason"].as_str().unwrap();
+        for g in ["(demo-token, read)", "(demo-jwt, write)"] {
+            assert!(reason.contains(g), "{reason}");
+        }
+    }
+}

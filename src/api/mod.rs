@@ -116,11 +116,13 @@ async fn caller<T>(
         }
     };
     match outcome {
-        Ok(id) => Ok(id),
+        Ok(id) => {
+            broker.admit(&id).map_err(to_status)?;
+            Ok(id)
+        }
         Err(reason) => {
-            tracing::warn!(event = "authentication_failed", remote = ?addr, reason = %reason, "request refused");
-            let remote = addr.map(|a| a.to_string()).unwrap_or_default();
-            broker.auth_failed(&remote, &reason).await;
+            let remote = addr.map(|a| a.ip().to_string()).unwrap_or_default();
+            broker.auth_failed(&remote, &reason);
             Err(Status::unauthenticated(format!(
                 "no verified SPIFFE identity: {reason}"
             )))

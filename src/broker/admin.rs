@@ -97,6 +97,7 @@ impl Broker {
         reason: &str,
     ) -> Result<Completed> {
         self.require_admin(caller)?;
+        self.writable()?;
         check_reason(reason)?;
         let id = TaskId::parse(task_id)?;
         if self.store.get_task(&id)?.is_none() {
@@ -126,6 +127,7 @@ impl Broker {
         block: bool,
     ) -> Result<Completed> {
         self.require_admin(caller)?;
+        self.writable()?;
         check_reason(reason)?;
         let target = SpiffeId::parse("spiffe_id", spiffe_id)?;
         if block {
@@ -184,6 +186,7 @@ impl Broker {
         reason: &str,
     ) -> Result<bool> {
         self.require_admin(caller)?;
+        self.writable()?;
         check_reason(reason)?;
         let target = SpiffeId::parse("spiffe_id", spiffe_id)?;
         let was = self.store.set_blocked(&target, false)?;
@@ -208,6 +211,7 @@ impl Broker {
     /// stays.
     pub async fn reload_policy(&self, caller: &SpiffeId) -> Result<(usize, String)> {
         self.require_admin(caller)?;
+        self.writable()?;
         let result = self.reload_policy_file();
         self.admin_event(
             caller,

@@ -136,6 +136,9 @@ impl Broker {
                 "{caller} is not an approver of this broker"
             )));
         }
+        // A block holds for every role.
+        self.check_caller(caller)?;
+        self.writable()?;
         if reason.len() > MAX_REASON_LEN {
             return Err(Error::invalid(
                 "reason",

@@ -24,6 +24,7 @@ impl Broker {
     /// `Broker.DelegateTask`.
     pub async fn delegate_task(&self, caller: &SpiffeId, req: DelegateTask) -> Result<Task> {
         self.check_caller(caller)?;
+        self.writable()?;
         let parent_id =
             TaskId::parse(&req.parent_task_id).map_err(|e| rename_field(e, "parent_task_id"))?;
         let delegate = SpiffeId::parse("delegate_spiffe_id", &req.delegate_spiffe_id)?;

@@ -27,7 +27,9 @@ use crate::model::{
     Secret, SpiffeId, Task, TaskId, TaskState, UnixMillis, UpstreamObject, UpstreamState, preview,
 };
 use crate::policy::PolicyEngine;
+use crate::ratelimit::{FailureSummaries, RateLimiter};
 use crate::store::Store;
+use crate::store::disk::DiskFloor;
 use crate::telemetry::Metrics;
 pub use clock::{Clock, ManualClock, SystemClock};
 
@@ -203,6 +205,12 @@ pub struct Broker {
     /// Held by an archival step and by a verification, so a verification never sees the
     /// checkpoint of one step and the store after the next.
     archive_lock: Mutex<()>,
+    /// Requests per caller (`[server] requests_per_identity_per_second`).
+    identity_rate: RateLimiter<SpiffeId>,
+    /// Refused authentications since the last summary, by remote address.
+    auth_failures: FailureSummaries,
+    /// Writes are refused while the data directory's disk is under its free-space floor.
+    disk: Option<DiskFloor>,
 }
 
 /// Audit archival settings (`[retention]`): once the store holds `keep + segment` entries, the
@@ -278,7 +286,43 @@ impl Broker {
             revoke_wake: tokio::sync::Notify::new(),
             audit_archive: None,
             archive_lock: Mutex::new(()),
+            identity_rate: RateLimiter::new(u32::MAX, u32::MAX),
+            auth_failures: FailureSummaries::default(),
+            disk: None,
         })
+    }
+
+    /// Caps each caller at `per_second` requests on average (bursts of twice as many).
+    pub fn with_identity_rate(mut self, per_second: u32) -> Self {
+        self.identity_rate = RateLimiter::new(per_second, per_second.saturating_mul(2));
+        self
+    }
+
+    /// Refuses writes while the data directory's disk is under `floor`.
+    pub fn with_disk_floor(mut self, floor: DiskFloor) -> Self {
+        self.disk = Some(floor);
+        self
+    }
+
+    /// `Ok` while writes are accepted; `UNAVAILABLE` naming the disk under its floor.
+    pub fn writable(&self) -> Result<()> {
+        match &self.disk {
+            Some(d) => d.check(),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes one request from `caller`'s rate budget, or `RESOURCE_EXHAUSTED` saying when to
+    /// come back.
+    pub fn admit(&self, caller: &SpiffeId) -> Result<()> {
+        self.identity_rate
+            .check(caller, self.now())
+            .map_err(|wait_ms| {
+                self.metrics.rate_limited("identity");
+                Error::ResourceExhausted(format!(
+                    "{caller} is over [server] requests_per_identity_per_second; retry in {wait_ms} ms"
+                ))
+            })
     }
 
     /// Turns on audit archival.
@@ -474,38 +518,45 @@ impl Broker {
         Ok(secs_to_ms(ttl))
     }
 
+    /// Audits one decision (`evaluate` counted it).
+    fn record_decision(
+        &self,
+        principal: &SpiffeId,
+        grant: &Grant,
+        c: &DecideCtx<'_>,
+        v: &crate::policy::Verdict,
+    ) -> Result<()> {
+        self.audit(Event {
+            kind: "decision".into(),
+            spiffe_id: principal.to_string(),
+            task_id: c.task.map(|t| t.id.to_string()).unwrap_or_default(),
+            resource: grant.resource.clone(),
+            action: grant.action.clone(),
+            decision: decision_name(v.decision).into(),
+            policies: v.policy_ids.clone(),
+            reason: v.reason.clone(),
+            purpose: c.purpose.to_owned(),
+            delegation_chain: c.chain.iter().map(|c| c.to_string()).collect(),
+            ..Default::default()
+        })?;
+        Ok(())
+    }
+
     fn decide(
         &self,
         principal: &SpiffeId,
         grant: &Grant,
         c: &DecideCtx<'_>,
     ) -> Result<crate::policy::Verdict> {
-        let DecideCtx {
-            task,
-            purpose,
-            chain,
-            ..
-        } = *c;
         let v = self.evaluate(principal, grant, c, None);
-        self.audit(Event {
-            kind: "decision".into(),
-            spiffe_id: principal.to_string(),
-            task_id: task.map(|t| t.id.to_string()).unwrap_or_default(),
-            resource: grant.resource.clone(),
-            action: grant.action.clone(),
-            decision: decision_name(v.decision).into(),
-            policies: v.policy_ids.clone(),
-            reason: v.reason.clone(),
-            purpose: purpose.to_owned(),
-            delegation_chain: chain.iter().map(|c| c.to_string()).collect(),
-            ..Default::default()
-        })?;
+        self.record_decision(principal, grant, c, &v)?;
         Ok(v)
     }
 
     /// Decides every grant of a new task (with the policy ids of each verdict). If none is
-    /// allowed, nothing is created: the audited denials are made durable and the caller gets
-    /// `PERMISSION_DENIED` naming each grant's reason; `whom` completes "no grant was allowed…".
+    /// allowed, nothing is created: the denials are audited as one entry (however many grants
+    /// the request named) made durable, and the caller gets `PERMISSION_DENIED` naming each
+    /// grant's reason; `whom` completes "no grant was allowed…".
     async fn decide_grants(
         &self,
         principal: &SpiffeId,
@@ -513,9 +564,43 @@ impl Broker {
         ctx: &DecideCtx<'_>,
         whom: &str,
     ) -> Result<Vec<(GrantDecision, Vec<String>)>> {
+        let verdicts: Vec<_> = grants
+            .iter()
+            .map(|g| self.evaluate(principal, g, ctx, None))
+            .collect();
+        if verdicts.iter().all(|v| v.decision == Decision::Denied) {
+            let reasons: Vec<String> = grants
+                .iter()
+                .zip(&verdicts)
+                .map(|(g, v)| format!("({}, {}): {}", g.resource, g.action, v.reason))
+                .collect();
+            let mut policies: Vec<String> = verdicts
+                .iter()
+                .flat_map(|v| v.policy_ids.iter().cloned())
+                .collect();
+            policies.sort();
+            policies.dedup();
+            self.audit(Event {
+                kind: "decision".into(),
+                spiffe_id: principal.to_string(),
+                task_id: ctx.task.map(|t| t.id.to_string()).unwrap_or_default(),
+                decision: decision_name(Decision::Denied).into(),
+                policies,
+                reason: reasons.join("; "),
+                purpose: ctx.purpose.to_owned(),
+                delegation_chain: ctx.chain.iter().map(|c| c.to_string()).collect(),
+                detail: format!("all {} grants denied", grants.len()),
+                ..Default::default()
+            })?;
+            self.store.durable().await?;
+            return Err(Error::PermissionDenied(format!(
+                "no grant was allowed{whom}: {}",
+                reasons.join("; ")
+            )));
+        }
         let mut decided = Vec::with_capacity(grants.len());
-        for g in grants {
-            let v = self.decide(principal, g, ctx)?;
+        for (g, v) in grants.iter().zip(verdicts) {
+            self.record_decision(principal, g, ctx, &v)?;
             decided.push((
                 GrantDecision {
                     grant: g.clone(),
@@ -525,17 +610,6 @@ impl Broker {
                 },
                 v.policy_ids,
             ));
-        }
-        if decided.iter().all(|(g, _)| g.decision == Decision::Denied) {
-            self.store.durable().await?;
-            let reasons: Vec<String> = decided
-                .iter()
-                .map(|(g, _)| format!("({}, {}): {}", g.grant.resource, g.grant.action, g.reason))
-                .collect();
-            return Err(Error::PermissionDenied(format!(
-                "no grant was allowed{whom}: {}",
-                reasons.join("; ")
-            )));
         }
         Ok(decided)
     }
@@ -547,27 +621,72 @@ impl Broker {
         Ok(())
     }
 
-    /// Records a refused authentication (no, or an invalid, SVID): counted, audited, flushed.
-    pub async fn auth_failed(&self, remote: &str, reason: &str) {
+    /// Records a refused authentication (no, or an invalid, SVID, or a failed TLS handshake)
+    /// from `remote` (an IP address): counted in metrics at once, logged once per remote per
+    /// summary window (each at debug level), and audited by [`Broker::audit_auth_failures`] as one summary per remote.
+    /// Nothing is written per attempt, so nobody without an identity can fill the disk.
+    pub fn auth_failed(&self, remote: &str, reason: &str) {
         self.metrics.auth_failure();
-        let r = self.audit(Event {
-            kind: "auth_failed".into(),
-            reason: preview(reason),
-            detail: format!("remote {remote}"),
-            ..Default::default()
-        });
-        let r = match r {
-            Ok(()) => self.store.durable().await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = r {
-            tracing::error!(error = %e, "could not audit an authentication failure");
+        if self
+            .auth_failures
+            .record(remote, &preview(reason), self.now())
+        {
+            tracing::warn!(event = "authentication_failed", remote = %remote, reason = %reason,
+                "authentication refused (further refusals from this address are counted and summarised)");
+        } else {
+            // Each one stays visible at debug level, which production does not log by default.
+            tracing::debug!(event = "authentication_failed", remote = %remote, reason = %reason,
+                "authentication refused");
+        }
+    }
+
+    /// Audits one `auth_failed` summary per remote address for the refusals counted since the
+    /// last call, and makes them durable. Returns how many summaries were written.
+    pub async fn audit_auth_failures(&self) -> Result<usize> {
+        let all = self.auth_failures.take();
+        if all.is_empty() {
+            return Ok(0);
+        }
+        self.writable()?;
+        for s in &all {
+            self.audit(Event {
+                kind: "auth_failed".into(),
+                reason: s.reason.clone(),
+                detail: format!(
+                    "remote {}: {} refused between {} and {}",
+                    s.remote, s.count, s.first_ms, s.last_ms
+                ),
+                ..Default::default()
+            })?;
+        }
+        self.store.durable().await?;
+        Ok(all.len())
+    }
+
+    /// Writes the refused-authentication summaries every `every`, and once more at `stop`.
+    pub async fn run_auth_summaries(
+        self: Arc<Self>,
+        every: std::time::Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            let stopping = tokio::select! {
+                _ = tokio::time::sleep(every) => false,
+                _ = stop.changed() => true,
+            };
+            if let Err(e) = self.audit_auth_failures().await {
+                tracing::error!(error = %e, "could not audit refused authentications");
+            }
+            if stopping {
+                return;
+            }
         }
     }
 
     /// `Broker.StartTask`.
     pub async fn start_task(&self, caller: &SpiffeId, req: StartTask) -> Result<Task> {
         self.check_caller(caller)?;
+        self.writable()?;
         self.check_purpose(&req.purpose)?;
         self.check_grants(&req.grants)?;
         let ttl_ms = self.task_ttl_ms(req.ttl_seconds)?;
@@ -666,6 +785,7 @@ impl Broker {
         req: IssueCredential,
     ) -> Result<IssuedCredential> {
         self.check_caller(caller)?;
+        self.writable()?;
         let task_id = TaskId::parse(&req.task_id)?;
         let spec = self.resource("resource", &req.resource)?.clone();
         self.check_action("action", &spec, &req.resource, &req.action)?;
@@ -1010,6 +1130,7 @@ impl Broker {
     /// already completed succeeds with nothing to revoke, so retries are safe.
     pub async fn complete_task(&self, caller: &SpiffeId, task_id: &str) -> Result<Completed> {
         self.check_caller(caller)?;
+        self.writable()?;
         let id = TaskId::parse(task_id)?;
         let guard = self.stripes[stripe_of(id.as_str())].lock().await;
         let mut task = self.owned_task(caller, &id)?;
@@ -1054,6 +1175,7 @@ impl Broker {
     /// `Broker.RevokeCredential`: only the owner of the credential's task may revoke it.
     pub async fn revoke_credential(&self, caller: &SpiffeId, credential_id: &str) -> Result<()> {
         self.check_caller(caller)?;
+        self.writable()?;
         let id = CredentialId::parse(credential_id)?;
         let not_found = || Error::NotFound(format!("credential {id}"));
         let rec = self.store.get_credential(&id)?.ok_or_else(not_found)?;

@@ -21,14 +21,23 @@ use tonic::codegen::http::{Request, Response};
 
 use crate::api::PeerInfo;
 use crate::config::ServerConfig;
+use crate::ratelimit::RateLimiter;
 use crate::telemetry::Metrics;
 
+/// Milliseconds on the runtime's monotonic clock since `base` (the rate limiters' time).
+fn ms_since(base: Instant) -> i64 {
+    Instant::now().saturating_duration_since(base).as_millis() as i64
+}
+
 /// Admits connections: at most `max_connections` in all (the accept loop waits for room, so the
-/// rest queue in the kernel) and `max_connections_per_remote` per IP address (refused at once).
+/// rest queue in the kernel), and per IP address at most `max_connections_per_remote` open and
+/// `connections_per_remote_per_second` new (beyond either, closed at once).
 pub struct ConnectionGate {
     all: Arc<Semaphore>,
     per_remote: Mutex<HashMap<IpAddr, usize>>,
     per_remote_max: usize,
+    rate: RateLimiter<IpAddr>,
+    base: Instant,
     metrics: Arc<Metrics>,
 }
 
@@ -45,6 +54,11 @@ impl ConnectionGate {
             all: Arc::new(Semaphore::new(cfg.max_connections)),
             per_remote: Mutex::new(HashMap::new()),
             per_remote_max: cfg.max_connections_per_remote,
+            rate: RateLimiter::new(
+                cfg.connections_per_remote_per_second,
+                cfg.connections_per_remote_per_second.saturating_mul(2),
+            ),
+            base: Instant::now(),
             metrics,
         })
     }
@@ -67,6 +81,10 @@ impl ConnectionGate {
         remote: SocketAddr,
     ) -> Option<ConnectionPermit> {
         let ip = remote.ip();
+        if self.rate.check(&ip, ms_since(self.base)).is_err() {
+            self.metrics.rate_limited("remote");
+            return None;
+        }
         let mut map = self.per_remote.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(ip).or_insert(0);
         if *n >= self.per_remote_max {
@@ -190,6 +208,8 @@ pub struct ConnInfo {
 #[derive(Clone)]
 pub struct RequestLimits {
     slots: Arc<Semaphore>,
+    remote_rate: Arc<RateLimiter<IpAddr>>,
+    base: Instant,
     timeout: Duration,
     max_body: usize,
     metrics: Arc<Metrics>,
@@ -199,6 +219,11 @@ impl RequestLimits {
     pub fn new(cfg: &ServerConfig, metrics: Arc<Metrics>) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
+            remote_rate: Arc::new(RateLimiter::new(
+                cfg.requests_per_remote_per_second,
+                cfg.requests_per_remote_per_second.saturating_mul(2),
+            )),
+            base: Instant::now(),
             timeout: Duration::from_millis(cfg.request_timeout_ms),
             // A unary request is one message behind a 5-byte gRPC frame header.
             max_body: cfg.max_message_bytes + 5,
@@ -252,6 +277,17 @@ where
             .map_or(limits.timeout, |t| t.min(limits.timeout));
         let deadline = Instant::now() + timeout;
         let conn = req.extensions().get::<ConnInfo>().cloned();
+        let remote = conn.as_ref().and_then(|c| c.peer.remote_addr);
+        if let Some(addr) = remote
+            && let Err(wait_ms) = limits.remote_rate.check(&addr.ip(), ms_since(limits.base))
+        {
+            limits.metrics.rate_limited("remote");
+            let refused = tonic::Status::resource_exhausted(format!(
+                "{} is over [server] requests_per_remote_per_second; retry in {wait_ms} ms",
+                addr.ip()
+            ));
+            return Box::pin(async move { Ok(refused.into_http()) });
+        }
         let busy = conn.as_ref().map(|c| c.activity.begin());
         if let Some(c) = conn {
             req.extensions_mut().insert(c.peer);

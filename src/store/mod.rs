@@ -2,6 +2,7 @@
 //! another engine can be added beside [`sled_store::SledStore`].
 
 pub mod crypto;
+pub mod disk;
 pub mod sled_store;
 
 use std::future::Future;

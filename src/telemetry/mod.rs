@@ -92,6 +92,10 @@ pub struct Metrics {
     connections_refused: AtomicU64,
     requests_timed_out: AtomicU64,
     requests_refused_busy: AtomicU64,
+    rate_limited_identity: AtomicU64,
+    rate_limited_remote: AtomicU64,
+    policy_loaded: AtomicU64,
+    policy_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -195,6 +199,25 @@ impl Metrics {
         self.requests_refused_busy.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A request or connection refused by a rate limit (`scope` "identity" or "remote").
+    pub fn rate_limited(&self, scope: &str) {
+        match scope {
+            "identity" => &self.rate_limited_identity,
+            _ => &self.rate_limited_remote,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A policy reload that loaded a new set (`true`) or was refused.
+    pub fn policy_reload(&self, loaded: bool) {
+        if loaded {
+            &self.policy_loaded
+        } else {
+            &self.policy_refused
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn auth_failure(&self) {
         self.auth_failures.fetch_add(1, Ordering::Relaxed);
     }
@@ -265,6 +288,24 @@ impl Metrics {
             g(&self.connections_refused),
             g(&self.requests_timed_out),
             g(&self.requests_refused_busy)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP jitbroker_rate_limited_total Requests and connections refused by a rate limit, by what was limited.\n\
+             # TYPE jitbroker_rate_limited_total counter\n\
+             jitbroker_rate_limited_total{{scope=\"identity\"}} {}\n\
+             jitbroker_rate_limited_total{{scope=\"remote\"}} {}",
+            g(&self.rate_limited_identity),
+            g(&self.rate_limited_remote)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP jitbroker_policy_reloads_total Policy reloads (file change, SIGHUP, Admin) by outcome.\n\
+             # TYPE jitbroker_policy_reloads_total counter\n\
+             jitbroker_policy_reloads_total{{outcome=\"loaded\"}} {}\n\
+             jitbroker_policy_reloads_total{{outcome=\"refused\"}} {}",
+            g(&self.policy_loaded),
+            g(&self.policy_refused)
         );
         let _ = writeln!(
             s,

@@ -76,7 +76,7 @@ GATEWAY_KEYS = {
 }
 ROUTE_KEYS = {"name", "host", "path_prefix", "methods", "mcp_methods", "mcp_tools", "resource", "action"}
 RETENTION_KEYS = {"ended_records_seconds", "audit_entries_in_store", "audit_segment_entries"}
-STORE_KEYS = {"cache_mb"}
+STORE_KEYS = {"cache_mb", "min_free_mb"}
 SERVER_KEYS = {
     "max_connections",
     "max_connections_per_remote",
@@ -91,6 +91,10 @@ SERVER_KEYS = {
     "max_local_error_reset_streams",
     "max_message_bytes",
     "max_header_list_bytes",
+    "requests_per_remote_per_second",
+    "connections_per_remote_per_second",
+    "requests_per_identity_per_second",
+    "auth_failure_summary_seconds",
 }
 SPIFFE_ID = re.compile(r"^spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)+$")
 EXPECTED_ARGS = ["serve", "--config", "/etc/jitbroker/jitbroker.toml"]

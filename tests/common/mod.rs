@@ -458,3 +458,22 @@ pub async fn scrape(r: &Running) -> Vec<Sample> {
     let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     parse_exposition(body).unwrap_or_else(|e| panic!("/metrics does not parse: {e}"))
 }
+
+/// Every audit entry of the stopped broker whose dev dir is `dir`, as JSON, in order.
+pub fn audit_entries(dir: &Path) -> Vec<serde_json::Value> {
+    let cfg = config(dir, |t| t);
+    let kek = jitbroker::store::crypto::Kek::load(&cfg.kek_file).unwrap();
+    let store = jitbroker::store::SledStore::open(&cfg.data_dir.join("db"), &kek).unwrap();
+    let mut export = Vec::new();
+    jitbroker::audit::export(&store, None, &mut export).unwrap();
+    String::from_utf8(export)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Bytes under `dir`, recursively.
+pub fn dir_bytes(dir: &Path) -> u64 {
+    all_bytes(dir).iter().map(|(_, b)| b.len() as u64).sum()
+}
