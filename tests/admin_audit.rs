@@ -9,6 +9,79 @@ use jitbroker::server::Options;
 use tonic::Code;
 
 #[tokio::test]
+async fn a_block_holds_for_every_role() {
+    const OPERATOR_2: &str = "spiffe://jitbroker.dev/operator-2";
+    const APPROVER: &str = "spiffe://jitbroker.dev/approver";
+    let dir = dev_dir();
+    let cfg = config(dir.path(), |t| {
+        t.replace(
+            "admin_ids = [\"spiffe://jitbroker.dev/operator\"]",
+            &format!("admin_ids = [\"{OPERATOR}\", \"{OPERATOR_2}\"]"),
+        )
+    });
+    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let mut op = clients(&r, OPERATOR).await;
+    let mut op2 = clients(&r, OPERATOR_2).await;
+    let mut approver = clients(&r, APPROVER).await;
+    for target in [OPERATOR, APPROVER] {
+        op2.admin
+            .revoke_identity(pb::RevokeIdentityRequest {
+                spiffe_id: target.into(),
+                reason: "compromised".into(),
+                block: true,
+            })
+            .await
+            .unwrap();
+    }
+    // The blocked operator can neither undo its block nor act as an operator.
+    let s = op
+        .admin
+        .unblock_identity(pb::UnblockIdentityRequest {
+            spiffe_id: OPERATOR.into(),
+            reason: "let me back in".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("blocked"), "{s:?}");
+    let s = op
+        .admin
+        .list_tasks(pb::ListTasksRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    // The blocked approver can neither list nor decide approvals.
+    let s = approver
+        .admin
+        .list_approvals(pb::ListApprovalsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    let s = approver
+        .admin
+        .approve(pb::ApproveRequest {
+            approval_id: "x".into(),
+            reason: "ok".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    // Another operator lifts the block.
+    op2.admin
+        .unblock_identity(pb::UnblockIdentityRequest {
+            spiffe_id: OPERATOR.into(),
+            reason: "keys rotated".into(),
+        })
+        .await
+        .unwrap();
+    op.admin
+        .list_tasks(pb::ListTasksRequest::default())
+        .await
+        .unwrap();
+    r.stop().await;
+}
+
+#[tokio::test]
 async fn revoke_identity_with_block_kills_everything_until_unblocked() {
     let dir = dev_dir();
     let cfg = config(dir.path(), |t| t);

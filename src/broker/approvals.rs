@@ -230,6 +230,7 @@ impl Broker {
                 "{caller} is neither an operator nor an approver of this broker"
             )));
         }
+        self.check_caller(caller)?;
         let now = self.now();
         let want = match state.to_ascii_uppercase().as_str() {
             "" => None,

@@ -1252,9 +1252,11 @@ impl Broker {
         self.limits.admin_ids.contains(caller)
     }
 
+    /// An operator, not blocked: a block holds for every role, so a blocked operator cannot
+    /// undo its own block.
     fn require_admin(&self, caller: &SpiffeId) -> Result<()> {
         if self.is_admin(caller) {
-            Ok(())
+            self.check_caller(caller)
         } else {
             Err(Error::PermissionDenied(format!(
                 "{caller} is not an operator of this broker"
