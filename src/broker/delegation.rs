@@ -36,9 +36,11 @@ impl Broker {
         self.check_purpose(&req.purpose)?;
         self.check_grants(&req.grants)?;
 
-        let _guard = self.lock_task(&parent_id).lock().await;
+        // The parent's lock, and the delegate's: the new task counts against its quota.
+        let _guards = self.lock_task_and_identity(&parent_id, &delegate).await;
         let parent = self.owned_task(caller, &parent_id)?;
         let now = self.now();
+        self.check_task_quota(&delegate, now, "delegate ")?;
         if !parent.is_live(now) {
             return Err(Error::FailedPrecondition(format!(
                 "task {parent_id} is {}",

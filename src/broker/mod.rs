@@ -701,19 +701,7 @@ impl Broker {
             return Ok(task);
         }
         let now = self.now();
-        let live = self
-            .store
-            .tasks_of_identity(caller)?
-            .into_iter()
-            .filter_map(|id| self.store.get_task(&id).transpose())
-            .filter(|t| t.as_ref().map_or(true, |t| t.is_live(now)))
-            .count() as u64;
-        if live >= self.limits.max_active_tasks_per_identity {
-            return Err(Error::ResourceExhausted(format!(
-                "{caller} already has {live} active tasks (limit {}); complete some first",
-                self.limits.max_active_tasks_per_identity
-            )));
-        }
+        self.check_task_quota(caller, now, "")?;
         let chain = vec![caller.clone()];
         let ctx = DecideCtx {
             task: None,
@@ -759,6 +747,51 @@ impl Broker {
         })?;
         self.store.durable().await?;
         Ok(task)
+    }
+
+    /// `RESOURCE_EXHAUSTED` when `who` already has its maximum of live tasks (its own and those
+    /// delegated to it alike). The caller holds `who`'s stripe, so the count cannot go stale
+    /// before the new task is written. `whose` prefixes the message ("delegate ").
+    pub(crate) fn check_task_quota(
+        &self,
+        who: &SpiffeId,
+        now: UnixMillis,
+        whose: &str,
+    ) -> Result<()> {
+        let live = self
+            .store
+            .tasks_of_identity(who)?
+            .into_iter()
+            .filter_map(|id| self.store.get_task(&id).transpose())
+            .filter(|t| t.as_ref().map_or(true, |t| t.is_live(now)))
+            .count() as u64;
+        if live >= self.limits.max_active_tasks_per_identity {
+            return Err(Error::ResourceExhausted(format!(
+                "{whose}{who} already has {live} active tasks (limit {}); complete some first",
+                self.limits.max_active_tasks_per_identity
+            )));
+        }
+        Ok(())
+    }
+
+    /// The lock stripes of a task and of an identity, locked in index order (one lock when they
+    /// share a stripe), so two of these never wait on each other in a cycle.
+    pub(crate) async fn lock_task_and_identity(
+        &self,
+        task: &TaskId,
+        who: &SpiffeId,
+    ) -> (
+        tokio::sync::MutexGuard<'_, ()>,
+        Option<tokio::sync::MutexGuard<'_, ()>>,
+    ) {
+        let (a, b) = (stripe_of(task.as_str()), stripe_of(who.as_str()));
+        let first = self.stripes[a.min(b)].lock().await;
+        let second = if a == b {
+            None
+        } else {
+            Some(self.stripes[a.max(b)].lock().await)
+        };
+        (first, second)
     }
 
     /// Loads a task the caller owns; anyone else's reads as unknown (no probing).

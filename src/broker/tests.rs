@@ -523,3 +523,32 @@ async fn index_entries_a_crash_left_without_their_record_are_ignored() {
         TaskState::Completed
     );
 }
+
+#[tokio::test]
+async fn delegated_tasks_count_against_the_delegates_quota() {
+    let f = fixture();
+    let a = id("spiffe://td/agent/a");
+    let b = id("spiffe://td/agent/b");
+    let parent = f.broker.start_task(&a, start(600)).await.unwrap();
+    let delegate = || delegation::DelegateTask {
+        parent_task_id: parent.id.to_string(),
+        delegate_spiffe_id: b.to_string(),
+        purpose: "help".into(),
+        grants: start(0).grants,
+        ttl_seconds: 60,
+    };
+    for _ in 0..2 {
+        f.broker.delegate_task(&a, delegate()).await.unwrap();
+    }
+    // B's quota (2) is full of tasks A handed it: A cannot add more, and B cannot start its own.
+    let err = f.broker.delegate_task(&a, delegate()).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::ResourceExhausted(m) if m.contains("delegate spiffe://td/agent/b")),
+        "{err}"
+    );
+    let err = f.broker.start_task(&b, start(60)).await.unwrap_err();
+    assert!(matches!(err, Error::ResourceExhausted(_)), "{err}");
+    // Once they end, there is room again.
+    f.clock.advance(Duration::from_secs(61));
+    f.broker.delegate_task(&a, delegate()).await.unwrap();
+}
