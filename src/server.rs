@@ -694,8 +694,8 @@ async fn serve_forward_auth(
     }
 }
 
-/// Reloads the policy when its file changes or on SIGHUP. A bad policy is refused (logged and
-/// audited by the reload) and the previous set keeps serving.
+/// Reloads the policy when its file changes or on SIGHUP, audited either way. A bad policy is
+/// refused (logged and audited) and the previous set keeps serving.
 async fn watch_policy(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
     let Some(path) = broker.policy_file().map(|p| p.to_path_buf()) else {
         return;
@@ -728,7 +728,14 @@ async fn watch_policy(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
         let now = stamp(&path);
         if forced || now != last {
             last = now;
-            let _ = broker.reload_policy_file();
+            let trigger = if forced {
+                "sighup"
+            } else {
+                "policy file watcher"
+            };
+            if let Err(e) = broker.reload_policy_on(trigger).await {
+                tracing::error!(error = %e, trigger, "policy reload");
+            }
         }
     }
 }

@@ -590,3 +590,66 @@ async fn policy_reload_keeps_old_set_on_error_and_applies_good_one() {
     drop((agent, op));
     r.stop().await;
 }
+
+#[tokio::test]
+async fn reloads_by_the_file_watcher_are_audited() {
+    let dir = dev_dir();
+    let cfg = setup(dir.path());
+    let r = spawn(&cfg, Default::default()).await.unwrap();
+    let mut op = clients(&r, OPERATOR).await;
+    let digest = |op: &mut Clients| {
+        let mut admin = op.admin.clone();
+        async move {
+            admin
+                .status(pb::StatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .policy_digest
+        }
+    };
+    let before = digest(&mut op).await;
+    std::fs::write(
+        dir.path().join("policy.cedar"),
+        "@id(\"writers\") permit(principal, action == Action::\"write\", resource == Resource::\"demo-token\");",
+    )
+    .unwrap();
+    eventually("the watcher loads the new policy", || {
+        let mut op = op.clone();
+        let before = before.clone();
+        async move { digest(&mut op).await != before }
+    })
+    .await;
+    std::fs::write(dir.path().join("policy.cedar"), "permit(oops").unwrap();
+    eventually("the watcher refuses the broken policy", || {
+        let r = &r;
+        async move {
+            scrape(r).await.iter().any(|(n, l, v)| {
+                n == "jitbroker_policy_reloads_total"
+                    && l == &[("outcome".to_owned(), "refused".to_owned())]
+                    && *v >= 1.0
+            })
+        }
+    })
+    .await;
+    drop(op);
+    r.stop().await;
+    let reloads: Vec<_> = audit_entries(dir.path())
+        .into_iter()
+        .filter(|e| e["kind"] == "policy_reload")
+        .collect();
+    assert!(
+        reloads.iter().any(|e| e["actor"] == "policy file watcher"
+            && e["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("loaded 1 policies")),
+        "{reloads:#?}"
+    );
+    assert!(
+        reloads
+            .iter()
+            .any(|e| e["reason"].as_str().unwrap().starts_with("refused:")),
+        "{reloads:#?}"
+    );
+}

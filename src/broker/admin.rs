@@ -233,6 +233,24 @@ impl Broker {
         })
     }
 
+    /// Reloads the policy file because it changed or on SIGHUP (`trigger` says which), audited
+    /// as an operator's reload is: what was loaded, or why the new set was refused.
+    pub async fn reload_policy_on(&self, trigger: &str) -> Result<(usize, String)> {
+        self.writable()?;
+        let result = self.reload_policy_file();
+        self.audit(Event {
+            kind: "policy_reload".into(),
+            actor: trigger.into(),
+            reason: match &result {
+                Ok((n, d)) => format!("loaded {n} policies, sha256 {d}"),
+                Err(e) => format!("refused: {e}"),
+            },
+            ..Default::default()
+        })?;
+        self.store.durable().await?;
+        result
+    }
+
     /// Re-reads the configured policy file into the engine (file change, SIGHUP, Admin).
     pub fn reload_policy_file(&self) -> Result<(usize, String)> {
         let path = self
@@ -243,6 +261,7 @@ impl Broker {
             Error::Config(format!("cannot read policy file {}: {e}", path.display()))
         })?;
         let r = self.policy.reload(&text, &path.display().to_string());
+        self.metrics.policy_reload(r.is_ok());
         match &r {
             Ok((n, d)) => tracing::info!(policies = n, sha256 = %d, "policy reloaded"),
             Err(e) => {
