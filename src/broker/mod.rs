@@ -211,6 +211,41 @@ pub struct Broker {
     auth_failures: FailureSummaries,
     /// Writes are refused while the data directory's disk is under its free-space floor.
     disk: Option<DiskFloor>,
+    /// Credentials being made upstream, by task, with no lock held (they count against the
+    /// task's quota meanwhile).
+    issuing: InFlight,
+}
+
+/// Counts per task of issuances in progress outside the task's lock.
+#[derive(Default)]
+struct InFlight(std::sync::Mutex<HashMap<TaskId, u64>>);
+
+/// One issuance in progress; dropping it ends it.
+struct InFlightSlot<'a>(&'a InFlight, TaskId);
+
+impl InFlight {
+    fn count(&self, task: &TaskId) -> u64 {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(task).copied().unwrap_or(0)
+    }
+
+    fn start(&self, task: &TaskId) -> InFlightSlot<'_> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry(task.clone()).or_insert(0) += 1;
+        InFlightSlot(self, task.clone())
+    }
+}
+
+impl Drop for InFlightSlot<'_> {
+    fn drop(&mut self) {
+        let mut map = self.0.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.1);
+            }
+        }
+    }
 }
 
 /// Audit archival settings (`[retention]`): once the store holds `keep + segment` entries, the
@@ -289,6 +324,7 @@ impl Broker {
             identity_rate: RateLimiter::new(u32::MAX, u32::MAX),
             auth_failures: FailureSummaries::default(),
             disk: None,
+            issuing: InFlight::default(),
         })
     }
 
@@ -845,7 +881,7 @@ impl Broker {
             t => t,
         };
 
-        let _guard = self.stripes[stripe_of(task_id.as_str())].lock().await;
+        let mut guard = Some(self.lock_task(&task_id).lock().await);
         let task = self.owned_task(caller, &task_id)?;
         if let Some(key) = &idem
             && let Some(cid) = self.store.credential_by_idempotency_key(&task_id, key)?
@@ -916,6 +952,7 @@ impl Broker {
         }
         let issued = self
             .mint_credential(
+                &mut guard,
                 caller,
                 &task,
                 &spec,
@@ -934,13 +971,15 @@ impl Broker {
 
     /// Issues one credential of a task for a grant already decided: the per-task quota, the
     /// issuer, the records, the approval it uses and the audit entry. The caller holds the task's
-    /// stripe and makes the writes durable before replying.
+    /// stripe in `guard` (released while an upstream account is made: see below, and held again
+    /// on return) and makes the writes durable before replying.
     #[expect(
         clippy::too_many_arguments,
         reason = "one issuance, its inputs named at the call"
     )]
-    pub(crate) async fn mint_credential(
-        &self,
+    pub(crate) async fn mint_credential<'s>(
+        &'s self,
+        guard: &mut Option<tokio::sync::MutexGuard<'s, ()>>,
         caller: &SpiffeId,
         task: &Task,
         spec: &ResourceSpec,
@@ -953,11 +992,12 @@ impl Broker {
         let now = self.now();
         let task_id = task.id.clone();
         let indexed = self.store.credentials_of_task(&task_id)?;
-        let mut issued_count = indexed.len() as u64;
+        let in_flight = self.issuing.count(&task_id);
+        let mut issued_count = indexed.len() as u64 + in_flight;
         if issued_count >= self.limits.max_credentials_per_task {
             // At the limit by the index: count only credentials whose record exists (a crash
             // mid-write can leave an index entry without its record, which was never issued).
-            issued_count = 0;
+            issued_count = in_flight;
             for cid in &indexed {
                 if self.store.get_credential(cid)?.is_some() {
                     issued_count += 1;
@@ -990,9 +1030,35 @@ impl Broker {
             ResourceKind::Jwt => self.jwt.issue(&ireq)?,
             ResourceKind::X509 => self.x509.issue(&ireq)?,
             ResourceKind::Postgres => {
-                let (name, issued) = self
+                // The stripe is shared with other tasks, the reaper's and the kill switch's work:
+                // it is not held across the upstream's network I/O. The credential counts against
+                // the task's quota meanwhile, and the task is looked at again afterwards.
+                let slot = self.issuing.start(&task_id);
+                *guard = None;
+                let made = self
                     .create_upstream(&grant.resource, &id, &grant.action, now, expires_at)
-                    .await?;
+                    .await;
+                *guard = Some(self.lock_task(&task_id).lock().await);
+                drop(slot);
+                let (name, issued) = made?;
+                let still_live = self
+                    .store
+                    .get_task(&task_id)?
+                    .is_some_and(|t| t.is_live(self.now()));
+                if !still_live {
+                    self.queue_upstream_revocation(
+                        &grant.resource,
+                        &name,
+                        Some(id.clone()),
+                        "task-ended",
+                        self.now(),
+                    )?;
+                    self.store.durable().await?;
+                    return Err(Error::FailedPrecondition(format!(
+                        "task {task_id} ended while its credential was being made; the account \
+                         is being removed"
+                    )));
+                }
                 upstream_name = Some(name);
                 issued
             }

@@ -1,4 +1,4 @@
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,12 +18,20 @@ fn id(s: &str) -> SpiffeId {
 }
 
 fn fixture() -> Fixture {
+    fixture_with(None)
+}
+
+/// The fixture, plus a `postgres` resource `db` served by `upstream` when one is given.
+fn fixture_with(upstream: Option<Arc<dyn Upstream>>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let kek = Kek::create(&dir.path().join("kek")).unwrap();
     let store = Arc::new(SledStore::open(&dir.path().join("db"), &kek).unwrap());
     let policy = Arc::new(
         PolicyEngine::new(
-            BTreeMap::from([("demo-token".into(), "token".into())]),
+            BTreeMap::from([
+                ("demo-token".into(), "token".into()),
+                ("db".into(), "postgres".into()),
+            ]),
             vec!["read".into(), "write".into()],
             r#"@id("agents") permit(principal, action == Action::"read", resource)
                when { principal.path like "/agent/*" };"#,
@@ -32,7 +40,7 @@ fn fixture() -> Fixture {
         .unwrap(),
     );
     let clock = ManualClock::new();
-    let limits = Limits {
+    let mut limits = Limits {
         resources: BTreeMap::from([(
             "demo-token".into(),
             ResourceSpec {
@@ -56,6 +64,17 @@ fn fixture() -> Fixture {
         gateway: None,
         gateway_ids: HashSet::new(),
     };
+    if upstream.is_some() {
+        limits.resources.insert(
+            "db".into(),
+            ResourceSpec {
+                kind: ResourceKind::Postgres,
+                actions: BTreeSet::from(["read".into()]),
+                verifiers: HashSet::new(),
+                max_ttl_seconds: 600,
+            },
+        );
+    }
     let broker = Broker::new(
         store.clone(),
         policy,
@@ -66,6 +85,13 @@ fn fixture() -> Fixture {
         None,
     )
     .unwrap();
+    let broker = match upstream {
+        Some(up) => broker.with_upstreams(
+            HashMap::from([("db".to_owned(), up)]),
+            RevocationConfig::default(),
+        ),
+        None => broker,
+    };
     Fixture {
         broker,
         sled: store,
@@ -551,4 +577,83 @@ async fn delegated_tasks_count_against_the_delegates_quota() {
     // Once they end, there is room again.
     f.clock.advance(Duration::from_secs(61));
     f.broker.delegate_task(&a, delegate()).await.unwrap();
+}
+
+/// An upstream whose account creation waits until the test lets it finish.
+#[derive(Default)]
+struct HeldUpstream {
+    entered: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+    revoked: std::sync::Mutex<Vec<String>>,
+}
+
+impl Upstream for HeldUpstream {
+    fn prefix(&self) -> &str {
+        "jb_"
+    }
+    fn create<'a>(
+        &'a self,
+        _name: &'a str,
+        _action: &'a str,
+        _expires_at: UnixMillis,
+    ) -> futures::future::BoxFuture<'a, Result<Issued>> {
+        Box::pin(async move {
+            self.entered.notify_one();
+            self.release.notified().await;
+            Ok(Issued {
+                secret: Secret::new("postgresql://jb_x:pw@db/app".into()),
+                attributes: BTreeMap::new(),
+            })
+        })
+    }
+    fn revoke<'a>(&'a self, name: &'a str) -> futures::future::BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.revoked.lock().unwrap().push(name.to_owned());
+            Ok(())
+        })
+    }
+    fn list<'a>(&'a self) -> futures::future::BoxFuture<'a, Result<Vec<String>>> {
+        Box::pin(async { Ok(vec![]) })
+    }
+}
+
+#[tokio::test]
+async fn no_lock_is_held_while_an_upstream_account_is_made() {
+    let up = Arc::new(HeldUpstream::default());
+    let f = Arc::new(fixture_with(Some(up.clone())));
+    let agent = id("spiffe://td/agent/a");
+    let mut req = start(600);
+    req.grants = vec![Grant {
+        resource: "db".into(),
+        action: "read".into(),
+    }];
+    let task = f.broker.start_task(&agent, req).await.unwrap();
+    let issuing = tokio::spawn({
+        let (f, agent, task) = (f.clone(), agent.clone(), task.clone());
+        async move {
+            let mut r = issue(&task, 60, "");
+            r.resource = "db".into();
+            f.broker.issue_credential(&agent, r).await
+        }
+    });
+    up.entered.notified().await;
+    // While the database is slow, the same task's lock is free: completing it does not wait.
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        f.broker.complete_task(&agent, task.id.as_str()),
+    )
+    .await
+    .expect("CompleteTask waited for the upstream call")
+    .unwrap();
+    up.release.notify_one();
+    let err = issuing.await.unwrap().unwrap_err();
+    assert!(
+        matches!(&err, Error::FailedPrecondition(m) if m.contains("ended while")),
+        "{err}"
+    );
+    // The account made for the ended task is queued for removal, and removed.
+    assert_eq!(f.broker.revocation_debt().0, 1);
+    f.broker.revoke_due().await.unwrap();
+    assert_eq!(up.revoked.lock().unwrap().len(), 1);
+    assert_eq!(f.broker.revocation_debt().0, 0);
 }

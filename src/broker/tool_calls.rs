@@ -247,7 +247,7 @@ impl Broker {
             Ok(id) => id,
             Err(e) => return Ok(out.deny(format!("header {}: {e}", gw.task_header))),
         };
-        let _guard = self.lock_task(&task_id).lock().await;
+        let mut guard = Some(self.lock_task(&task_id).lock().await);
         let task = match self.store.get_task(&task_id)? {
             Some(t) if t.owner == principal => t,
             // Anyone else's task reads as unknown (no probing).
@@ -343,6 +343,7 @@ impl Broker {
             None => {
                 let issued = self
                     .mint_credential(
+                        &mut guard,
                         &principal,
                         &task,
                         spec,
