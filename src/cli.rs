@@ -95,6 +95,10 @@ pub enum AuditCommand {
     Verify {
         #[arg(long, env = "JITBROKER_CONFIG")]
         config: PathBuf,
+        /// SEQ:HASH of an `audit_anchor` log line (or the anchor file): the chain must still
+        /// hold it, so a deleted tail or a chain recomputed from scratch fails too.
+        #[arg(long)]
+        anchor: Option<String>,
     },
     /// Write every audit entry as one JSON line (to a file, or standard output).
     Export {
@@ -228,10 +232,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Audit { command } => {
-            let (cfg_path, out) = match &command {
-                AuditCommand::Verify { config } => (config, None),
-                AuditCommand::Export { config, out } => (config, Some(out.clone())),
+            let (cfg_path, out, anchor) = match &command {
+                AuditCommand::Verify { config, anchor } => (config, None, anchor.as_deref()),
+                AuditCommand::Export { config, out } => (config, Some(out.clone()), None),
             };
+            let anchor = anchor.map(crate::audit::Anchor::parse).transpose()?;
             let cfg = Config::load(cfg_path)?;
             let kek = Kek::load(&cfg.kek_file)?;
             let store = crate::store::SledStore::open_with_cache(
@@ -243,8 +248,22 @@ pub async fn run(cli: Cli) -> Result<()> {
             match out {
                 None => {
                     let v = crate::audit::verify(&store, Some(&archive))?;
+                    if let Some(a) = &anchor
+                        && v.ok
+                        && let Err(why) = crate::audit::check_anchor(&store, Some(&archive), a)?
+                    {
+                        return Err(Error::Config(format!(
+                            "audit chain does not hold the anchor {a}: {why}"
+                        )));
+                    }
                     if v.ok {
-                        println!("audit chain ok: {} entries", v.entries);
+                        match &anchor {
+                            Some(a) => println!(
+                                "audit chain ok: {} entries, holding the anchor {a}",
+                                v.entries
+                            ),
+                            None => println!("audit chain ok: {} entries", v.entries),
+                        }
                         Ok(())
                     } else {
                         Err(Error::Config(format!(

@@ -387,6 +387,12 @@ pub struct RetentionConfig {
     /// Where archive segments are written (default: `<data_dir>/audit-archive`).
     #[serde(default)]
     pub audit_archive_dir: Option<PathBuf>,
+    /// A file outside the data volume where the audit chain's head (sequence, hash, time and
+    /// the blocked identities) is written every minute and at shutdown. At start a store whose
+    /// chain lacks that head was restored from an older backup or lost its tail: the broker
+    /// says what that rolls back, audits it, and blocks again the identities blocked then.
+    #[serde(default)]
+    pub audit_anchor_file: Option<PathBuf>,
 }
 
 impl Default for RetentionConfig {
@@ -396,6 +402,7 @@ impl Default for RetentionConfig {
             audit_entries_in_store: default_audit_in_store(),
             audit_segment_entries: default_audit_segment(),
             audit_archive_dir: None,
+            audit_anchor_file: None,
         }
     }
 }

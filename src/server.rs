@@ -69,6 +69,8 @@ pub struct App {
     pub forward_auth_max_body: usize,
     /// The API port's limits.
     pub limits: ServerConfig,
+    /// Where the audit chain's head is anchored besides the logs (`[retention]`).
+    pub audit_anchor_file: Option<std::path::PathBuf>,
 }
 
 /// The identity source the configuration asks for.
@@ -243,6 +245,9 @@ impl App {
                 segment: cfg.retention.audit_segment_entries,
             }),
         );
+        if let Some(file) = &cfg.retention.audit_anchor_file {
+            broker.check_audit_anchor(file).await?;
+        }
         let source = identity_source(cfg, api_addr)?;
         let identity = identity::start(
             source,
@@ -284,6 +289,7 @@ impl App {
                 }
                 l
             },
+            audit_anchor_file: cfg.retention.audit_anchor_file.clone(),
         })
     }
 }
@@ -475,6 +481,11 @@ pub async fn run(
     let revoker = tokio::spawn(app.broker.clone().run_revocations(stop_rx.clone()));
     let reconciler = tokio::spawn(app.broker.clone().run_reconciler(stop_rx.clone()));
     let archiver = tokio::spawn(app.broker.clone().run_audit_archiver(stop_rx.clone()));
+    let anchor = tokio::spawn(
+        app.broker
+            .clone()
+            .run_audit_anchor(app.audit_anchor_file.clone(), stop_rx.clone()),
+    );
     let summaries = tokio::spawn(app.broker.clone().run_auth_summaries(
         Duration::from_secs(lim.auth_failure_summary_seconds),
         stop_rx.clone(),
@@ -598,6 +609,7 @@ pub async fn run(
     let _ = reconciler.await;
     let _ = archiver.await;
     let _ = summaries.await;
+    let _ = anchor.await;
     let _ = ops_task.await;
     if let Some(f) = forward_auth {
         let _ = f.await;
@@ -620,6 +632,9 @@ pub async fn run(
         }
     }
     app.broker.store().durable().await?;
+    // The last head, after every writer stopped.
+    app.broker
+        .anchor_audit(app.audit_anchor_file.as_deref(), &mut 0);
     Ok(())
 }
 
@@ -856,6 +871,11 @@ fn ops_response(
                         counts.credentials as f64,
                     ),
                     ("policies", "Policies in the serving set.", policies as f64),
+                    (
+                        "audit_head_sequence",
+                        "Sequence number of the last audit entry (it never goes down; the logs carry its hash as event audit_anchor).",
+                        broker.audit_head().seq as f64,
+                    ),
                     (
                         "svid_expiry_timestamp_seconds",
                         "Expiry of the broker's own X.509-SVID.",

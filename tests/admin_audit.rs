@@ -503,3 +503,79 @@ async fn archived_audit_entries_stay_one_verifiable_chain() {
     assert!(!v.ok);
     assert_eq!(v.first_bad_seq, 1, "{}", v.reason);
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    for (path, bytes) in all_bytes(from) {
+        let dest = to.join(path.strip_prefix(from).unwrap());
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::write(dest, bytes).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_restore_from_an_older_backup_says_what_it_rolls_back_and_blocks_again() {
+    let dir = dev_dir();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let anchor_file = elsewhere.path().join("anchor.json");
+    let cfg = config(dir.path(), |t| {
+        format!(
+            "{t}\n[retention]\naudit_anchor_file = {:?}\n",
+            anchor_file.display().to_string()
+        )
+    });
+    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let mut a = clients(&r, AGENT).await;
+    a.broker
+        .start_task(start_req(vec![grant("demo-token", "read")], 600))
+        .await
+        .unwrap();
+    drop(a);
+    r.stop().await;
+    let backup = tempfile::tempdir().unwrap();
+    copy_dir(&dir.path().join("db"), backup.path());
+
+    // After the backup: the agent is blocked.
+    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let mut op = clients(&r, OPERATOR).await;
+    op.admin
+        .revoke_identity(pb::RevokeIdentityRequest {
+            spiffe_id: AGENT.into(),
+            reason: "compromised".into(),
+            block: true,
+        })
+        .await
+        .unwrap();
+    drop(op);
+    r.stop().await;
+    let anchor: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&anchor_file).unwrap()).unwrap();
+    assert_eq!(anchor["blocked"], serde_json::json!([AGENT]));
+
+    // The store comes back from the backup: the block is in the anchor, not in the store.
+    std::fs::remove_dir_all(dir.path().join("db")).unwrap();
+    copy_dir(backup.path(), &dir.path().join("db"));
+    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let mut a = clients(&r, AGENT).await;
+    let s = a
+        .broker
+        .start_task(start_req(vec![grant("demo-token", "read")], 600))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("blocked"), "{s:?}");
+    drop(a);
+    r.stop().await;
+    let entries = audit_entries(dir.path());
+    let found = entries
+        .iter()
+        .find(|e| e["kind"] == "restore_detected")
+        .expect("the restore is audited");
+    let reason = found["reason"].as_str().unwrap();
+    for what in [
+        "behind its audit anchor",
+        "revoked since are active again",
+        AGENT,
+    ] {
+        assert!(reason.contains(what), "{what}: {reason}");
+    }
+}

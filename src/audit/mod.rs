@@ -128,6 +128,16 @@ impl AuditLog {
         })
     }
 
+    /// The last entry's sequence number and hash (hex): the chain's head, worth anchoring
+    /// outside the store. `(0, GENESIS)` before the first entry.
+    pub fn head(&self) -> Anchor {
+        let (next, prev) = *self.head.lock().unwrap_or_else(|p| p.into_inner());
+        Anchor {
+            seq: next - 1,
+            hash: hex::encode(prev),
+        }
+    }
+
     /// The sequence number the next entry will get.
     pub fn next_seq(&self) -> u64 {
         self.head.lock().unwrap_or_else(|p| p.into_inner()).0
@@ -157,6 +167,108 @@ impl AuditLog {
         );
         Ok(seq)
     }
+}
+
+/// A point of the chain recorded outside the store (a log line, a metric, a file on another
+/// volume): entry `seq` had hash `hash`. A store whose chain lacks it lost its tail (deleted, or
+/// restored from an older backup); one with another hash there was rewritten.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Anchor {
+    pub seq: u64,
+    pub hash: String,
+}
+
+impl Anchor {
+    /// `SEQ:HASH` as the broker logs it.
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = || {
+            Error::invalid(
+                "anchor",
+                format!(
+                    "{} is not SEQ:HASH (a sequence number and 64 hex digits)",
+                    crate::model::preview(s)
+                ),
+            )
+        };
+        let (seq, hash) = s.split_once(':').ok_or_else(bad)?;
+        let seq = seq.parse().map_err(|_| bad())?;
+        parse_hash(hash).ok_or_else(bad)?;
+        Ok(Self {
+            seq,
+            hash: hash.to_ascii_lowercase(),
+        })
+    }
+}
+
+impl std::fmt::Display for Anchor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.seq, self.hash)
+    }
+}
+
+/// Whether the chain in `store` (and `archive`) still holds `anchor`: `Ok(Ok(()))` when it does,
+/// `Ok(Err(why))` saying what was lost or rewritten when it does not.
+pub fn check_anchor(
+    store: &dyn Store,
+    archive: Option<&std::path::Path>,
+    anchor: &Anchor,
+) -> Result<std::result::Result<(), String>> {
+    if anchor.seq == 0 {
+        return Ok(Ok(()));
+    }
+    let cp = archive::checkpoint(store)?;
+    let mut found: Option<(String, UnixMillis)> = None;
+    match &cp {
+        Some(cp) if anchor.seq == cp.seq => found = Some((cp.hash.clone(), 0)),
+        Some(cp) if anchor.seq < cp.seq => {
+            let Some(dir) = archive else {
+                return Ok(Err(format!(
+                    "entry {} is archived and no archive was given to look it up",
+                    anchor.seq
+                )));
+            };
+            let _ = archive::walk(dir, cp, &mut |bytes| {
+                if let Ok(e) = serde_json::from_slice::<Entry>(bytes)
+                    && e.seq == anchor.seq
+                {
+                    found = Some((e.hash, e.time));
+                }
+                Ok(())
+            });
+        }
+        _ => {
+            if let Some(item) = store.audit_scan(anchor.seq)?.next() {
+                let (seq, bytes) = item?;
+                if seq == anchor.seq {
+                    let e: Entry = serde_json::from_slice(&bytes)
+                        .map_err(|e| Error::Storage(format!("corrupt audit entry {seq}: {e}")))?;
+                    found = Some((e.hash, e.time));
+                }
+            }
+        }
+    }
+    Ok(match found {
+        Some((hash, _)) if hash == anchor.hash => Ok(()),
+        Some((hash, _)) => Err(format!(
+            "entry {} has hash {hash}, the anchor says {}: the chain was rewritten",
+            anchor.seq, anchor.hash
+        )),
+        None => {
+            let last = match store.audit_last()? {
+                Some(b) => serde_json::from_slice::<Entry>(&b)
+                    .map(|e| e.seq)
+                    .unwrap_or(0),
+                None => cp.as_ref().map_or(0, |c| c.seq),
+            };
+            Err(format!(
+                "the chain ends at entry {last}, before the anchored entry {}: entries {}..={} \
+                 were removed, or the store was restored from an older backup",
+                anchor.seq,
+                last + 1,
+                anchor.seq
+            ))
+        }
+    })
 }
 
 /// Walks the chain entry by entry: sequence numbers consecutive, each link and hash right.
@@ -321,6 +433,47 @@ mod tests {
     use super::*;
     use crate::store::SledStore;
     use crate::store::crypto::Kek;
+
+    #[test]
+    fn an_anchor_shows_a_deleted_tail_and_a_recomputed_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = Kek::create(&dir.path().join("kek")).unwrap();
+        let store = SledStore::open(&dir.path().join("db"), &kek).unwrap();
+        let log = AuditLog::open(&store).unwrap();
+        let ev = |k: &str| Event {
+            kind: k.into(),
+            ..Default::default()
+        };
+        for _ in 0..5 {
+            log.append(&store, 1, ev("decision")).unwrap();
+        }
+        let anchor = log.head();
+        assert_eq!(anchor.seq, 5);
+        assert_eq!(Anchor::parse(&anchor.to_string()).unwrap(), anchor);
+        assert!(Anchor::parse("5:xyz").is_err() && Anchor::parse("nope").is_err());
+        assert_eq!(check_anchor(&store, None, &anchor).unwrap(), Ok(()));
+        // Another store whose chain was rebuilt from scratch with other content: the chain
+        // verifies, the anchor does not.
+        let other = SledStore::open(&dir.path().join("db2"), &kek).unwrap();
+        let log2 = AuditLog::open(&other).unwrap();
+        for _ in 0..5 {
+            log2.append(&other, 1, ev("rewritten")).unwrap();
+        }
+        assert!(verify(&other, None).unwrap().ok);
+        let why = check_anchor(&other, None, &anchor).unwrap().unwrap_err();
+        assert!(why.contains("rewritten"), "{why}");
+        // A store three entries behind the anchor (its tail deleted, or an older backup).
+        let short = SledStore::open(&dir.path().join("db3"), &kek).unwrap();
+        let log3 = AuditLog::open(&short).unwrap();
+        for _ in 0..2 {
+            log3.append(&short, 1, ev("decision")).unwrap();
+        }
+        let why = check_anchor(&short, None, &anchor).unwrap().unwrap_err();
+        assert!(
+            why.contains("ends at entry 2") && why.contains("3..=5"),
+            "{why}"
+        );
+    }
 
     #[test]
     fn an_untouched_chain_of_100k_entries_verifies_and_resumes() {

@@ -1,6 +1,8 @@
 //! Keeping the store bounded: audit archival (ended tasks are purged by the reaper, see
 //! `Expiring::Purge`). Archival moves the oldest audit entries into segment files a whole segment
-//! at a time, with a checkpoint in the store that the rest of the chain continues from.
+//! at a time, with a checkpoint in the store that the rest of the chain continues from. The
+//! chain's head is anchored outside the store (logs, metrics, an anchor file), so a deleted tail,
+//! a recomputed chain or a restore from an older backup shows.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,11 +12,143 @@ use tokio::sync::watch;
 use super::Broker;
 use crate::audit::{Event, archive};
 use crate::error::{Error, Result};
+use crate::model::SpiffeId;
 
 /// How often the archiver looks at the size of the audit chain in the store.
 const ARCHIVE_EVERY: Duration = Duration::from_secs(5);
 
+/// What the anchor file holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct AnchorFile {
+    #[serde(flatten)]
+    anchor: crate::audit::Anchor,
+    time: crate::model::UnixMillis,
+    blocked: Vec<String>,
+}
+
+/// How often the chain's head is logged (and written to the anchor file) when it moved.
+const ANCHOR_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Broker {
+    /// The audit chain's head.
+    pub fn audit_head(&self) -> crate::audit::Anchor {
+        self.audit.head()
+    }
+
+    /// Logs the chain's head (`event = "audit_anchor"`) and writes it to `file`, when it moved
+    /// since `last`. Log shippers and the file keep it where a writer of the data volume
+    /// cannot reach.
+    pub fn anchor_audit(&self, file: Option<&std::path::Path>, last: &mut u64) {
+        let head = self.audit.head();
+        if head.seq == *last {
+            return;
+        }
+        *last = head.seq;
+        tracing::info!(event = "audit_anchor", anchor = %head, "audit chain head");
+        let Some(file) = file else { return };
+        let mut blocked: Vec<String> = self
+            .blocked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|b| b.to_string())
+            .collect();
+        blocked.sort();
+        let body = AnchorFile {
+            anchor: head,
+            time: self.now(),
+            blocked,
+        };
+        let tmp = file.with_extension("tmp");
+        let written = serde_json::to_vec_pretty(&body)
+            .map_err(|e| e.to_string())
+            .and_then(|b| std::fs::write(&tmp, b).map_err(|e| e.to_string()))
+            .and_then(|()| std::fs::rename(&tmp, file).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            tracing::error!(file = %file.display(), error = %e, "cannot write the audit anchor file");
+        }
+    }
+
+    /// Anchors the chain every minute, and once more at `stop`.
+    pub async fn run_audit_anchor(
+        self: Arc<Self>,
+        file: Option<std::path::PathBuf>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut last = 0;
+        loop {
+            self.anchor_audit(file.as_deref(), &mut last);
+            tokio::select! {
+                _ = tokio::time::sleep(ANCHOR_EVERY) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// At start: compares the store with the anchor file. A store behind it (restored from an
+    /// older backup, or its audit tail deleted) is reported loudly and audited with what it
+    /// rolls back, and the identities blocked at the anchor are blocked again. Returns the
+    /// finding, if any.
+    pub async fn check_audit_anchor(&self, file: &std::path::Path) -> Result<Option<String>> {
+        let text = match std::fs::read(file) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(Error::Config(format!(
+                    "cannot read the audit anchor file {}: {e}",
+                    file.display()
+                )));
+            }
+        };
+        let a: AnchorFile = serde_json::from_slice(&text).map_err(|e| {
+            Error::Config(format!(
+                "the audit anchor file {} does not parse: {e}",
+                file.display()
+            ))
+        })?;
+        let archive = self.audit_archive.as_ref().map(|x| x.dir.clone());
+        let Err(why) =
+            crate::audit::check_anchor(self.store.as_ref(), archive.as_deref(), &a.anchor)?
+        else {
+            return Ok(None);
+        };
+        let mut reblocked = Vec::new();
+        for id in &a.blocked {
+            let Ok(id) = SpiffeId::parse("anchor file blocked", id) else {
+                continue;
+            };
+            let fresh = self
+                .blocked
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.clone());
+            if fresh {
+                self.store.set_blocked(&id, true)?;
+                reblocked.push(id.to_string());
+            }
+        }
+        let live = self.store.counts().map(|c| c.credentials).unwrap_or(0);
+        let finding = format!(
+            "the store is behind its audit anchor ({}, written at {}): {why}. Everything done \
+             after the store's own last entry is rolled back: credentials revoked since are \
+             active again ({live} credentials are active in this store: revoke what must stay \
+             revoked), tasks ended since are live again; identities blocked at the anchor and \
+             not in the store are blocked again: [{}]",
+            a.anchor,
+            a.time,
+            reblocked.join(", ")
+        );
+        tracing::error!(event = "restore_detected", "{finding}");
+        self.audit(Event {
+            kind: "restore_detected".into(),
+            reason: finding.clone(),
+            detail: format!("anchor {}", a.anchor),
+            ..Default::default()
+        })?;
+        self.store.durable().await?;
+        Ok(Some(finding))
+    }
+
     /// Archives every whole segment that is due. Returns the number of entries archived.
     pub async fn archive_audit(&self) -> Result<u64> {
         let Some(a) = self.audit_archive.clone() else {
