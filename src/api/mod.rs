@@ -24,20 +24,30 @@ pub mod pb {
         tonic::include_file_descriptor_set!("jitbroker_descriptor");
 }
 
-/// Every gRPC method the API port serves, as `/package.Service/Method`, read from the descriptor
-/// sets compiled into the binary (the broker's own services and `grpc.health.v1`). Metrics label
-/// requests by these names only.
+/// The descriptors of what the API port serves, for server reflection: the broker's own
+/// services. The SPIFFE Workload API is compiled in (the broker is its client) but not served, so
+/// its services are left out and reflection never advertises them.
+pub fn served_descriptor_set() -> prost_types::FileDescriptorSet {
+    use prost::Message;
+    // Compiled in: a set that does not decode is a build defect, and serves nothing.
+    let mut set =
+        prost_types::FileDescriptorSet::decode(pb::FILE_DESCRIPTOR_SET).unwrap_or_default();
+    for file in &mut set.file {
+        if file.package() != "jitbroker.v1" {
+            file.service.clear();
+        }
+    }
+    set
+}
+
+/// Every gRPC method the API port serves, as `/package.Service/Method`: the broker's own
+/// services and `grpc.health.v1`. Metrics label requests by these names only.
 pub fn served_methods() -> Vec<String> {
     use prost::Message;
+    let health = prost_types::FileDescriptorSet::decode(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .unwrap_or_default();
     let mut out = Vec::new();
-    for set in [
-        pb::FILE_DESCRIPTOR_SET,
-        tonic_health::pb::FILE_DESCRIPTOR_SET,
-    ] {
-        // The sets are compiled in; one that does not decode labels nothing rather than failing.
-        let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
-            continue;
-        };
+    for set in [served_descriptor_set(), health] {
         for file in set.file {
             let package = file.package();
             for service in &file.service {

@@ -483,6 +483,23 @@ mod tests {
     }
 
     #[test]
+    fn the_workload_api_is_neither_served_nor_labelled() {
+        let methods = crate::api::served_methods();
+        assert!(methods.contains(&"/jitbroker.v1.Admin/VerifyAudit".to_owned()));
+        assert!(methods.contains(&"/grpc.health.v1.Health/Check".to_owned()));
+        assert!(
+            !methods.iter().any(|m| m.contains("SpiffeWorkloadAPI")),
+            "{methods:?}"
+        );
+        let services: Vec<String> = crate::api::served_descriptor_set()
+            .file
+            .iter()
+            .flat_map(|f| f.service.iter().map(|s| s.name().to_owned()))
+            .collect();
+        assert_eq!(services, ["Broker", "Verifier", "Admin"], "{services:?}");
+    }
+
+    #[test]
     fn a_method_name_that_is_not_a_plain_grpc_name_is_never_a_label() {
         let m = Metrics::new([
             "/a.B/C\"}x".to_owned(),
