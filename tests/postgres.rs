@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -775,4 +776,204 @@ async fn least_privilege_admin_issues_and_revokes() {
     assert!(m.contains("jitbroker_revocation_debt 0"), "{m}");
     drop(c);
     r.stop().await;
+}
+
+impl Proc {
+    /// SIGKILL, now.
+    async fn kill(mut self) {
+        self.child.start_kill().unwrap();
+        let _ = self.child.wait().await;
+    }
+}
+
+/// A credential the broker acknowledged, and what the client knows about it.
+#[derive(Clone, Debug)]
+struct Acked {
+    kind: String,
+    secret: String,
+    task_id: String,
+    expires_at: i64,
+}
+
+/// One agent's load: tasks with a token and a PostgreSQL credential each, half of them completed,
+/// until the broker goes away. Returns what was acknowledged: credentials, completed task ids.
+async fn agent_load(mut c: Clients, seed: u64) -> (Vec<Acked>, Vec<String>) {
+    let (mut acked, mut completed) = (Vec::new(), Vec::new());
+    let mut x = seed | 1;
+    loop {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let Ok(t) = c
+            .broker
+            .start_task(start_req(
+                vec![grant("demo-token", "read"), grant("orders-db", "read")],
+                60,
+            ))
+            .await
+        else {
+            break;
+        };
+        let t = t.into_inner();
+        for (res, ttl) in [("demo-token", 2 + (x % 8) as u32), ("orders-db", 30)] {
+            match c
+                .broker
+                .issue_credential(issue_req(&t.task_id, res, ttl))
+                .await
+            {
+                Ok(cred) => {
+                    let cred = cred.into_inner();
+                    let exp = cred.expires_at.unwrap();
+                    acked.push(Acked {
+                        kind: cred.kind,
+                        secret: cred.secret,
+                        task_id: t.task_id.clone(),
+                        expires_at: exp.seconds * 1000 + i64::from(exp.nanos) / 1_000_000,
+                    });
+                }
+                Err(_) => return (acked, completed),
+            }
+        }
+        if x.is_multiple_of(2) {
+            match c
+                .broker
+                .complete_task(pb::CompleteTaskRequest {
+                    task_id: t.task_id.clone(),
+                })
+                .await
+            {
+                Ok(_) => completed.push(t.task_id),
+                Err(_) => break,
+            }
+        }
+    }
+    (acked, completed)
+}
+
+fn now_ms() -> i64 {
+    jitbroker::broker::SystemClock.now()
+}
+
+/// The kill loop: the broker under load from two agents, SIGKILLed at a random moment, restarted,
+/// checked: every acknowledged token credential is still active until its expiry, none whose task
+/// was completed is active again, none is active past its expiry plus one second; at the end,
+/// once the revocation queue drains, no PostgreSQL role exists that the ledger does not hold as a
+/// live credential. `JITBROKER_KILL_LOOP_KILLS` kills (5 by default; `scripts/kill-loop.sh` runs
+/// 100 and prints the figures).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_loop_under_load_keeps_every_promise() {
+    let Some(pg) = Pg::start() else { return };
+    seed(&pg).await;
+    let dir = dev_dir();
+    let _ = pg_config(dir.path(), &pg);
+    let kills: usize = std::env::var("JITBROKER_KILL_LOOP_KILLS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let started = std::time::Instant::now();
+    let (mut acked, mut completed): (Vec<Acked>, HashSet<String>) = (Vec::new(), HashSet::new());
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let (mut restarts_ms, mut checked) = (Vec::new(), 0u64);
+    for n in 0..kills {
+        let t0 = std::time::Instant::now();
+        let p = start_proc(dir.path(), None, n).await;
+        restarts_ms.push(t0.elapsed().as_millis() as u64);
+        // After each restart: every promise made before the kill holds.
+        let (_, _, bundle) = mint(dir.path(), TOOL);
+        let mut tool = {
+            let (chain, key, _) = mint(dir.path(), TOOL);
+            let ch = channel(p.addr, tls_config(&bundle, Some((&chain, &key))))
+                .await
+                .unwrap();
+            VerifierClient::new(ch)
+        };
+        for a in acked.iter().filter(|a| a.kind == "token") {
+            let now = now_ms();
+            let active = tool
+                .introspect(pb::IntrospectRequest {
+                    secret: a.secret.clone(),
+                    resource: "demo-token".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .active;
+            if completed.contains(&a.task_id) {
+                assert!(
+                    !active,
+                    "a credential of a completed task is active again: {a:?}"
+                );
+            } else if now > a.expires_at + 1000 {
+                assert!(!active, "a credential is active past its expiry: {a:?}");
+            } else if now_ms() < a.expires_at {
+                assert!(active, "an acknowledged credential was lost: {a:?}");
+            }
+            checked += 1;
+        }
+        // Load, then SIGKILL at a random moment.
+        let loads: Vec<_> = (0..2)
+            .map(|i| {
+                let dir = dir.path().to_path_buf();
+                let addr = p.addr;
+                tokio::spawn(async move {
+                    let (chain, key, bundle) = mint(&dir, if i == 0 { AGENT } else { AGENT_B });
+                    let ch = channel(addr, tls_config(&bundle, Some((&chain, &key))))
+                        .await
+                        .unwrap();
+                    let c = Clients {
+                        broker: BrokerClient::new(ch.clone()),
+                        verifier: VerifierClient::new(ch.clone()),
+                        admin: AdminClient::new(ch),
+                    };
+                    agent_load(c, 0x9e37_79b9 + i).await
+                })
+            })
+            .collect();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        tokio::time::sleep(Duration::from_millis(100 + x % 1400)).await;
+        p.kill().await;
+        for l in loads {
+            let (a, c) = l.await.unwrap();
+            acked.extend(a);
+            completed.extend(c);
+        }
+    }
+    // The queue drains on the last start; then no role is unknown to the ledger.
+    let p = start_proc(dir.path(), None, kills).await;
+    eventually("the revocation queue drains", || {
+        let ops = p.ops;
+        async move { metrics(ops).await.contains("jitbroker_revocation_debt 0\n") }
+    })
+    .await;
+    // Let the reconciler's first pass (at start) finish with the queue.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    eventually("the revocation queue drains after the reconciler", || {
+        let ops = p.ops;
+        async move { metrics(ops).await.contains("jitbroker_revocation_debt 0\n") }
+    })
+    .await;
+    p.stop().await;
+    let (live, queued) = ledger(dir.path());
+    let roles = pg.roles(PREFIX).await;
+    let orphans: Vec<&String> = roles.iter().filter(|r| !live.contains(r)).collect();
+    assert_eq!(queued, 0);
+    assert!(
+        orphans.is_empty(),
+        "roles the ledger does not know: {orphans:?}"
+    );
+    let pg_acked = acked.iter().filter(|a| a.kind == "postgres").count();
+    restarts_ms.sort();
+    eprintln!(
+        "kill loop: {kills} SIGKILLs in {:?}; {} credentials acknowledged ({pg_acked} PostgreSQL \
+         roles), {} tasks completed, {checked} token checks after restarts; restart to ready \
+         median {} ms, max {} ms; {} roles live at the end, 0 orphaned",
+        started.elapsed(),
+        acked.len(),
+        completed.len(),
+        restarts_ms[restarts_ms.len() / 2],
+        restarts_ms.last().unwrap(),
+        live.len()
+    );
 }
