@@ -795,9 +795,13 @@ struct Acked {
     expires_at: i64,
 }
 
+/// What one agent's load left: acknowledged credentials, tasks whose completion was
+/// acknowledged, and the task whose completion the kill cut off (done or not: in doubt).
+type LoadOutcome = (Vec<Acked>, Vec<String>, Option<String>);
+
 /// One agent's load: tasks with a token and a PostgreSQL credential each, half of them completed,
-/// until the broker goes away. Returns what was acknowledged: credentials, completed task ids.
-async fn agent_load(mut c: Clients, seed: u64) -> (Vec<Acked>, Vec<String>) {
+/// until the broker goes away.
+async fn agent_load(mut c: Clients, seed: u64) -> LoadOutcome {
     let (mut acked, mut completed) = (Vec::new(), Vec::new());
     let mut x = seed | 1;
     loop {
@@ -831,7 +835,7 @@ async fn agent_load(mut c: Clients, seed: u64) -> (Vec<Acked>, Vec<String>) {
                         expires_at: exp.seconds * 1000 + i64::from(exp.nanos) / 1_000_000,
                     });
                 }
-                Err(_) => return (acked, completed),
+                Err(_) => return (acked, completed, None),
             }
         }
         if x.is_multiple_of(2) {
@@ -843,11 +847,11 @@ async fn agent_load(mut c: Clients, seed: u64) -> (Vec<Acked>, Vec<String>) {
                 .await
             {
                 Ok(_) => completed.push(t.task_id),
-                Err(_) => break,
+                Err(_) => return (acked, completed, Some(t.task_id)),
             }
         }
     }
-    (acked, completed)
+    (acked, completed, None)
 }
 
 fn now_ms() -> i64 {
@@ -872,6 +876,7 @@ async fn kill_loop_under_load_keeps_every_promise() {
         .unwrap_or(5);
     let started = std::time::Instant::now();
     let (mut acked, mut completed): (Vec<Acked>, HashSet<String>) = (Vec::new(), HashSet::new());
+    let mut in_doubt: HashSet<String> = HashSet::new();
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let (mut restarts_ms, mut checked) = (Vec::new(), 0u64);
     for n in 0..kills {
@@ -898,7 +903,13 @@ async fn kill_loop_under_load_keeps_every_promise() {
                 .unwrap()
                 .into_inner()
                 .active;
-            if completed.contains(&a.task_id) {
+            if in_doubt.contains(&a.task_id) {
+                // Its completion was cut off by a kill: ended or not, never past its expiry.
+                assert!(
+                    !(active && now > a.expires_at + 1000),
+                    "a credential is active past its expiry: {a:?}"
+                );
+            } else if completed.contains(&a.task_id) {
                 assert!(
                     !active,
                     "a credential of a completed task is active again: {a:?}"
@@ -935,9 +946,10 @@ async fn kill_loop_under_load_keeps_every_promise() {
         tokio::time::sleep(Duration::from_millis(100 + x % 1400)).await;
         p.kill().await;
         for l in loads {
-            let (a, c) = l.await.unwrap();
+            let (a, c, d) = l.await.unwrap();
             acked.extend(a);
             completed.extend(c);
+            in_doubt.extend(d);
         }
     }
     // The queue drains on the last start; then no role is unknown to the ledger.
