@@ -340,6 +340,7 @@ async fn wrong_kek_fails_clearly_and_overwrites_nothing() {
     let elsewhere = tempfile::tempdir().unwrap();
     let wrong = elsewhere.path().join("wrong-kek");
     std::fs::write(&wrong, format!("{}\n", "ab".repeat(32))).unwrap();
+    std::fs::set_permissions(&wrong, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let mut bad = cfg.clone();
     bad.kek_file = wrong.clone();
     let err = match spawn(&bad, Options::default()).await {

@@ -325,6 +325,11 @@ async fn broker_on_real_spire() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::write(d.join("kek"), format!("{}\n", "5a".repeat(32))).unwrap();
+    std::fs::set_permissions(
+        d.join("kek"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     std::fs::write(
         d.join("policy.cedar"),
         "@id(\"test-agents\") permit(principal, action == Action::\"read\", resource == Resource::\"demo-token\") when { principal.path like \"/agent/*\" };",

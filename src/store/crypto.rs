@@ -34,7 +34,10 @@ impl std::fmt::Debug for Kek {
 
 impl Kek {
     /// Reads a KEK file: exactly 32 raw bytes, or 64 hex digits (surrounding white space ignored).
+    /// A file that others may read or write, or its group may write, is refused: the KEK is the
+    /// root of secrecy at rest.
     pub fn load(path: &Path) -> Result<Self> {
+        check_kek_mode(path)?;
         let raw = Zeroizing::new(std::fs::read(path).map_err(|e| {
             Error::Config(format!(
                 "cannot read the key-encryption key file {}: {e}",
@@ -52,7 +55,7 @@ impl Kek {
         } else {
             return Err(Error::Config(format!(
                 "key-encryption key file {} must hold 32 random bytes, raw or as 64 hex digits \
-                 (it holds {} bytes); create one with `openssl rand -hex 32 > {}`",
+                 (it holds {} bytes); create one with `(umask 077; openssl rand -hex 32 > {})`",
                 path.display(),
                 raw.len(),
                 path.display()
@@ -124,6 +127,31 @@ impl Kek {
         k.copy_from_slice(&plain);
         Ok(k)
     }
+}
+
+/// Refuses a KEK file readable or writable by others, or writable by its group (group read is
+/// fine: Kubernetes mounts Secrets for the pod's group).
+#[cfg(unix)]
+fn check_kek_mode(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(()); // reading it says what is wrong
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o027 != 0 {
+        return Err(Error::Config(format!(
+            "key-encryption key file {} has mode {mode:04o}: it must not be readable or writable by \
+             others, nor writable by its group; chmod 600 {} (or 640 for a group that must read it)",
+            path.display(),
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_kek_mode(_path: &Path) -> Result<()> {
+    Ok(())
 }
 
 /// Writes a file that must not exist yet, readable by its owner only.
@@ -303,12 +331,30 @@ mod tests {
             .to_string();
         assert!(err.contains(&other_path.display().to_string()), "{err}");
 
+        use std::os::unix::fs::PermissionsExt;
+        let private = |p: &Path| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        };
         let raw = dir.path().join("raw");
         std::fs::write(&raw, [9u8; 32]).unwrap();
+        private(&raw);
         Kek::load(&raw).unwrap();
         let short = dir.path().join("short");
         std::fs::write(&short, b"abc").unwrap();
+        private(&short);
         let err = Kek::load(&short).unwrap_err().to_string();
         assert!(err.contains("short") && err.contains("32"), "{err}");
+        // Readable by others, or writable by the group: refused, saying how to fix it.
+        for mode in [0o644, 0o604, 0o620] {
+            std::fs::set_permissions(&raw, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = Kek::load(&raw).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("{mode:04o}")) && err.contains("chmod 600"),
+                "{err}"
+            );
+        }
+        // Group read is how Kubernetes mounts a Secret for the pod's group.
+        std::fs::set_permissions(&raw, std::fs::Permissions::from_mode(0o440)).unwrap();
+        Kek::load(&raw).unwrap();
     }
 }
