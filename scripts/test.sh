@@ -44,10 +44,14 @@ fi
 export JITBROKER_REQUIRE_NGINX=1
 
 step "cargo test"
-cargo test --all-targets --locked
+cargo test --all-targets --locked --features failpoints
 
 step "release build (the README's run command)"
 cargo build --release --locked --bins
+if grep -q JITBROKER_FAILPOINT target/release/jitbroker; then
+  echo "the release binary holds crash points (they need the failpoints feature)" >&2
+  exit 1
+fi
 
 step "Python SDK: stubs, ruff, mypy, pytest against the release binary (scripts/test-python.sh)"
 JITBROKER_BIN="$root/target/release/jitbroker" scripts/test-python.sh
