@@ -8,7 +8,9 @@
 //! - [`cli`]: the command line (`serve`, `dev`, `dev-svid`, `check-config`, `policy`).
 //! - [`config`]: the TOML configuration, environment overrides, validation.
 //! - [`error`]: the error type and the one mapping from errors to gRPC status.
-//! - [`server`]: assembles the broker and serves the API (mTLS gRPC) and ops (HTTP) ports.
+//! - [`server`]: assembles the broker and serves the API (mTLS gRPC) and ops (HTTP) ports;
+//!   `server/limits.rs` holds the API port's limits (connections, idle connections, requests at
+//!   once, request time and size, rate per remote address).
 //! - [`api`]: the gRPC services; the only code that touches tonic and prost types.
 //! - [`identity`]: where SVIDs come from (SPIRE, files, dev CA) and how TLS uses them.
 //! - [`policy`]: Cedar policies, decided at request time.
@@ -17,8 +19,8 @@
 //! - [`gateway`]: enforcement at the point of tool use: the `[gateway]` configuration and the
 //!   routing of HTTP and MCP calls to grants; `api::ext_authz` speaks Envoy's protocol.
 //! - [`issuers`]: the credential kinds (opaque tokens, JWTs).
-//! - [`store`]: the storage trait, the sled store, sealing with AES-256-GCM.
-//! - [`audit`]: the tamper-evident hash chain of every decision and action.
+//! - [`store`]: the storage trait, the sled store, sealing with AES-256-GCM, the free-disk floor.
+//! - [`audit`]: the tamper-evident hash chain of every decision and action, and its anchors.
 //! - [`ratelimit`]: token buckets by caller and by remote address, summaries of refused
 //!   authentications; bounded whatever keys a client makes up.
 //! - [`telemetry`]: logging and metrics.
