@@ -230,6 +230,7 @@ fn fuzz_policy_text_and_input() {
                 approved: rng.below(2) == 1,
                 labels: &labels,
                 now_unix: rng.next() as i64,
+                tool_call: None,
             });
         }
     });
@@ -344,6 +345,7 @@ fn broker(dir: &Path) -> Broker {
                 actions: ["read".to_owned(), "write".to_owned()].into(),
                 verifiers: HashSet::new(),
                 max_ttl_seconds: 600,
+                inject: None,
             },
         )]
         .into(),
@@ -357,6 +359,8 @@ fn broker(dir: &Path) -> Broker {
         approval_ttl_ms: 900_000,
         ended_retention_ms: 3_600_000,
         max_delegation_depth: 2,
+        gateway: None,
+        gateway_ids: HashSet::new(),
     };
     Broker::new(
         store,

@@ -72,6 +72,7 @@ fn fixture_with(upstream: Option<Arc<dyn Upstream>>) -> Fixture {
                 actions: BTreeSet::from(["read".into()]),
                 verifiers: HashSet::new(),
                 max_ttl_seconds: 600,
+                inject: None,
             },
         );
     }
