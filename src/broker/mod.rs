@@ -1247,7 +1247,16 @@ impl Broker {
                 drop(guard);
                 self.revoke_descendants(&id, &mut out).await?;
             }
-            TaskState::Completed => return Ok(out),
+            TaskState::Completed => {
+                // A retry, perhaps after a crash between the task's end and its descendants':
+                // the cascade is run again (it ends only what is still live).
+                drop(guard);
+                self.revoke_descendants(&id, &mut out).await?;
+                if !out.ended_tasks.is_empty() {
+                    self.store.durable().await?;
+                }
+                return Ok(out);
+            }
             TaskState::Expired if task.state == TaskState::Active => {
                 // Past its expiry but not yet reaped: end it now, as expired.
                 self.end_task(

@@ -658,3 +658,50 @@ async fn no_lock_is_held_while_an_upstream_account_is_made() {
     assert_eq!(up.revoked.lock().unwrap().len(), 1);
     assert_eq!(f.broker.revocation_debt().0, 0);
 }
+
+#[tokio::test]
+async fn a_retried_complete_task_finishes_the_cascade_a_crash_cut_short() {
+    let f = fixture();
+    let a = id("spiffe://td/agent/a");
+    let b = id("spiffe://td/agent/b");
+    let parent = f.broker.start_task(&a, start(600)).await.unwrap();
+    let child = f
+        .broker
+        .delegate_task(
+            &a,
+            delegation::DelegateTask {
+                parent_task_id: parent.id.to_string(),
+                delegate_spiffe_id: b.to_string(),
+                purpose: "help".into(),
+                grants: start(0).grants,
+                ttl_seconds: 60,
+            },
+        )
+        .await
+        .unwrap();
+    // What a crash right after the parent's end leaves: the parent completed, the child live.
+    let mut ended = f.sled.get_task(&parent.id).unwrap().unwrap();
+    ended.state = TaskState::Completed;
+    ended.ended_at = Some(f.clock.now());
+    f.sled.update_task(&ended).unwrap();
+    assert!(
+        f.sled
+            .get_task(&child.id)
+            .unwrap()
+            .unwrap()
+            .is_live(f.clock.now())
+    );
+    let done = f
+        .broker
+        .complete_task(&a, parent.id.as_str())
+        .await
+        .unwrap();
+    assert_eq!(done.ended_tasks, vec![child.id.clone()]);
+    assert!(
+        !f.sled
+            .get_task(&child.id)
+            .unwrap()
+            .unwrap()
+            .is_live(f.clock.now())
+    );
+}
