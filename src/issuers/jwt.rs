@@ -26,8 +26,14 @@ const META_KEY: &str = "jwt_signing_keys";
 struct StoredKey {
     kid: String,
     created_at: UnixMillis,
-    /// Hex of the private scalar; only ever stored sealed.
+    /// Hex of the private scalar; only ever stored sealed, and wiped from memory on drop.
     d: String,
+}
+
+impl Drop for StoredKey {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.d);
+    }
 }
 
 struct Key {
@@ -68,7 +74,7 @@ impl JwtIssuer {
                         let signing = SigningKey::from_slice(&d)
                             .map_err(|_| Error::Storage("corrupt JWT key".into()))?;
                         Ok(Key {
-                            kid: k.kid,
+                            kid: k.kid.clone(),
                             created_at: k.created_at,
                             signing,
                         })
@@ -127,10 +133,13 @@ impl JwtIssuer {
         }
         let stored: Vec<StoredKey> = keep
             .iter()
-            .map(|k| StoredKey {
-                kid: k.kid.clone(),
-                created_at: k.created_at,
-                d: hex::encode(k.signing.to_bytes()),
+            .map(|k| {
+                let scalar: Zeroizing<[u8; 32]> = Zeroizing::new(k.signing.to_bytes().into());
+                StoredKey {
+                    kid: k.kid.clone(),
+                    created_at: k.created_at,
+                    d: hex::encode(&scalar[..]),
+                }
             })
             .collect();
         let text = Secret::new(serde_json::to_string(&stored).map_err(Error::internal)?);
