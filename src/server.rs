@@ -574,7 +574,11 @@ pub async fn run(
         .http2_max_header_list_size(lim.max_header_list_bytes)
         .http2_keepalive_interval(Some(Duration::from_millis(lim.keepalive_interval_ms)))
         .http2_keepalive_timeout(Some(Duration::from_millis(lim.keepalive_timeout_ms)))
-        .layer(limits::RequestLimits::new(&lim, app.metrics.clone()))
+        .layer(limits::RequestLimits::new(
+            &lim,
+            app.metrics.clone(),
+            app.broker.gateway_ids().clone(),
+        ))
         .layer(crate::telemetry::LatencyLayer(app.metrics.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -590,3 +590,56 @@ async fn delegated_tasks_and_blocked_agents() {
     assert!(a.body.contains("blocked"), "{}", a.body);
     r.stop().await;
 }
+
+/// The gateway carries many agents' calls: it is not held to one identity's request rate; each
+/// agent behind it is, as if it called the broker itself.
+#[tokio::test]
+async fn agents_behind_the_gateway_are_rate_limited_not_the_gateway() {
+    let dir = dev_dir();
+    configure(dir.path());
+    let cfg = config(dir.path(), |t| {
+        format!("{t}\n[server]\nrequests_per_identity_per_second = 2\n")
+    });
+    let clock = jitbroker::broker::ManualClock::new();
+    let r = spawn(
+        &cfg,
+        jitbroker::server::Options {
+            clock: std::sync::Arc::new(clock.clone()),
+            reaper: false,
+        },
+    )
+    .await
+    .unwrap();
+    let mut gw = authz_client(&r, GATEWAY).await;
+    let mut a = clients(&r, AGENT).await;
+    let mut b = clients(&r, AGENT_B).await;
+    let task_a = start_task(&mut a, vec![grant("tickets", "read")]).await;
+    let task_b = start_task(&mut b, vec![grant("tickets", "read")]).await;
+    let call =
+        |who: &str, task: &str| check(who, "GET", "/tickets/1", &[(TASK_HEADER, task)], None);
+    // The broker's clock stands still: no budget comes back during the burst.
+    let mut allowed = 0;
+    let mut limited = 0;
+    for _ in 0..30 {
+        let ans = answer(
+            gw.check(call(AGENT, &task_a))
+                .await
+                .expect("the gateway is never refused")
+                .into_inner(),
+        );
+        if ans.allowed {
+            allowed += 1;
+        } else if ans.body.contains("requests_per_identity_per_second") {
+            limited += 1;
+        }
+    }
+    assert!((1..30).contains(&allowed), "allowed {allowed}");
+    assert_eq!(allowed + limited, 30);
+    let other = answer(gw.check(call(AGENT_B, &task_b)).await.unwrap().into_inner());
+    assert!(
+        other.allowed,
+        "another agent keeps its own budget: {}",
+        other.body
+    );
+    r.stop().await;
+}

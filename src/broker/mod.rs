@@ -351,6 +351,10 @@ impl Broker {
     /// Takes one request from `caller`'s rate budget, or `RESOURCE_EXHAUSTED` saying when to
     /// come back.
     pub fn admit(&self, caller: &SpiffeId) -> Result<()> {
+        // A gateway asks for many agents; each of them is admitted when its call is decided.
+        if self.limits.gateway_ids.contains(caller) {
+            return Ok(());
+        }
         self.identity_rate
             .check(caller, self.now())
             .map_err(|wait_ms| {
@@ -359,6 +363,11 @@ impl Broker {
                     "{caller} is over [server] requests_per_identity_per_second; retry in {wait_ms} ms"
                 ))
             })
+    }
+
+    /// The gateways allowed to ask about tool calls (`[gateway] ids`).
+    pub fn gateway_ids(&self) -> &HashSet<SpiffeId> {
+        &self.limits.gateway_ids
     }
 
     /// Turns on audit archival.

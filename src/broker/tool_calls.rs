@@ -210,7 +210,11 @@ impl Broker {
             }
         };
         out.principal = Some(principal.clone());
-        if let Err(e) = self.check_caller(&principal) {
+        // The agent's own rate budget, as if it called the broker itself.
+        if let Err(e) = self
+            .check_caller(&principal)
+            .and_then(|()| self.admit(&principal))
+        {
             return Ok(out.deny(e.to_string()));
         }
         let routed: Routed<'_> = match gw.route(&req.call) {

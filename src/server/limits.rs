@@ -213,11 +213,20 @@ pub struct RequestLimits {
     timeout: Duration,
     max_body: usize,
     metrics: Arc<Metrics>,
+    /// Gateways (`[gateway] ids`) carry the calls of many agents from one address: the
+    /// per-address request rate would throttle all of them at once. Each agent behind a gateway
+    /// is metered by its own identity when its tool call is decided.
+    unmetered: Arc<std::collections::HashSet<crate::model::SpiffeId>>,
 }
 
 impl RequestLimits {
-    pub fn new(cfg: &ServerConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        cfg: &ServerConfig,
+        metrics: Arc<Metrics>,
+        unmetered: std::collections::HashSet<crate::model::SpiffeId>,
+    ) -> Self {
         Self {
+            unmetered: Arc::new(unmetered),
             slots: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
             remote_rate: Arc::new(RateLimiter::new(
                 cfg.requests_per_remote_per_second,
@@ -278,7 +287,12 @@ where
         let deadline = Instant::now() + timeout;
         let conn = req.extensions().get::<ConnInfo>().cloned();
         let remote = conn.as_ref().and_then(|c| c.peer.remote_addr);
+        let gateway = conn
+            .as_ref()
+            .and_then(|c| c.peer.spiffe_id.as_ref())
+            .is_some_and(|id| limits.unmetered.contains(id));
         if let Some(addr) = remote
+            && !gateway
             && let Err(wait_ms) = limits.remote_rate.check(&addr.ip(), ms_since(limits.base))
         {
             limits.metrics.rate_limited("remote");
