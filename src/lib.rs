@@ -18,7 +18,8 @@
 //!   gateways ask about are decided in `broker::tool_calls`.
 //! - [`gateway`]: enforcement at the point of tool use: the `[gateway]` configuration and the
 //!   routing of HTTP and MCP calls to grants; `api::ext_authz` speaks Envoy's protocol.
-//! - [`issuers`]: the credential kinds (opaque tokens, JWTs).
+//! - [`issuers`]: the credential kinds (opaque tokens, JWTs, X.509 certificates from per-resource
+//!   CAs, PostgreSQL roles).
 //! - [`store`]: the storage trait, the sled store, sealing with AES-256-GCM, the free-disk floor.
 //! - [`audit`]: the tamper-evident hash chain of every decision and action, and its anchors.
 //! - [`ratelimit`]: token buckets by caller and by remote address, summaries of refused

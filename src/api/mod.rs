@@ -407,10 +407,55 @@ impl pb::verifier_server::Verifier for VerifierApi {
         &self,
         request: Request<pb::GetX509AuthoritiesRequest>,
     ) -> Result<Response<pb::GetX509AuthoritiesResponse>, Status> {
-        let _who = caller(&request, &self.broker, &self.identity).await?;
-        Ok(Response::new(pb::GetX509AuthoritiesResponse {
-            pem: self.broker.x509_authorities_pem(),
-        }))
+        let who = caller(&request, &self.broker, &self.identity).await?;
+        let r = request.into_inner();
+        let pem = self
+            .broker
+            .x509_authorities_pem(&who, &r.resource)
+            .map_err(to_status)?;
+        Ok(Response::new(pb::GetX509AuthoritiesResponse { pem }))
+    }
+
+    async fn x509_status(
+        &self,
+        request: Request<pb::X509StatusRequest>,
+    ) -> Result<Response<pb::X509StatusResponse>, Status> {
+        let who = caller(&request, &self.broker, &self.identity).await?;
+        let r = request.into_inner();
+        let found = self
+            .broker
+            .x509_status(&who, &r.resource, &r.serial)
+            .map_err(to_status)?;
+        let (status, record) = match found {
+            broker::X509Status::Unknown => (pb::X509CertStatus::X509CertUnknown, None),
+            broker::X509Status::Good(r) => (pb::X509CertStatus::X509CertGood, Some(r)),
+            broker::X509Status::Revoked(r) => (pb::X509CertStatus::X509CertRevoked, Some(r)),
+            broker::X509Status::Expired(r) => (pb::X509CertStatus::X509CertExpired, Some(r)),
+        };
+        let mut out = pb::X509StatusResponse {
+            status: status as i32,
+            ..Default::default()
+        };
+        if let Some(r) = record {
+            out.credential_id = r.id.to_string();
+            out.spiffe_id = r.owner.to_string();
+            out.task_id = r.task_id.to_string();
+            out.expires_at = Some(ts(r.expires_at));
+            // A credential that ran out without being ended yet still ended at its expiry.
+            out.ended_at = match (r.ended_at, status) {
+                (Some(at), _) => Some(ts(at)),
+                (None, pb::X509CertStatus::X509CertExpired) => Some(ts(r.expires_at)),
+                (None, _) => None,
+            };
+            out.reason = match (r.end_reason, status) {
+                (Some(reason), _) => reason.as_str().to_owned(),
+                (None, pb::X509CertStatus::X509CertExpired) => "expired".to_owned(),
+                (None, _) => String::new(),
+            };
+            out.resource = r.resource;
+            out.action = r.action;
+        }
+        Ok(Response::new(out))
     }
 }
 

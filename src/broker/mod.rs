@@ -154,6 +154,17 @@ pub struct Introspection {
     pub record: CredentialRecord,
 }
 
+/// What `X509Status` says of a certificate, with the credential it belongs to.
+#[derive(Clone, Debug)]
+pub enum X509Status {
+    /// Not a certificate of this resource that the broker knows (never issued, another resource,
+    /// or its record is gone after retention): a relying party treats it as revoked.
+    Unknown,
+    Good(CredentialRecord),
+    Revoked(CredentialRecord),
+    Expired(CredentialRecord),
+}
+
 /// What `CompleteTask` ended.
 #[derive(Clone, Debug, Default)]
 pub struct Completed {
@@ -294,7 +305,13 @@ impl Broker {
         metrics: Arc<Metrics>,
         policy_file: Option<std::path::PathBuf>,
     ) -> Result<Self> {
-        let x509 = X509Issuer::load(store.as_ref(), &jwt_issuer, clock.now())?;
+        let x509_resources: Vec<&str> = limits
+            .resources
+            .iter()
+            .filter(|(_, r)| r.kind == ResourceKind::X509)
+            .map(|(name, _)| name.as_str())
+            .collect();
+        let x509 = X509Issuer::load(store.as_ref(), &jwt_issuer, &x509_resources, clock.now())?;
         let jwt = JwtIssuer::load(
             store.as_ref(),
             jwt_issuer,
@@ -1318,17 +1335,7 @@ impl Broker {
         resource: &str,
     ) -> Result<Option<Introspection>> {
         self.check_caller(caller)?;
-        config::check_name("resource", resource)?;
-        let allowed = self
-            .limits
-            .resources
-            .get(resource)
-            .is_some_and(|r| r.verifiers.contains(caller));
-        if !allowed {
-            return Err(Error::PermissionDenied(format!(
-                "{caller} is not a verifier of resource {resource}"
-            )));
-        }
+        self.require_verifier(caller, resource)?;
         if secret.is_empty() {
             return Err(Error::invalid("secret", "is required"));
         }
@@ -1355,12 +1362,81 @@ impl Broker {
         }
     }
 
-    /// `Verifier.GetJwks`.
-    /// The issuing CA of `x509` credentials (PEM).
-    pub fn x509_authorities_pem(&self) -> String {
-        self.x509.ca_pem().to_owned()
+    /// `Verifier.GetX509Authorities`: without a resource, the root that signs every resource's
+    /// issuing CA; with one, only that resource's issuing CA.
+    pub fn x509_authorities_pem(&self, caller: &SpiffeId, resource: &str) -> Result<String> {
+        self.check_caller(caller)?;
+        if resource.is_empty() {
+            return Ok(self.x509.root_pem().to_owned());
+        }
+        let spec = self.resource("resource", resource)?;
+        if spec.kind != ResourceKind::X509 {
+            return Err(Error::invalid(
+                "resource",
+                format!(
+                    "{resource} issues {} credentials, not x509",
+                    spec.kind.as_str()
+                ),
+            ));
+        }
+        self.x509
+            .resource_ca_pem(resource)
+            .map(str::to_owned)
+            .ok_or_else(|| Error::Internal(format!("no issuing CA for resource {resource}")))
     }
 
+    /// `Verifier.X509Status`: what became of the certificate with this serial number. Only
+    /// verifiers of the resource may ask; a certificate of another resource, another kind or not
+    /// made by this broker reads as unknown.
+    pub fn x509_status(
+        &self,
+        caller: &SpiffeId,
+        resource: &str,
+        serial: &str,
+    ) -> Result<X509Status> {
+        self.check_caller(caller)?;
+        self.require_verifier(caller, resource)?;
+        let Some(id) = crate::issuers::x509::credential_of_serial(serial)? else {
+            return Ok(X509Status::Unknown);
+        };
+        let Some(record) = self.store.get_credential(&id)? else {
+            return Ok(X509Status::Unknown);
+        };
+        if record.resource != resource || record.kind != ResourceKind::X509.as_str() {
+            return Ok(X509Status::Unknown);
+        }
+        let now = self.now();
+        let task_live = self
+            .store
+            .get_task(&record.task_id)?
+            .is_some_and(|t| t.is_live(now));
+        Ok(if record.is_live(now) && task_live {
+            X509Status::Good(record)
+        } else if record.state == CredentialState::Revoked {
+            X509Status::Revoked(record)
+        } else {
+            X509Status::Expired(record)
+        })
+    }
+
+    /// Refuses callers that are not configured as verifiers of `resource`.
+    fn require_verifier(&self, caller: &SpiffeId, resource: &str) -> Result<()> {
+        config::check_name("resource", resource)?;
+        let allowed = self
+            .limits
+            .resources
+            .get(resource)
+            .is_some_and(|r| r.verifiers.contains(caller));
+        if allowed {
+            Ok(())
+        } else {
+            Err(Error::PermissionDenied(format!(
+                "{caller} is not a verifier of resource {resource}"
+            )))
+        }
+    }
+
+    /// `Verifier.GetJwks`.
     pub fn jwks_json(&self) -> String {
         self.jwt.jwks_json()
     }
