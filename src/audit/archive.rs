@@ -11,7 +11,7 @@
 //! the next step deletes. Verification walks the segments up to the checkpoint and continues in
 //! the store from it, so an edited, removed or reordered archived entry is still detected.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -20,6 +20,10 @@ use sha2::{Digest, Sha256};
 use super::{Chain, GENESIS, parse_hash};
 use crate::error::{Error, Result};
 use crate::store::Store;
+
+/// The longest line a segment may hold: entries are far shorter (their fields are bounded), so a
+/// longer one is damage, and reading stops there instead of taking the whole file into memory.
+pub const MAX_ENTRY_BYTES: usize = 1 << 20;
 
 /// Key of the checkpoint in the store's `meta` tree.
 pub const CHECKPOINT_KEY: &str = "audit/checkpoint";
@@ -39,13 +43,19 @@ pub struct Checkpoint {
 
 /// The store's checkpoint, if anything was ever archived.
 pub fn checkpoint(store: &dyn Store) -> Result<Option<Checkpoint>> {
-    store
-        .meta_get(CHECKPOINT_KEY)?
-        .map(|b| {
-            serde_json::from_slice(&b)
-                .map_err(|e| Error::Storage(format!("corrupt audit checkpoint: {e}")))
-        })
-        .transpose()
+    let Some(bytes) = store.meta_get(CHECKPOINT_KEY)? else {
+        return Ok(None);
+    };
+    let cp: Checkpoint = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Storage(format!("corrupt audit checkpoint: {e}")))?;
+    // Sequence numbers start at 1, and the entry after the checkpoint must have one.
+    if cp.seq == 0 || cp.seq == u64::MAX {
+        return Err(Error::Storage(format!(
+            "corrupt audit checkpoint: sequence number {} is impossible",
+            cp.seq
+        )));
+    }
+    Ok(Some(cp))
 }
 
 pub fn put_checkpoint(store: &dyn Store, cp: &Checkpoint) -> Result<()> {
@@ -59,10 +69,14 @@ pub fn segment_name(first: u64, last: u64) -> String {
     format!("audit-{first:020}-{last:020}.jsonl")
 }
 
+/// The bounds a segment's name gives, if it is a segment's name: sequence numbers start at 1, and a
+/// segment's last is not before its first (a file named otherwise is not one of ours; the chain
+/// check then finds its entries missing).
 fn parse_segment_name(name: &str) -> Option<(u64, u64)> {
     let rest = name.strip_prefix("audit-")?.strip_suffix(".jsonl")?;
     let (a, b) = rest.split_once('-')?;
-    Some((a.parse().ok()?, b.parse().ok()?))
+    let (first, last): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
+    (1 <= first && first <= last).then_some((first, last))
 }
 
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
@@ -106,14 +120,26 @@ pub fn walk(
         let mut lines = 0u64;
         loop {
             line.clear();
-            let n = reader.read_until(b'\n', &mut line).map_err(|e| {
-                (
-                    first + lines,
-                    format!("cannot read {}: {e}", path.display()),
-                )
-            })?;
+            let n = (&mut reader)
+                .take(MAX_ENTRY_BYTES as u64 + 1)
+                .read_until(b'\n', &mut line)
+                .map_err(|e| {
+                    (
+                        first.saturating_add(lines),
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
             if n == 0 {
                 break;
+            }
+            if line.len() > MAX_ENTRY_BYTES {
+                return Err((
+                    first.saturating_add(lines),
+                    format!(
+                        "segment {} holds a line longer than {MAX_ENTRY_BYTES} bytes; entries                          are at most that",
+                        path.display()
+                    ),
+                ));
             }
             sha.update(&line);
             let body = line.strip_suffix(b"\n").unwrap_or(&line);
@@ -122,7 +148,7 @@ pub fn walk(
         }
         if lines != last - first + 1 {
             return Err((
-                first + lines,
+                first.saturating_add(lines),
                 format!(
                     "segment {} holds {lines} entries, its name says {}",
                     path.display(),
@@ -296,5 +322,34 @@ mod tests {
         let (first, prev) = head_of(Some(&cp2)).unwrap();
         let err = write_segment(&store, &archive, first, 28, prev).unwrap_err();
         assert!(err.to_string().contains("broken at entry 27"), "{err}");
+    }
+
+    #[test]
+    fn impossible_segment_names_and_checkpoints_are_refused_without_panicking() {
+        // Found by the fuzz smoke: bounds from a file name were trusted in arithmetic.
+        assert_eq!(parse_segment_name(&segment_name(1, 10)), Some((1, 10)));
+        for (first, last) in [(5, 2), (0, u64::MAX), (0, 0)] {
+            assert_eq!(parse_segment_name(&segment_name(first, last)), None);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let kek = Kek::create(&dir.path().join("kek")).unwrap();
+        let store = SledStore::open(&dir.path().join("db"), &kek).unwrap();
+        let archive = dir.path().join("archive");
+        std::fs::create_dir_all(&archive).unwrap();
+        let name = segment_name(1, u64::MAX);
+        std::fs::write(archive.join(&name), b"{}\n").unwrap();
+        let mut cp = Checkpoint {
+            seq: u64::MAX - 1,
+            hash: hex::encode(GENESIS),
+            segment: name,
+            segment_sha256: String::new(),
+        };
+        put_checkpoint(&store, &cp).unwrap();
+        let v = verify(&store, Some(&archive)).unwrap();
+        assert!(!v.ok && v.first_bad_seq == 1, "{v:?}");
+        cp.seq = u64::MAX;
+        put_checkpoint(&store, &cp).unwrap();
+        let e = verify(&store, Some(&archive)).unwrap_err().to_string();
+        assert!(e.contains("checkpoint") && e.contains("impossible"), "{e}");
     }
 }

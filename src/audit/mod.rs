@@ -113,7 +113,10 @@ impl AuditLog {
                     .map_err(|e| Error::Storage(format!("corrupt last audit entry: {e}")))?;
                 let h = parse_hash(&e.hash)
                     .ok_or_else(|| Error::Storage("corrupt last audit entry hash".into()))?;
-                (e.seq + 1, h)
+                let next = e.seq.checked_add(1).ok_or_else(|| {
+                    Error::Storage(format!("corrupt last audit entry: sequence {}", e.seq))
+                })?;
+                (next, h)
             }
             None => (1, GENESIS),
         };
