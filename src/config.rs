@@ -507,6 +507,20 @@ pub const MAX_NAME_LEN: usize = 128;
 
 /// Resource and action names: printable, no white space or quotes, so they are safe in Cedar
 /// entity ids, metrics labels and log lines.
+/// The largest configuration text accepted: far above any real one, and a bound on what a parse
+/// of a wrong file (a log, a binary) may allocate.
+pub const MAX_CONFIG_BYTES: usize = 1 << 20;
+
+/// Refuses a text of `len` bytes over `max`, naming where it came from and what it should be.
+pub fn check_text_size(origin: &str, what: &str, len: usize, max: usize) -> Result<()> {
+    if len > max {
+        return Err(Error::Config(format!(
+            "{origin}: is {len} bytes; a {what} holds at most {max}: is this the right file?"
+        )));
+    }
+    Ok(())
+}
+
 pub fn check_name(field: &str, s: &str) -> Result<()> {
     if s.is_empty() {
         return Err(Error::invalid(field, "is required"));
@@ -550,6 +564,7 @@ impl Config {
         origin: &str,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self> {
+        check_text_size(origin, "configuration", text.len(), MAX_CONFIG_BYTES)?;
         let mut cfg: Config = toml::from_str(text)
             .map_err(|e| Error::Config(format!("{origin}: {}", e.to_string().trim_end())))?;
         cfg.apply_env(env)?;

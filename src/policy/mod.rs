@@ -170,6 +170,10 @@ impl Loaded {
     }
 }
 
+/// The largest policy text accepted (thousands of policies fit): a bound on what Cedar's parser
+/// and validator may be asked to chew through.
+pub const MAX_POLICY_BYTES: usize = 4 << 20;
+
 /// The policy set currently serving; replaced whole on a good reload, kept on a bad one.
 pub struct PolicyEngine {
     loaded: RwLock<Arc<Loaded>>,
@@ -461,6 +465,12 @@ fn load(
     text: &str,
     origin: &str,
 ) -> Result<Loaded> {
+    crate::config::check_text_size(
+        &format!("policy {origin}"),
+        "policy text",
+        text.len(),
+        MAX_POLICY_BYTES,
+    )?;
     let bad = |m: String| Error::Config(format!("policy {origin}: {m}"));
     let (schema, _warnings) = Schema::from_cedarschema_str(&schema_text(actions, tool_args))
         .map_err(|e| Error::Internal(format!("generated Cedar schema is invalid: {e}")))?;

@@ -190,8 +190,17 @@ impl fmt::Display for CaseReport {
     }
 }
 
+/// The largest file of policy test cases accepted.
+pub const MAX_CASES_BYTES: usize = 4 << 20;
+
 /// Runs every case of `cases_toml` (named `origin` in errors) against `engine`.
 pub fn run_cases(engine: &PolicyEngine, cases_toml: &str, origin: &str) -> Result<CaseReport> {
+    crate::config::check_text_size(
+        origin,
+        "policy test file",
+        cases_toml.len(),
+        MAX_CASES_BYTES,
+    )?;
     let file: CaseFile = toml::from_str(cases_toml)
         .map_err(|e| Error::Config(format!("{origin}: {}", e.to_string().trim_end())))?;
     if file.case.is_empty() {

@@ -19,6 +19,10 @@ use crate::error::{Error, Result};
 const SEALED_VERSION: u8 = 1;
 const NONCE_LEN: usize = 12;
 const HEADER_LEN: usize = 1 + 4 + NONCE_LEN;
+const TAG_LEN: usize = 16;
+/// The largest plaintext sealed or opened: every sealed record (a secret, a CA key, a wrapped
+/// key) is far smaller, so a larger value is damage, not data.
+pub const MAX_SEALED_PLAINTEXT: usize = 1 << 20;
 
 /// The key-encryption key, as read from its file.
 pub struct Kek {
@@ -194,12 +198,25 @@ impl Sealer {
 
     /// Seals `plain` for the record `key` of `tree`.
     pub fn seal(&self, tree: &str, key: &[u8], plain: &[u8]) -> Result<Vec<u8>> {
+        if plain.len() > MAX_SEALED_PLAINTEXT {
+            return Err(Error::Crypto(format!(
+                "value for {tree} is {} bytes; at most {MAX_SEALED_PLAINTEXT} are sealed",
+                plain.len()
+            )));
+        }
         let aad = aad(tree, key);
         seal_raw(&self.current.1, self.current.0, &aad, plain)
     }
 
     pub fn open(&self, tree: &str, key: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
         let aad = aad(tree, key);
+        if sealed.len() > HEADER_LEN + MAX_SEALED_PLAINTEXT + TAG_LEN {
+            return Err(Error::Crypto(format!(
+                "sealed value in {tree} is {} bytes; at most {} are ever written",
+                sealed.len(),
+                HEADER_LEN + MAX_SEALED_PLAINTEXT + TAG_LEN
+            )));
+        }
         if sealed.len() < HEADER_LEN || sealed[0] != SEALED_VERSION {
             return Err(Error::Crypto(format!(
                 "sealed value in {tree} is malformed"
