@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bjitbroker/v1/verifier.proto\x12\x0cjitbroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"5\n\x11IntrospectRequest\x12\x0e\n\x06secret\x18\x01 \x01(\t\x12\x10\n\x08resource\x18\x02 \x01(\t\"\xcb\x01\n\x12IntrospectResponse\x12\x0e\n\x06\x61\x63tive\x18\x01 \x01(\x08\x12\x15\n\rcredential_id\x18\x02 \x01(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x10\n\x08resource\x18\x05 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x06 \x01(\t\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x64\x65legation_chain\x18\x08 \x03(\t\"\x10\n\x0eGetJwksRequest\"$\n\x0fGetJwksResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t\"\x1b\n\x19GetX509AuthoritiesRequest\")\n\x1aGetX509AuthoritiesResponse\x12\x0b\n\x03pem\x18\x01 \x01(\t2\x8c\x02\n\x08Verifier\x12O\n\nIntrospect\x12\x1f.jitbroker.v1.IntrospectRequest\x1a .jitbroker.v1.IntrospectResponse\x12\x46\n\x07GetJwks\x12\x1c.jitbroker.v1.GetJwksRequest\x1a\x1d.jitbroker.v1.GetJwksResponse\x12g\n\x12GetX509Authorities\x12\'.jitbroker.v1.GetX509AuthoritiesRequest\x1a(.jitbroker.v1.GetX509AuthoritiesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bjitbroker/v1/verifier.proto\x12\x0cjitbroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"5\n\x11IntrospectRequest\x12\x0e\n\x06secret\x18\x01 \x01(\t\x12\x10\n\x08resource\x18\x02 \x01(\t\"\xcb\x01\n\x12IntrospectResponse\x12\x0e\n\x06\x61\x63tive\x18\x01 \x01(\x08\x12\x15\n\rcredential_id\x18\x02 \x01(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x10\n\x08resource\x18\x05 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x06 \x01(\t\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x64\x65legation_chain\x18\x08 \x03(\t\"\x10\n\x0eGetJwksRequest\"$\n\x0fGetJwksResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t\"-\n\x19GetX509AuthoritiesRequest\x12\x10\n\x08resource\x18\x01 \x01(\t\")\n\x1aGetX509AuthoritiesResponse\x12\x0b\n\x03pem\x18\x01 \x01(\t\"5\n\x11X509StatusRequest\x12\x10\n\x08resource\x18\x01 \x01(\t\x12\x0e\n\x06serial\x18\x02 \x01(\t\"\x8d\x02\n\x12X509StatusResponse\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.jitbroker.v1.X509CertStatus\x12\x15\n\rcredential_id\x18\x02 \x01(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x10\n\x08resource\x18\x05 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x06 \x01(\t\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\t \x01(\t*\x8b\x01\n\x0eX509CertStatus\x12 \n\x1cX509_CERT_STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0eX509_CERT_GOOD\x10\x01\x12\x15\n\x11X509_CERT_REVOKED\x10\x02\x12\x15\n\x11X509_CERT_EXPIRED\x10\x03\x12\x15\n\x11X509_CERT_UNKNOWN\x10\x04\x32\xdd\x02\n\x08Verifier\x12O\n\nIntrospect\x12\x1f.jitbroker.v1.IntrospectRequest\x1a .jitbroker.v1.IntrospectResponse\x12\x46\n\x07GetJwks\x12\x1c.jitbroker.v1.GetJwksRequest\x1a\x1d.jitbroker.v1.GetJwksResponse\x12g\n\x12GetX509Authorities\x12\'.jitbroker.v1.GetX509AuthoritiesRequest\x1a(.jitbroker.v1.GetX509AuthoritiesResponse\x12O\n\nX509Status\x12\x1f.jitbroker.v1.X509StatusRequest\x1a .jitbroker.v1.X509StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jitbroker.v1.verifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_X509CERTSTATUS']._serialized_start=813
+  _globals['_X509CERTSTATUS']._serialized_end=952
   _globals['_INTROSPECTREQUEST']._serialized_start=78
   _globals['_INTROSPECTREQUEST']._serialized_end=131
   _globals['_INTROSPECTRESPONSE']._serialized_start=134
@@ -41,9 +43,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETJWKSRESPONSE']._serialized_start=357
   _globals['_GETJWKSRESPONSE']._serialized_end=393
   _globals['_GETX509AUTHORITIESREQUEST']._serialized_start=395
-  _globals['_GETX509AUTHORITIESREQUEST']._serialized_end=422
-  _globals['_GETX509AUTHORITIESRESPONSE']._serialized_start=424
-  _globals['_GETX509AUTHORITIESRESPONSE']._serialized_end=465
-  _globals['_VERIFIER']._serialized_start=468
-  _globals['_VERIFIER']._serialized_end=736
+  _globals['_GETX509AUTHORITIESREQUEST']._serialized_end=440
+  _globals['_GETX509AUTHORITIESRESPONSE']._serialized_start=442
+  _globals['_GETX509AUTHORITIESRESPONSE']._serialized_end=483
+  _globals['_X509STATUSREQUEST']._serialized_start=485
+  _globals['_X509STATUSREQUEST']._serialized_end=538
+  _globals['_X509STATUSRESPONSE']._serialized_start=541
+  _globals['_X509STATUSRESPONSE']._serialized_end=810
+  _globals['_VERIFIER']._serialized_start=955
+  _globals['_VERIFIER']._serialized_end=1304
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +19,35 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _X509CertStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _X509CertStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_X509CertStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    X509_CERT_STATUS_UNSPECIFIED: _X509CertStatus.ValueType  # 0
+    X509_CERT_GOOD: _X509CertStatus.ValueType  # 1
+    """Issued for this resource and still active: not revoked, not expired, its task live."""
+    X509_CERT_REVOKED: _X509CertStatus.ValueType  # 2
+    """Revoked before its expiry (task completed or revoked, credential revoked, identity revoked)."""
+    X509_CERT_EXPIRED: _X509CertStatus.ValueType  # 3
+    """Past its expiry."""
+    X509_CERT_UNKNOWN: _X509CertStatus.ValueType  # 4
+    """Not a certificate of this resource that the broker knows; treat it as revoked."""
+
+class X509CertStatus(_X509CertStatus, metaclass=_X509CertStatusEnumTypeWrapper): ...
+
+X509_CERT_STATUS_UNSPECIFIED: X509CertStatus.ValueType  # 0
+X509_CERT_GOOD: X509CertStatus.ValueType  # 1
+"""Issued for this resource and still active: not revoked, not expired, its task live."""
+X509_CERT_REVOKED: X509CertStatus.ValueType  # 2
+"""Revoked before its expiry (task completed or revoked, credential revoked, identity revoked)."""
+X509_CERT_EXPIRED: X509CertStatus.ValueType  # 3
+"""Past its expiry."""
+X509_CERT_UNKNOWN: X509CertStatus.ValueType  # 4
+"""Not a certificate of this resource that the broker knows; treat it as revoked."""
+Global___X509CertStatus: _TypeAlias = X509CertStatus  # noqa: Y015
 
 @_typing.final
 class IntrospectRequest(_message.Message):
@@ -122,12 +152,17 @@ Global___GetJwksResponse: _TypeAlias = GetJwksResponse  # noqa: Y015
 class GetX509AuthoritiesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    resource: _builtins.str
+    """Optional: an `x509` resource, to get only its issuing CA."""
     def __init__(
         self,
+        *,
+        resource: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resource", b"resource"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -151,3 +186,78 @@ class GetX509AuthoritiesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetX509AuthoritiesResponse: _TypeAlias = GetX509AuthoritiesResponse  # noqa: Y015
+
+@_typing.final
+class X509StatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    SERIAL_FIELD_NUMBER: _builtins.int
+    resource: _builtins.str
+    serial: _builtins.str
+    """Hexadecimal, in either case, with or without `:` between octets (as `openssl x509 -serial`
+    or `-text` print it).
+    """
+    def __init__(
+        self,
+        *,
+        resource: _builtins.str = ...,
+        serial: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resource", b"resource", "serial", b"serial"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___X509StatusRequest: _TypeAlias = X509StatusRequest  # noqa: Y015
+
+@_typing.final
+class X509StatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_ID_FIELD_NUMBER: _builtins.int
+    SPIFFE_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    ENDED_AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    status: Global___X509CertStatus.ValueType
+    credential_id: _builtins.str
+    """Empty when the status is UNKNOWN."""
+    spiffe_id: _builtins.str
+    task_id: _builtins.str
+    resource: _builtins.str
+    action: _builtins.str
+    reason: _builtins.str
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def ended_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was revoked or expired, and why (`completed`, `revoked`, `admin`, `cascade`,
+        `identity-revoked`, `expired`).
+        """
+
+    def __init__(
+        self,
+        *,
+        status: Global___X509CertStatus.ValueType = ...,
+        credential_id: _builtins.str = ...,
+        spiffe_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        resource: _builtins.str = ...,
+        action: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        ended_at: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended_at", b"ended_at", "expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "credential_id", b"credential_id", "ended_at", b"ended_at", "expires_at", b"expires_at", "reason", b"reason", "resource", b"resource", "spiffe_id", b"spiffe_id", "status", b"status", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___X509StatusResponse: _TypeAlias = X509StatusResponse  # noqa: Y015

@@ -50,6 +50,11 @@ class VerifierStub(object):
                 request_serializer=jitbroker_dot_v1_dot_verifier__pb2.GetX509AuthoritiesRequest.SerializeToString,
                 response_deserializer=jitbroker_dot_v1_dot_verifier__pb2.GetX509AuthoritiesResponse.FromString,
                 _registered_method=True)
+        self.X509Status = channel.unary_unary(
+                '/jitbroker.v1.Verifier/X509Status',
+                request_serializer=jitbroker_dot_v1_dot_verifier__pb2.X509StatusRequest.SerializeToString,
+                response_deserializer=jitbroker_dot_v1_dot_verifier__pb2.X509StatusResponse.FromString,
+                _registered_method=True)
 
 
 class VerifierServicer(object):
@@ -71,7 +76,18 @@ class VerifierServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def GetX509Authorities(self, request, context):
-        """The CA certificates that sign `x509` credentials (PEM), to verify their chains.
+        """CA certificates of `x509` credentials (PEM). Without a resource: the root, which verifies every
+        resource's certificates (each credential carries its issuing CA after the leaf). With one: only
+        that resource's issuing CA; a relying party that trusts only it accepts no other resource's
+        certificates.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def X509Status(self, request, context):
+        """What became of an `x509` credential's certificate, by serial number: good, revoked, expired or
+        unknown. Only callers configured as verifiers of the resource may ask.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +110,11 @@ def add_VerifierServicer_to_server(servicer, server):
                     servicer.GetX509Authorities,
                     request_deserializer=jitbroker_dot_v1_dot_verifier__pb2.GetX509AuthoritiesRequest.FromString,
                     response_serializer=jitbroker_dot_v1_dot_verifier__pb2.GetX509AuthoritiesResponse.SerializeToString,
+            ),
+            'X509Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.X509Status,
+                    request_deserializer=jitbroker_dot_v1_dot_verifier__pb2.X509StatusRequest.FromString,
+                    response_serializer=jitbroker_dot_v1_dot_verifier__pb2.X509StatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +199,33 @@ class Verifier(object):
             '/jitbroker.v1.Verifier/GetX509Authorities',
             jitbroker_dot_v1_dot_verifier__pb2.GetX509AuthoritiesRequest.SerializeToString,
             jitbroker_dot_v1_dot_verifier__pb2.GetX509AuthoritiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def X509Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jitbroker.v1.Verifier/X509Status',
+            jitbroker_dot_v1_dot_verifier__pb2.X509StatusRequest.SerializeToString,
+            jitbroker_dot_v1_dot_verifier__pb2.X509StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,7 +38,15 @@ class VerifierStub:
     GetJwks: _grpc.UnaryUnaryMultiCallable[_verifier_pb2.GetJwksRequest, _verifier_pb2.GetJwksResponse]
     """Public keys of the JWT issuer, as a JSON Web Key Set."""
     GetX509Authorities: _grpc.UnaryUnaryMultiCallable[_verifier_pb2.GetX509AuthoritiesRequest, _verifier_pb2.GetX509AuthoritiesResponse]
-    """The CA certificates that sign `x509` credentials (PEM), to verify their chains."""
+    """CA certificates of `x509` credentials (PEM). Without a resource: the root, which verifies every
+    resource's certificates (each credential carries its issuing CA after the leaf). With one: only
+    that resource's issuing CA; a relying party that trusts only it accepts no other resource's
+    certificates.
+    """
+    X509Status: _grpc.UnaryUnaryMultiCallable[_verifier_pb2.X509StatusRequest, _verifier_pb2.X509StatusResponse]
+    """What became of an `x509` credential's certificate, by serial number: good, revoked, expired or
+    unknown. Only callers configured as verifiers of the resource may ask.
+    """
 
 @_typing.type_check_only
 class VerifierAsyncStub(VerifierStub):
@@ -50,7 +58,15 @@ class VerifierAsyncStub(VerifierStub):
     GetJwks: _aio.UnaryUnaryMultiCallable[_verifier_pb2.GetJwksRequest, _verifier_pb2.GetJwksResponse]  # type: ignore[assignment]
     """Public keys of the JWT issuer, as a JSON Web Key Set."""
     GetX509Authorities: _aio.UnaryUnaryMultiCallable[_verifier_pb2.GetX509AuthoritiesRequest, _verifier_pb2.GetX509AuthoritiesResponse]  # type: ignore[assignment]
-    """The CA certificates that sign `x509` credentials (PEM), to verify their chains."""
+    """CA certificates of `x509` credentials (PEM). Without a resource: the root, which verifies every
+    resource's certificates (each credential carries its issuing CA after the leaf). With one: only
+    that resource's issuing CA; a relying party that trusts only it accepts no other resource's
+    certificates.
+    """
+    X509Status: _aio.UnaryUnaryMultiCallable[_verifier_pb2.X509StatusRequest, _verifier_pb2.X509StatusResponse]  # type: ignore[assignment]
+    """What became of an `x509` credential's certificate, by serial number: good, revoked, expired or
+    unknown. Only callers configured as verifiers of the resource may ask.
+    """
 
 class VerifierServicer(metaclass=_abc_1.ABCMeta):
     """Verifier is called by resource servers and tools that receive credentials from agents."""
@@ -77,6 +93,20 @@ class VerifierServicer(metaclass=_abc_1.ABCMeta):
         request: _verifier_pb2.GetX509AuthoritiesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_verifier_pb2.GetX509AuthoritiesResponse, _abc.Awaitable[_verifier_pb2.GetX509AuthoritiesResponse]]:
-        """The CA certificates that sign `x509` credentials (PEM), to verify their chains."""
+        """CA certificates of `x509` credentials (PEM). Without a resource: the root, which verifies every
+        resource's certificates (each credential carries its issuing CA after the leaf). With one: only
+        that resource's issuing CA; a relying party that trusts only it accepts no other resource's
+        certificates.
+        """
+
+    @_abc_1.abstractmethod
+    def X509Status(
+        self,
+        request: _verifier_pb2.X509StatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_verifier_pb2.X509StatusResponse, _abc.Awaitable[_verifier_pb2.X509StatusResponse]]:
+        """What became of an `x509` credential's certificate, by serial number: good, revoked, expired or
+        unknown. Only callers configured as verifiers of the resource may ask.
+        """
 
 def add_VerifierServicer_to_server(servicer: VerifierServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
