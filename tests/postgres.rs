@@ -997,3 +997,60 @@ async fn kill_loop_under_load_keeps_every_promise() {
         live.len()
     );
 }
+
+/// A caller that goes away mid-issuance (its process killed, its deadline passed) does not cut
+/// the issuance between its steps: the credential is recorded with its role, counted, and
+/// revoked with its task. Cut, it left a role the ledger held as `Creating` until a restart (the
+/// kill loop found it, killing its load generator).
+#[tokio::test]
+async fn an_issuance_the_caller_abandons_completes_and_ends_with_its_task() {
+    let Some(pg) = Pg::start() else { return };
+    seed(&pg).await;
+    let dir = dev_dir();
+    pg_config(dir.path(), &pg);
+    // Creation takes a second and a half: long after the caller has gone.
+    let text = std::fs::read_to_string(dir.path().join("jitbroker.toml"))
+        .unwrap()
+        .replace(
+            "statements = [\"GRANT SELECT ON orders TO {role}\"]",
+            "statements = [\"GRANT SELECT ON orders TO {role}\", \"SELECT pg_sleep(1.5) WHERE '{role}' <> ''\"]",
+        );
+    let cfg = jitbroker::config::Config::from_toml(&text, "test", |_| None).unwrap();
+    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let mut c = clients(&r, AGENT).await;
+    let task = orders_task(&mut c.broker).await;
+    let mut req = tonic::Request::new(pg_issue(&task.task_id, 300));
+    req.set_timeout(Duration::from_millis(300));
+    let e = c.broker.issue_credential(req).await.unwrap_err();
+    // The client gives up (its own timer) and resets the stream.
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+        ),
+        "{e:?}"
+    );
+    eventually("the abandoned issuance is recorded", || async {
+        metrics(r.ops_addr)
+            .await
+            .contains("jitbroker_credentials_issued_total{kind=\"postgres\"} 1")
+    })
+    .await;
+    assert_eq!(pg.roles(PREFIX).await.len(), 1);
+    // It belongs to the task like any other: completing the task revokes it and drops its role.
+    let done = c
+        .broker
+        .complete_task(pb::CompleteTaskRequest {
+            task_id: task.task_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.revoked_credential_ids.len(), 1);
+    eventually("its role is dropped with the task", || async {
+        pg.roles(PREFIX).await.is_empty()
+    })
+    .await;
+    drop(c);
+    r.stop().await;
+}

@@ -159,6 +159,23 @@ fn bearer<T>(req: &Request<T>) -> Result<Option<&str>, String> {
     Ok(Some(token))
 }
 
+/// Runs a state-changing broker call to completion even if the caller goes away. hyper drops a
+/// handler's future when its stream is reset or its connection closes; a call cut between its
+/// steps (a PostgreSQL role committed but its credential not yet recorded, a task completed but
+/// its delegates not yet revoked) would leave what it made half-done until a restart.
+async fn to_completion<T, F>(call: F) -> Result<T, Status>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = crate::error::Result<T>> + Send + 'static,
+{
+    match tokio::spawn(call).await {
+        Ok(r) => r.map_err(to_status),
+        Err(e) => Err(to_status(crate::error::Error::Internal(format!(
+            "the call did not finish: {e}"
+        )))),
+    }
+}
+
 fn decision(d: model::Decision) -> i32 {
     (match d {
         model::Decision::Allowed => pb::Decision::Allowed,
@@ -242,9 +259,9 @@ impl pb::broker_server::Broker for BrokerApi {
     ) -> Result<Response<pb::Task>, Status> {
         let who = caller(&request, &self.broker, &self.identity).await?;
         let r = request.into_inner();
-        let task = self
-            .broker
-            .start_task(
+        let b = self.broker.clone();
+        let task = to_completion(async move {
+            b.start_task(
                 &who,
                 broker::StartTask {
                     purpose: r.purpose,
@@ -255,7 +272,8 @@ impl pb::broker_server::Broker for BrokerApi {
                 },
             )
             .await
-            .map_err(to_status)?;
+        })
+        .await?;
         Ok(Response::new(task_pb(task, self.broker.now())))
     }
 
@@ -265,9 +283,9 @@ impl pb::broker_server::Broker for BrokerApi {
     ) -> Result<Response<pb::Credential>, Status> {
         let who = caller(&request, &self.broker, &self.identity).await?;
         let r = request.into_inner();
-        let issued = self
-            .broker
-            .issue_credential(
+        let b = self.broker.clone();
+        let issued = to_completion(async move {
+            b.issue_credential(
                 &who,
                 broker::IssueCredential {
                     task_id: r.task_id,
@@ -278,7 +296,8 @@ impl pb::broker_server::Broker for BrokerApi {
                 },
             )
             .await
-            .map_err(to_status)?;
+        })
+        .await?;
         Ok(Response::new(credential_pb(issued.record, &issued.secret)))
     }
 
@@ -288,11 +307,8 @@ impl pb::broker_server::Broker for BrokerApi {
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
         let who = caller(&request, &self.broker, &self.identity).await?;
         let r = request.into_inner();
-        let done = self
-            .broker
-            .complete_task(&who, &r.task_id)
-            .await
-            .map_err(to_status)?;
+        let b = self.broker.clone();
+        let done = to_completion(async move { b.complete_task(&who, &r.task_id).await }).await?;
         Ok(Response::new(pb::CompleteTaskResponse {
             revoked_credential_ids: done
                 .revoked_credentials
@@ -313,10 +329,8 @@ impl pb::broker_server::Broker for BrokerApi {
     ) -> Result<Response<pb::RevokeCredentialResponse>, Status> {
         let who = caller(&request, &self.broker, &self.identity).await?;
         let r = request.into_inner();
-        self.broker
-            .revoke_credential(&who, &r.credential_id)
-            .await
-            .map_err(to_status)?;
+        let b = self.broker.clone();
+        to_completion(async move { b.revoke_credential(&who, &r.credential_id).await }).await?;
         Ok(Response::new(pb::RevokeCredentialResponse {}))
     }
 
@@ -326,9 +340,9 @@ impl pb::broker_server::Broker for BrokerApi {
     ) -> Result<Response<pb::Task>, Status> {
         let who = caller(&request, &self.broker, &self.identity).await?;
         let r = request.into_inner();
-        let task = self
-            .broker
-            .delegate_task(
+        let b = self.broker.clone();
+        let task = to_completion(async move {
+            b.delegate_task(
                 &who,
                 broker::delegation::DelegateTask {
                     parent_task_id: r.parent_task_id,
@@ -339,7 +353,8 @@ impl pb::broker_server::Broker for BrokerApi {
                 },
             )
             .await
-            .map_err(to_status)?;
+        })
+        .await?;
         Ok(Response::new(task_pb(task, self.broker.now())))
     }
 
@@ -536,11 +551,10 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<pb::RevokeTaskResponse>, Status> {
         let who = caller(&request, &self.broker, &self.facts.identity).await?;
         let r = request.into_inner();
-        let done = self
-            .broker
-            .admin_revoke_task(&who, &r.task_id, &r.reason)
-            .await
-            .map_err(to_status)?;
+        let b = self.broker.clone();
+        let done =
+            to_completion(async move { b.admin_revoke_task(&who, &r.task_id, &r.reason).await })
+                .await?;
         Ok(Response::new(pb::RevokeTaskResponse {
             revoked_credential_ids: ids(&done.revoked_credentials),
             revoked_tasks: ids(&done.ended_tasks),
@@ -553,15 +567,16 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<pb::RevokeIdentityResponse>, Status> {
         let who = caller(&request, &self.broker, &self.facts.identity).await?;
         let r = request.into_inner();
-        let done = self
-            .broker
-            .revoke_identity(&who, &r.spiffe_id, &r.reason, r.block)
-            .await
-            .map_err(to_status)?;
+        let (b, block) = (self.broker.clone(), r.block);
+        let done = to_completion(async move {
+            b.revoke_identity(&who, &r.spiffe_id, &r.reason, r.block)
+                .await
+        })
+        .await?;
         Ok(Response::new(pb::RevokeIdentityResponse {
             revoked_credential_ids: ids(&done.revoked_credentials),
             revoked_tasks: ids(&done.ended_tasks),
-            blocked: r.block,
+            blocked: block,
         }))
     }
 
