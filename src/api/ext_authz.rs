@@ -16,7 +16,6 @@ use tonic::{Request, Response, Status};
 use super::caller;
 use crate::broker::Broker;
 use crate::broker::tool_calls::{ToolCallDenial, ToolCallRequest, ToolCallVerdict};
-use crate::error::to_status;
 use crate::gateway::HttpCall;
 
 /// The gRPC path of the check (metrics label requests by it).
@@ -72,10 +71,10 @@ impl Authorization for ExtAuthzApi {
                     .or_insert(v);
             }
         }
-        let body: Option<&[u8]> = if !http.raw_body.is_empty() {
-            Some(&http.raw_body)
+        let body: Option<Vec<u8>> = if !http.raw_body.is_empty() {
+            Some(http.raw_body)
         } else if !http.body.is_empty() {
-            Some(http.body.as_bytes())
+            Some(http.body.into_bytes())
         } else {
             None
         };
@@ -85,24 +84,29 @@ impl Authorization for ExtAuthzApi {
             .filter(|s| !s.is_empty())
             .unwrap_or(&http.id)
             .to_owned();
-        let verdict = self
-            .broker
-            .check_tool_call(
-                &gateway,
-                ToolCallRequest {
-                    principal: &principal,
-                    call: HttpCall {
-                        method: &http.method,
-                        host: &http.host,
-                        path: &http.path,
-                        headers: &headers,
-                        body,
+        // A Check may mint the credential the gateway injects: it runs to completion even if
+        // the gateway resets the stream (see `super::to_completion`).
+        let broker = self.broker.clone();
+        let (method, host, path) = (http.method, http.host, http.path);
+        let verdict = super::to_completion(async move {
+            broker
+                .check_tool_call(
+                    &gateway,
+                    ToolCallRequest {
+                        principal: &principal,
+                        call: HttpCall {
+                            method: &method,
+                            host: &host,
+                            path: &path,
+                            headers: &headers,
+                            body: body.as_deref(),
+                        },
+                        request_id: &request_id,
                     },
-                    request_id: &request_id,
-                },
-            )
-            .await
-            .map_err(to_status)?;
+                )
+                .await
+        })
+        .await?;
         Ok(Response::new(check_response(verdict)))
     }
 }
