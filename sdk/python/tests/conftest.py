@@ -69,11 +69,19 @@ permit(principal, action == Action::"accounts:export", resource == Resource::"ac
 
 EXTRA = "max_credentials_per_task = 8\n"
 
+# The rotation tests keep many calls in flight from one identity; the broker's per-identity
+# and per-address request rates (their own subject, tested with the broker) would refuse
+# them as a flood.
+SERVER = (
+    "\n[server]\nrequests_per_identity_per_second = 100000\n"
+    "requests_per_remote_per_second = 100000\n"
+)
+
 
 @pytest.fixture(scope="session")
 def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevBroker]:
     d = tmp_path_factory.mktemp("broker")
-    broker = DevBroker(data_dir=d, resources=RESOURCES, policy=POLICY, extra=EXTRA)
+    broker = DevBroker(data_dir=d, resources=RESOURCES + SERVER, policy=POLICY, extra=EXTRA)
     broker.start()
     try:
         yield broker
