@@ -39,6 +39,7 @@ start_broker() {
 # First start creates the dev directory; then add the gateway and start again.
 start_broker
 kill "$broker"; wait "$broker" 2>/dev/null || true
+jb_prepare_dev "$jb" "$work/d"
 cat >>"$work/d/jitbroker.toml" <<'EOF'
 
 [resources.tickets]

@@ -54,6 +54,7 @@ echo "== N=$agents agents, k=$k, ${secs}s per flow run, ${floor_secs}s per floor
 
 # ---- 1. jitbroker ------------------------------------------------------------------------------
 api=$(free_port); ops=$(free_port)
+jb_prepare_dev target/release/jitbroker "$work/d"
 RUST_LOG=warn target/release/jitbroker dev --data-dir "$work/d" --listen "127.0.0.1:$api" --ops-listen "127.0.0.1:$ops" >"$work/broker.log" 2>&1 &
 pid=$!
 for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$ops/readyz" >/dev/null 2>&1 && break; sleep 0.1; done

@@ -16,3 +16,21 @@ while True:
         a.close(); b.close()
 PY
 }
+
+# jb_prepare_dev JITBROKER DIR: make a dev data directory (one short start of `jitbroker dev`) whose
+# configuration lifts the per-address and per-identity request rates: a load generator is one
+# address and a few identities, and measures the broker, not its flood limits.
+jb_prepare_dev() {
+	local jb=$1 dir=$2 api ops pid
+	if [[ ! -f $dir/jitbroker.toml ]]; then
+		api=$(free_port)
+		ops=$(free_port)
+		RUST_LOG=warn "$jb" dev --data-dir "$dir" --listen "127.0.0.1:$api" --ops-listen "127.0.0.1:$ops" >/dev/null 2>&1 &
+		pid=$!
+		for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$ops/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+		kill "$pid" 2>/dev/null || true
+		wait "$pid" 2>/dev/null || true
+	fi
+	grep -q '^\[server\]' "$dir/jitbroker.toml" ||
+		printf '\n[server]\nrequests_per_remote_per_second = 1000000\nrequests_per_identity_per_second = 1000000\n' >>"$dir/jitbroker.toml"
+}
