@@ -205,6 +205,19 @@ pub async fn https(
     headers: &[(&str, &str)],
     body: &str,
 ) -> std::io::Result<HttpResponse> {
+    https_to_host(addr, tls, "tools.internal", method, path, headers, body).await
+}
+
+/// [`https`] with `host` as the `host` header.
+pub async fn https_to_host(
+    addr: SocketAddr,
+    tls: rustls::ClientConfig,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<HttpResponse> {
     // This client speaks HTTP/1.1, and says so (servers may refuse another protocol).
     let mut tls = tls;
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -214,7 +227,7 @@ pub async fn https(
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await?;
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: tools.internal\r\nconnection: close\r\ncontent-length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\ncontent-length: {}\r\n",
         body.len()
     );
     for (k, v) in headers {
