@@ -192,6 +192,21 @@ struct DecideCtx<'a> {
     approved: bool,
 }
 
+impl<'a> DecideCtx<'a> {
+    /// The context of a decision about an existing task (an issuance or a tool call), before
+    /// any approval.
+    fn for_task(task: &'a Task, requested_ttl_ms: i64) -> Self {
+        Self {
+            task: Some(task),
+            purpose: &task.purpose,
+            labels: &task.labels,
+            requested_ttl_ms,
+            chain: &task.delegation_chain,
+            approved: false,
+        }
+    }
+}
+
 pub struct Broker {
     store: Arc<dyn Store>,
     audit: AuditLog,
@@ -941,14 +956,7 @@ impl Broker {
         }
         // Policy again, now: a reload or the passing of time may have changed the answer.
         let expires_at = (now + secs_to_ms(ttl_s)).min(task.expires_at);
-        let mut ctx = DecideCtx {
-            task: Some(&task),
-            purpose: &task.purpose,
-            labels: &task.labels,
-            requested_ttl_ms: expires_at - now,
-            chain: &task.delegation_chain,
-            approved: false,
-        };
+        let mut ctx = DecideCtx::for_task(&task, expires_at - now);
         let mut v = self.decide(caller, &grant, &ctx)?;
         let mut approval = None;
         if v.decision == Decision::NeedsApproval

@@ -305,14 +305,7 @@ impl Broker {
                 .map(|m| m.arguments.clone())
                 .unwrap_or_default(),
         };
-        let mut ctx = DecideCtx {
-            task: Some(&task),
-            purpose: &task.purpose,
-            labels: &task.labels,
-            requested_ttl_ms: expires_at - now,
-            chain: &task.delegation_chain,
-            approved: false,
-        };
+        let mut ctx = DecideCtx::for_task(&task, expires_at - now);
         let mut v = self.evaluate(&principal, &grant, &ctx, Some(&tool_call));
         let mut approval = None;
         if v.decision == Decision::NeedsApproval
