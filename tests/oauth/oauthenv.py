@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import ssl
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -321,7 +320,3 @@ def oauth_broker(binary: str | None, data_dir: Path, *, issuer_path: str = "") -
         env.close()
         dev.stop()
 
-
-def run_check_config(binary: str, config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([binary, "check-config", "--config", str(config)],
-                          capture_output=True, text=True, check=False)
