@@ -57,8 +57,115 @@ pub struct Config {
     /// Tool calls decided for gateways (Envoy ext_authz); absent = no gateway may ask.
     #[serde(default)]
     pub gateway: Option<crate::gateway::GatewayConfig>,
+    /// The OAuth 2 authorization-server surface (docs/oauth.md); absent = not served.
+    #[serde(default)]
+    pub oauth: Option<OAuthConfig>,
     #[serde(default)]
     pub server: ServerConfig,
+}
+
+/// `[oauth]`: the HTTPS listener that speaks OAuth 2 (metadata, token endpoint, introspection,
+/// revocation, JWKS) for MCP servers and gateways that do not speak the gRPC API.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthConfig {
+    pub listen: SocketAddr,
+    /// The issuer identifier: `https://host[:port][/path]`, no query or fragment, no trailing
+    /// slash. Endpoints live under it; JWT credentials carry it as `iss`.
+    pub issuer: String,
+    /// Life of an access token when the request does not cap it further.
+    #[serde(default = "default_access_token_ttl")]
+    pub access_token_ttl_seconds: u64,
+    /// SPIFFE IDs that may exchange an agent's token for a downstream one (RFC 8693).
+    #[serde(default)]
+    pub token_exchange_actors: Vec<String>,
+}
+
+fn default_access_token_ttl() -> u64 {
+    300
+}
+
+impl OAuthConfig {
+    /// The issuer's path ("" or "/p"), for the RFC 8414 well-known location.
+    pub fn issuer_path(&self) -> &str {
+        let rest = self.issuer.strip_prefix("https://").unwrap_or("");
+        rest.find('/').map_or("", |i| &rest[i..])
+    }
+
+    fn validate(&self, cfg: &Config) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(format!("[oauth] {m}")));
+        let iss = &self.issuer;
+        let Some(rest) = iss.strip_prefix("https://") else {
+            return bad(format!("issuer = {iss:?} must start with https://"));
+        };
+        let host = rest.split('/').next().unwrap_or("");
+        if host.is_empty()
+            || iss.contains(['?', '#', ' ', '"', '\\'])
+            || iss.ends_with('/')
+            || iss.len() > 512
+            || !iss.is_ascii()
+        {
+            return bad(format!(
+                "issuer = {iss:?} must be https://host[:port][/path] with no query, fragment, \
+                 white space or trailing slash"
+            ));
+        }
+        if !(1..=cfg.max_ttl_seconds).contains(&self.access_token_ttl_seconds) {
+            return bad(format!(
+                "access_token_ttl_seconds = {} must be between 1 and max_ttl_seconds ({})",
+                self.access_token_ttl_seconds, cfg.max_ttl_seconds
+            ));
+        }
+        for a in &self.token_exchange_actors {
+            SpiffeId::parse("token_exchange_actors", a)
+                .map_err(|e| Error::Config(format!("[oauth] {e}")))?;
+        }
+        if cfg.identity.jwt_audience.is_none() {
+            return bad(
+                "needs identity.jwt_audience: JWT-SVID assertions are verified with the bundles it \
+                 enables"
+                    .into(),
+            );
+        }
+        if let Some(j) = &cfg.jwt_issuer
+            && j != iss
+        {
+            return bad(format!(
+                "issuer = {iss:?} differs from jwt_issuer = {j:?}: with [oauth] every JWT carries \
+                 the OAuth issuer; remove jwt_issuer or make them equal"
+            ));
+        }
+        if self.listen == cfg.listen || self.listen == cfg.ops_listen {
+            return bad(format!(
+                "listen = {} is already the API or ops address",
+                self.listen
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks an RFC 8707 resource indicator: an absolute http(s) URI without a fragment.
+pub fn check_resource_indicator(field: &str, uri: &str) -> Result<()> {
+    let ok = (uri.starts_with("https://") || uri.starts_with("http://"))
+        && uri.len() <= 512
+        && !uri.contains('#')
+        && uri.bytes().all(|b| b.is_ascii_graphic())
+        && uri
+            .split("://")
+            .nth(1)
+            .is_some_and(|r| !r.is_empty() && !r.starts_with('/'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            field,
+            format!(
+                "{} is not an absolute http(s) URI without a fragment",
+                crate::model::preview(uri)
+            ),
+        ))
+    }
 }
 
 /// `[server]`: limits of the API port. Everything here bounds what a client, authenticated or
@@ -475,6 +582,10 @@ pub struct ResourceConfig {
     /// How a gateway injects this resource's credential into the upstream request.
     #[serde(default)]
     pub inject: Option<crate::gateway::InjectConfig>,
+    /// The RFC 8707 resource indicator (a URI) that names this resource to OAuth clients; its
+    /// access tokens carry it as `aud` (docs/oauth.md).
+    #[serde(default)]
+    pub oauth_resource: Option<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -794,6 +905,30 @@ impl Config {
         if let Some(g) = &self.gateway {
             g.validate(&self.resources)?;
         }
+        let mut indicators = BTreeMap::new();
+        for (name, r) in &self.resources {
+            let Some(uri) = &r.oauth_resource else {
+                continue;
+            };
+            check_resource_indicator("oauth_resource", uri)
+                .map_err(|e| Error::Config(format!("[resources.{name}]: {e}")))?;
+            if !matches!(r.kind, ResourceKind::Jwt | ResourceKind::Token) {
+                return bad(format!(
+                    "[resources.{name}] oauth_resource: only jwt and token resources issue access \
+                     tokens (this one is {})",
+                    r.kind.as_str()
+                ));
+            }
+            if let Some(other) = indicators.insert(uri.clone(), name.clone()) {
+                return bad(format!(
+                    "[resources.{name}] oauth_resource {uri:?} is also the indicator of resource \
+                     {other}"
+                ));
+            }
+        }
+        if let Some(o) = &self.oauth {
+            o.validate(self)?;
+        }
         let rt = &self.retention;
         if rt.ended_records_seconds == 0
             || rt.ended_records_seconds > 366 * 86_400
@@ -896,8 +1031,10 @@ impl Config {
 
     /// The JWT `iss` claim.
     pub fn jwt_issuer(&self) -> String {
-        self.jwt_issuer
-            .clone()
+        self.oauth
+            .as_ref()
+            .map(|o| o.issuer.clone())
+            .or_else(|| self.jwt_issuer.clone())
             .unwrap_or_else(|| format!("spiffe://{}/jitbroker", self.identity.trust_domain))
     }
 

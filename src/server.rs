@@ -67,6 +67,8 @@ pub struct App {
     pub forward_auth: Option<TcpListener>,
     /// Largest body read for MCP routing (`[gateway] max_body_bytes`).
     pub forward_auth_max_body: usize,
+    /// The OAuth listener (`[oauth] listen`) and its issuer, bound by [`App::build`].
+    pub oauth: Option<(TcpListener, String)>,
     /// The API port's limits.
     pub limits: ServerConfig,
     /// Where the audit chain's head is anchored besides the logs (`[retention]`).
@@ -272,6 +274,15 @@ impl App {
             })?),
             None => None,
         };
+        let oauth = match &cfg.oauth {
+            Some(o) => Some((
+                TcpListener::bind(o.listen).await.map_err(|e| {
+                    Error::Config(format!("cannot listen on {} (oauth.listen): {e}", o.listen))
+                })?,
+                o.issuer.clone(),
+            )),
+            None => None,
+        };
         Ok(Self {
             broker,
             identity,
@@ -279,6 +290,7 @@ impl App {
             facts,
             options,
             forward_auth,
+            oauth,
             forward_auth_max_body: cfg.gateway.as_ref().map_or(0, |g| g.max_body_bytes),
             limits: {
                 // A gateway's check carries the request body it asks about: room for
@@ -557,6 +569,25 @@ pub async fn run(
         }
         None => None,
     };
+    let oauth = match app.oauth {
+        Some((listener, issuer)) => {
+            // The broker's SVID as server certificate; a client certificate is optional (OAuth
+            // clients may authenticate with a JWT-SVID instead) but verified when presented.
+            let mut tls = (*tls_config).clone();
+            tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Some(tokio::spawn(serve_oauth(
+                listener,
+                TlsAcceptor::from(Arc::new(tls)),
+                crate::api::oauth::OAuthService {
+                    broker: app.broker.clone(),
+                    identity: app.identity.clone(),
+                    issuer,
+                },
+                stop_rx.clone(),
+            )))
+        }
+        None => None,
+    };
     let ops_task = tokio::spawn(serve_ops(
         ops,
         app.broker.clone(),
@@ -617,6 +648,9 @@ pub async fn run(
     let _ = ops_task.await;
     if let Some(f) = forward_auth {
         let _ = f.await;
+    }
+    if let Some(o) = oauth {
+        let _ = o.await;
     }
     let _ = watcher.await;
     // Requests in progress get up to their timeout to finish; a connection that keeps a stream
@@ -701,6 +735,75 @@ async fn serve_forward_auth(
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HANDSHAKE_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+            }
+        });
+    }
+}
+
+/// The OAuth listener: TLS handshakes with a timeout (the client certificate is optional and
+/// verified when presented), each connection served as HTTP/1.1 until `stop`.
+async fn serve_oauth(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    service: crate::api::oauth::OAuthService,
+    mut stop: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(FORWARD_AUTH_CONNECTIONS));
+    let service = Arc::new(service);
+    loop {
+        let (tcp, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "OAuth accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(remote = %remote, "OAuth connection refused: {FORWARD_AUTH_CONNECTIONS} already open");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, service, mut stop) = (acceptor.clone(), service.clone(), stop.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    service.broker.auth_failed(
+                        &remote.ip().to_string(),
+                        &format!("OAuth TLS handshake: {e}"),
+                    );
+                    return;
+                }
+                Err(_) => return,
+            };
+            let leaf = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.as_ref().to_vec());
+            let peer = Arc::new(crate::api::oauth::Peer::new(remote, leaf.as_deref()));
+            let svc = hyper::service::service_fn(move |req| {
+                let (service, peer) = (service.clone(), peer.clone());
+                async move { Ok::<_, std::convert::Infallible>(service.handle(&peer, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HANDSHAKE_TIMEOUT)
+                .max_buf_size(64 << 10)
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}

@@ -346,6 +346,7 @@ fn broker(dir: &Path) -> Broker {
                 verifiers: HashSet::new(),
                 max_ttl_seconds: 600,
                 inject: None,
+                oauth_resource: None,
             },
         )]
         .into(),
@@ -361,6 +362,7 @@ fn broker(dir: &Path) -> Broker {
         max_delegation_depth: 2,
         gateway: None,
         gateway_ids: HashSet::new(),
+        oauth: None,
     };
     Broker::new(
         store,

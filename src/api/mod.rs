@@ -12,6 +12,7 @@ use crate::model::{self, CredentialRecord, SpiffeId, Task, UnixMillis};
 
 pub mod ext_authz;
 pub mod forward_auth;
+pub mod oauth;
 pub use ext_authz::ExtAuthzApi;
 
 /// Generated protobuf and gRPC code for `jitbroker.v1`.

@@ -32,6 +32,12 @@ impl ManualClock {
         Self(Arc::new(AtomicI64::new(SystemClock.now())))
     }
 
+    /// Starts at `at` (tests of what an outside verifier does with credentials issued in the
+    /// past, on its own real clock).
+    pub fn starting_at(at: UnixMillis) -> Self {
+        Self(Arc::new(AtomicI64::new(at)))
+    }
+
     pub fn advance(&self, d: std::time::Duration) {
         self.0.fetch_add(d.as_millis() as i64, Ordering::SeqCst);
     }

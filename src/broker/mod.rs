@@ -5,6 +5,7 @@ pub mod admin;
 pub mod approvals;
 pub mod clock;
 pub mod delegation;
+pub mod oauth;
 pub mod reaper;
 pub mod retention;
 pub mod tool_calls;
@@ -53,6 +54,17 @@ pub struct ResourceSpec {
     pub max_ttl_seconds: u64,
     /// How a gateway carries this resource's credential (`[resources.NAME.inject]`).
     pub inject: Option<crate::gateway::InjectConfig>,
+    /// The RFC 8707 resource indicator of this resource (`oauth_resource`): the `aud` of its
+    /// JWTs and what OAuth clients name it by.
+    pub oauth_resource: Option<String>,
+}
+
+/// The OAuth surface's settings (`[oauth]`), as the broker needs them.
+#[derive(Clone, Debug)]
+pub struct OAuthLimits {
+    pub issuer: String,
+    pub access_token_ttl_seconds: u64,
+    pub token_exchange_actors: HashSet<SpiffeId>,
 }
 
 /// The limits and roles the broker enforces, taken from [`Config`].
@@ -75,6 +87,8 @@ pub struct Limits {
     /// Tool calls decided for gateways (`[gateway]`), and the gateways allowed to ask.
     pub gateway: Option<Arc<crate::gateway::GatewayConfig>>,
     pub gateway_ids: HashSet<SpiffeId>,
+    /// `[oauth]`, when the OAuth surface is served.
+    pub oauth: Option<OAuthLimits>,
 }
 
 impl Limits {
@@ -92,6 +106,7 @@ impl Limits {
                     verifiers: ids("verifiers", &r.verifiers)?,
                     max_ttl_seconds: r.max_ttl_seconds.unwrap_or(cfg.max_ttl_seconds),
                     inject: r.inject.clone(),
+                    oauth_resource: r.oauth_resource.clone(),
                 },
             );
         }
@@ -110,6 +125,17 @@ impl Limits {
             gateway_ids: match &cfg.gateway {
                 Some(g) => ids("gateway.ids", &g.ids)?,
                 None => HashSet::new(),
+            },
+            oauth: match &cfg.oauth {
+                Some(o) => Some(OAuthLimits {
+                    issuer: o.issuer.clone(),
+                    access_token_ttl_seconds: o.access_token_ttl_seconds,
+                    token_exchange_actors: ids(
+                        "oauth.token_exchange_actors",
+                        &o.token_exchange_actors,
+                    )?,
+                }),
+                None => None,
             },
             authorized_trust_domains: cfg
                 .identity
@@ -921,7 +947,43 @@ impl Broker {
             }
             t => t,
         };
+        let grant = Grant {
+            resource: req.resource,
+            action: req.action,
+        };
+        self.issue_for_task(
+            caller,
+            &task_id,
+            &spec,
+            grant,
+            ttl_s,
+            idem,
+            None,
+            BTreeMap::new(),
+        )
+        .await
+    }
 
+    /// Issues a credential of `caller`'s task for `grant`, deciding it again now: the one path
+    /// of `IssueCredential` and the OAuth token endpoint. It lives `ttl_s` seconds, no longer
+    /// than the task nor `not_after`; `binding` is recorded with it (see
+    /// [`crate::issuers::IssueRequest::binding`]). Durable before it returns.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one issuance, its inputs named at the call"
+    )]
+    pub(crate) async fn issue_for_task(
+        &self,
+        caller: &SpiffeId,
+        task_id: &TaskId,
+        spec: &ResourceSpec,
+        grant: Grant,
+        ttl_s: u64,
+        idem: Option<String>,
+        not_after: Option<UnixMillis>,
+        binding: BTreeMap<String, String>,
+    ) -> Result<IssuedCredential> {
+        let task_id = task_id.clone();
         let mut guard = Some(self.lock_task(&task_id).lock().await);
         let task = self.owned_task(caller, &task_id)?;
         if let Some(key) = &idem
@@ -929,7 +991,7 @@ impl Broker {
             // An index entry without its record is what a crash mid-write leaves: not issued.
             && self.store.get_credential(&cid)?.is_some()
         {
-            return self.replay(&cid, &req);
+            return self.replay(&cid, &grant);
         }
         let now = self.now();
         if !task.is_live(now) {
@@ -938,10 +1000,6 @@ impl Broker {
                 state_name(task.effective_state(now))
             )));
         }
-        let grant = Grant {
-            resource: req.resource.clone(),
-            action: req.action.clone(),
-        };
         let Some(granted) = task.grants.iter().find(|g| g.grant == grant) else {
             return Err(Error::PermissionDenied(format!(
                 "task {task_id} did not ask for ({}, {}) when it started",
@@ -955,7 +1013,14 @@ impl Broker {
             )));
         }
         // Policy again, now: a reload or the passing of time may have changed the answer.
-        let expires_at = (now + secs_to_ms(ttl_s)).min(task.expires_at);
+        let expires_at = (now + secs_to_ms(ttl_s))
+            .min(task.expires_at)
+            .min(not_after.unwrap_or(i64::MAX));
+        if expires_at <= now {
+            return Err(Error::FailedPrecondition(
+                "the credential would expire at once".into(),
+            ));
+        }
         let mut ctx = DecideCtx::for_task(&task, expires_at - now);
         let mut v = self.decide(caller, &grant, &ctx)?;
         let mut approval = None;
@@ -986,15 +1051,7 @@ impl Broker {
         }
         let issued = self
             .mint_credential(
-                &mut guard,
-                caller,
-                &task,
-                &spec,
-                &grant,
-                expires_at,
-                idem,
-                approval,
-                BTreeMap::new(),
+                &mut guard, caller, &task, spec, &grant, expires_at, idem, approval, binding,
             )
             .await?;
         self.store.durable().await?;
@@ -1054,6 +1111,9 @@ impl Broker {
             issued_at: now,
             expires_at,
             delegation_chain: &task.delegation_chain,
+            audience: spec.oauth_resource.as_deref().unwrap_or(&grant.resource),
+            access_token: spec.oauth_resource.is_some(),
+            binding: &extra_attributes,
         };
         let mut upstream_name = None;
         let Issued {
@@ -1148,12 +1208,12 @@ impl Broker {
     }
 
     /// Returns the credential an earlier call with the same idempotency key made.
-    fn replay(&self, id: &CredentialId, req: &IssueCredential) -> Result<IssuedCredential> {
+    fn replay(&self, id: &CredentialId, grant: &Grant) -> Result<IssuedCredential> {
         let record = self
             .store
             .get_credential(id)?
             .ok_or_else(|| Error::Storage(format!("idempotency key points at missing {id}")))?;
-        if record.resource != req.resource || record.action != req.action {
+        if record.resource != grant.resource || record.action != grant.action {
             return Err(Error::invalid(
                 "idempotency_key",
                 format!(

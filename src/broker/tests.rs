@@ -49,6 +49,7 @@ fn fixture_with(upstream: Option<Arc<dyn Upstream>>) -> Fixture {
                 verifiers: HashSet::from([id("spiffe://td/tool")]),
                 max_ttl_seconds: 600,
                 inject: None,
+                oauth_resource: None,
             },
         )]),
         max_ttl_seconds: 3600,
@@ -63,6 +64,7 @@ fn fixture_with(upstream: Option<Arc<dyn Upstream>>) -> Fixture {
         max_delegation_depth: 2,
         gateway: None,
         gateway_ids: HashSet::new(),
+        oauth: None,
     };
     if upstream.is_some() {
         limits.resources.insert(
@@ -73,6 +75,7 @@ fn fixture_with(upstream: Option<Arc<dyn Upstream>>) -> Fixture {
                 verifiers: HashSet::new(),
                 max_ttl_seconds: 600,
                 inject: None,
+                oauth_resource: None,
             },
         );
     }

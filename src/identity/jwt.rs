@@ -145,6 +145,12 @@ impl JwtAuth {
 
     /// Verifies a bearer JWT-SVID and returns its SPIFFE ID, or the reason it is refused.
     pub fn verify(&self, token: &str) -> Result<String, IdentityError> {
+        self.verify_for(token, &[self.audience.as_str()])
+    }
+
+    /// Verifies a JWT-SVID that must name exactly one audience, one of `audiences` (the OAuth
+    /// endpoints take assertions for their own URLs).
+    pub fn verify_for(&self, token: &str, audiences: &[&str]) -> Result<String, IdentityError> {
         let refuse = IdentityError::Jwt;
         if token.len() > MAX_TOKEN_BYTES {
             return Err(refuse(format!(
@@ -161,12 +167,11 @@ impl JwtAuth {
                 "trust domain {td:?} is not authorised (identity.authorized_trust_domains)"
             )));
         }
-        let aud = [self.audience.as_str()];
         let verified = match &self.bundles {
-            Bundles::Spire(src) => JwtSvid::parse_and_validate(token, src, &aud),
+            Bundles::Spire(src) => JwtSvid::parse_and_validate(token, src, audiences),
             Bundles::Held(rx) => {
                 let set = rx.borrow().clone();
-                JwtSvid::parse_and_validate(token, &*set, &aud)
+                JwtSvid::parse_and_validate(token, &*set, audiences)
             }
         }
         .map_err(|e| refuse(describe(&e, token)))?;
@@ -174,9 +179,9 @@ impl JwtAuth {
         // for this broker alone are accepted.
         if verified.audience().len() != 1 {
             return Err(refuse(format!(
-                "token names {} audiences; a JWT-SVID for this broker must name only {:?}",
+                "token names {} audiences; a JWT-SVID for this broker must name only one of {:?}",
                 verified.audience().len(),
-                self.audience
+                audiences
             )));
         }
         let left = verified.expiry() - time::OffsetDateTime::now_utc();

@@ -301,6 +301,16 @@ impl Identity {
         }
     }
 
+    /// Verifies a JWT-SVID whose one audience must be one of `audiences` (OAuth assertions).
+    pub fn verify_jwt_for(&self, token: &str, audiences: &[&str]) -> Result<String, IdentityError> {
+        match &self.0.jwt {
+            Some(j) => j.verify_for(token, audiences),
+            None => Err(IdentityError::Jwt(
+                "JWT-SVIDs are not enabled on this broker (identity.jwt_audience)".into(),
+            )),
+        }
+    }
+
     fn mandatory_mtls_config(&self) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
         let tds: BTreeSet<spiffe::TrustDomain> = self
             .0

@@ -155,11 +155,12 @@ impl JwtIssuer {
             .iter()
             .max_by_key(|k| k.created_at)
             .ok_or_else(|| Error::Internal("no JWT signing key".into()))?;
-        let header = json!({"alg": "ES256", "typ": "JWT", "kid": key.kid});
+        let typ = if req.access_token { "at+jwt" } else { "JWT" };
+        let header = json!({"alg": "ES256", "typ": typ, "kid": key.kid});
         let mut claims = json!({
             "iss": self.issuer,
             "sub": req.owner.as_str(),
-            "aud": req.resource,
+            "aud": req.audience,
             "iat": req.issued_at / 1000,
             "nbf": req.issued_at / 1000,
             "exp": req.expires_at / 1000,
@@ -167,8 +168,19 @@ impl JwtIssuer {
             "scope": req.action,
             "task_id": req.task_id.as_str(),
         });
-        if let Some(act) = act_claim(req.delegation_chain) {
+        let actors = super::actors_of(req.binding);
+        if let Some(act) = act_claim(req.delegation_chain, &actors) {
             claims["act"] = act;
+        }
+        if req.access_token {
+            claims["client_id"] = json!(
+                req.binding
+                    .get(super::ATTR_CLIENT_ID)
+                    .map_or(req.owner.as_str(), String::as_str)
+            );
+        }
+        if let Some(x5t) = req.binding.get(super::ATTR_CNF) {
+            claims["cnf"] = json!({ "x5t#S256": x5t });
         }
         let token = sign_es256(&key.signing, &header, &claims);
         Ok(Issued {
@@ -188,8 +200,21 @@ impl JwtIssuer {
     }
 }
 
-/// RFC 8693 actor claim: the delegators of the credential's owner, nearest first, nested.
-fn act_claim(chain: &[SpiffeId]) -> Option<serde_json::Value> {
+/// RFC 8693 actor claim: the delegators of the credential's owner, nearest first, nested; then
+/// the actors of token exchanges (`actors`, oldest first) around them, the newest outermost.
+fn act_claim(chain: &[SpiffeId], actors: &[SpiffeId]) -> Option<serde_json::Value> {
+    let mut act = delegators_claim(chain);
+    for id in actors {
+        let mut o = json!({ "sub": id.as_str() });
+        if let Some(inner) = act.take() {
+            o["act"] = inner;
+        }
+        act = Some(o);
+    }
+    act
+}
+
+fn delegators_claim(chain: &[SpiffeId]) -> Option<serde_json::Value> {
     // chain = [root owner, …, this owner]; the actors are everyone before the last.
     let (_, before) = chain.split_last()?;
     let mut act: Option<serde_json::Value> = None;
@@ -249,9 +274,17 @@ mod tests {
             .iter()
             .map(|p| SpiffeId::parse("x", &format!("spiffe://td/{p}")).unwrap())
             .collect();
-        assert_eq!(act_claim(&ids[..1]), None);
-        let act = act_claim(&ids).unwrap();
+        assert_eq!(act_claim(&ids[..1], &[]), None);
+        let act = act_claim(&ids, &[]).unwrap();
         assert_eq!(act["sub"], "spiffe://td/b");
         assert_eq!(act["act"]["sub"], "spiffe://td/a");
+        // Exchange actors wrap the delegators, the newest outermost.
+        let g = |p: &str| SpiffeId::parse("x", &format!("spiffe://td/{p}")).unwrap();
+        let act = act_claim(&ids, &[g("gw1"), g("gw2")]).unwrap();
+        assert_eq!(act["sub"], "spiffe://td/gw2");
+        assert_eq!(act["act"]["sub"], "spiffe://td/gw1");
+        assert_eq!(act["act"]["act"]["sub"], "spiffe://td/b");
+        let act = act_claim(&ids[..1], &[g("gw1")]).unwrap();
+        assert_eq!(act, json!({"sub": "spiffe://td/gw1"}));
     }
 }

@@ -22,6 +22,35 @@ pub struct IssueRequest<'a> {
     pub expires_at: UnixMillis,
     /// Owners from the root task down to this credential's owner.
     pub delegation_chain: &'a [SpiffeId],
+    /// Who the credential is for: the resource's RFC 8707 indicator when it has one, else its
+    /// name (a JWT's `aud`).
+    pub audience: &'a str,
+    /// An OAuth access token (RFC 9068: `typ` `at+jwt`, `client_id`), for resources with an
+    /// indicator.
+    pub access_token: bool,
+    /// Attributes that bind the credential ([`ATTR_ACTORS`], [`ATTR_CNF`], [`ATTR_CLIENT_ID`]),
+    /// stored with its record and, for JWTs, carried as claims.
+    pub binding: &'a BTreeMap<String, String>,
+}
+
+/// Actors of token exchanges (RFC 8693), oldest first, comma-separated: the `act` claim nests
+/// them with the newest outermost.
+pub const ATTR_ACTORS: &str = "act";
+/// Base64url SHA-256 of the client certificate a token is bound to (RFC 8705 `cnf.x5t#S256`).
+pub const ATTR_CNF: &str = "cnf_x5t_s256";
+/// The OAuth client the token was issued to, when it is not the owner (an exchange's actor).
+pub const ATTR_CLIENT_ID: &str = "client_id";
+
+/// The actors recorded in a credential's attributes, oldest first.
+pub fn actors_of(attributes: &BTreeMap<String, String>) -> Vec<SpiffeId> {
+    attributes
+        .get(ATTR_ACTORS)
+        .map(|s| {
+            s.split(',')
+                .filter_map(|a| SpiffeId::parse(ATTR_ACTORS, a).ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A freshly issued secret and its non-secret attributes.

@@ -1,0 +1,711 @@
+//! The OAuth 2 authorization-server surface over HTTPS (docs/oauth.md): RFC 8414 and OpenID
+//! discovery, JWKS, the token endpoint (RFC 7523 jwt-bearer with JWT-SVIDs, RFC 8705
+//! client_credentials over mTLS, RFC 8693 token exchange, RFC 8707 resource indicators),
+//! RFC 7662 introspection and RFC 7009 revocation. Callers authenticate with SVIDs only: the TLS
+//! client certificate, or a JWT-SVID as assertion. Decisions are the broker's
+//! ([`crate::broker::oauth`]); this module parses, authenticates and answers as the RFCs say.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use crate::broker::Broker;
+use crate::broker::oauth::{
+    AccessToken, ExchangeRequest, OAuthError, OAuthErrorCode as C, Revocation, TaskChoice,
+    TokenRequest,
+};
+use crate::error::Error;
+use crate::identity::Identity;
+use crate::issuers::{ATTR_CLIENT_ID, ATTR_CNF, actors_of};
+use crate::model::{CredentialRecord, SpiffeId};
+
+/// Largest request body read (a form with a few JWTs).
+pub const MAX_BODY_BYTES: usize = 32 << 10;
+
+const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const CLIENT_ASSERTION_JWT: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+const TT_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+const TT_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+
+/// What the OAuth listener serves with.
+#[derive(Clone)]
+pub struct OAuthService {
+    pub broker: Arc<Broker>,
+    pub identity: Identity,
+    pub issuer: String,
+}
+
+/// The verified TLS peer of a connection.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub remote: SocketAddr,
+    /// The SPIFFE ID of the client certificate, when one was presented (it was verified in
+    /// the handshake).
+    pub spiffe_id: Option<SpiffeId>,
+    /// Base64url SHA-256 of the client certificate's DER (RFC 8705 `x5t#S256`).
+    pub thumbprint: Option<String>,
+}
+
+impl Peer {
+    pub fn new(remote: SocketAddr, leaf: Option<&[u8]>) -> Self {
+        let spiffe_id = leaf
+            .and_then(|der| {
+                crate::identity::peer_spiffe_id(&[rustls_pki_types::CertificateDer::from(der)]).ok()
+            })
+            .and_then(|s| SpiffeId::parse("client certificate", &s).ok());
+        Self {
+            remote,
+            thumbprint: leaf.map(|d| URL_SAFE_NO_PAD.encode(Sha256::digest(d))),
+            spiffe_id,
+        }
+    }
+}
+
+type Answer = Response<Full<Bytes>>;
+
+fn json_answer(status: StatusCode, body: &Value) -> Answer {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
+    );
+    h.insert(
+        hyper::header::PRAGMA,
+        hyper::header::HeaderValue::from_static("no-cache"),
+    );
+    r
+}
+
+fn error_answer(e: &OAuthError) -> Answer {
+    let status = match e.code {
+        C::InvalidClient => StatusCode::UNAUTHORIZED,
+        C::SlowDown => StatusCode::TOO_MANY_REQUESTS,
+        C::TemporarilyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        C::ServerError => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    let mut body = json!({"error": e.code.as_str(), "error_description": e.description});
+    if let Some(a) = &e.approval_id {
+        body["approval_id"] = json!(a);
+    }
+    if let Some(t) = &e.task_id {
+        body["task_id"] = json!(t);
+    }
+    let mut r = json_answer(status, &body);
+    match e.code {
+        C::InvalidClient => {
+            r.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static(
+                    "Bearer error=\"invalid_client\", error_description=\"authenticate with an \
+                     X.509-SVID (mutual TLS) or a JWT-SVID client assertion\"",
+                ),
+            );
+        }
+        C::SlowDown | C::TemporarilyUnavailable => {
+            r.headers_mut().insert(
+                hyper::header::RETRY_AFTER,
+                hyper::header::HeaderValue::from_static("1"),
+            );
+        }
+        _ => {}
+    }
+    r
+}
+
+fn err(code: C, description: impl Into<String>) -> OAuthError {
+    OAuthError::new(code, description)
+}
+
+/// A broker error from an authenticated introspection or revocation.
+fn from_broker(e: Error) -> OAuthError {
+    match e {
+        Error::PermissionDenied(m) | Error::Unauthenticated(m) => err(C::UnauthorizedClient, m),
+        Error::ResourceExhausted(m) => err(C::SlowDown, m),
+        Error::Unavailable(m) => err(C::TemporarilyUnavailable, m),
+        Error::InvalidArgument { field, reason } => {
+            err(C::InvalidRequest, format!("{field}: {reason}"))
+        }
+        e => {
+            tracing::error!(error = %e, "OAuth request failed inside the broker");
+            err(
+                C::ServerError,
+                "internal error; the broker's log has the detail",
+            )
+        }
+    }
+}
+
+/// The form parameters of a request, each at most once (RFC 6749 §3.1).
+struct Form(BTreeMap<String, Zeroizing<String>>);
+
+impl Form {
+    fn parse(body: &[u8]) -> Result<Self, OAuthError> {
+        let mut out = BTreeMap::new();
+        for (k, v) in form_urlencoded::parse(body) {
+            if k.is_empty() {
+                continue;
+            }
+            if out.contains_key(k.as_ref()) {
+                return Err(err(
+                    C::InvalidRequest,
+                    format!(
+                        "parameter {} is repeated; each may appear once",
+                        crate::model::preview(&k)
+                    ),
+                ));
+            }
+            out.insert(k.into_owned(), Zeroizing::new(v.into_owned()));
+        }
+        Ok(Self(out))
+    }
+
+    /// A parameter, absent when missing or empty (RFC 6749 §3.1: empty means omitted).
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .get(name)
+            .map(|v| v.as_str())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn require(&self, name: &str) -> Result<&str, OAuthError> {
+        self.get(name)
+            .ok_or_else(|| err(C::InvalidRequest, format!("parameter {name} is required")))
+    }
+}
+
+impl OAuthService {
+    /// The issuer's path ("" or "/p").
+    fn base_path(&self) -> &str {
+        let rest = self.issuer.strip_prefix("https://").unwrap_or("");
+        rest.find('/').map_or("", |i| &rest[i..])
+    }
+
+    fn endpoint(&self, name: &str) -> String {
+        format!("{}/{name}", self.issuer)
+    }
+
+    /// The discovery document (RFC 8414 and OpenID Connect Discovery alike).
+    pub fn metadata(&self) -> Value {
+        let auth = ["tls_client_auth", "private_key_jwt"];
+        json!({
+            "issuer": self.issuer,
+            "token_endpoint": self.endpoint("token"),
+            "jwks_uri": self.endpoint("jwks.json"),
+            "introspection_endpoint": self.endpoint("introspect"),
+            "revocation_endpoint": self.endpoint("revoke"),
+            "grant_types_supported": [JWT_BEARER, "client_credentials", TOKEN_EXCHANGE],
+            "token_endpoint_auth_methods_supported": ["tls_client_auth", "private_key_jwt", "none"],
+            "token_endpoint_auth_signing_alg_values_supported": ["ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"],
+            "introspection_endpoint_auth_methods_supported": auth,
+            "revocation_endpoint_auth_methods_supported": auth,
+            "tls_client_certificate_bound_access_tokens": true,
+            "scopes_supported": self.broker.oauth_scopes(),
+            "response_types_supported": ["none"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["ES256"],
+        })
+    }
+
+    /// Answers one request.
+    pub async fn handle<B>(&self, peer: &Peer, req: Request<B>) -> Answer
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Unpin,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let path = req.uri().path().to_owned();
+        let base = self.base_path();
+        let local = path.strip_prefix(base).unwrap_or("\u{0}");
+        let well_known = format!("/.well-known/oauth-authorization-server{base}");
+        let get = |r: &Request<B>| *r.method() == Method::GET || *r.method() == Method::HEAD;
+        let route = if path == well_known || local == "/.well-known/openid-configuration" {
+            "metadata"
+        } else {
+            match local {
+                "/jwks.json" => "jwks",
+                "/token" => "token",
+                "/introspect" => "introspect",
+                "/revoke" => "revoke",
+                _ => {
+                    return json_answer(
+                        StatusCode::NOT_FOUND,
+                        &json!({"error": "not_found", "error_description": format!("no OAuth endpoint at {}; discovery is at {well_known}", crate::model::preview(&path))}),
+                    );
+                }
+            }
+        };
+        let wants_get = matches!(route, "metadata" | "jwks");
+        let method_ok = if wants_get {
+            get(&req)
+        } else {
+            *req.method() == Method::POST
+        };
+        if !method_ok {
+            let mut r = json_answer(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({"error": "invalid_request", "error_description": format!("{route} takes {}", if wants_get { "GET" } else { "POST" })}),
+            );
+            r.headers_mut().insert(
+                hyper::header::ALLOW,
+                hyper::header::HeaderValue::from_static(if wants_get {
+                    "GET, HEAD"
+                } else {
+                    "POST"
+                }),
+            );
+            return r;
+        }
+        match route {
+            "metadata" => {
+                let mut r = json_answer(StatusCode::OK, &self.metadata());
+                r.headers_mut().insert(
+                    hyper::header::CACHE_CONTROL,
+                    hyper::header::HeaderValue::from_static("max-age=300"),
+                );
+                r.headers_mut().remove(hyper::header::PRAGMA);
+                return r;
+            }
+            "jwks" => {
+                let jwks: Value =
+                    serde_json::from_str(&self.broker.jwks_json()).unwrap_or(Value::Null);
+                let mut r = json_answer(StatusCode::OK, &jwks);
+                r.headers_mut().insert(
+                    hyper::header::CACHE_CONTROL,
+                    hyper::header::HeaderValue::from_static("max-age=60"),
+                );
+                r.headers_mut().remove(hyper::header::PRAGMA);
+                return r;
+            }
+            _ => {}
+        }
+        let form = match self.read_form(req).await {
+            Ok(f) => f,
+            Err(e) => return error_answer(&e),
+        };
+        let answer = match route {
+            "token" => self.token(peer, &form).await,
+            "introspect" => self.introspect(peer, &form).await,
+            _ => self.revoke(peer, &form).await,
+        };
+        answer.unwrap_or_else(|e| error_answer(&e))
+    }
+
+    async fn read_form<B>(&self, req: Request<B>) -> Result<Form, OAuthError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Unpin,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        if req.headers().contains_key(hyper::header::AUTHORIZATION) {
+            return Err(err(
+                C::InvalidClient,
+                "this authorization server has no client secrets: authenticate with an \
+                 X.509-SVID (mutual TLS) or a JWT-SVID client assertion, not an Authorization \
+                 header",
+            ));
+        }
+        let form_type = req
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|v| {
+                v.trim()
+                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+            });
+        if form_type != Some(true) {
+            return Err(err(
+                C::InvalidRequest,
+                "the body must be application/x-www-form-urlencoded",
+            ));
+        }
+        let body = Limited::new(req.into_body(), MAX_BODY_BYTES)
+            .collect()
+            .await
+            .map_err(|_| {
+                err(
+                    C::InvalidRequest,
+                    format!("the body is over {MAX_BODY_BYTES} bytes or could not be read"),
+                )
+            })?
+            .to_bytes();
+        let body = Zeroizing::new(body.to_vec());
+        Form::parse(&body)
+    }
+
+    /// Refuses a caller over its request rate.
+    fn admit(&self, who: &SpiffeId) -> Result<(), OAuthError> {
+        self.broker.admit(who).map_err(|e| match e {
+            Error::ResourceExhausted(m) => err(C::SlowDown, m),
+            e => from_broker(e),
+        })
+    }
+
+    /// A JWT-SVID presented as an assertion, verified for this issuer or `endpoint`.
+    fn verify_assertion(
+        &self,
+        peer: &Peer,
+        token: &str,
+        endpoint: &str,
+    ) -> Result<SpiffeId, String> {
+        let aud = [self.issuer.as_str(), endpoint];
+        let verified = self
+            .identity
+            .verify_jwt_for(token, &aud)
+            .map_err(|e| e.to_string())
+            .and_then(|s| SpiffeId::parse("assertion sub", &s).map_err(|e| e.to_string()));
+        if let Err(e) = &verified {
+            self.broker.auth_failed(&peer.remote.ip().to_string(), e);
+        }
+        verified
+    }
+
+    /// The authenticated client of an introspection or revocation: the client certificate or a
+    /// JWT-SVID client assertion (both must agree when both come), and `client_id` if sent.
+    fn client(&self, peer: &Peer, form: &Form, endpoint: &str) -> Result<SpiffeId, OAuthError> {
+        let asserted = match (
+            form.get("client_assertion_type"),
+            form.get("client_assertion"),
+        ) {
+            (None, None) => None,
+            (Some(CLIENT_ASSERTION_JWT), Some(a)) => Some(
+                self.verify_assertion(peer, a, endpoint)
+                    .map_err(|e| err(C::InvalidClient, format!("client_assertion: {e}")))?,
+            ),
+            (Some(t), Some(_)) if t != CLIENT_ASSERTION_JWT => {
+                return Err(err(
+                    C::InvalidClient,
+                    format!("client_assertion_type must be {CLIENT_ASSERTION_JWT}"),
+                ));
+            }
+            _ => {
+                return Err(err(
+                    C::InvalidRequest,
+                    "client_assertion and client_assertion_type come together",
+                ));
+            }
+        };
+        let who = match (asserted, &peer.spiffe_id) {
+            (Some(a), Some(c)) if &a != c => {
+                return Err(err(
+                    C::InvalidClient,
+                    format!("the client assertion names {a} but the client certificate {c}"),
+                ));
+            }
+            (Some(a), _) => a,
+            (None, Some(c)) => c.clone(),
+            (None, None) => {
+                self.broker.auth_failed(
+                    &peer.remote.ip().to_string(),
+                    "OAuth request without an SVID",
+                );
+                return Err(err(
+                    C::InvalidClient,
+                    "authenticate with an X.509-SVID (mutual TLS) or a JWT-SVID client assertion",
+                ));
+            }
+        };
+        if let Some(id) = form.get("client_id")
+            && id != who.as_str()
+        {
+            return Err(err(
+                C::InvalidClient,
+                format!(
+                    "client_id {} is not the authenticated SPIFFE ID {who}",
+                    crate::model::preview(id)
+                ),
+            ));
+        }
+        self.admit(&who)?;
+        Ok(who)
+    }
+
+    /// The one resource indicator of a request (`resource`, or RFC 8693's `audience`).
+    fn resource(form: &Form) -> Result<String, OAuthError> {
+        match (form.get("resource"), form.get("audience")) {
+            (Some(r), Some(a)) if r != a => Err(err(
+                C::InvalidTarget,
+                "resource and audience name different targets; name one",
+            )),
+            (Some(r), _) | (None, Some(r)) => Ok(r.to_owned()),
+            (None, None) => Err(err(
+                C::InvalidTarget,
+                "parameter resource is required: the RFC 8707 indicator of the resource server",
+            )),
+        }
+    }
+
+    fn task_choice(form: &Form) -> Result<TaskChoice, OAuthError> {
+        match (form.get("task_id"), form.get("purpose")) {
+            (Some(t), None) => Ok(TaskChoice::Existing(t.to_owned())),
+            (None, Some(p)) => Ok(TaskChoice::New {
+                purpose: p.to_owned(),
+            }),
+            (Some(_), Some(_)) => Err(err(
+                C::InvalidRequest,
+                "send task_id (an active task) or purpose (a new task), not both",
+            )),
+            (None, None) => Err(err(
+                C::InvalidRequest,
+                "parameter task_id (an active task) or purpose (a new task) is required",
+            )),
+        }
+    }
+
+    async fn token(&self, peer: &Peer, form: &Form) -> Result<Answer, OAuthError> {
+        let endpoint = self.endpoint("token");
+        let grant_type = form.require("grant_type")?;
+        let token = match grant_type {
+            JWT_BEARER => {
+                let assertion = form.require("assertion")?;
+                let agent = self
+                    .verify_assertion(peer, assertion, &endpoint)
+                    .map_err(|e| err(C::InvalidGrant, format!("assertion: {e}")))?;
+                if let Some(id) = form.get("client_id")
+                    && id != agent.as_str()
+                {
+                    return Err(err(
+                        C::InvalidClient,
+                        format!("client_id is not the assertion's subject {agent}"),
+                    ));
+                }
+                self.admit(&agent)?;
+                let req = TokenRequest {
+                    resource: Self::resource(form)?,
+                    scope: form.get("scope").map(str::to_owned),
+                    task: Self::task_choice(form)?,
+                    certificate_thumbprint: None,
+                };
+                self.broker.oauth_token(&agent, req).await?
+            }
+            "client_credentials" => {
+                let (Some(agent), Some(thumb)) = (&peer.spiffe_id, &peer.thumbprint) else {
+                    self.broker.auth_failed(
+                        &peer.remote.ip().to_string(),
+                        "client_credentials without a client certificate",
+                    );
+                    return Err(err(
+                        C::InvalidClient,
+                        "client_credentials needs mutual TLS with the client's X.509-SVID \
+                         (RFC 8705 tls_client_auth)",
+                    ));
+                };
+                if let Some(id) = form.get("client_id")
+                    && id != agent.as_str()
+                {
+                    return Err(err(
+                        C::InvalidClient,
+                        format!("client_id is not the client certificate's SPIFFE ID {agent}"),
+                    ));
+                }
+                self.admit(agent)?;
+                let req = TokenRequest {
+                    resource: Self::resource(form)?,
+                    scope: form.get("scope").map(str::to_owned),
+                    task: Self::task_choice(form)?,
+                    certificate_thumbprint: Some(thumb.clone()),
+                };
+                self.broker.oauth_token(agent, req).await?
+            }
+            TOKEN_EXCHANGE => {
+                let subject = form.require("subject_token")?;
+                match form.require("subject_token_type")? {
+                    TT_ACCESS_TOKEN | TT_JWT => {}
+                    other => {
+                        return Err(err(
+                            C::InvalidRequest,
+                            format!(
+                                "subject_token_type {} is not supported; use {TT_ACCESS_TOKEN}",
+                                crate::model::preview(other)
+                            ),
+                        ));
+                    }
+                }
+                if let Some(t) = form.get("requested_token_type")
+                    && t != TT_ACCESS_TOKEN
+                    && t != TT_JWT
+                {
+                    return Err(err(
+                        C::InvalidRequest,
+                        format!("requested_token_type must be {TT_ACCESS_TOKEN}"),
+                    ));
+                }
+                let actor = match (form.get("actor_token"), form.get("actor_token_type")) {
+                    (Some(a), Some(TT_JWT)) => {
+                        let id = self
+                            .verify_assertion(peer, a, &endpoint)
+                            .map_err(|e| err(C::InvalidRequest, format!("actor_token: {e}")))?;
+                        if let Some(c) = &peer.spiffe_id
+                            && c != &id
+                        {
+                            return Err(err(
+                                C::InvalidRequest,
+                                format!("actor_token names {id} but the client certificate {c}"),
+                            ));
+                        }
+                        id
+                    }
+                    (Some(_), _) => {
+                        return Err(err(
+                            C::InvalidRequest,
+                            format!("actor_token_type must be {TT_JWT} (a JWT-SVID)"),
+                        ));
+                    }
+                    (None, Some(_)) => {
+                        return Err(err(
+                            C::InvalidRequest,
+                            "actor_token_type without actor_token",
+                        ));
+                    }
+                    (None, None) => match &peer.spiffe_id {
+                        Some(c) => c.clone(),
+                        None => {
+                            return Err(err(
+                                C::InvalidClient,
+                                "the actor authenticates with its JWT-SVID as actor_token or \
+                                 with its X.509-SVID over mutual TLS",
+                            ));
+                        }
+                    },
+                };
+                self.admit(&actor)?;
+                let req = ExchangeRequest {
+                    subject_token: Zeroizing::new(subject.to_owned()),
+                    resource: Self::resource(form)?,
+                    scope: form.get("scope").map(str::to_owned),
+                    certificate_thumbprint: peer
+                        .spiffe_id
+                        .as_ref()
+                        .filter(|c| *c == &actor)
+                        .and(peer.thumbprint.clone()),
+                };
+                let t = self
+                    .broker
+                    .oauth_exchange(&actor, req)
+                    .await
+                    .map_err(|mut e| {
+                        // RFC 8693 §2.2.2: an unusable subject token is invalid_request.
+                        if e.code == C::InvalidGrant {
+                            e.code = C::InvalidRequest;
+                        }
+                        e
+                    })?;
+                let mut body = token_body(&t);
+                body["issued_token_type"] = json!(TT_ACCESS_TOKEN);
+                return Ok(json_answer(StatusCode::OK, &body));
+            }
+            other => {
+                return Err(err(
+                    C::UnsupportedGrantType,
+                    format!(
+                        "grant_type {} is not supported; supported: {JWT_BEARER}, \
+                         client_credentials, {TOKEN_EXCHANGE}",
+                        crate::model::preview(other)
+                    ),
+                ));
+            }
+        };
+        Ok(json_answer(StatusCode::OK, &token_body(&token)))
+    }
+
+    async fn introspect(&self, peer: &Peer, form: &Form) -> Result<Answer, OAuthError> {
+        let who = self.client(peer, form, &self.endpoint("introspect"))?;
+        let token = form.require("token")?;
+        let record = self
+            .broker
+            .oauth_introspect(&who, token)
+            .map_err(from_broker)?;
+        let body = match record {
+            Some(r) => self.introspection(&r),
+            None => json!({"active": false}),
+        };
+        Ok(json_answer(StatusCode::OK, &body))
+    }
+
+    /// The RFC 7662 answer for an active credential.
+    fn introspection(&self, r: &CredentialRecord) -> Value {
+        let aud = self
+            .broker
+            .resource_indicator(&r.resource)
+            .unwrap_or_else(|| r.resource.clone());
+        let mut v = json!({
+            "active": true,
+            "scope": r.action,
+            "client_id": r.attributes.get(ATTR_CLIENT_ID).map_or(r.owner.as_str(), String::as_str),
+            "sub": r.owner.as_str(),
+            "aud": aud,
+            "iss": self.issuer,
+            "exp": r.expires_at / 1000,
+            "iat": r.issued_at / 1000,
+            "nbf": r.issued_at / 1000,
+            "jti": r.id.as_str(),
+            "token_type": "Bearer",
+            "task_id": r.task_id.as_str(),
+        });
+        if let Some(x5t) = r.attributes.get(ATTR_CNF) {
+            v["cnf"] = json!({"x5t#S256": x5t});
+        }
+        let mut act: Option<Value> = None;
+        for id in actors_of(&r.attributes) {
+            let mut o = json!({"sub": id.as_str()});
+            if let Some(inner) = act.take() {
+                o["act"] = inner;
+            }
+            act = Some(o);
+        }
+        if let Some(a) = act {
+            v["act"] = a;
+        }
+        v
+    }
+
+    async fn revoke(&self, peer: &Peer, form: &Form) -> Result<Answer, OAuthError> {
+        let who = self.client(peer, form, &self.endpoint("revoke"))?;
+        let token = form.require("token")?;
+        match self
+            .broker
+            .oauth_revoke(&who, token)
+            .await
+            .map_err(from_broker)?
+        {
+            Revocation::Done | Revocation::Unknown => {
+                let mut r = Response::new(Full::new(Bytes::new()));
+                r.headers_mut().insert(
+                    hyper::header::CACHE_CONTROL,
+                    hyper::header::HeaderValue::from_static("no-store"),
+                );
+                Ok(r)
+            }
+            Revocation::NotYours => Err(err(
+                C::UnauthorizedClient,
+                format!("the token was not issued to {who}"),
+            )),
+        }
+    }
+}
+
+/// The token endpoint's success body (RFC 6749 §5.1) with jitbroker's `task_id`.
+fn token_body(t: &AccessToken) -> Value {
+    json!({
+        "access_token": t.issued.secret.expose(),
+        "token_type": "Bearer",
+        "expires_in": t.expires_in,
+        "scope": t.issued.record.action,
+        "task_id": t.issued.record.task_id.as_str(),
+    })
+}
