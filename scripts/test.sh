@@ -56,6 +56,9 @@ fi
 step "Python SDK: stubs, ruff, mypy, pytest against the release binary (scripts/test-python.sh)"
 JITBROKER_BIN="$root/target/release/jitbroker" scripts/test-python.sh
 
+step "OAuth conformance with independent clients (scripts/test-oauth.sh)"
+JITBROKER_BIN="$root/target/release/jitbroker" scripts/test-oauth.sh
+
 step "example policies pass their cases (jitbroker policy test)"
 for d in policies/*/; do
   target/release/jitbroker policy test --config "$d/jitbroker.toml" "$d/cases.toml"

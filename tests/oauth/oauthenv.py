@@ -150,6 +150,18 @@ def oauth_error(r: requests.Response) -> tuple[int, str, str]:
     return r.status_code, str(body["error"]), str(body.get("error_description", ""))
 
 
+def expect_error(r: requests.Response, status: int, *errors: str) -> str:
+    """Asserts an error answer with this status and one of these codes; returns the
+    description. The failure message shows the request and the whole answer."""
+    body = r.request.body
+    sent = body.decode(errors="replace") if isinstance(body, bytes) else str(body)
+    got = oauth_error(r)
+    assert got[0] == status and got[1] in errors, (
+        f"expected {status} {' or '.join(errors)}, got {r.status_code} {r.text} "
+        f"for {r.request.method} {r.request.url} {sent[:300]}")
+    return got[2]
+
+
 @dataclass
 class OAuthBroker:
     """One ``jitbroker dev`` with ``[oauth]``; ``issuer`` is ``https://127.0.0.1:PORT[path]``."""
@@ -247,9 +259,9 @@ class OAuthBroker:
             data["scope"] = scope
         if task_id is not None:
             data["task_id"] = task_id
-        elif purpose is not None:
+        if purpose is not None:
             data["purpose"] = purpose
-        else:
+        elif task_id is None:
             data["purpose"] = f"conformance {uuid.uuid4().hex[:8]}"
         data.update(extra)
         return self.post(self.token_endpoint, data)

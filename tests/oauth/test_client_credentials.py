@@ -7,7 +7,7 @@ import ssl
 
 import httpx
 
-from oauthenv import ALICE, BOB, CRM, MCP_VERIFIER, OAuthBroker, oauth_error, x5t_s256
+from oauthenv import ALICE, BOB, CRM, MCP_VERIFIER, OAuthBroker, expect_error, oauth_error, x5t_s256
 
 
 def test_mtls_client_credentials_binds_the_token_to_the_certificate(broker: OAuthBroker) -> None:
@@ -60,7 +60,7 @@ def test_client_credentials_without_a_certificate_is_invalid_client(broker: OAut
     r = broker.post(broker.token_endpoint, {
         "grant_type": "client_credentials", "client_id": ALICE, "resource": broker.mcp_url,
         "scope": "tickets:read", "purpose": "no cert"})
-    assert oauth_error(r)[:2] == (401, "invalid_client")
+    expect_error(r, 401, "invalid_client")
 
 
 def test_jwt_bearer_over_an_mtls_connection_is_not_bound_to_another_identity(
@@ -77,4 +77,4 @@ def test_jwt_bearer_over_an_mtls_connection_is_not_bound_to_another_identity(
         cnf = claims.get("cnf")
         assert cnf is None or cnf["x5t#S256"] != x5t_s256(broker.svid(BOB) / "svid.pem")
     else:
-        assert oauth_error(r)[1] in ("invalid_request", "invalid_client", "invalid_grant")
+        expect_error(r, r.status_code, "invalid_request", "invalid_client", "invalid_grant")

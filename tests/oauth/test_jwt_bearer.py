@@ -17,6 +17,7 @@ from oauthenv import ALICE, BOB, CRM, JWT_BEARER, VAULT, OAuthBroker
 def authlib_session(broker: OAuthBroker, client_id: str) -> Any:
     """authlib's requests client: a public client (auth method ``none``) trusting the dev CA."""
     s = OAuth2Session(client_id=client_id, token_endpoint_auth_method="none")
+    s.trust_env = False  # else REQUESTS_CA_BUNDLE in the environment replaces s.verify
     s.verify = broker.bundle
     return s
 

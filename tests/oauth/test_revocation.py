@@ -18,14 +18,16 @@ from oauthenv import (
     VAULT,
     VAULT_VERIFIER,
     OAuthBroker,
-    oauth_error,
+    expect_error,
 )
 
 
 def test_owner_revokes_with_authlib_over_mtls(broker: OAuthBroker) -> None:
     tok = broker.token(ALICE, broker.mcp_url, "tickets:read")
     assert broker.introspect(tok["access_token"], MCP_VERIFIER)["active"] is True
-    with OAuth2Session() as s:
+    # RFC 8705 §2: a tls_client_auth client names itself with client_id.
+    with OAuth2Session(client_id=ALICE, revocation_endpoint_auth_method="none") as s:
+        s.trust_env = False  # else REQUESTS_CA_BUNDLE in the environment replaces s.verify
         s.verify = broker.bundle
         s.cert = broker.cert(ALICE)
         r = s.revoke_token(broker.revocation_endpoint, token=tok["access_token"],
@@ -57,11 +59,11 @@ def test_someone_elses_token_is_refused(broker: OAuthBroker) -> None:
     tok = broker.token(ALICE, broker.mcp_url, "tickets:read")
     r = broker.post(broker.revocation_endpoint, {"token": tok["access_token"]},
                     cert=broker.cert(BOB))
-    assert oauth_error(r)[:2] == (400, "unauthorized_client")
+    expect_error(r, 400, "unauthorized_client")
     # Another resource's verifier is someone else too.
     r = broker.post(broker.revocation_endpoint, {"token": tok["access_token"]},
                     cert=broker.cert(CRM_VERIFIER))
-    assert oauth_error(r)[:2] == (400, "unauthorized_client")
+    expect_error(r, 400, "unauthorized_client")
     assert broker.introspect(tok["access_token"], MCP_VERIFIER)["active"] is True
 
 
@@ -95,10 +97,10 @@ def test_verifier_and_actor_may_revoke(broker: OAuthBroker) -> None:
 def test_unauthenticated_revocation_is_401(broker: OAuthBroker) -> None:
     tok = broker.token(ALICE, broker.mcp_url, "tickets:read")
     r = broker.post(broker.revocation_endpoint, {"token": tok["access_token"]})
-    assert oauth_error(r)[:2] == (401, "invalid_client")
+    expect_error(r, 401, "invalid_client")
     assert broker.introspect(tok["access_token"], MCP_VERIFIER)["active"] is True
 
 
 def test_missing_token_parameter(broker: OAuthBroker) -> None:
     r = broker.post(broker.revocation_endpoint, {}, cert=broker.cert(ALICE))
-    assert oauth_error(r)[:2] == (400, "invalid_request")
+    expect_error(r, 400, "invalid_request")
