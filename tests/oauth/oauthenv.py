@@ -67,6 +67,7 @@ kind = "token"
 actions = ["secrets:read"]
 verifiers = ["{VAULT_VERIFIER}"]
 oauth_resource = "{VAULT}"
+max_ttl_seconds = 120
 
 [resources.payments]
 kind = "jwt"

@@ -11,6 +11,8 @@ from oauthenv import (
     ALICE,
     APPROVER,
     BOB,
+    CLIENT_ASSERTION,
+    CRM,
     JWT_BEARER,
     PAYMENTS,
     OAuthBroker,
@@ -182,3 +184,29 @@ def test_non_form_bodies_are_refused(broker: OAuthBroker, content_type: str) -> 
     assert r.status_code in (400, 415), r.text
     if r.status_code == 400:
         assert r.json()["error"] == "invalid_request"
+
+
+def test_a_client_assertion_that_does_not_verify_is_invalid_client(broker: OAuthBroker) -> None:
+    """docs/oauth.md: invalid_client (401) for "a client assertion that does not verify";
+    RFC 7523 §3.2: an invalid client JWT is answered invalid_client, whatever the grant."""
+    for assertion in ("garbage",
+                      broker.jwt_svid(ALICE, "https://elsewhere.example/token"),
+                      broker.forge_svid({"sub": ALICE, "aud": [broker.token_endpoint],
+                                         "iat": int(time.time()), "exp": int(time.time()) + 60},
+                                        foreign_key=True)):
+        r = broker.jwt_bearer(ALICE, broker.mcp_url, "tickets:read",
+                              client_assertion_type=CLIENT_ASSERTION, client_assertion=assertion)
+        expect_error(r, 401, "invalid_client")
+
+
+def test_http_basic_is_refused_with_a_basic_challenge(broker: OAuthBroker) -> None:
+    """No client secrets exist. RFC 6749 §5.2: a client that tried the Authorization header gets
+    401 with a WWW-Authenticate challenge of the scheme it used."""
+    import requests
+
+    r = requests.post(broker.token_endpoint, data={
+        "grant_type": JWT_BEARER, "assertion": broker.jwt_svid(ALICE), "resource": CRM,
+        "scope": "crm:read", "purpose": "basic"}, auth=(ALICE, "secret"), verify=broker.bundle,
+        timeout=10)
+    expect_error(r, 401, "invalid_client")
+    assert r.headers.get("www-authenticate", "").lower().startswith("basic"), r.headers

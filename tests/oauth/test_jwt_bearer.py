@@ -11,7 +11,7 @@ import pytest
 from authlib.integrations.base_client.errors import OAuthError
 from authlib.integrations.requests_client import OAuth2Session
 
-from oauthenv import ALICE, BOB, CRM, JWT_BEARER, VAULT, OAuthBroker
+from oauthenv import ALICE, BOB, CRM, JWT_BEARER, VAULT, OAuthBroker, expect_error
 
 
 def authlib_session(broker: OAuthBroker, client_id: str) -> Any:
@@ -138,3 +138,23 @@ def test_authlib_raises_the_oauth_error(broker: OAuthBroker) -> None:
         s.fetch_token(broker.token_endpoint, grant_type=JWT_BEARER, assertion="not-a-jwt",
                       resource=broker.mcp_url, scope="tickets:read", purpose="garbage")
     assert e.value.error == "invalid_grant"
+
+
+def test_token_life_is_capped_by_task_and_resource(broker: OAuthBroker) -> None:
+    """docs/oauth.md: access_token_ttl_seconds (300 here) is capped by the resource and the task."""
+    task = broker.grpc(ALICE).start_task("short task", [("crm", "crm:read")], ttl=20)
+    try:
+        tok = broker.token(ALICE, CRM, task_id=task.task_id)
+        assert 0 < tok["expires_in"] <= 20, tok
+        claims = broker.verify(tok["access_token"], CRM)
+        assert claims["exp"] - claims["iat"] <= 20
+    finally:
+        task.complete()
+    tok = broker.token(ALICE, VAULT)  # [resources.vault] max_ttl_seconds = 120
+    assert 0 < tok["expires_in"] <= 120, tok
+
+
+def test_client_id_must_be_the_assertion_subject(broker: OAuthBroker) -> None:
+    r = broker.jwt_bearer(ALICE, CRM, "crm:read", client_id=BOB)
+    expect_error(r, 401, "invalid_client")
+    assert broker.jwt_bearer(ALICE, CRM, "crm:read", client_id=ALICE).status_code == 200
