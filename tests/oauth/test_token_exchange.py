@@ -15,6 +15,7 @@ from oauthenv import (
     CRM,
     CRM_VERIFIER,
     GATEWAY,
+    MCP_VERIFIER,
     ROGUE,
     SIDECAR,
     TOKEN_EXCHANGE,
@@ -160,3 +161,40 @@ def test_exchange_request_errors(broker: OAuthBroker, task: Task) -> None:
     # Unknown downstream resource.
     data = dict(base, resource="https://unknown.example.test/")
     expect_error(broker.post(broker.token_endpoint, data), 400, "invalid_target")
+
+
+def test_delegators_nest_inside_act(broker: OAuthBroker, task: Task) -> None:
+    """docs/oauth.md: the act claim names the actor "with earlier actors and delegators nested
+    inside"; introspection carries act "when it applies", the same as the JWT."""
+    delegated = task.delegate(BOB, [("tickets-mcp", "tickets:read"), ("crm", "crm:read")],
+                              ttl=300)
+    own = broker.token(BOB, broker.mcp_url, "tickets:read", task_id=delegated.task_id)
+    c0 = broker.verify(own["access_token"], broker.mcp_url)
+    assert c0["sub"] == BOB and c0["task_id"] == delegated.task_id
+    assert c0["act"] == {"sub": ALICE}
+    out = ok(exchange(broker, own["access_token"], CRM, "crm:read"))
+    c1 = broker.verify(out["access_token"], CRM)
+    assert c1["act"] == {"sub": GATEWAY, "act": {"sub": ALICE}}
+    assert c1["sub"] == BOB
+    # Introspection tells the resource server the same chain.
+    seen = (broker.introspect(own["access_token"], MCP_VERIFIER).get("act"),
+            broker.introspect(out["access_token"], CRM_VERIFIER).get("act"))
+    assert seen == (c0["act"], c1["act"]), "introspection's act differs from the JWT's"
+    # Ending the delegator's task ends the delegate's tokens, exchanged ones too.
+    task.complete()
+    assert broker.introspect(out["access_token"], CRM_VERIFIER) == {"active": False}
+    assert broker.introspect(own["access_token"], MCP_VERIFIER) == {"active": False}
+
+
+def test_exchange_is_decided_by_cedar_now(broker: OAuthBroker) -> None:
+    """The downstream grant must be one the task asked for and Cedar allows now: a forbidden one
+    is invalid_scope naming the policy."""
+    t = broker.grpc(ALICE).start_task("export accounts", [
+        ("tickets-mcp", "tickets:read"), ("accounts", "accounts:export")], ttl=300)
+    try:
+        subject = broker.token(ALICE, broker.mcp_url, "tickets:read", task_id=t.task_id)
+        r = exchange(broker, subject["access_token"], "https://accounts.example.test/api",
+                     "accounts:export")
+        assert "no-account-exports" in expect_error(r, 400, "invalid_scope")
+    finally:
+        t.complete()
