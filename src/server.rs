@@ -582,6 +582,7 @@ pub async fn run(
                     broker: app.broker.clone(),
                     identity: app.identity.clone(),
                     issuer,
+                    metrics: app.metrics.clone(),
                 },
                 stop_rx.clone(),
             )))
@@ -797,7 +798,7 @@ async fn serve_oauth(
             let peer = Arc::new(crate::api::oauth::Peer::new(remote, leaf.as_deref()));
             let svc = hyper::service::service_fn(move |req| {
                 let (service, peer) = (service.clone(), peer.clone());
-                async move { Ok::<_, std::convert::Infallible>(service.handle(&peer, req).await) }
+                async move { Ok::<_, std::convert::Infallible>(service.serve(&peer, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())

@@ -70,6 +70,8 @@ struct Answer {
     remove: Vec<String>,
     body: String,
     status: u32,
+    /// The denial's `www-authenticate` challenge.
+    challenge: Option<String>,
 }
 
 fn answer(r: CheckResponse) -> Answer {
@@ -88,6 +90,7 @@ fn answer(r: CheckResponse) -> Answer {
                 remove: ok.headers_to_remove,
                 body: String::new(),
                 status: 200,
+                challenge: None,
             }
         }
         Some(HttpResponse::DeniedResponse(d)) => {
@@ -96,6 +99,12 @@ fn answer(r: CheckResponse) -> Answer {
                 allowed: false,
                 set: HashMap::new(),
                 remove: vec![],
+                challenge: d
+                    .headers
+                    .iter()
+                    .filter_map(|h| h.header.as_ref())
+                    .find(|h| h.key == "www-authenticate")
+                    .map(|h| h.value.clone()),
                 body: d.body,
                 status: d.status.map_or(0, |s| s.code as u32),
             }
@@ -202,6 +211,12 @@ async fn tool_calls_are_decided_injected_and_audited() {
     let v: serde_json::Value = serde_json::from_str(&no.body).unwrap();
     assert_eq!(v["id"], 8);
     assert_eq!(v["result"]["isError"], true);
+    // The challenge names the scope the call needed (RFC 6750 insufficient_scope).
+    let challenge = no.challenge.as_deref().unwrap_or_default();
+    assert!(
+        challenge.starts_with("Bearer error=\"insufficient_scope\", scope=\"call\""),
+        "{challenge}"
+    );
     assert_eq!(
         v["result"]["_meta"]["jitbroker"]["policies"],
         serde_json::json!(["no-ticket-deletion"])

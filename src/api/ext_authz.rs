@@ -154,12 +154,30 @@ pub fn check_response(verdict: ToolCallVerdict) -> CheckResponse {
                 status: Some(HttpStatus {
                     code: HttpStatusCode::Forbidden as i32,
                 }),
-                headers: vec![header("content-type", "application/json".into())],
+                headers: std::iter::once(header("content-type", "application/json".into()))
+                    .chain(insufficient_scope(&d).map(|v| header("www-authenticate", v)))
+                    .collect(),
                 body: denial_body(&d),
             })),
             ..Default::default()
         },
     }
+}
+
+/// The `WWW-Authenticate` challenge of a denial about a grant (RFC 6750 §3.1
+/// `insufficient_scope`, naming the scope the call needs, as MCP's authorization rules ask).
+pub fn insufficient_scope(d: &ToolCallDenial) -> Option<String> {
+    let scope = d.scope.as_deref()?;
+    // Scopes are action names (no quotes or backslashes); the description is cut to plain text.
+    let desc: String = d
+        .reason
+        .chars()
+        .filter(|c| *c != '"' && *c != '\\' && !c.is_control())
+        .take(200)
+        .collect();
+    Some(format!(
+        "Bearer error=\"insufficient_scope\", scope=\"{scope}\", error_description=\"{desc}\""
+    ))
 }
 
 /// The JSON body of a denial.

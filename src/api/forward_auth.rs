@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Request, Response, StatusCode};
 
-use super::ext_authz::denial_body;
+use super::ext_authz::{denial_body, insufficient_scope};
 use crate::broker::Broker;
 use crate::broker::tool_calls::{ToolCallRequest, ToolCallVerdict};
 use crate::error::Error;
@@ -205,7 +205,15 @@ where
                 ),
             }
         }
-        Ok(ToolCallVerdict::Deny(d)) => json(StatusCode::FORBIDDEN, denial_body(&d)),
+        Ok(ToolCallVerdict::Deny(d)) => {
+            let mut r = json(StatusCode::FORBIDDEN, denial_body(&d));
+            if let Some(v) =
+                insufficient_scope(&d).and_then(|v| hyper::header::HeaderValue::from_str(&v).ok())
+            {
+                r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, v);
+            }
+            r
+        }
         Err(e) => {
             let status = match &e {
                 Error::PermissionDenied(_) => StatusCode::FORBIDDEN,

@@ -43,6 +43,7 @@ pub struct OAuthService {
     pub broker: Arc<Broker>,
     pub identity: Identity,
     pub issuer: String,
+    pub metrics: Arc<crate::telemetry::Metrics>,
 }
 
 /// The verified TLS peer of a connection.
@@ -304,6 +305,29 @@ impl OAuthService {
             _ => self.revoke(peer, &form).await,
         };
         answer.unwrap_or_else(|e| error_answer(&e))
+    }
+
+    /// Answers one request and counts it.
+    pub async fn serve<B>(&self, peer: &Peer, req: Request<B>) -> Answer
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Unpin,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let started = std::time::Instant::now();
+        let path = req.uri().path();
+        let endpoint = match path.rsplit('/').next().unwrap_or("") {
+            "token" => "token",
+            "introspect" => "introspect",
+            "revoke" => "revoke",
+            "jwks.json" => "jwks",
+            _ => "metadata",
+        };
+        let answer = self.handle(peer, req).await;
+        if answer.status() != StatusCode::NOT_FOUND {
+            self.metrics
+                .oauth(endpoint, answer.status().as_u16(), started.elapsed());
+        }
+        answer
     }
 
     async fn read_form<B>(&self, req: Request<B>) -> Result<Form, OAuthError>

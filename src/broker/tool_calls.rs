@@ -56,6 +56,9 @@ pub struct ToolCallDenial {
     pub approval_id: Option<String>,
     /// Set for an MCP JSON-RPC call: the denial is a JSON-RPC response.
     pub mcp: Option<McpReply>,
+    /// The scope (action) the call needed, when the task lacks it or policy refused it: the
+    /// gateway answers with an `insufficient_scope` challenge naming it.
+    pub scope: Option<String>,
 }
 
 /// How to answer a denied MCP call.
@@ -265,6 +268,8 @@ impl Broker {
                 state_name(task.effective_state(now))
             )));
         }
+        // From here on, a denial is about this grant: the challenge names its scope.
+        out.denial.scope = Some(grant.action.clone());
         let Some(granted) = task.grants.iter().find(|g| g.grant == grant) else {
             return Ok(out.deny(format!(
                 "task {task_id} did not ask for ({}, {}) when it started (route {})",

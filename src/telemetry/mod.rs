@@ -88,6 +88,10 @@ pub struct Metrics {
     /// Gateway tool calls by decision (allowed, needs approval, denied) and their latency.
     tool_calls: [AtomicU64; 3],
     tool_call_latency: Histogram,
+    /// OAuth requests by endpoint ([`OAUTH_ENDPOINTS`]) and outcome (ok, refused, failed), and
+    /// the token endpoint's latency.
+    oauth: [[AtomicU64; 3]; 5],
+    oauth_token_latency: Histogram,
     connections_open: AtomicU64,
     connections_refused: AtomicU64,
     requests_timed_out: AtomicU64,
@@ -164,6 +168,23 @@ impl Metrics {
         };
         self.tool_calls[i].fetch_add(1, Ordering::Relaxed);
         self.tool_call_latency.record(elapsed);
+    }
+
+    /// One OAuth request: its endpoint (one of [`OAUTH_ENDPOINTS`]), its HTTP status, and for
+    /// the token endpoint how long it took.
+    pub fn oauth(&self, endpoint: &str, status: u16, elapsed: Duration) {
+        let Some(e) = OAUTH_ENDPOINTS.iter().position(|x| *x == endpoint) else {
+            return;
+        };
+        let o = match status {
+            200..=299 => 0,
+            400..=499 => 1,
+            _ => 2,
+        };
+        self.oauth[e][o].fetch_add(1, Ordering::Relaxed);
+        if endpoint == "token" {
+            self.oauth_token_latency.record(elapsed);
+        }
     }
 
     /// Records one request's latency under its gRPC path, or under [`OTHER_METHOD`] when the
@@ -374,6 +395,41 @@ impl Metrics {
              jitbroker_tool_call_duration_seconds_count {count}",
             g(&h.sum_micros) as f64 / 1e6
         );
+        let _ = writeln!(
+            s,
+            "# HELP jitbroker_oauth_requests_total OAuth requests by endpoint and outcome (ok: 2xx, refused: 4xx, failed: 5xx).\n\
+             # TYPE jitbroker_oauth_requests_total counter"
+        );
+        for (e, name) in OAUTH_ENDPOINTS.iter().enumerate() {
+            for (o, outcome) in ["ok", "refused", "failed"].iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "jitbroker_oauth_requests_total{{endpoint=\"{name}\",outcome=\"{outcome}\"}} {}",
+                    g(&self.oauth[e][o])
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "# HELP jitbroker_oauth_token_duration_seconds Time to answer a token request (verification, policy, issuance, audit).\n\
+             # TYPE jitbroker_oauth_token_duration_seconds histogram"
+        );
+        let h = &self.oauth_token_latency;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "jitbroker_oauth_token_duration_seconds_bucket{{le=\"{b}\"}} {}",
+                g(&h.buckets[i])
+            );
+        }
+        let count = g(&h.count);
+        let _ = writeln!(
+            s,
+            "jitbroker_oauth_token_duration_seconds_bucket{{le=\"+Inf\"}} {count}\n\
+             jitbroker_oauth_token_duration_seconds_sum {}\n\
+             jitbroker_oauth_token_duration_seconds_count {count}",
+            g(&h.sum_micros) as f64 / 1e6
+        );
         for (name, help, v) in gauges {
             let _ = writeln!(
                 s,
@@ -383,6 +439,9 @@ impl Metrics {
         s
     }
 }
+
+/// The OAuth endpoints, as metrics label them.
+pub const OAUTH_ENDPOINTS: [&str; 5] = ["metadata", "jwks", "token", "introspect", "revoke"];
 
 /// A tower layer that records each request's latency in [`Metrics`].
 #[derive(Clone)]
