@@ -583,6 +583,10 @@ pub async fn run(
                     identity: app.identity.clone(),
                     issuer,
                     metrics: app.metrics.clone(),
+                    remote_rate: Arc::new(crate::ratelimit::RateLimiter::new(
+                        lim.requests_per_remote_per_second,
+                        lim.requests_per_remote_per_second.saturating_mul(2),
+                    )),
                 },
                 stop_rx.clone(),
             )))

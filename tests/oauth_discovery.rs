@@ -396,3 +396,45 @@ async fn openbao_trusts_the_broker_through_discovery() {
     drop(bao);
     r.stop().await;
 }
+
+#[tokio::test]
+async fn the_oauth_port_meters_each_address() {
+    let dir = dev_dir();
+    let port = free_port();
+    let mut cfg = configure(dir.path(), port);
+    cfg.server.requests_per_remote_per_second = 5;
+    // The broker's clock stands still: the bucket refills only when the test says so.
+    let clock = ManualClock::new();
+    let r = spawn(
+        &cfg,
+        Options {
+            clock: Arc::new(clock.clone()) as Arc<dyn Clock>,
+            reaper: false,
+        },
+    )
+    .await
+    .expect("spawn");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (_, _, bundle) = mint(dir.path(), AGENT);
+    // A burst of twice the rate passes, then unauthenticated junk is refused before it is read,
+    // with the time to wait.
+    let mut statuses = Vec::new();
+    for _ in 0..14 {
+        let (status, v) = post(addr, tls_config(&bundle, None), "/token", "garbage=1").await;
+        statuses.push((status, v["error"].as_str().unwrap_or_default().to_owned()));
+    }
+    assert!(
+        statuses[..10].iter().all(|(s, _)| *s == 400),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses[10..]
+            .iter()
+            .all(|(s, e)| *s == 429 && e == "temporarily_unavailable"),
+        "{statuses:?}"
+    );
+    clock.advance(Duration::from_secs(1));
+    let (status, _) = post(addr, tls_config(&bundle, None), "/token", "garbage=1").await;
+    assert_eq!(status, 400, "a second later the address is served again");
+    r.stop().await;
+}

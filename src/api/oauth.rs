@@ -44,6 +44,9 @@ pub struct OAuthService {
     pub identity: Identity,
     pub issuer: String,
     pub metrics: Arc<crate::telemetry::Metrics>,
+    /// Requests per remote address (`[server] requests_per_remote_per_second`), checked before
+    /// anything else is read.
+    pub remote_rate: Arc<crate::ratelimit::RateLimiter<std::net::IpAddr>>,
 }
 
 /// The verified TLS peer of a connection.
@@ -314,6 +317,21 @@ impl OAuthService {
         B::Error: std::error::Error + Send + Sync + 'static,
     {
         let started = std::time::Instant::now();
+        if let Err(wait_ms) = self.remote_rate.check(&peer.remote.ip(), self.broker.now()) {
+            self.metrics.rate_limited("remote");
+            let mut r = error_answer(&err(
+                C::SlowDown,
+                format!(
+                    "{} is over [server] requests_per_remote_per_second; retry in {wait_ms} ms",
+                    peer.remote.ip()
+                ),
+            ));
+            r.headers_mut().insert(
+                hyper::header::RETRY_AFTER,
+                hyper::header::HeaderValue::from(wait_ms.div_ceil(1000).max(1)),
+            );
+            return r;
+        }
         let path = req.uri().path();
         let endpoint = match path.rsplit('/').next().unwrap_or("") {
             "token" => "token",
