@@ -298,6 +298,27 @@ impl OAuthService {
             }
             _ => {}
         }
+        if let Some(auth) = req.headers().get(hyper::header::AUTHORIZATION) {
+            // RFC 6749 §5.2: 401 with a challenge of the scheme the client tried.
+            let scheme = auth
+                .to_str()
+                .ok()
+                .and_then(|v| v.split_whitespace().next())
+                .filter(|s| s.eq_ignore_ascii_case("basic"))
+                .map_or("Bearer", |_| "Basic");
+            let mut r = error_answer(&err(
+                C::InvalidClient,
+                "this authorization server has no client secrets: authenticate with an \
+                 X.509-SVID (mutual TLS) or a JWT-SVID client assertion, not an Authorization \
+                 header",
+            ));
+            if let Ok(v) = hyper::header::HeaderValue::from_str(&format!(
+                "{scheme} realm=\"jitbroker\", error=\"invalid_client\""
+            )) {
+                r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, v);
+            }
+            return r;
+        }
         let form = match self.read_form(req).await {
             Ok(f) => f,
             Err(e) => return error_answer(&e),
@@ -353,14 +374,6 @@ impl OAuthService {
         B: hyper::body::Body<Data = Bytes> + Send + Unpin,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
-        if req.headers().contains_key(hyper::header::AUTHORIZATION) {
-            return Err(err(
-                C::InvalidClient,
-                "this authorization server has no client secrets: authenticate with an \
-                 X.509-SVID (mutual TLS) or a JWT-SVID client assertion, not an Authorization \
-                 header",
-            ));
-        }
         let form_type = req
             .headers()
             .get(hyper::header::CONTENT_TYPE)
