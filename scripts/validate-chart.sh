@@ -14,11 +14,14 @@
 #   4. NOTES.txt renders for every values set and shows the port-forward + grpcurl steps;
 #      values the chart must refuse (each must fail, for the expected reason)
 #   5. a negative self-test: deliberately broken renders must fail validation
-#   6. jitbroker check-config on every rendered jitbroker.toml + policy.cedar (when JITBROKER_BIN
-#      is set; skipped otherwise)
+#   6. the OAuth surface (config.oauth): off by default; on, its port in both Services, the pod
+#      and the NetworkPolicy, [oauth] and oauth_resource rendered, no jwt_issuer, the issuer's
+#      host in the ClusterSPIFFEID, NOTES.txt; these checks must catch broken charts too
+#   7. jitbroker check-config on every rendered jitbroker.toml + policy.cedar, the OAuth one
+#      included (when JITBROKER_BIN is set; skipped otherwise)
 #
 # Environment:
-#   JITBROKER_BIN           path of a jitbroker binary (step 6)
+#   JITBROKER_BIN           path of a jitbroker binary (step 7)
 #   JITBROKER_KUBE_VERSIONS Kubernetes versions (major.minor) to validate against (default "1.29 1.31 latest",
 #                           latest = the newest kubernetes-validate bundles)
 #   JITBROKER_TOOLS_DIR     tools cache (see scripts/tools.sh)
@@ -244,6 +247,24 @@ expect_refused "an inject format without {secret}" "format" "${K[@]}" --set conf
 expect_refused "an inject format with {secret} twice" "exactly once" "${K[@]}" --set-json 'config.resources.demo-token.inject.format="{secret}-{secret}"'
 expect_refused "inject on an x509 resource" "kind token or jwt" "${K[@]}" --set config.resources.demo-token.kind=x509 --set config.resources.demo-token.inject.header=authorization
 expect_refused "reuseMinRemainingSeconds not below credentialTTLSeconds" "must be below" "${K[@]}" --set 'config.gateway.ids={/ns/gateways/sa/envoy}' --set config.gateway.reuseMinRemainingSeconds=300
+OA=(--set config.jwtAudience=jitbroker --set config.oauth.issuer=https://jitbroker.example.org)
+expect_refused "an OAuth issuer without config.jwtAudience" "config.oauth.issuer is set but config.jwtAudience is empty" "${K[@]}" "${OA[@]:2}"
+expect_refused "an http:// OAuth issuer" "config.oauth.issuer .* must start with https://" "${K[@]}" "${OA[@]}" --set config.oauth.issuer=http://jitbroker.example.org
+expect_refused "an OAuth issuer ending with /" "config.oauth.issuer .* must not end with '/'" "${K[@]}" "${OA[@]}" --set config.oauth.issuer=https://jitbroker.example.org/oauth/
+expect_refused "an OAuth issuer with a query" "config.oauth.issuer .* no query" "${K[@]}" "${OA[@]}" --set 'config.oauth.issuer=https://jitbroker.example.org/?tenant=a'
+expect_refused "an OAuth issuer without a host" "config.oauth.issuer .* must be https://host" "${K[@]}" "${OA[@]}" --set config.oauth.issuer=https:///oauth
+expect_refused "accessTokenTTLSeconds above maxTTLSeconds" "config.oauth.accessTokenTTLSeconds \(7200\) must be between 1 and config.maxTTLSeconds" "${K[@]}" "${OA[@]}" --set config.oauth.accessTokenTTLSeconds=7200
+expect_refused "accessTokenTTLSeconds of 0" "accessTokenTTLSeconds" "${K[@]}" "${OA[@]}" --set config.oauth.accessTokenTTLSeconds=0
+expect_refused "oauthResource on an x509 resource" "config.resources.demo-token.oauthResource: only token and jwt" "${K[@]}" --set config.resources.demo-token.kind=x509 --set config.resources.demo-token.oauthResource=https://demo.example.org
+expect_refused "one oauthResource on two resources" "is also the oauthResource of config.resources.demo-token" "${K[@]}" --set config.resources.demo-token.oauthResource=https://demo.example.org --set config.resources.other.kind=jwt --set 'config.resources.other.actions={read}' --set config.resources.other.oauthResource=https://demo.example.org
+expect_refused "an oauthResource with a fragment" "oauthResource" "${K[@]}" --set 'config.resources.demo-token.oauthResource=https://demo.example.org/#x'
+expect_refused "a relative oauthResource" "oauthResource" "${K[@]}" --set config.resources.demo-token.oauthResource=/mcp
+expect_refused "a jwtIssuer that differs from the OAuth issuer" "config.jwtIssuer .* differs from config.oauth.issuer" "${K[@]}" "${OA[@]}" --set config.jwtIssuer=/jitbroker
+expect_refused "an OAuth port equal to the API port" "service.oauthPort \(8443\) must differ" "${K[@]}" "${OA[@]}" --set service.oauthPort=8443
+expect_refused "an OAuth port equal to the forward-auth port" "service.oauthPort \(8444\) must differ" "${K[@]}" "${OA[@]}" --set 'config.gateway.ids={/ns/gateways/sa/envoy}' --set config.gateway.forwardAuth=true --set service.oauthPort=8444
+expect_refused "a string OAuth port" "oauthPort" "${K[@]}" "${OA[@]}" --set-string service.oauthPort=8445
+expect_refused "a malformed token-exchange actor" "tokenExchangeActors" "${K[@]}" "${OA[@]}" --set 'config.oauth.tokenExchangeActors={envoy}'
+expect_refused "an unknown config.oauth key" "propert(y|ies) '?audience'? (is )?not allowed" "${K[@]}" "${OA[@]}" --set config.oauth.audience=jitbroker
 
 # ---- 5. negative self-test: validation must be able to fail -------------------------------------
 
@@ -327,7 +348,179 @@ expect_invalid "capabilities not dropped" "capabilities.drop" "$CHART" "${K[@]}"
 expect_invalid "a hostPath nobody asked for" "is a hostPath" "$CHART" "${K[@]}" --set workloadAPI.mode=hostPath
 expect_invalid "a ClusterSPIFFEID expected but missing" "expected a ClusterSPIFFEID" "$CHART" --checker --expect-kind ClusterSPIFFEID -- "${K[@]}"
 
-# ---- 6. jitbroker check-config -------------------------------------------------------------------
+# ---- 6. the OAuth surface -----------------------------------------------------------------------
+
+section "OAuth surface (config.oauth)"
+# A render with the OAuth surface on (config.oauth.issuer), a resource with an oauthResource,
+# token-exchange actors written both ways, and a narrowed API ingress for the NetworkPolicy check.
+OAUTH_ISSUER=https://jitbroker.example.org
+OAUTH_PORT=8445
+OAUTH_RESOURCE=tickets
+OAUTH_URI=https://tickets.example.org/mcp
+OAUTH_ACTORS='["spiffe://example.org/ns/gateways/sa/envoy", "spiffe://example.org/ns/mcp/sa/tickets"]'
+OAUTH=(--set config.jwtAudience=jitbroker --set "config.oauth.issuer=$OAUTH_ISSUER"
+	--set 'config.oauth.tokenExchangeActors={/ns/gateways/sa/envoy,spiffe://example.org/ns/mcp/sa/tickets}'
+	--set "config.resources.$OAUTH_RESOURCE.kind=jwt"
+	--set "config.resources.$OAUTH_RESOURCE.actions={tickets:read,tickets:write}"
+	--set "config.resources.$OAUTH_RESOURCE.verifiers={/ns/tools/sa/tickets-mcp}"
+	--set "config.resources.$OAUTH_RESOURCE.oauthResource=$OAUTH_URI"
+	--set clusterSPIFFEID.enabled=true
+	--set-json 'networkPolicy.api.from=[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"agents"}}}]')
+# oauth_check on|off RENDER: one "PASS|what|" or "FAIL|what|why" line per part of the OAuth
+# contract of RENDER made with "${OAUTH[@]}" ("on"), or of a render without it ("off": no trace of
+# the OAuth surface, jwt_issuer rendered).
+oauth_check() {
+	"$PY" - "$1" "$2" "$OAUTH_ISSUER" "$OAUTH_PORT" "$OAUTH_RESOURCE" "$OAUTH_URI" "$OAUTH_ACTORS" <<-'PYEOF'
+		import json, sys, yaml
+		try:
+		    import tomllib
+		except ModuleNotFoundError:
+		    import tomli as tomllib
+		mode, render, issuer, port, res, uri, actors = sys.argv[1:8]
+		port, actors = int(port), json.loads(actors)
+		docs = [d for d in yaml.safe_load_all(open(render)) if isinstance(d, dict)]
+		def check(what, ok, why=""):
+		    print(f"{'PASS' if ok else 'FAIL'}|{what}|{why}")
+		def kind(k):
+		    return [d for d in docs if d.get("kind") == k]
+		sts = kind("StatefulSet")[0]
+		ctr = next(c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "jitbroker")
+		cports = {p["name"]: p["containerPort"] for p in ctr.get("ports") or []}
+		ingress = kind("NetworkPolicy")[0]["spec"]["ingress"]
+		rules = {tuple(p.get("port") for p in r.get("ports") or []): r for r in ingress}
+		cm = next(d for d in kind("ConfigMap") if "jitbroker.toml" in (d.get("data") or {}))
+		cfg = tomllib.loads(cm["data"]["jitbroker.toml"])
+		if mode == "off":
+		    svcs = [s["metadata"]["name"] for s in kind("Service") if any(p["name"] == "oauth" for p in s["spec"]["ports"])]
+		    check("no oauth port in the Services", not svcs, f"in {svcs}")
+		    check("no oauth container port", "oauth" not in cports, f"ports {cports}")
+		    check("no NetworkPolicy rule for oauth", ("oauth",) not in rules, f"ingress {ingress}")
+		    check("no [oauth] and a jwt_issuer in jitbroker.toml", "oauth" not in cfg and "jwt_issuer" in cfg,
+		          f"oauth = {cfg.get('oauth')}, jwt_issuer = {cfg.get('jwt_issuer')}")
+		    sys.exit(0)
+		for s in kind("Service"):
+		    p = next((p for p in s["spec"]["ports"] if p["name"] == "oauth"), None)
+		    ok = p is not None and p["port"] == port and p.get("targetPort") == "oauth" and p.get("appProtocol") == "https"
+		    check(f"Service {s['metadata']['name']} has port oauth {port} (https)", ok, f"ports {s['spec']['ports']}")
+		check(f"container port oauth = {port}", cports.get("oauth") == port, f"ports {cports}")
+		r = rules.get(("oauth",))
+		api_from = rules.get(("grpc",), {}).get("from")
+		check("NetworkPolicy admits the oauth port from the API's sources",
+		      r is not None and api_from and r.get("from") == api_from, f"ingress {ingress}")
+		o = cfg.get("oauth") or {}
+		want = {"listen": f"0.0.0.0:{port}", "issuer": issuer, "access_token_ttl_seconds": 300,
+		        "token_exchange_actors": actors}
+		check("[oauth] listens on the oauth port with the issuer, TTL and actors (SPIFFE IDs)", o == want,
+		      f"[oauth] {o}, want {want}")
+		check("no jwt_issuer (every JWT carries the OAuth issuer)", "jwt_issuer" not in cfg,
+		      f"jwt_issuer = {cfg.get('jwt_issuer')!r}")
+		aud = (cfg.get("identity") or {}).get("jwt_audience")
+		check("identity.jwt_audience rendered", aud == "jitbroker", f"jwt_audience = {aud!r}")
+		got = ((cfg.get("resources") or {}).get(res) or {}).get("oauth_resource")
+		check(f"resources.{res}.oauth_resource rendered", got == uri, f"oauth_resource = {got!r}")
+		host = issuer.split("://", 1)[1].split("/", 1)[0].split(":", 1)[0]
+		csids = kind("ClusterSPIFFEID")
+		names = csids[0]["spec"].get("dnsNameTemplates") if csids else None
+		check(f"the ClusterSPIFFEID's DNS names include the issuer's host {host}", bool(names) and host in names,
+		      f"dnsNameTemplates {names}")
+	PYEOF
+}
+# run_oauth_check LABEL on|off RENDER: a pass or a fail for each line of oauth_check.
+run_oauth_check() {
+	local label=$1 st what why n=0
+	while IFS='|' read -r st what why; do
+		n=$((n + 1))
+		if [[ "$st" == PASS ]]; then pass "$label: $what"; else fail "$label: $what ($why)"; fi
+	done < <(oauth_check "$2" "$3" 2>&1 | sed -E '/^(PASS|FAIL)\|/!s/^/FAIL|oauth_check: /')
+	[[ $n -gt 0 ]] || fail "$label: oauth_check printed nothing"
+}
+
+if [[ -s "$WORK/render-0-${KUBE_VERSIONS[0]}.yaml" ]]; then
+	run_oauth_check "defaults" off "$WORK/render-0-${KUBE_VERSIONS[0]}.yaml"
+else
+	fail "defaults: OAuth off (the defaults did not render)"
+fi
+
+# The manifest checker knows neither [oauth] nor oauth_resource: an OAuth render passes it when
+# those keys are its only findings (everything else, schemas and pod security included, must pass).
+OAUTH_CONFIG=""
+for v in "${KUBE_VERSIONS[@]}"; do
+	out="$WORK/render-oauth-$v.yaml"
+	log="$WORK/render-oauth-$v.log"
+	if ! "$HELM" template jitbroker "$CHART" --namespace jitbroker --kube-version "$v.0" "${K[@]}" "${OAUTH[@]}" >"$out" 2>"$log"; then
+		fail "render config.oauth on (k8s $v)"
+		show "$log"
+		continue
+	fi
+	extract=()
+	[[ "$v" == "${KUBE_VERSIONS[0]}" ]] && extract=(--extract-config "$WORK/config-oauth")
+	"$PY" "$CHECKER" "$out" --name "config.oauth on @ k8s $v" --kube-version "$v" --expect-kind ClusterSPIFFEID "${extract[@]}" >"$log.check" 2>&1
+	rc=$?
+	others="$(grep '^  ERROR ' "$log.check" | grep -Ev "^  ERROR jitbroker.toml: unknown key ('oauth'|resources\.[^ ]+\.oauth_resource)$")"
+	if [[ $rc -eq 0 ]] || { grep -q '^  ERROR ' "$log.check" && [[ -z "$others" ]]; }; then
+		pass "validate config.oauth on (k8s $v: $(sed -n 's/^.*: \([0-9]*\) objects: \(.*\)$/\1 objects: \2/p' "$log.check" | head -n1))"
+		[[ ${#extract[@]} -gt 0 && -s "$WORK/config-oauth/jitbroker.toml" ]] && OAUTH_CONFIG="$WORK/config-oauth"
+	else
+		fail "validate config.oauth on (k8s $v)"
+		show "$log.check" 40
+	fi
+done
+if [[ -s "$WORK/render-oauth-${KUBE_VERSIONS[0]}.yaml" ]]; then
+	run_oauth_check "config.oauth on" on "$WORK/render-oauth-${KUBE_VERSIONS[0]}.yaml"
+fi
+
+log="$WORK/notes-oauth.log"
+if "$HELM" template jitbroker "$NOTES_CHART" --namespace jitbroker "${K[@]}" "${OAUTH[@]}" \
+	--show-only templates/zz-notes-check.yaml >"$log" 2>&1 &&
+	"$PY" - "$log" "$OAUTH_ISSUER" >"$log.txt" 2>&1 <<-'PYEOF'; then
+		import sys, yaml
+		notes = yaml.safe_load(open(sys.argv[1]))["data"]["notes"]
+		assert f"issuer {sys.argv[2]}" in notes, "no OAuth line naming the issuer"
+		print(notes)
+	PYEOF
+	pass "NOTES.txt with config.oauth on shows the OAuth port and issuer"
+else
+	fail "NOTES.txt with config.oauth on"
+	show "$log"
+	show "$log.txt"
+fi
+
+# These checks must be able to fail: oauth_check must catch each broken chart.
+# oauth_broken NAME SED-EXPR FILE DESCRIPTION EXPECTED-REGEX (matched against the FAIL lines)
+oauth_broken() {
+	local d out
+	if ! d=$(broken_copy "oauth-$1" "$2" "$3"); then
+		fail "prepare the broken chart 'oauth-$1'"
+		return
+	fi
+	out="$WORK/broken-oauth-$1.yaml"
+	if ! "$HELM" template jitbroker "$d" --namespace jitbroker "${K[@]}" "${OAUTH[@]}" >"$out" 2>"$out.log"; then
+		fail "catch $4: the broken chart does not render"
+		show "$out.log" 10
+		return
+	fi
+	oauth_check on "$out" >"$out.check" 2>&1
+	if grep -Eq -- "^FAIL\|.*$5" "$out.check"; then
+		pass "catch $4 ($(grep -E -m1 -- "^FAIL\|.*$5" "$out.check" | cut -d'|' -f2 | cut -c1-90))"
+	else
+		fail "catch $4: oauth_check did not report '$5'"
+		show "$out.check" 10
+	fi
+}
+oauth_broken npol 's/- port: oauth/- port: ops/' networkpolicy.yaml \
+	"a NetworkPolicy without the oauth rule" "NetworkPolicy admits the oauth port"
+oauth_broken svc 's/targetPort: oauth/targetPort: grpc/' service.yaml \
+	"a Service port oauth aimed at grpc" "Service .* has port oauth"
+oauth_broken ctr '/- name: oauth/,+2d' statefulset.yaml \
+	"no oauth container port" "container port oauth"
+oauth_broken jwtiss 's/if not \$o.issuer/if true/' configmap.yaml \
+	"jwt_issuer rendered with OAuth on" "no jwt_issuer"
+oauth_broken listen 's/(int .Values.service.oauthPort)/(int .Values.service.apiPort)/' configmap.yaml \
+	"[oauth] listening on the API port" "listens on the oauth port"
+oauth_broken dns 's/{{- \$names = append \$names \$host }}//' _helpers.tpl \
+	"a ClusterSPIFFEID without the issuer's host" "DNS names include the issuer"
+
+# ---- 7. jitbroker check-config -------------------------------------------------------------------
 
 section "jitbroker check-config"
 if [[ -z "${JITBROKER_BIN:-}" ]]; then
@@ -356,6 +549,30 @@ else
 		else
 			pass "check-config refuses a config with an unknown key"
 		fi
+	fi
+	# The OAuth render: the broker must accept [oauth], oauth_resource and the absent jwt_issuer, and
+	# refuse the same config with a jwt_issuer that differs from the OAuth issuer.
+	if [[ -n "$OAUTH_CONFIG" ]]; then
+		log="$OAUTH_CONFIG/check.log"
+		if JITBROKER_POLICY_FILE="$OAUTH_CONFIG/policy.cedar" "$JITBROKER_BIN" check-config --config "$OAUTH_CONFIG/jitbroker.toml" >"$log" 2>&1; then
+			pass "check-config config.oauth on"
+		else
+			fail "check-config config.oauth on"
+			show "$log" 15
+		fi
+		dir="$WORK/config-oauth-jwt-issuer"
+		cp -R "$OAUTH_CONFIG" "$dir"
+		{ echo 'jwt_issuer = "spiffe://example.org/jitbroker"'; cat "$OAUTH_CONFIG/jitbroker.toml"; } >"$dir/jitbroker.toml"
+		if JITBROKER_POLICY_FILE="$dir/policy.cedar" "$JITBROKER_BIN" check-config --config "$dir/jitbroker.toml" >"$dir/check.log" 2>&1; then
+			fail "check-config accepted config.oauth on with a different jwt_issuer"
+		elif grep -q 'jwt_issuer' "$dir/check.log"; then
+			pass "check-config refuses config.oauth on with a different jwt_issuer (why the chart leaves it out)"
+		else
+			fail "check-config refused config.oauth on with a jwt_issuer, without naming jwt_issuer"
+			show "$dir/check.log" 10
+		fi
+	else
+		fail "check-config config.oauth on: no validated OAuth render"
 	fi
 fi
 

@@ -111,12 +111,20 @@ JSON strings are valid TOML basic strings, so toJson quotes safely.
 
 {{/*
 Service DNS names the broker answers to; they go into its SVID (ClusterSPIFFEID.dnsNameTemplates).
+With the OAuth surface on, the issuer's host (a DNS name, not an IP address) is one of them: OAuth
+clients reach the broker there and check its certificate against it.
 */}}
 {{- define "jitbroker.serviceDNSNames" -}}
 {{- $svc := include "jitbroker.fullname" . }}
 {{- $ns := include "jitbroker.namespace" . }}
 {{- $domain := default "cluster.local" (((.Values.global).k8s).clusterDomain) }}
 {{- $names := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns $domain) }}
+{{- with ((.Values.config).oauth).issuer }}
+{{- $host := regexReplaceAll `^https://([^/:?#]*).*$` . "${1}" | lower }}
+{{- if and (regexMatch `^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$` $host) (not (regexMatch `^[0-9.]+$` $host)) }}
+{{- $names = append $names $host }}
+{{- end }}
+{{- end }}
 {{- concat $names .Values.clusterSPIFFEID.extraDNSNames | uniq | toJson }}
 {{- end }}
 
@@ -180,6 +188,51 @@ Cross-field checks the JSON schema cannot express.
 {{- if and $rt.mcpTools (not (has "tools/call" (default (list) $rt.mcpMethods))) }}
 {{- fail (printf "%s: mcpTools applies only to a route whose mcpMethods include \"tools/call\"" $at) }}
 {{- end }}
+{{- end }}
+{{- end }}
+{{- range $name, $r := $c.resources }}
+{{- with $r.oauthResource }}
+{{- if not (has $r.kind (list "token" "jwt")) }}
+{{- fail (printf "config.resources.%s.oauthResource: only token and jwt resources issue OAuth access tokens (this one is kind %s)" $name $r.kind) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $indicators := dict }}
+{{- range $name, $r := $c.resources }}
+{{- with $r.oauthResource }}
+{{- if hasKey $indicators . }}
+{{- fail (printf "config.resources.%s.oauthResource (%q) is also the oauthResource of config.resources.%s: a resource indicator names one resource" $name . (get $indicators .)) }}
+{{- end }}
+{{- $_ := set $indicators . $name }}
+{{- end }}
+{{- end }}
+{{- $o := $c.oauth | default dict }}
+{{- with $o.issuer }}
+{{- if not $c.jwtAudience }}
+{{- fail "config.oauth.issuer is set but config.jwtAudience is empty: the OAuth surface verifies JWT-SVID assertions with the bundles jwtAudience enables; set config.jwtAudience (e.g. \"jitbroker\")" }}
+{{- end }}
+{{- if not (hasPrefix "https://" .) }}
+{{- fail (printf "config.oauth.issuer (%q) must start with https://" .) }}
+{{- end }}
+{{- if hasSuffix "/" . }}
+{{- fail (printf "config.oauth.issuer (%q) must not end with '/': write https://host[:port][/path]" .) }}
+{{- end }}
+{{- if not (regexMatch `^https://[^/?#"\\[:^graph:]]+(/[^?#"\\[:^graph:]]*)?$` .) }}
+{{- fail (printf "config.oauth.issuer (%q) must be https://host[:port][/path] with no query, fragment, white space, quote or backslash" .) }}
+{{- end }}
+{{- if and $c.jwtIssuer (ne $c.jwtIssuer .) }}
+{{- fail (printf "config.jwtIssuer (%q) differs from config.oauth.issuer (%q): with the OAuth surface on, every JWT carries the OAuth issuer; unset config.jwtIssuer" $c.jwtIssuer .) }}
+{{- end }}
+{{- if or (lt (int $o.accessTokenTTLSeconds) 1) (gt (int $o.accessTokenTTLSeconds) (int $c.maxTTLSeconds)) }}
+{{- fail (printf "config.oauth.accessTokenTTLSeconds (%v) must be between 1 and config.maxTTLSeconds (%v)" $o.accessTokenTTLSeconds $c.maxTTLSeconds) }}
+{{- end }}
+{{- $svc := $.Values.service }}
+{{- $taken := list (int $svc.apiPort) (int $svc.opsPort) }}
+{{- if and ($c.gateway | default dict).ids ($c.gateway | default dict).forwardAuth }}
+{{- $taken = append $taken (int $svc.forwardAuthPort) }}
+{{- end }}
+{{- if has (int $svc.oauthPort) $taken }}
+{{- fail (printf "service.oauthPort (%v) must differ from service.apiPort, service.opsPort and (with config.gateway.forwardAuth) service.forwardAuthPort" $svc.oauthPort) }}
 {{- end }}
 {{- end }}
 {{- if eq (int .Values.service.apiPort) (int .Values.service.opsPort) }}
