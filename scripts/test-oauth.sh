@@ -12,6 +12,8 @@ cd "$root"
 suite="$root/tests/oauth"
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/jitbroker"
 export JITBROKER_BIN="${JITBROKER_BIN:-$root/target/release/jitbroker}"
+# A relative path means one from where the script was called; the suites run elsewhere.
+case $JITBROKER_BIN in /*) ;; *) JITBROKER_BIN="$(cd "$OLDPWD" 2>/dev/null && pwd)/$JITBROKER_BIN" ;; esac
 
 step() { printf '\n==> %s\n' "$*"; }
 

@@ -36,6 +36,10 @@ const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 const CLIENT_ASSERTION_JWT: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 const TT_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 const TT_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+/// What a JWT-SVID may be signed with (the SPIFFE JWT-SVID specification).
+const SVID_ALGS: [&str; 9] = [
+    "RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512",
+];
 
 /// What the OAuth listener serves with.
 #[derive(Clone)]
@@ -216,9 +220,11 @@ impl OAuthService {
             "revocation_endpoint": self.endpoint("revoke"),
             "grant_types_supported": [JWT_BEARER, "client_credentials", TOKEN_EXCHANGE],
             "token_endpoint_auth_methods_supported": ["tls_client_auth", "private_key_jwt", "none"],
-            "token_endpoint_auth_signing_alg_values_supported": ["ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"],
+            "token_endpoint_auth_signing_alg_values_supported": SVID_ALGS,
             "introspection_endpoint_auth_methods_supported": auth,
+            "introspection_endpoint_auth_signing_alg_values_supported": SVID_ALGS,
             "revocation_endpoint_auth_methods_supported": auth,
+            "revocation_endpoint_auth_signing_alg_values_supported": SVID_ALGS,
             "tls_client_certificate_bound_access_tokens": true,
             "scopes_supported": self.broker.oauth_scopes(),
             "response_types_supported": ["none"],
@@ -430,31 +436,43 @@ impl OAuthService {
         verified
     }
 
+    /// The JWT-SVID client assertion of a request (RFC 7523 §2.2), verified, if one came.
+    fn client_assertion(
+        &self,
+        peer: &Peer,
+        form: &Form,
+        endpoint: &str,
+    ) -> Result<Option<SpiffeId>, OAuthError> {
+        Ok(
+            match (
+                form.get("client_assertion_type"),
+                form.get("client_assertion"),
+            ) {
+                (None, None) => None,
+                (Some(CLIENT_ASSERTION_JWT), Some(a)) => Some(
+                    self.verify_assertion(peer, a, endpoint)
+                        .map_err(|e| err(C::InvalidClient, format!("client_assertion: {e}")))?,
+                ),
+                (Some(t), Some(_)) if t != CLIENT_ASSERTION_JWT => {
+                    return Err(err(
+                        C::InvalidClient,
+                        format!("client_assertion_type must be {CLIENT_ASSERTION_JWT}"),
+                    ));
+                }
+                _ => {
+                    return Err(err(
+                        C::InvalidRequest,
+                        "client_assertion and client_assertion_type come together",
+                    ));
+                }
+            },
+        )
+    }
+
     /// The authenticated client of an introspection or revocation: the client certificate or a
     /// JWT-SVID client assertion (both must agree when both come), and `client_id` if sent.
     fn client(&self, peer: &Peer, form: &Form, endpoint: &str) -> Result<SpiffeId, OAuthError> {
-        let asserted = match (
-            form.get("client_assertion_type"),
-            form.get("client_assertion"),
-        ) {
-            (None, None) => None,
-            (Some(CLIENT_ASSERTION_JWT), Some(a)) => Some(
-                self.verify_assertion(peer, a, endpoint)
-                    .map_err(|e| err(C::InvalidClient, format!("client_assertion: {e}")))?,
-            ),
-            (Some(t), Some(_)) if t != CLIENT_ASSERTION_JWT => {
-                return Err(err(
-                    C::InvalidClient,
-                    format!("client_assertion_type must be {CLIENT_ASSERTION_JWT}"),
-                ));
-            }
-            _ => {
-                return Err(err(
-                    C::InvalidRequest,
-                    "client_assertion and client_assertion_type come together",
-                ));
-            }
-        };
+        let asserted = self.client_assertion(peer, form, endpoint)?;
         let who = match (asserted, &peer.spiffe_id) {
             (Some(a), Some(c)) if &a != c => {
                 return Err(err(
@@ -539,6 +557,17 @@ impl OAuthService {
                         format!("client_id is not the assertion's subject {agent}"),
                     ));
                 }
+                // Client authentication that comes along must verify, and name the same workload.
+                if let Some(client) = self.client_assertion(peer, form, &endpoint)?
+                    && client != agent
+                {
+                    return Err(err(
+                        C::InvalidClient,
+                        format!(
+                            "the client assertion names {client} but the grant's assertion {agent}"
+                        ),
+                    ));
+                }
                 self.admit(&agent)?;
                 let req = TokenRequest {
                     resource: Self::resource(form)?,
@@ -566,6 +595,16 @@ impl OAuthService {
                     return Err(err(
                         C::InvalidClient,
                         format!("client_id is not the client certificate's SPIFFE ID {agent}"),
+                    ));
+                }
+                if let Some(client) = self.client_assertion(peer, form, &endpoint)?
+                    && &client != agent
+                {
+                    return Err(err(
+                        C::InvalidClient,
+                        format!(
+                            "the client assertion names {client} but the client certificate {agent}"
+                        ),
                     ));
                 }
                 self.admit(agent)?;
@@ -715,15 +754,10 @@ impl OAuthService {
         if let Some(x5t) = r.attributes.get(ATTR_CNF) {
             v["cnf"] = json!({"x5t#S256": x5t});
         }
-        let mut act: Option<Value> = None;
-        for id in actors_of(&r.attributes) {
-            let mut o = json!({"sub": id.as_str()});
-            if let Some(inner) = act.take() {
-                o["act"] = inner;
-            }
-            act = Some(o);
-        }
-        if let Some(a) = act {
+        // The same `act` as the token's own claim: exchange actors around the delegators.
+        if let Some(a) =
+            crate::issuers::jwt::act_claim(&r.delegation_chain, &actors_of(&r.attributes))
+        {
             v["act"] = a;
         }
         v

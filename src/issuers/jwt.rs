@@ -202,7 +202,7 @@ impl JwtIssuer {
 
 /// RFC 8693 actor claim: the delegators of the credential's owner, nearest first, nested; then
 /// the actors of token exchanges (`actors`, oldest first) around them, the newest outermost.
-fn act_claim(chain: &[SpiffeId], actors: &[SpiffeId]) -> Option<serde_json::Value> {
+pub(crate) fn act_claim(chain: &[SpiffeId], actors: &[SpiffeId]) -> Option<serde_json::Value> {
     let mut act = delegators_claim(chain);
     for id in actors {
         let mut o = json!({ "sub": id.as_str() });

@@ -61,14 +61,14 @@ TOP_KEYS = {
     "listen", "ops_listen", "data_dir", "kek_file", "policy_file", "admin_ids", "approver_ids",
     "max_ttl_seconds", "default_ttl_seconds", "max_active_tasks_per_identity",
     "max_credentials_per_task", "approval_ttl_seconds", "max_delegation_depth", "log_format", "jwt_issuer", "identity", "resources",
-    "retention", "store", "gateway", "server",
+    "retention", "store", "gateway", "oauth", "server",
 }
 REQUIRED_TOP = {"data_dir", "kek_file", "policy_file", "identity"}
 IDENTITY_KEYS = {
     "source", "trust_domain", "authorized_trust_domains", "workload_api_socket", "jwt_audience",
     "svid_file", "svid_key_file", "bundle_file",
 }
-RESOURCE_KEYS = {"kind", "actions", "verifiers", "max_ttl_seconds", "inject"}
+RESOURCE_KEYS = {"kind", "actions", "verifiers", "max_ttl_seconds", "inject", "oauth_resource"}
 INJECT_KEYS = {"header", "format", "gateway_only"}
 GATEWAY_KEYS = {
     "ids", "task_header", "credential_ttl_seconds", "reuse_min_remaining_seconds", "max_body_bytes",
