@@ -7,8 +7,8 @@
 # trivial tool upstream, and two real nginx from the configuration in docs/gateways.md: one with
 # `auth_request` to the broker and one without it. Then, in one run:
 #   1. the gRPC task flow (jitbroker-load, k = 4) for the figures next to which the OAuth ones stand;
-#   2. the token endpoint (jwt-bearer with a JWT-SVID, on the agent's task), as fast as answered
-#      and paced at RATE/s;
+#   2. the token endpoint (jwt-bearer with a JWT-SVID; one token in 16 starts a new task), as fast
+#      as answered and paced at RATE/s;
 #   3. introspection by the resource's verifier, as fast as answered and paced at RATE/s;
 #   4. HTTP calls through nginx without and with forward auth, paced at RATE/s: the difference is
 #      the latency forward auth adds.
@@ -36,8 +36,9 @@ ready() { for _ in $(seq 1 100); do curl -fsS "$1" 2>/dev/null | grep -q "$2" &&
 api=$(free_port); ops=$(free_port); oauth=$(free_port); fa=$(free_port)
 jb_prepare_dev "$jb" "$work/d"
 sed -i 's/^# jwt_audience = "jitbroker"/jwt_audience = "jitbroker"/' "$work/d/jitbroker.toml"
-# One task per agent holds every token of the run.
-sed -i 's/^max_ttl_seconds = .*/max_ttl_seconds = 3600\nmax_credentials_per_task = 100000000/' "$work/d/jitbroker.toml"
+# Agents keep their tasks open (16 tokens each, tasks left to expire) and the gRPC flow's tasks
+# hold their credentials: neither quota is what is measured.
+sed -i 's/^max_ttl_seconds = .*/max_ttl_seconds = 3600\nmax_credentials_per_task = 100000\nmax_active_tasks_per_identity = 100000/' "$work/d/jitbroker.toml"
 cat >>"$work/d/jitbroker.toml" <<EOF
 
 [oauth]
@@ -92,7 +93,7 @@ text = open(page).read()
 server = text.split("<!-- nginx-config -->\n```nginx\n", 1)[1].split("```", 1)[0]
 for a, b in [
     ("listen 443 ssl;", f"listen 127.0.0.1:{listen} ssl;"),
-    ("https://jitbroker.jitbroker.svc.cluster.local:8444/forward-auth", f"https://127.0.0.1:{fa}/forward-auth"),
+    ("server jitbroker.jitbroker.svc.cluster.local:8444;", f"server 127.0.0.1:{fa};"),
     ("http://tickets.tools.svc.cluster.local:8080", f"http://127.0.0.1:{tool}"),
     ("proxy_ssl_name jitbroker.jitbroker.svc.cluster.local;", "proxy_ssl_name localhost;"),
     ("/etc/nginx/svid/", svid + "/"),

@@ -233,8 +233,8 @@ fn nginx_config(
             format!("listen 127.0.0.1:{listen} ssl;"),
         ),
         (
-            "https://jitbroker.jitbroker.svc.cluster.local:8444/forward-auth".to_owned(),
-            format!("https://{forward_auth}/forward-auth"),
+            "server jitbroker.jitbroker.svc.cluster.local:8444;".to_owned(),
+            format!("server {forward_auth};"),
         ),
         (
             "http://tickets.tools.svc.cluster.local:8080".to_owned(),

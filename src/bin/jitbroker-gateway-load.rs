@@ -14,7 +14,8 @@
 //! SVID (without `--broker`, no task is started: for Envoy without the filter); `tool` serves
 //! the upstream (200 "ok"); `gateway-svid` writes the gateway's SVID (serving as localhost) for
 //! Envoy; `oauth-token` asks the OAuth token endpoint for a token per call (jwt-bearer with the
-//! agent's JWT-SVID, on the agent's one task) and `oauth-introspect` introspects an agent's token
+//! agent's JWT-SVID; one call in 16 starts a new task with `purpose`, the others name the agent's
+//! current task) and `oauth-introspect` introspects an agent's token
 //! as the resource's verifier, each over one keep-alive HTTPS connection. `http` also measures
 //! nginx, Caddy or Traefik with forward auth. SVIDs come from the dev CA of the data directory. Latency is per call, reported as
 //! p50/p90/p99/max with the number of calls and errors.
@@ -278,6 +279,8 @@ async fn http_agent(l: Load, n: usize, start: Instant) -> (Vec<u64>, u64) {
 
 const VERIFIER: &str = "spiffe://jitbroker.dev/tool/demo";
 const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// Tokens asked for on one task before the agent starts another.
+const TOKENS_PER_TASK: u64 = 16;
 
 /// A keep-alive HTTP/1.1 connection over TLS presenting `svid`.
 async fn https_conn(
@@ -361,14 +364,24 @@ async fn oauth_token_agent(o: OAuthLoad, n: usize, start: Instant) -> (Vec<u64>,
     let agent = mint(&o.load.data_dir, &agent_id, &[]);
     let assertion = assertion_for(&o, &agent_id);
     let mut send = https_conn(o.load.addr, &agent).await;
-    let (task, _) = first_token(&o, &mut send, &assertion).await;
+    let (mut task, _) = first_token(&o, &mut send, &assertion).await;
     let (mut lat, mut errors) = (Vec::new(), 0u64);
     let mut pace = Pace::new(o.load.rate, n, o.load.agents, start);
     let deadline = Duration::from_secs(o.load.seconds);
+    let mut i = 0u64;
     while start.elapsed() < deadline {
         pace.wait().await;
+        i += 1;
+        // Every TOKENS_PER_TASK-th token starts a new task (`purpose`), the others name the
+        // agent's current one (`task_id`).
+        let fresh = i % TOKENS_PER_TASK == 0;
+        let which = if fresh {
+            ("purpose", "OAuth benchmark")
+        } else {
+            ("task_id", task.as_str())
+        };
         let t = Instant::now();
-        let ok = post_form(
+        let answer = post_form(
             &mut send,
             o.load.addr,
             "/token",
@@ -376,11 +389,19 @@ async fn oauth_token_agent(o: OAuthLoad, n: usize, start: Instant) -> (Vec<u64>,
                 ("grant_type", JWT_BEARER),
                 ("assertion", &assertion),
                 ("resource", &o.resource),
-                ("task_id", &task),
+                which,
             ],
         )
-        .await
-        .is_some_and(|(s, _)| s == 200);
+        .await;
+        let ok = match answer {
+            Some((200, v)) => {
+                if fresh {
+                    task = v["task_id"].as_str().unwrap_or_default().to_owned();
+                }
+                true
+            }
+            _ => false,
+        };
         lat.push(t.elapsed().as_micros() as u64);
         errors += u64::from(!ok);
     }
