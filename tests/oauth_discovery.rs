@@ -21,6 +21,7 @@ use jitbroker::server::Options;
 const RESOURCE: &str = "https://tickets.test/mcp";
 const OTHER_RESOURCE: &str = "https://crm.test/api";
 const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+const GATEWAY: &str = "spiffe://jitbroker.dev/gateway/mcp";
 
 const POLICY: &str = r#"
 @id("agents-tickets")
@@ -45,6 +46,7 @@ fn configure(dir: &Path, port: u16) -> jitbroker::config::Config {
 listen = \"127.0.0.1:{port}\"
 issuer = \"https://127.0.0.1:{port}\"
 access_token_ttl_seconds = 300
+token_exchange_actors = [\"{GATEWAY}\"]
 
 [resources.tickets]
 kind = \"jwt\"
@@ -202,6 +204,38 @@ async fn token_endpoint_introspection_and_task_end() {
         (401, Some("invalid_client"))
     );
 
+    // A gateway exchanges it for a token acting on the agent's behalf (same grant, narrowed).
+    let (gchain, gkey, _) = mint(dir.path(), GATEWAY);
+    let (status, ex) = post(
+        addr,
+        tls_config(&bundle, Some((&gchain, &gkey))),
+        "/token",
+        &form(&[
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", &access),
+            (
+                "subject_token_type",
+                "urn:ietf:params:oauth:token-type:access_token",
+            ),
+            ("resource", RESOURCE),
+        ]),
+    )
+    .await;
+    assert_eq!(status, 200, "{ex}");
+    let exchanged = ex["access_token"].as_str().unwrap().to_owned();
+    let (_, intro) = post(
+        addr,
+        verifier.clone(),
+        "/introspect",
+        &form(&[("token", &exchanged)]),
+    )
+    .await;
+    assert_eq!(intro["act"], serde_json::json!({"sub": GATEWAY}));
+    assert_eq!(intro["client_id"], GATEWAY);
+
     // Completing the task ends the token at once.
     let mut agent = clients(&r, AGENT).await;
     agent
@@ -211,8 +245,16 @@ async fn token_endpoint_introspection_and_task_end() {
         })
         .await
         .expect("complete");
-    let (_, after) = post(addr, verifier, "/introspect", &form(&[("token", &access)])).await;
-    assert_eq!(after, serde_json::json!({"active": false}));
+    for t in [&access, &exchanged] {
+        let (_, after) = post(
+            addr,
+            verifier.clone(),
+            "/introspect",
+            &form(&[("token", t)]),
+        )
+        .await;
+        assert_eq!(after, serde_json::json!({"active": false}));
+    }
 
     // Errors as the RFCs name them.
     let (status, e) = token_for(dir.path(), addr, &bundle, "https://nowhere.test/").await;

@@ -1201,7 +1201,19 @@ impl Broker {
                 .iter()
                 .map(|c| c.to_string())
                 .collect(),
-            detail: format!("kind={} expires_at={}", record.kind, record.expires_at),
+            detail: {
+                // Who else acts with it (token exchange) and what it is bound to, in the trail.
+                let mut d = format!("kind={} expires_at={}", record.kind, record.expires_at);
+                for key in [crate::issuers::ATTR_ACTORS, crate::issuers::ATTR_CLIENT_ID] {
+                    if let Some(v) = record.attributes.get(key) {
+                        d.push_str(&format!(" {key}={v}"));
+                    }
+                }
+                if record.attributes.contains_key(crate::issuers::ATTR_CNF) {
+                    d.push_str(" cnf=x5t#S256");
+                }
+                d
+            },
             ..Default::default()
         })?;
         Ok(IssuedCredential { record, secret })
