@@ -374,7 +374,7 @@ async fn oauth_token_agent(o: OAuthLoad, n: usize, start: Instant) -> (Vec<u64>,
         i += 1;
         // Every TOKENS_PER_TASK-th token starts a new task (`purpose`), the others name the
         // agent's current one (`task_id`).
-        let fresh = i % TOKENS_PER_TASK == 0;
+        let fresh = i.is_multiple_of(TOKENS_PER_TASK);
         let which = if fresh {
             ("purpose", "OAuth benchmark")
         } else {
