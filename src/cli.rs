@@ -436,6 +436,12 @@ trust_domain = "jitbroker.dev"
 # `jitbroker dev-svid --spiffe-id ID --jwt-audience jitbroker`.
 # jwt_audience = "jitbroker"
 
+# The OAuth authorization server (docs/oauth.md): token endpoint, introspection, discovery. It
+# needs jwt_audience above; uncomment both, and oauth_resource under demo-jwt below.
+# [oauth]
+# listen = "127.0.0.1:8445"
+# issuer = "https://127.0.0.1:8445"
+
 [resources.demo-token]
 kind = "token"
 actions = ["read", "write"]
@@ -445,6 +451,7 @@ verifiers = ["spiffe://jitbroker.dev/tool/demo"]
 kind = "jwt"
 actions = ["read", "write"]
 verifiers = ["spiffe://jitbroker.dev/tool/demo"]
+# oauth_resource = "https://demo.jitbroker.dev/api"
 "#
     )
 }
