@@ -67,6 +67,8 @@ pub struct App {
     pub forward_auth: Option<TcpListener>,
     /// Largest body read for MCP routing (`[gateway] max_body_bytes`).
     pub forward_auth_max_body: usize,
+    /// The path proxies call (`[gateway] forward_auth_path`).
+    pub forward_auth_path: String,
     /// The OAuth listener (`[oauth] listen`) and its issuer, bound by [`App::build`].
     pub oauth: Option<(TcpListener, String)>,
     /// The API port's limits.
@@ -292,6 +294,10 @@ impl App {
             forward_auth,
             oauth,
             forward_auth_max_body: cfg.gateway.as_ref().map_or(0, |g| g.max_body_bytes),
+            forward_auth_path: cfg
+                .gateway
+                .as_ref()
+                .map_or_else(String::new, |g| g.forward_auth_path.clone()),
             limits: {
                 // A gateway's check carries the request body it asks about: room for
                 // `[gateway] max_body_bytes` of body and its headers.
@@ -564,6 +570,7 @@ pub async fn run(
                 TlsAcceptor::from(Arc::new(tls)),
                 app.broker.clone(),
                 app.forward_auth_max_body,
+                Arc::from(app.forward_auth_path.as_str()),
                 stop_rx.clone(),
             )))
         }
@@ -688,6 +695,7 @@ async fn serve_forward_auth(
     acceptor: TlsAcceptor,
     broker: Arc<Broker>,
     max_body: usize,
+    path: Arc<str>,
     mut stop: watch::Receiver<bool>,
 ) {
     // Proxies keep a few connections each; a flood of idle or junk ones cannot grow without
@@ -710,7 +718,8 @@ async fn serve_forward_auth(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, broker, mut stop) = (acceptor.clone(), broker.clone(), stop.clone());
+        let (acceptor, broker, path, mut stop) =
+            (acceptor.clone(), broker.clone(), path.clone(), stop.clone());
         tokio::spawn(async move {
             let _slot = slot;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -728,11 +737,17 @@ async fn serve_forward_auth(
                 .and_then(|c| identity::peer_spiffe_id(c).ok())
                 .and_then(|s| SpiffeId::parse("peer certificate URI SAN", &s).ok());
             let service = hyper::service::service_fn(move |req| {
-                let (broker, proxy) = (broker.clone(), proxy.clone());
+                let (broker, proxy, path) = (broker.clone(), proxy.clone(), path.clone());
                 async move {
                     Ok::<_, std::convert::Infallible>(
-                        crate::api::forward_auth::handle(&broker, proxy.as_ref(), max_body, req)
-                            .await,
+                        crate::api::forward_auth::handle(
+                            &broker,
+                            proxy.as_ref(),
+                            max_body,
+                            &path,
+                            req,
+                        )
+                        .await,
                     )
                 }
             });

@@ -74,6 +74,16 @@ async fn forward_auth_decides_as_proxies_ask() {
     ];
     let resp = ask(nginx.clone(), gw_tls.clone()).await;
     assert_eq!(resp.status, 200, "{resp:?}");
+    // Only the configured path ([gateway] forward_auth_path) answers.
+    let h: Vec<(&str, &str)> = nginx.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let elsewhere = https(fa, gw_tls.clone(), "GET", "/forward-auth/x", &h, "")
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.status, 404, "{elsewhere:?}");
+    assert!(
+        elsewhere.body.contains("forward_auth_path"),
+        "{elsewhere:?}"
+    );
     let from_nginx_form = raw_header(fa, gw_tls.clone(), &nginx, "authorization").await;
 
     // Traefik: the PEM body alone in X-Forwarded-Tls-Client-Cert, X-Forwarded-*.

@@ -19,9 +19,6 @@ use crate::error::Error;
 use crate::gateway::{HttpCall, client_cert};
 use crate::model::SpiffeId;
 
-/// The path proxies call.
-pub const PATH: &str = "/forward-auth";
-
 /// Headers that carry the agent's certificate, in the order they are looked at.
 const CERT_HEADERS: [&str; 2] = ["x-forwarded-tls-client-cert", "x-client-cert"];
 
@@ -67,6 +64,7 @@ pub async fn handle<B>(
     broker: &Arc<Broker>,
     proxy: Option<&SpiffeId>,
     max_body: usize,
+    path: &str,
     req: Request<B>,
 ) -> Response<Full<Bytes>>
 where
@@ -80,11 +78,11 @@ where
             "the proxy must connect with mTLS using its X.509-SVID",
         );
     };
-    if req.uri().path() != PATH {
+    if req.uri().path() != path {
         return refusal(
             StatusCode::NOT_FOUND,
             "not_found",
-            "forward auth is at /forward-auth",
+            &format!("forward auth is at {path} ([gateway] forward_auth_path)"),
         );
     }
     let mut headers = HashMap::new();

@@ -60,6 +60,13 @@ pub struct GatewayConfig {
     /// `forward_auth` and Traefik `forwardAuth` at `/forward-auth`; absent = none.
     #[serde(default)]
     pub forward_auth_listen: Option<SocketAddr>,
+    /// The path proxies call on the forward-auth listener (GET or POST).
+    #[serde(default = "default_forward_auth_path")]
+    pub forward_auth_path: String,
+}
+
+fn default_forward_auth_path() -> String {
+    "/forward-auth".to_owned()
 }
 
 /// `[[gateway.routes]]`: one kind of call and the grant it needs.
@@ -163,6 +170,21 @@ impl GatewayConfig {
             if h.starts_with(':') || h == "host" {
                 return bad(format!("strip_headers cannot remove {h:?}"));
             }
+        }
+        let p = &self.forward_auth_path;
+        let plain = p.len() <= 256
+            && p.starts_with('/')
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~/".contains(&b))
+            && !p
+                .split('/')
+                .skip(1)
+                .any(|seg| seg.is_empty() || seg == "." || seg == "..");
+        if !plain {
+            return bad(format!(
+                "forward_auth_path = {p:?} must be an absolute path of non-empty segments of \
+                 A-Z a-z 0-9 - . _ ~ (no dot segments, no query), e.g. \"/forward-auth\""
+            ));
         }
         if self.credential_ttl_seconds == 0 {
             return bad("credential_ttl_seconds must be at least 1".into());

@@ -229,6 +229,10 @@ fn configuration_errors_name_what_is_wrong() {
             "below",
         ),
         (gw("strip_headers = [\"host\"]\n"), "cannot remove"),
+        (gw("forward_auth_path = \"auth\"\n"), "forward_auth_path"),
+        (gw("forward_auth_path = \"/a/../b\"\n"), "no dot segments"),
+        (gw("forward_auth_path = \"/a?b=1\"\n"), "forward_auth_path"),
+        (gw("forward_auth_path = \"/a//b\"\n"), "forward_auth_path"),
         (
             gw("tool_arguments = { \"1x\" = \"long\" }\n"),
             "tool_arguments",

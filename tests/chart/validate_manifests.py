@@ -72,7 +72,7 @@ RESOURCE_KEYS = {"kind", "actions", "verifiers", "max_ttl_seconds", "inject", "o
 INJECT_KEYS = {"header", "format", "gateway_only"}
 GATEWAY_KEYS = {
     "ids", "task_header", "credential_ttl_seconds", "reuse_min_remaining_seconds", "max_body_bytes",
-    "strip_headers", "tool_arguments", "routes", "forward_auth_listen",
+    "strip_headers", "tool_arguments", "routes", "forward_auth_listen", "forward_auth_path",
 }
 ROUTE_KEYS = {"name", "host", "path_prefix", "methods", "mcp_methods", "mcp_tools", "resource", "action"}
 RETENTION_KEYS = {"ended_records_seconds", "audit_entries_in_store", "audit_segment_entries"}
