@@ -34,8 +34,9 @@ use crate::telemetry::Metrics;
 
 /// A TLS handshake that takes longer than this is dropped (slow-loris guard).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Forward-auth connections open at once (TLS handshakes included).
-const FORWARD_AUTH_CONNECTIONS: usize = 1024;
+/// Connections open at once on each of the forward-auth and OAuth listeners (TLS handshakes
+/// included).
+const HTTPS_CONNECTIONS: usize = 1024;
 /// Connections waiting for the gRPC server; more wait in the kernel's accept queue.
 const ACCEPT_QUEUE: usize = 256;
 
@@ -565,12 +566,26 @@ pub async fn run(
             // The same mTLS as the API, for proxies speaking HTTP/1.1.
             let mut tls = (*tls_config).clone();
             tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-            Some(tokio::spawn(serve_forward_auth(
+            let (broker, max_body) = (app.broker.clone(), app.forward_auth_max_body);
+            let path: Arc<str> = Arc::from(app.forward_auth_path.as_str());
+            Some(tokio::spawn(serve_https(
+                "forward-auth",
                 listener,
                 TlsAcceptor::from(Arc::new(tls)),
                 app.broker.clone(),
-                app.forward_auth_max_body,
-                Arc::from(app.forward_auth_path.as_str()),
+                move |peer: Arc<crate::api::TlsPeer>, req| {
+                    let (broker, path) = (broker.clone(), path.clone());
+                    async move {
+                        crate::api::forward_auth::handle(
+                            &broker,
+                            peer.spiffe_id.as_ref(),
+                            max_body,
+                            &path,
+                            req,
+                        )
+                        .await
+                    }
+                },
                 stop_rx.clone(),
             )))
         }
@@ -582,18 +597,24 @@ pub async fn run(
             // clients may authenticate with a JWT-SVID instead) but verified when presented.
             let mut tls = (*tls_config).clone();
             tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-            Some(tokio::spawn(serve_oauth(
+            let service = Arc::new(crate::api::oauth::OAuthService {
+                broker: app.broker.clone(),
+                identity: app.identity.clone(),
+                issuer,
+                metrics: app.metrics.clone(),
+                remote_rate: Arc::new(crate::ratelimit::RateLimiter::new(
+                    lim.requests_per_remote_per_second,
+                    lim.requests_per_remote_per_second.saturating_mul(2),
+                )),
+            });
+            Some(tokio::spawn(serve_https(
+                "OAuth",
                 listener,
                 TlsAcceptor::from(Arc::new(tls)),
-                crate::api::oauth::OAuthService {
-                    broker: app.broker.clone(),
-                    identity: app.identity.clone(),
-                    issuer,
-                    metrics: app.metrics.clone(),
-                    remote_rate: Arc::new(crate::ratelimit::RateLimiter::new(
-                        lim.requests_per_remote_per_second,
-                        lim.requests_per_remote_per_second.saturating_mul(2),
-                    )),
+                app.broker.clone(),
+                move |peer: Arc<crate::api::TlsPeer>, req| {
+                    let service = service.clone();
+                    async move { service.serve(&peer, req).await }
                 },
                 stop_rx.clone(),
             )))
@@ -688,25 +709,34 @@ pub async fn run(
     Ok(())
 }
 
-/// The forward-auth listener: TLS handshakes with a timeout, each verified connection served as
-/// HTTP/1.1 with the proxy's SPIFFE ID, until `stop`.
-async fn serve_forward_auth(
+/// The HTTPS listeners besides the gRPC port (forward auth, OAuth): TLS handshakes with a
+/// timeout (a client certificate is verified when presented; whether one is required is the
+/// handler's business), at most [`HTTPS_CONNECTIONS`] connections at once (beyond it new
+/// ones are closed at once), each served as HTTP/1.1 with its verified peer until `stop`.
+async fn serve_https<F, Fut>(
+    what: &'static str,
     listener: TcpListener,
     acceptor: TlsAcceptor,
     broker: Arc<Broker>,
-    max_body: usize,
-    path: Arc<str>,
+    handler: F,
     mut stop: watch::Receiver<bool>,
-) {
-    // Proxies keep a few connections each; a flood of idle or junk ones cannot grow without
-    // bound: beyond the cap new connections are closed at once.
-    let slots = Arc::new(tokio::sync::Semaphore::new(FORWARD_AUTH_CONNECTIONS));
+) where
+    F: Fn(Arc<crate::api::TlsPeer>, hyper::Request<hyper::body::Incoming>) -> Fut
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = hyper::Response<http_body_util::Full<bytes::Bytes>>>
+        + Send
+        + 'static,
+{
+    let slots = Arc::new(tokio::sync::Semaphore::new(HTTPS_CONNECTIONS));
     loop {
         let (tcp, remote) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::warn!(error = %e, "forward-auth accept failed");
+                    tracing::warn!(error = %e, listener = what, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -714,95 +744,24 @@ async fn serve_forward_auth(
             _ = stop.changed() => return,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(remote = %remote, "forward-auth connection refused: {FORWARD_AUTH_CONNECTIONS} already open");
+            tracing::warn!(remote = %remote, listener = what, "connection refused: {HTTPS_CONNECTIONS} already open");
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, broker, path, mut stop) =
-            (acceptor.clone(), broker.clone(), path.clone(), stop.clone());
+        let (acceptor, broker, handler, mut stop) = (
+            acceptor.clone(),
+            broker.clone(),
+            handler.clone(),
+            stop.clone(),
+        );
         tokio::spawn(async move {
             let _slot = slot;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    tracing::warn!(event = "tls_handshake_failed", remote = %remote, reason = %e, "forward-auth TLS handshake refused");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let proxy = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| identity::peer_spiffe_id(c).ok())
-                .and_then(|s| SpiffeId::parse("peer certificate URI SAN", &s).ok());
-            let service = hyper::service::service_fn(move |req| {
-                let (broker, proxy, path) = (broker.clone(), proxy.clone(), path.clone());
-                async move {
-                    Ok::<_, std::convert::Infallible>(
-                        crate::api::forward_auth::handle(
-                            &broker,
-                            proxy.as_ref(),
-                            max_body,
-                            &path,
-                            req,
-                        )
-                        .await,
-                    )
-                }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HANDSHAKE_TIMEOUT)
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-                }
-            }
-        });
-    }
-}
-
-/// The OAuth listener: TLS handshakes with a timeout (the client certificate is optional and
-/// verified when presented), each connection served as HTTP/1.1 until `stop`.
-async fn serve_oauth(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    service: crate::api::oauth::OAuthService,
-    mut stop: watch::Receiver<bool>,
-) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(FORWARD_AUTH_CONNECTIONS));
-    let service = Arc::new(service);
-    loop {
-        let (tcp, remote) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "OAuth accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(remote = %remote, "OAuth connection refused: {FORWARD_AUTH_CONNECTIONS} already open");
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        let (acceptor, service, mut stop) = (acceptor.clone(), service.clone(), stop.clone());
-        tokio::spawn(async move {
-            let _slot = slot;
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    service.broker.auth_failed(
+                    broker.auth_failed(
                         &remote.ip().to_string(),
-                        &format!("OAuth TLS handshake: {e}"),
+                        &format!("{what} TLS handshake: {e}"),
                     );
                     return;
                 }
@@ -814,10 +773,10 @@ async fn serve_oauth(
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .map(|c| c.as_ref().to_vec());
-            let peer = Arc::new(crate::api::oauth::Peer::new(remote, leaf.as_deref()));
+            let peer = Arc::new(crate::api::TlsPeer::new(remote, leaf.as_deref()));
             let svc = hyper::service::service_fn(move |req| {
-                let (service, peer) = (service.clone(), peer.clone());
-                async move { Ok::<_, std::convert::Infallible>(service.serve(&peer, req).await) }
+                let (handler, peer) = (handler.clone(), peer.clone());
+                async move { Ok::<_, std::convert::Infallible>(handler(peer, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())

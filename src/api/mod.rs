@@ -81,6 +81,36 @@ pub struct ServerFacts {
     pub identity: Option<crate::identity::Identity>,
 }
 
+/// The verified TLS peer of a connection to an HTTPS listener (forward auth, OAuth).
+#[derive(Clone, Debug)]
+pub struct TlsPeer {
+    pub remote: SocketAddr,
+    /// The SPIFFE ID of the client certificate, when one was presented (it was verified in
+    /// the handshake).
+    pub spiffe_id: Option<SpiffeId>,
+    /// Base64url SHA-256 of the client certificate's DER (RFC 8705 `x5t#S256`).
+    pub thumbprint: Option<String>,
+}
+
+impl TlsPeer {
+    pub fn new(remote: SocketAddr, leaf: Option<&[u8]>) -> Self {
+        let spiffe_id = leaf
+            .and_then(|der| {
+                crate::identity::peer_spiffe_id(&[rustls_pki_types::CertificateDer::from(der)]).ok()
+            })
+            .and_then(|s| SpiffeId::parse("client certificate", &s).ok());
+        Self {
+            remote,
+            thumbprint: leaf.map(|d| {
+                use base64::Engine;
+                use sha2::Digest;
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(d))
+            }),
+            spiffe_id,
+        }
+    }
+}
+
 fn ts(ms: UnixMillis) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: ms.div_euclid(1000),

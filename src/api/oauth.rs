@@ -6,18 +6,15 @@
 //! ([`crate::broker::oauth`]); this module parses, authenticates and answers as the RFCs say.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+pub use super::TlsPeer as Peer;
 use crate::broker::Broker;
 use crate::broker::oauth::{
     AccessToken, ExchangeRequest, OAuthError, OAuthErrorCode as C, Revocation, TaskChoice,
@@ -51,32 +48,6 @@ pub struct OAuthService {
     /// Requests per remote address (`[server] requests_per_remote_per_second`), checked before
     /// anything else is read.
     pub remote_rate: Arc<crate::ratelimit::RateLimiter<std::net::IpAddr>>,
-}
-
-/// The verified TLS peer of a connection.
-#[derive(Clone, Debug)]
-pub struct Peer {
-    pub remote: SocketAddr,
-    /// The SPIFFE ID of the client certificate, when one was presented (it was verified in
-    /// the handshake).
-    pub spiffe_id: Option<SpiffeId>,
-    /// Base64url SHA-256 of the client certificate's DER (RFC 8705 `x5t#S256`).
-    pub thumbprint: Option<String>,
-}
-
-impl Peer {
-    pub fn new(remote: SocketAddr, leaf: Option<&[u8]>) -> Self {
-        let spiffe_id = leaf
-            .and_then(|der| {
-                crate::identity::peer_spiffe_id(&[rustls_pki_types::CertificateDer::from(der)]).ok()
-            })
-            .and_then(|s| SpiffeId::parse("client certificate", &s).ok());
-        Self {
-            remote,
-            thumbprint: leaf.map(|d| URL_SAFE_NO_PAD.encode(Sha256::digest(d))),
-            spiffe_id,
-        }
-    }
 }
 
 type Answer = Response<Full<Bytes>>;

@@ -1396,9 +1396,14 @@ impl Broker {
         if &rec.owner != caller {
             return Err(not_found());
         }
-        let _guard = self.stripes[stripe_of(rec.task_id.as_str())].lock().await;
+        self.revoke_now(&rec).await
+    }
+
+    /// Revokes one credential (if still active) under its task's lock, durably.
+    pub(crate) async fn revoke_now(&self, rec: &CredentialRecord) -> Result<()> {
+        let _guard = self.lock_task(&rec.task_id).lock().await;
         self.end_credential(
-            &id,
+            &rec.id,
             CredentialState::Revoked,
             RevokeReason::Revoked,
             self.now(),
@@ -1502,18 +1507,21 @@ impl Broker {
     /// Refuses callers that are not configured as verifiers of `resource`.
     fn require_verifier(&self, caller: &SpiffeId, resource: &str) -> Result<()> {
         config::check_name("resource", resource)?;
-        let allowed = self
-            .limits
-            .resources
-            .get(resource)
-            .is_some_and(|r| r.verifiers.contains(caller));
-        if allowed {
+        if self.is_verifier(caller, resource) {
             Ok(())
         } else {
             Err(Error::PermissionDenied(format!(
                 "{caller} is not a verifier of resource {resource}"
             )))
         }
+    }
+
+    /// `caller` is configured as a verifier of `resource`.
+    pub(crate) fn is_verifier(&self, caller: &SpiffeId, resource: &str) -> bool {
+        self.limits
+            .resources
+            .get(resource)
+            .is_some_and(|r| r.verifiers.contains(caller))
     }
 
     /// `Verifier.GetJwks`.

@@ -8,9 +8,7 @@ use super::{Broker, IssuedCredential, ResourceSpec, StartTask};
 use crate::config::ResourceKind;
 use crate::error::Error;
 use crate::issuers::{ATTR_ACTORS, ATTR_CLIENT_ID, ATTR_CNF, actors_of};
-use crate::model::{
-    CredentialRecord, CredentialState, Decision, Grant, RevokeReason, SpiffeId, TaskId,
-};
+use crate::model::{CredentialRecord, Decision, Grant, SpiffeId, TaskId};
 
 /// The error codes of RFC 6749 §5.2 and the extensions the token endpoint answers with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,6 +137,15 @@ pub struct AccessToken {
     pub expires_in: u64,
 }
 
+/// The actions a task asked for on a resource.
+fn asked_on(task: &crate::model::Task, resource: &str) -> Vec<String> {
+    task.grants
+        .iter()
+        .filter(|g| g.grant.resource == resource)
+        .map(|g| g.grant.action.clone())
+        .collect()
+}
+
 /// What revocation did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Revocation {
@@ -264,7 +271,7 @@ impl Broker {
         client: &SpiffeId,
         req: TokenRequest,
     ) -> Result<AccessToken, OAuthError> {
-        let oauth = self.oauth_limits()?.clone();
+        self.oauth_limits()?;
         self.oauth_caller(client)?;
         let (name, spec) = self.target(&req.resource)?;
         let (task_id, scope, fresh) = match req.task {
@@ -280,12 +287,7 @@ impl Broker {
                             ),
                         )
                     })?;
-                let asked: Vec<String> = task
-                    .grants
-                    .iter()
-                    .filter(|g| g.grant.resource == name)
-                    .map(|g| g.grant.action.clone())
-                    .collect();
+                let asked = asked_on(&task, &name);
                 let scope = self.pick_scope(&req.resource, &spec, req.scope.as_deref(), &asked)?;
                 (task.id, scope, false)
             }
@@ -322,17 +324,15 @@ impl Broker {
                 (task.id, scope, true)
             }
         };
-        let mut binding = BTreeMap::new();
-        if let Some(t) = req.certificate_thumbprint {
-            binding.insert(ATTR_CNF.to_owned(), t);
-        }
-        let grant = Grant {
-            resource: name,
-            action: scope,
-        };
-        let ttl = oauth.access_token_ttl_seconds.min(spec.max_ttl_seconds);
         let issued = self
-            .issue_for_task(client, &task_id, &spec, grant, ttl, None, None, binding)
+            .issue_access_token(
+                client,
+                &task_id,
+                (name, &spec, scope),
+                BTreeMap::new(),
+                req.certificate_thumbprint,
+                None,
+            )
             .await;
         let issued = match issued {
             Ok(i) => i,
@@ -348,6 +348,32 @@ impl Broker {
             }
         };
         Ok(self.access_token(issued))
+    }
+
+    /// Issues an access token of `owner`'s task for `(resource, spec, scope)` through the one
+    /// issuance path: the OAuth life (capped by the resource, the task and `not_after`), the
+    /// `binding`, and the certificate it is bound to.
+    async fn issue_access_token(
+        &self,
+        owner: &SpiffeId,
+        task_id: &TaskId,
+        (resource, spec, action): (String, &ResourceSpec, String),
+        mut binding: BTreeMap<String, String>,
+        certificate_thumbprint: Option<String>,
+        not_after: Option<crate::model::UnixMillis>,
+    ) -> crate::error::Result<IssuedCredential> {
+        let ttl = self
+            .limits
+            .oauth
+            .as_ref()
+            .map_or(spec.max_ttl_seconds, |o| o.access_token_ttl_seconds)
+            .min(spec.max_ttl_seconds);
+        if let Some(t) = certificate_thumbprint {
+            binding.insert(ATTR_CNF.to_owned(), t);
+        }
+        let grant = Grant { resource, action };
+        self.issue_for_task(owner, task_id, spec, grant, ttl, None, not_after, binding)
+            .await
     }
 
     fn access_token(&self, issued: IssuedCredential) -> AccessToken {
@@ -434,12 +460,7 @@ impl Broker {
                 .get_task(&subject.task_id)
                 .map_err(OAuthError::from_issuance)?
                 .ok_or_else(|| OAuthError::new(OAuthErrorCode::InvalidGrant, "task is gone"))?;
-            let asked: Vec<String> = task
-                .grants
-                .iter()
-                .filter(|g| g.grant.resource == name)
-                .map(|g| g.grant.action.clone())
-                .collect();
+            let asked = asked_on(&task, &name);
             let scope = self.pick_scope(&req.resource, &spec, req.scope.as_deref(), &asked)?;
             if !asked.contains(&scope) {
                 return Err(OAuthError::new(
@@ -454,7 +475,7 @@ impl Broker {
         };
         let mut actors = actors_of(&subject.attributes);
         actors.push(actor.clone());
-        let mut binding = BTreeMap::from([
+        let binding = BTreeMap::from([
             (
                 ATTR_ACTORS.to_owned(),
                 actors
@@ -465,24 +486,14 @@ impl Broker {
             ),
             (ATTR_CLIENT_ID.to_owned(), actor.to_string()),
         ]);
-        if let Some(t) = req.certificate_thumbprint {
-            binding.insert(ATTR_CNF.to_owned(), t);
-        }
-        let grant = Grant {
-            resource: name,
-            action: scope,
-        };
-        let ttl = oauth.access_token_ttl_seconds.min(spec.max_ttl_seconds);
         let issued = self
-            .issue_for_task(
+            .issue_access_token(
                 &subject.owner,
                 &subject.task_id,
-                &spec,
-                grant,
-                ttl,
-                None,
-                Some(subject.expires_at),
+                (name, &spec, scope),
                 binding,
+                req.certificate_thumbprint,
+                Some(subject.expires_at),
             )
             .await
             .map_err(OAuthError::from_issuance)?;
@@ -500,12 +511,7 @@ impl Broker {
         let Some(record) = self.active_credential(token)? else {
             return Ok(None);
         };
-        let verifier = self
-            .limits
-            .resources
-            .get(&record.resource)
-            .is_some_and(|r| r.verifiers.contains(caller));
-        Ok(verifier.then_some(record))
+        Ok(self.is_verifier(caller, &record.resource).then_some(record))
     }
 
     /// Revocation (RFC 7009) by the agent the token was issued to, the actor it was exchanged
@@ -528,22 +534,11 @@ impl Broker {
         };
         let may = &record.owner == caller
             || record.attributes.get(ATTR_CLIENT_ID).map(String::as_str) == Some(caller.as_str())
-            || self
-                .limits
-                .resources
-                .get(&record.resource)
-                .is_some_and(|r| r.verifiers.contains(caller));
+            || self.is_verifier(caller, &record.resource);
         if !may {
             return Ok(Revocation::NotYours);
         }
-        let _guard = self.lock_task(&record.task_id).lock().await;
-        self.end_credential(
-            &id,
-            CredentialState::Revoked,
-            RevokeReason::Revoked,
-            self.now(),
-        )?;
-        self.store.durable().await?;
+        self.revoke_now(&record).await?;
         Ok(Revocation::Done)
     }
 
