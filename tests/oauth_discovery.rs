@@ -9,14 +9,12 @@ mod common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::envoy::https_to_host;
 use common::*;
 use jitbroker::api::pb;
 use jitbroker::broker::clock::{Clock, ManualClock, SystemClock};
-use jitbroker::server::Options;
 
 const RESOURCE: &str = "https://tickets.test/mcp";
 const OTHER_RESOURCE: &str = "https://crm.test/api";
@@ -368,15 +366,7 @@ async fn openbao_trusts_the_broker_through_discovery() {
     // The broker's clock starts two hours back: a token it issues then has expired on the real
     // clock OpenBao checks with, without the test waiting for anything.
     let clock = ManualClock::starting_at(SystemClock.now() - 2 * 3600 * 1000);
-    let r = spawn(
-        &cfg,
-        Options {
-            clock: Arc::new(clock.clone()) as Arc<dyn Clock>,
-            reaper: false,
-        },
-    )
-    .await
-    .expect("spawn");
+    let r = spawn_on(&cfg, &clock).await;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let (_, _, bundle) = mint(dir.path(), AGENT);
 
@@ -447,15 +437,7 @@ async fn the_oauth_port_meters_each_address() {
     cfg.server.requests_per_remote_per_second = 5;
     // The broker's clock stands still: the bucket refills only when the test says so.
     let clock = ManualClock::new();
-    let r = spawn(
-        &cfg,
-        Options {
-            clock: Arc::new(clock.clone()) as Arc<dyn Clock>,
-            reaper: false,
-        },
-    )
-    .await
-    .expect("spawn");
+    let r = spawn_on(&cfg, &clock).await;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let (_, _, bundle) = mint(dir.path(), AGENT);
     // A burst of twice the rate passes, then unauthenticated junk is refused before it is read,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use jitbroker::api::pb;
-use jitbroker::broker::{Clock, ManualClock};
+use jitbroker::broker::ManualClock;
 use jitbroker::server::Options;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -279,15 +279,7 @@ async fn a_certificate_is_bound_to_its_resource_and_action_and_its_revocation_is
     let dir = dev_dir();
     let cfg = two_resources(dir.path());
     let clock = ManualClock::new();
-    let r = spawn(
-        &cfg,
-        Options {
-            clock: Arc::new(clock.clone()) as Arc<dyn Clock>,
-            reaper: false,
-        },
-    )
-    .await
-    .unwrap();
+    let r = spawn_on(&cfg, &clock).await;
     let mut agent = clients(&r, AGENT).await;
     let mut tool = clients(&r, TOOL).await;
     let task = agent

@@ -96,16 +96,21 @@ pub async fn spawn(cfg: &Config, options: Options) -> jitbroker::error::Result<R
 pub async fn spawn_manual(dir: &Path) -> (Running, ManualClock) {
     let clock = ManualClock::new();
     let cfg = config(dir, |t| t);
-    let r = spawn(
-        &cfg,
+    let r = spawn_on(&cfg, &clock).await;
+    (r, clock)
+}
+
+/// Starts a broker for `cfg` on `clock`, without the reaper (the test moves time itself).
+pub async fn spawn_on(cfg: &Config, clock: &ManualClock) -> Running {
+    spawn(
+        cfg,
         Options {
             clock: Arc::new(clock.clone()) as Arc<dyn Clock>,
             reaper: false,
         },
     )
     .await
-    .expect("spawn");
-    (r, clock)
+    .expect("spawn")
 }
 
 /// Mints an SVID for `id` from the dev CA of `dir` and returns (chain PEM, key PEM, bundle PEM).
