@@ -53,6 +53,10 @@ cargo test --all-targets --locked --features failpoints
 
 step "release build (the README's run command)"
 cargo build --release --locked --bins
+if [ ! -x target/release/jitbroker ]; then
+  echo "the release build left no target/release/jitbroker" >&2
+  exit 1
+fi
 if grep -q JITBROKER_FAILPOINT target/release/jitbroker; then
   echo "the release binary holds crash points (they need the failpoints feature)" >&2
   exit 1
