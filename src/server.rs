@@ -37,6 +37,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections open at once on each of the forward-auth and OAuth listeners (TLS handshakes
 /// included).
 const HTTPS_CONNECTIONS: usize = 1024;
+/// Longest a connection to the forward-auth or OAuth listener stays open with no request in
+/// progress (`[server] idle_timeout_ms` when that is shorter).
+const HTTPS_IDLE_MS: u64 = 30_000;
 /// Connections waiting for the gRPC server; more wait in the kernel's accept queue.
 const ACCEPT_QUEUE: usize = 256;
 
@@ -561,6 +564,9 @@ pub async fn run(
         .set_serving::<AuthorizationServer<ExtAuthzApi>>()
         .await;
 
+    // Idle connections on the HTTPS listeners close sooner than on the API port: clients there
+    // are proxies and OAuth clients with pools that reconnect.
+    let https_idle = Duration::from_millis(lim.idle_timeout_ms.min(HTTPS_IDLE_MS));
     let forward_auth = match app.forward_auth {
         Some(listener) => {
             // The same mTLS as the API, for proxies speaking HTTP/1.1.
@@ -573,6 +579,9 @@ pub async fn run(
                 listener,
                 TlsAcceptor::from(Arc::new(tls)),
                 app.broker.clone(),
+                // Proxies are few addresses with pools of their own: no per-address cap.
+                None,
+                https_idle,
                 move |peer: Arc<crate::api::TlsPeer>, req| {
                     let (broker, path) = (broker.clone(), path.clone());
                     async move {
@@ -612,6 +621,8 @@ pub async fn run(
                 listener,
                 TlsAcceptor::from(Arc::new(tls)),
                 app.broker.clone(),
+                Some(lim.max_connections_per_remote),
+                https_idle,
                 move |peer: Arc<crate::api::TlsPeer>, req| {
                     let service = service.clone();
                     async move { service.serve(&peer, req).await }
@@ -713,11 +724,17 @@ pub async fn run(
 /// timeout (a client certificate is verified when presented; whether one is required is the
 /// handler's business), at most [`HTTPS_CONNECTIONS`] connections at once (beyond it new
 /// ones are closed at once), each served as HTTP/1.1 with its verified peer until `stop`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one listener, its parts named at the call"
+)]
 async fn serve_https<F, Fut>(
     what: &'static str,
     listener: TcpListener,
     acceptor: TlsAcceptor,
     broker: Arc<Broker>,
+    per_remote: Option<usize>,
+    idle: Duration,
     handler: F,
     mut stop: watch::Receiver<bool>,
 ) where
@@ -731,6 +748,7 @@ async fn serve_https<F, Fut>(
         + 'static,
 {
     let slots = Arc::new(tokio::sync::Semaphore::new(HTTPS_CONNECTIONS));
+    let remotes = per_remote.map(limits::PerRemote::new);
     loop {
         let (tcp, remote) = tokio::select! {
             r = listener.accept() => match r {
@@ -747,6 +765,19 @@ async fn serve_https<F, Fut>(
             tracing::warn!(remote = %remote, listener = what, "connection refused: {HTTPS_CONNECTIONS} already open");
             continue;
         };
+        let remote_slot = match &remotes {
+            Some(r) => match r.take(remote.ip()) {
+                Some(s) => Some(s),
+                None => {
+                    broker.auth_failed(
+                        &remote.ip().to_string(),
+                        &format!("{what}: too many connections open from this address"),
+                    );
+                    continue;
+                }
+            },
+            None => None,
+        };
         let _ = tcp.set_nodelay(true);
         let (acceptor, broker, handler, mut stop) = (
             acceptor.clone(),
@@ -755,7 +786,7 @@ async fn serve_https<F, Fut>(
             stop.clone(),
         );
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slot = (slot, remote_slot);
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -774,9 +805,18 @@ async fn serve_https<F, Fut>(
                 .and_then(|c| c.first())
                 .map(|c| c.as_ref().to_vec());
             let peer = Arc::new(crate::api::TlsPeer::new(remote, leaf.as_deref()));
+            // A connection with no request in progress for `idle` is closed, the first request
+            // included: idle keep-alive connections cannot pile up to the cap.
+            let activity = limits::Activity::new();
+            let mut idle_close = limits::IdleClose::new(activity.clone(), idle);
             let svc = hyper::service::service_fn(move |req| {
                 let (handler, peer) = (handler.clone(), peer.clone());
-                async move { Ok::<_, std::convert::Infallible>(handler(peer, req).await) }
+                let busy = activity.begin();
+                async move {
+                    let answer = handler(peer, req).await;
+                    drop(busy);
+                    Ok::<_, std::convert::Infallible>(answer)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -786,6 +826,10 @@ async fn serve_https<F, Fut>(
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
+                _ = std::future::poll_fn(|cx| idle_close.poll_idle(cx)) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
                 _ = stop.changed() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;

@@ -462,3 +462,70 @@ async fn the_oauth_port_meters_each_address() {
     assert_eq!(status, 400, "a second later the address is served again");
     r.stop().await;
 }
+
+/// A TLS connection to the OAuth port that sends nothing; how long until the broker closes it
+/// (`None`: still open after `bound`).
+async fn silent_connection_lasts(
+    addr: SocketAddr,
+    tls: rustls::ClientConfig,
+    bound: Duration,
+) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut tls = tls;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let Ok(mut s) = connector.connect(name, tcp).await else {
+        // Refused at the handshake.
+        return Some(Duration::ZERO);
+    };
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(bound, s.read(&mut buf)).await {
+        Ok(_) => Some(started.elapsed()),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn idle_and_piled_up_connections_are_closed() {
+    let dir = dev_dir();
+    let port = free_port();
+    let mut cfg = configure(dir.path(), port);
+    cfg.server.idle_timeout_ms = 1000;
+    cfg.server.max_connections_per_remote = 2;
+    let r = spawn(&cfg, Default::default()).await.expect("spawn");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (_, _, bundle) = mint(dir.path(), AGENT);
+    // A connection that never asks anything is closed once idle (a bound, not a timing).
+    let closed =
+        silent_connection_lasts(addr, tls_config(&bundle, None), Duration::from_secs(20)).await;
+    assert!(
+        closed.is_some_and(|d| d > Duration::ZERO),
+        "an idle OAuth connection stayed open (or was refused: {closed:?})"
+    );
+    // Two open connections from one address hold its quota; a third is refused at its
+    // handshake, long before the idle close could end it.
+    let open = |b: String| async move {
+        let mut tls = tls_config(&b, None);
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        connector.connect(name, tcp).await.expect("handshake")
+    };
+    let held = (open(bundle.clone()).await, open(bundle.clone()).await);
+    let third =
+        silent_connection_lasts(addr, tls_config(&bundle, None), Duration::from_millis(500)).await;
+    assert_eq!(
+        third,
+        Some(Duration::ZERO),
+        "a third connection from one address was kept"
+    );
+    drop(held);
+    // Once they are gone, the address is served again.
+    let (status, _) = post(addr, tls_config(&bundle, None), "/token", "x=1").await;
+    assert_eq!(status, 400);
+    r.stop().await;
+}

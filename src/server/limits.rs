@@ -134,7 +134,7 @@ impl Activity {
         })
     }
 
-    fn begin(self: &Arc<Self>) -> Busy {
+    pub(crate) fn begin(self: &Arc<Self>) -> Busy {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         Busy(self.clone())
     }
@@ -149,7 +149,7 @@ impl Activity {
 }
 
 /// A request in progress on a connection (held until its response body is done).
-struct Busy(Arc<Activity>);
+pub(crate) struct Busy(Arc<Activity>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
@@ -192,6 +192,54 @@ impl IdleClose {
                 self.timer.as_mut().reset(deadline);
             }
             ready!(self.timer.as_mut().poll(cx));
+        }
+    }
+}
+
+/// Open connections per remote address on a listener, capped; a slot is given back on drop.
+#[derive(Debug)]
+pub struct PerRemote {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection's place in [`PerRemote`].
+pub struct RemoteSlot {
+    of: Arc<PerRemote>,
+    ip: IpAddr,
+}
+
+impl PerRemote {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A slot for a connection from `ip`, or `None` when it already has `max` open.
+    pub fn take(self: &Arc<Self>, ip: IpAddr) -> Option<RemoteSlot> {
+        let mut map = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(RemoteSlot {
+            of: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for RemoteSlot {
+    fn drop(&mut self) {
+        let mut map = self.of.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
         }
     }
 }
