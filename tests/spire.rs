@@ -234,6 +234,11 @@ plugins {{
 
     async fn register(&self, id: &str, binary: &Path, ttl_s: u32, dns: &[&str]) {
         let sock = self.server_sock().display().to_string();
+        // The agent's unix attestor reports the executable's resolved path: a target directory
+        // reached through a symlink must be registered by where it really is.
+        let binary = binary
+            .canonicalize()
+            .unwrap_or_else(|_| binary.to_path_buf());
         let selector = format!("unix:path:{}", binary.display());
         let ttl = ttl_s.to_string();
         let spiffe_id = format!("spiffe://{TD}{id}");
