@@ -27,14 +27,13 @@ cleanup() {
 	rm -rf "$work"
 }
 trap cleanup EXIT
-ready() { for _ in $(seq 1 100); do curl -fsS "$1" 2>/dev/null | grep -q "$2" && return 0; sleep 0.1; done; echo "not ready: $1" >&2; return 1; }
 
 api=$(free_port); ops=$(free_port)
 start_broker() {
 	RUST_LOG=warn "$jb" dev --data-dir "$work/d" --listen "127.0.0.1:$api" --ops-listen "127.0.0.1:$ops" >>"$work/broker.log" 2>&1 &
 	broker=$!
 	pids+=("$broker")
-	ready "http://127.0.0.1:$ops/readyz" ready
+	jb_ready "http://127.0.0.1:$ops/readyz" ready
 }
 # First start creates the dev directory; then add the gateway and start again.
 start_broker
@@ -101,7 +100,7 @@ start_envoy() { # NAME WITH_FILTER -> sets listen
 	"$envoy" --config-path "$work/$name.yaml" --disable-hot-restart --concurrency 1 --log-level warn \
 		--log-path "$work/$name.log" --base-id "$admin" &
 	pids+=($!)
-	ready "http://127.0.0.1:$admin/ready" LIVE
+	jb_ready "http://127.0.0.1:$admin/ready" LIVE
 }
 start_envoy plain 0; plain=$listen
 start_envoy authz 1; authz=$listen

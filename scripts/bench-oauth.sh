@@ -31,7 +31,6 @@ cleanup() {
 	rm -rf "$work"
 }
 trap cleanup EXIT
-ready() { for _ in $(seq 1 100); do curl -fsS "$1" 2>/dev/null | grep -q "$2" && return 0; sleep 0.1; done; echo "not ready: $1" >&2; return 1; }
 
 api=$(free_port); ops=$(free_port); oauth=$(free_port); fa=$(free_port)
 jb_prepare_dev "$jb" "$work/d"
@@ -76,7 +75,7 @@ when { principal.spiffe_id like "spiffe://jitbroker.dev/agent/*" &&
 EOF
 RUST_LOG=warn "$jb" dev --data-dir "$work/d" --listen "127.0.0.1:$api" --ops-listen "127.0.0.1:$ops" >>"$work/broker.log" 2>&1 &
 pids+=($!)
-ready "http://127.0.0.1:$ops/readyz" ready
+jb_ready "http://127.0.0.1:$ops/readyz" ready
 
 tool=$(free_port)
 "$load" tool --listen "127.0.0.1:$tool" &

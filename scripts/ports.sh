@@ -17,6 +17,13 @@ while True:
 PY
 }
 
+# jb_ready URL TEXT: wait (up to 10 s) until URL answers with TEXT in its body.
+jb_ready() {
+	for _ in $(seq 1 100); do curl -fsS "$1" 2>/dev/null | grep -q "$2" && return 0; sleep 0.1; done
+	echo "not ready: $1" >&2
+	return 1
+}
+
 # jb_prepare_dev JITBROKER DIR: make a dev data directory (one short start of `jitbroker dev`) whose
 # configuration lifts the per-address and per-identity request rates: a load generator is one
 # address and a few identities, and measures the broker, not its flood limits.
@@ -27,7 +34,7 @@ jb_prepare_dev() {
 		ops=$(free_port)
 		RUST_LOG=warn "$jb" dev --data-dir "$dir" --listen "127.0.0.1:$api" --ops-listen "127.0.0.1:$ops" >/dev/null 2>&1 &
 		pid=$!
-		for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$ops/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+		jb_ready "http://127.0.0.1:$ops/readyz" ready || true
 		kill "$pid" 2>/dev/null || true
 		wait "$pid" 2>/dev/null || true
 	fi

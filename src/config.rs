@@ -86,12 +86,6 @@ fn default_access_token_ttl() -> u64 {
 }
 
 impl OAuthConfig {
-    /// The issuer's path ("" or "/p"), for the RFC 8414 well-known location.
-    pub fn issuer_path(&self) -> &str {
-        let rest = self.issuer.strip_prefix("https://").unwrap_or("");
-        rest.find('/').map_or("", |i| &rest[i..])
-    }
-
     fn validate(&self, cfg: &Config) -> Result<()> {
         let bad = |m: String| Err(Error::Config(format!("[oauth] {m}")));
         let iss = &self.issuer;

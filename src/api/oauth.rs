@@ -204,6 +204,25 @@ impl OAuthService {
         })
     }
 
+    /// The endpoint a path names (as metrics label it), if any.
+    fn route(&self, path: &str) -> Option<&'static str> {
+        let base = self.base_path();
+        let local = path.strip_prefix(base).unwrap_or("\u{0}");
+        let rfc8414 = path
+            .strip_prefix("/.well-known/oauth-authorization-server")
+            .is_some_and(|rest| rest == base);
+        if rfc8414 || local == "/.well-known/openid-configuration" {
+            return Some("metadata");
+        }
+        match local {
+            "/jwks.json" => Some("jwks"),
+            "/token" => Some("token"),
+            "/introspect" => Some("introspect"),
+            "/revoke" => Some("revoke"),
+            _ => None,
+        }
+    }
+
     /// Answers one request.
     pub async fn handle<B>(&self, peer: &Peer, req: Request<B>) -> Answer
     where
@@ -211,25 +230,16 @@ impl OAuthService {
         B::Error: std::error::Error + Send + Sync + 'static,
     {
         let path = req.uri().path().to_owned();
-        let base = self.base_path();
-        let local = path.strip_prefix(base).unwrap_or("\u{0}");
-        let well_known = format!("/.well-known/oauth-authorization-server{base}");
         let get = |r: &Request<B>| *r.method() == Method::GET || *r.method() == Method::HEAD;
-        let route = if path == well_known || local == "/.well-known/openid-configuration" {
-            "metadata"
-        } else {
-            match local {
-                "/jwks.json" => "jwks",
-                "/token" => "token",
-                "/introspect" => "introspect",
-                "/revoke" => "revoke",
-                _ => {
-                    return json_answer(
-                        StatusCode::NOT_FOUND,
-                        &json!({"error": "not_found", "error_description": format!("no OAuth endpoint at {}; discovery is at {well_known}", crate::model::preview(&path))}),
-                    );
-                }
-            }
+        let Some(route) = self.route(&path) else {
+            return json_answer(
+                StatusCode::NOT_FOUND,
+                &json!({"error": "not_found", "error_description": format!(
+                    "no OAuth endpoint at {}; discovery is at /.well-known/oauth-authorization-server{}",
+                    crate::model::preview(&path),
+                    self.base_path()
+                )}),
+            );
         };
         let wants_get = matches!(route, "metadata" | "jwks");
         let method_ok = if wants_get {
@@ -330,16 +340,9 @@ impl OAuthService {
             );
             return r;
         }
-        let path = req.uri().path();
-        let endpoint = match path.rsplit('/').next().unwrap_or("") {
-            "token" => "token",
-            "introspect" => "introspect",
-            "revoke" => "revoke",
-            "jwks.json" => "jwks",
-            _ => "metadata",
-        };
+        let endpoint = self.route(req.uri().path());
         let answer = self.handle(peer, req).await;
-        if answer.status() != StatusCode::NOT_FOUND {
+        if let Some(endpoint) = endpoint {
             self.metrics
                 .oauth(endpoint, answer.status().as_u16(), started.elapsed());
         }
@@ -479,6 +482,36 @@ impl OAuthService {
         Ok(who)
     }
 
+    /// Client identification that comes along with a grant must name the grant's workload `who`:
+    /// `client_id` if sent, and a client assertion, which must also verify. `names` says what
+    /// `who` is (for `client_id`, and for the assertion) in the refusal.
+    fn same_client(
+        &self,
+        peer: &Peer,
+        form: &Form,
+        endpoint: &str,
+        who: &SpiffeId,
+        (as_client_id, as_assertion): (&str, &str),
+    ) -> Result<(), OAuthError> {
+        if let Some(id) = form.get("client_id")
+            && id != who.as_str()
+        {
+            return Err(err(
+                C::InvalidClient,
+                format!("client_id is not {as_client_id} {who}"),
+            ));
+        }
+        if let Some(client) = self.client_assertion(peer, form, endpoint)?
+            && &client != who
+        {
+            return Err(err(
+                C::InvalidClient,
+                format!("the client assertion names {client} but {as_assertion} {who}"),
+            ));
+        }
+        Ok(())
+    }
+
     /// The one resource indicator of a request (`resource`, or RFC 8693's `audience`).
     fn resource(form: &Form) -> Result<String, OAuthError> {
         match (form.get("resource"), form.get("audience")) {
@@ -520,25 +553,13 @@ impl OAuthService {
                 let agent = self
                     .verify_assertion(peer, assertion, &endpoint)
                     .map_err(|e| err(C::InvalidGrant, format!("assertion: {e}")))?;
-                if let Some(id) = form.get("client_id")
-                    && id != agent.as_str()
-                {
-                    return Err(err(
-                        C::InvalidClient,
-                        format!("client_id is not the assertion's subject {agent}"),
-                    ));
-                }
-                // Client authentication that comes along must verify, and name the same workload.
-                if let Some(client) = self.client_assertion(peer, form, &endpoint)?
-                    && client != agent
-                {
-                    return Err(err(
-                        C::InvalidClient,
-                        format!(
-                            "the client assertion names {client} but the grant's assertion {agent}"
-                        ),
-                    ));
-                }
+                self.same_client(
+                    peer,
+                    form,
+                    &endpoint,
+                    &agent,
+                    ("the assertion's subject", "the grant's assertion"),
+                )?;
                 self.admit(&agent)?;
                 let req = TokenRequest {
                     resource: Self::resource(form)?,
@@ -560,24 +581,16 @@ impl OAuthService {
                          (RFC 8705 tls_client_auth)",
                     ));
                 };
-                if let Some(id) = form.get("client_id")
-                    && id != agent.as_str()
-                {
-                    return Err(err(
-                        C::InvalidClient,
-                        format!("client_id is not the client certificate's SPIFFE ID {agent}"),
-                    ));
-                }
-                if let Some(client) = self.client_assertion(peer, form, &endpoint)?
-                    && &client != agent
-                {
-                    return Err(err(
-                        C::InvalidClient,
-                        format!(
-                            "the client assertion names {client} but the client certificate {agent}"
-                        ),
-                    ));
-                }
+                self.same_client(
+                    peer,
+                    form,
+                    &endpoint,
+                    agent,
+                    (
+                        "the client certificate's SPIFFE ID",
+                        "the client certificate",
+                    ),
+                )?;
                 self.admit(agent)?;
                 let req = TokenRequest {
                     resource: Self::resource(form)?,

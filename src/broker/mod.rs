@@ -1430,21 +1430,10 @@ impl Broker {
                 format!("is {} bytes; at most {MAX_SECRET_LEN}", secret.len()),
             ));
         }
-        let now = self.now();
-        let Some(id) = self.store.credential_by_secret(secret)? else {
-            return Ok(None);
-        };
-        let Some(record) = self.store.get_credential(&id)? else {
-            return Ok(None);
-        };
-        if record.resource != resource || !record.is_live(now) {
-            return Ok(None);
-        }
-        // Belt and braces: the task must be live too (its end revokes credentials anyway).
-        match self.store.get_task(&record.task_id)? {
-            Some(t) if t.is_live(now) => Ok(Some(Introspection { record })),
-            _ => Ok(None),
-        }
+        Ok(self
+            .active_credential(secret)?
+            .filter(|r| r.resource == resource)
+            .map(|record| Introspection { record }))
     }
 
     /// `Verifier.GetX509Authorities`: without a resource, the root that signs every resource's

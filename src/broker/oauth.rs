@@ -384,8 +384,12 @@ impl Broker {
         }
     }
 
-    /// An active credential of this broker that a token names, with its live task.
-    fn active_credential(&self, token: &str) -> crate::error::Result<Option<CredentialRecord>> {
+    /// An active credential of this broker that a token names, with its live task (belt and
+    /// braces: a task's end revokes its credentials anyway).
+    pub(crate) fn active_credential(
+        &self,
+        token: &str,
+    ) -> crate::error::Result<Option<CredentialRecord>> {
         if token.is_empty() || token.len() > super::MAX_SECRET_LEN {
             return Ok(None);
         }
@@ -540,10 +544,5 @@ impl Broker {
         }
         self.revoke_now(&record).await?;
         Ok(Revocation::Done)
-    }
-
-    /// The JWT issuer's key set, for `jwks_uri`.
-    pub fn oauth_issuer(&self) -> Option<&str> {
-        self.limits.oauth.as_ref().map(|o| o.issuer.as_str())
     }
 }

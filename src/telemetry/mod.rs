@@ -379,21 +379,10 @@ impl Metrics {
             g(&self.tool_calls[1]),
             g(&self.tool_calls[2])
         );
-        let h = &self.tool_call_latency;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "jitbroker_tool_call_duration_seconds_bucket{{le=\"{b}\"}} {}",
-                g(&h.buckets[i])
-            );
-        }
-        let count = g(&h.count);
-        let _ = writeln!(
-            s,
-            "jitbroker_tool_call_duration_seconds_bucket{{le=\"+Inf\"}} {count}\n\
-             jitbroker_tool_call_duration_seconds_sum {}\n\
-             jitbroker_tool_call_duration_seconds_count {count}",
-            g(&h.sum_micros) as f64 / 1e6
+        write_histogram(
+            &mut s,
+            "tool_call_duration_seconds",
+            &self.tool_call_latency,
         );
         let _ = writeln!(
             s,
@@ -414,21 +403,10 @@ impl Metrics {
             "# HELP jitbroker_oauth_token_duration_seconds Time to answer a token request (verification, policy, issuance, audit).\n\
              # TYPE jitbroker_oauth_token_duration_seconds histogram"
         );
-        let h = &self.oauth_token_latency;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "jitbroker_oauth_token_duration_seconds_bucket{{le=\"{b}\"}} {}",
-                g(&h.buckets[i])
-            );
-        }
-        let count = g(&h.count);
-        let _ = writeln!(
-            s,
-            "jitbroker_oauth_token_duration_seconds_bucket{{le=\"+Inf\"}} {count}\n\
-             jitbroker_oauth_token_duration_seconds_sum {}\n\
-             jitbroker_oauth_token_duration_seconds_count {count}",
-            g(&h.sum_micros) as f64 / 1e6
+        write_histogram(
+            &mut s,
+            "oauth_token_duration_seconds",
+            &self.oauth_token_latency,
         );
         for (name, help, v) in gauges {
             let _ = writeln!(
@@ -438,6 +416,28 @@ impl Metrics {
         }
         s
     }
+}
+
+/// The buckets, sum and count of an unlabelled histogram `jitbroker_NAME` (its HELP and TYPE
+/// lines are the caller's).
+fn write_histogram(s: &mut String, name: &str, h: &Histogram) {
+    use std::fmt::Write as _;
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    for (i, b) in BUCKETS.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "jitbroker_{name}_bucket{{le=\"{b}\"}} {}",
+            g(&h.buckets[i])
+        );
+    }
+    let count = g(&h.count);
+    let _ = writeln!(
+        s,
+        "jitbroker_{name}_bucket{{le=\"+Inf\"}} {count}\n\
+         jitbroker_{name}_sum {}\n\
+         jitbroker_{name}_count {count}",
+        g(&h.sum_micros) as f64 / 1e6
+    );
 }
 
 /// The OAuth endpoints, as metrics label them.
