@@ -247,10 +247,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             let archive = cfg.audit_archive_dir();
             match out {
                 None => {
-                    let v = crate::audit::verify(&store, Some(&archive))?;
+                    let v = crate::audit::verify(&store, Some(&archive)).await?;
                     if let Some(a) = &anchor
                         && v.ok
-                        && let Err(why) = crate::audit::check_anchor(&store, Some(&archive), a)?
+                        && let Err(why) =
+                            crate::audit::check_anchor(&store, Some(&archive), a).await?
                     {
                         return Err(Error::Config(format!(
                             "audit chain does not hold the anchor {a}: {why}"
@@ -278,13 +279,16 @@ pub async fn run(cli: Cli) -> Result<()> {
                             let mut f = std::fs::File::create(&p).map_err(|e| {
                                 Error::Config(format!("cannot create {}: {e}", p.display()))
                             })?;
-                            crate::audit::export(&store, Some(&archive), &mut f)?
+                            crate::audit::export(&store, Some(&archive), &mut f).await?
                         }
-                        None => crate::audit::export(
-                            &store,
-                            Some(&archive),
-                            &mut std::io::stdout().lock(),
-                        )?,
+                        None => {
+                            let mut out = std::io::BufWriter::new(std::io::stdout());
+                            let n = crate::audit::export(&store, Some(&archive), &mut out).await?;
+                            std::io::Write::flush(&mut out).map_err(|e| {
+                                Error::Config(format!("cannot write the export: {e}"))
+                            })?;
+                            n
+                        }
                     };
                     eprintln!("exported {n} audit entries");
                     Ok(())

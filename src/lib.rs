@@ -5,34 +5,60 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the command line (`serve`, `dev`, `dev-svid`, `check-config`, `policy`).
+//! - [`cli`]: the command line (`serve`, `dev`, `dev-svid`, `check-config`, `policy`, `audit`).
 //! - [`config`]: the TOML configuration, environment overrides, validation.
-//! - [`error`]: the error type and the one mapping from errors to gRPC status.
-//! - [`server`]: assembles the broker and serves the API (mTLS gRPC) and ops (HTTP) ports;
-//!   `server/limits.rs` holds the API port's limits (connections, idle connections, requests at
-//!   once, request time and size, rate per remote address).
-//! - [`api`]: the gRPC services; the only code that touches tonic and prost types. Besides
-//!   gRPC: `api::forward_auth` (HTTP forward auth for nginx, Caddy, Traefik) and `api::oauth`
-//!   (the OAuth surface: discovery, JWKS, token endpoint, introspection, revocation; its
-//!   listener is `server::serve_oauth`).
+//! - [`error`]: the domain's error type.
+//! - [`server`]: assembles everything once (engine, sealing, broker, identity, listeners, the
+//!   background loops) and serves the API (mTLS gRPC), ops (HTTP) and HTTPS (forward auth,
+//!   OAuth) ports; `server/limits.rs` holds the API port's limits (connections, idle
+//!   connections, requests at once, request time and size, rate per remote address).
+//! - [`api`]: the edge. The gRPC services, the only code that touches tonic and prost types;
+//!   `api::status` is the one mapping from errors to gRPC status; `api::ext_authz` speaks
+//!   Envoy's protocol, `api::forward_auth` HTTP forward auth (nginx, Caddy, Traefik),
+//!   `api::oauth` the OAuth surface (discovery, JWKS, token, introspection, revocation).
 //! - [`identity`]: where SVIDs come from (SPIRE, files, dev CA) and how TLS uses them.
-//! - [`policy`]: Cedar policies, decided at request time.
-//! - [`broker`]: tasks, credentials, expiry and the reaper; no tonic, no sled. Tool calls that
-//!   gateways ask about are decided in `broker::tool_calls`; OAuth grants are mapped onto tasks
-//!   and credentials in `broker::oauth`; approvals in `broker::approvals`, delegation in
-//!   `broker::delegation`, upstream accounts and their revocation queue (retried until done) in
-//!   `broker::upstream`, the reaper in `broker::reaper`, retention and audit archival in
-//!   `broker::retention`, operator calls in `broker::admin`.
-//! - [`gateway`]: enforcement at the point of tool use: the `[gateway]` configuration and the
-//!   routing of HTTP and MCP calls to grants; `api::ext_authz` speaks Envoy's protocol.
-//! - [`issuers`]: the credential kinds (opaque tokens, JWTs, X.509 certificates from per-resource
-//!   CAs, PostgreSQL roles).
-//! - [`store`]: the storage trait, the sled store, sealing with AES-256-GCM, the free-disk floor.
-//! - [`audit`]: the tamper-evident hash chain of every decision and action, and its anchors.
+//! - [`policy`]: Cedar policies, evaluated at request time (a pure function of the request).
+//! - [`broker`]: the domain: no tonic, no sled. Every handler opens one unit of work of the
+//!   store, does its reads, writes and audit in it, and answers after its commit.
+//! - [`gateway`]: the `[gateway]` configuration and the routing of HTTP and MCP calls to grants.
+//! - [`issuers`]: the credential kinds: opaque tokens (`issuers::token`), ES256 JWTs and their
+//!   rotating keys (`issuers::jwt`), X.509 certificates from per-resource CAs (`issuers::x509`),
+//!   PostgreSQL roles (`issuers::postgres`).
+//! - [`store`]: the engine interface (async, unit of work, locks, claims, compare-and-swap,
+//!   leases; its guarantees are in the module's documentation), `Storage` (sealing above the
+//!   engine, [`store::crypto`]), in-process engines ([`store::local`]: sled, the embedded
+//!   default, and an in-memory engine), the free-disk floor.
+//! - [`audit`]: the tamper-evident hash chain, its verification, export, archival and anchors.
 //! - [`ratelimit`]: token buckets by caller and by remote address, summaries of refused
 //!   authentications; bounded whatever keys a client makes up.
 //! - [`telemetry`]: logging and metrics.
 //! - [`model`]: validated identifiers and the records the others share.
+//!
+//! # Where things happen
+//!
+//! - A task is created in one place, `Broker::create_task` (`broker/mod.rs`): `StartTask`,
+//!   `DelegateTask` (`broker/delegation.rs`) and the OAuth grants (`broker/oauth.rs`) call it;
+//!   it takes the owner's lock, refuses a blocked owner, holds the quota and the idempotency key.
+//! - A credential is issued in one place, `Broker::issue_for_task` → `mint_credential`
+//!   (`broker/mod.rs`): `IssueCredential`, the OAuth token endpoint and (through
+//!   `mint_credential`) gateway tool calls (`broker/tool_calls.rs`).
+//! - Policy decisions: `Broker::evaluate` (`broker/tool_calls.rs`) is pure; callers record the
+//!   decision in the unit of work of the action it decided (`record_decision`).
+//! - Durability: `Uow::commit` (`store/local.rs` for in-process engines); the sled group commit
+//!   is `store/sled_store.rs` (`flusher`).
+//! - Audit entries are appended by the commit of the unit that recorded them, as its last step
+//!   (`store/local.rs`, chain head `audit::Head`).
+//! - Credentials end in `Broker::end_credential`; tasks in `Broker::end_task` (`broker/mod.rs`);
+//!   descendants in `revoke_descendants` (`broker/delegation.rs`).
+//! - Expiry: the reaper (`broker/reaper.rs`) claims due entries and ends them a batch per unit.
+//! - Upstream accounts (PostgreSQL roles): write-ahead creation, the revocation queue (claimed,
+//!   retried with backoff until done) and the reconciler are in `broker/upstream.rs`.
+//! - Approvals: `broker/approvals.rs` (used once through `Uow::consume_approval`).
+//! - The kill switch: `Broker::revoke_identity` (`broker/admin.rs`), checked under the identity's
+//!   lock by `create_task` and by `check_caller` on every call.
+//! - Key material (data keys, JWT keys, CAs): created once through `Store::meta_put_if_absent`
+//!   (`store/crypto.rs`, `issuers/x509.rs`), JWT rotation by compare-and-swap (`issuers/jwt.rs`).
+//! - Retention, audit archival and anchors: `broker/retention.rs`, `audit/archive.rs`.
 
 #![forbid(unsafe_code)]
 

@@ -221,11 +221,12 @@ impl App {
             ))
         })?;
         let kek = Kek::load(&cfg.kek_file)?;
-        let store = Arc::new(SledStore::open_with_cache(
+        let engine: Arc<dyn crate::store::Store> = Arc::new(SledStore::open_with_cache(
             &cfg.data_dir.join("db"),
             &kek,
             cfg.store.cache_bytes(),
         )?);
+        let store = Arc::new(crate::store::Storage::open(engine, &kek).await?);
         drop(kek);
         let policy = Arc::new(load_policy(cfg)?);
         let ups = upstreams(cfg)?;
@@ -240,7 +241,8 @@ impl App {
                 cfg.jwt_issuer(),
                 metrics.clone(),
                 Some(cfg.policy_file.clone()),
-            )?
+            )
+            .await?
             .with_upstreams(ups, cfg.revocation.clone())
             .with_identity_rate(cfg.server.requests_per_identity_per_second)
             .with_disk_floor(crate::store::disk::DiskFloor::new(
@@ -713,10 +715,11 @@ pub async fn run(
             grpc.abort();
         }
     }
-    app.broker.store().durable().await?;
-    // The last head, after every writer stopped.
+    // Every unit of work was durable when it answered. The last head, after every writer
+    // stopped:
     app.broker
-        .anchor_audit(app.audit_anchor_file.as_deref(), &mut 0);
+        .anchor_audit(app.audit_anchor_file.as_deref(), &mut 0)
+        .await;
     Ok(())
 }
 
@@ -901,8 +904,9 @@ async fn serve_ops(
     let page = move |path: &'static str| {
         let (broker, identity, metrics) = (broker.clone(), identity.clone(), metrics.clone());
         get(move || {
-            let (code, body) = ops_response(path, &broker, &identity, &metrics);
+            let (broker, identity, metrics) = (broker.clone(), identity.clone(), metrics.clone());
             async move {
+                let (code, body) = ops_response(path, &broker, &identity, &metrics).await;
                 (
                     axum::http::StatusCode::from_u16(code)
                         .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR),
@@ -953,7 +957,7 @@ async fn serve_ops(
     let _ = watcher.await;
 }
 
-fn ops_response(
+async fn ops_response(
     path: &str,
     broker: &Broker,
     identity: &Identity,
@@ -974,13 +978,13 @@ fn ops_response(
             }
         }
         "/metrics" => {
-            let counts = broker.store().counts().unwrap_or_default();
+            let counts = broker.store().counts().await.unwrap_or_default();
             let svid_secs = identity
                 .svid_not_after()
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map_or(0.0, |d| d.as_secs_f64());
             let (policies, _) = broker.policy().info();
-            let (debt, oldest) = broker.revocation_debt();
+            let (debt, oldest) = broker.revocation_debt().await;
             (
                 200,
                 metrics.render(&[
@@ -1004,7 +1008,7 @@ fn ops_response(
                     (
                         "audit_head_sequence",
                         "Sequence number of the last audit entry (it never goes down; the logs carry its hash as event audit_anchor).",
-                        broker.audit_head().seq as f64,
+                        broker.audit_head().await.map_or(0, |h| h.seq) as f64,
                     ),
                     (
                         "svid_expiry_timestamp_seconds",

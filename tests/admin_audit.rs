@@ -350,7 +350,7 @@ async fn audit_chain_detects_tampering_through_admin_and_offline() {
     let offline = |cfg: &jitbroker::config::Config| {
         let kek = jitbroker::store::crypto::Kek::load(&cfg.kek_file).unwrap();
         let store = jitbroker::store::SledStore::open(&cfg.data_dir.join("db"), &kek).unwrap();
-        jitbroker::audit::verify(&store, None).unwrap()
+        futures::executor::block_on(jitbroker::audit::verify(&store, None)).unwrap()
     };
     assert!(offline(&cfg).ok);
 
@@ -432,7 +432,8 @@ async fn no_secret_in_audit_export_or_metrics_and_counters_move() {
     let kek = jitbroker::store::crypto::Kek::load(&cfg.kek_file).unwrap();
     let store = jitbroker::store::SledStore::open(&cfg.data_dir.join("db"), &kek).unwrap();
     let mut export = Vec::new();
-    let n = jitbroker::audit::export(&store, None, &mut export).unwrap();
+    let n =
+        futures::executor::block_on(jitbroker::audit::export(&store, None, &mut export)).unwrap();
     assert!(n > 80);
     let text = String::from_utf8(export).unwrap();
     assert!(text.contains("\"kind\":\"credential_issued\""));
@@ -488,18 +489,21 @@ async fn archived_audit_entries_stay_one_verifiable_chain() {
     let kek = jitbroker::store::crypto::Kek::load(&cfg.kek_file).unwrap();
     let store = jitbroker::store::SledStore::open(&cfg.data_dir.join("db"), &kek).unwrap();
     use jitbroker::store::Store;
-    let in_store = store.audit_scan(0).unwrap().count() as u64;
+    let in_store = futures::executor::block_on(store.audit_scan(0, usize::MAX))
+        .unwrap()
+        .len() as u64;
     assert!(in_store < 20 + 16, "{in_store} entries left in the store");
-    let whole = jitbroker::audit::verify(&store, Some(&archive)).unwrap();
+    let whole =
+        futures::executor::block_on(jitbroker::audit::verify(&store, Some(&archive))).unwrap();
     assert!(whole.ok, "{}", whole.reason);
     assert!(whole.entries >= v.entries);
-    let store_part = jitbroker::audit::verify(&store, None).unwrap();
+    let store_part = futures::executor::block_on(jitbroker::audit::verify(&store, None)).unwrap();
     assert!(store_part.ok, "{}", store_part.reason);
     assert_eq!(store_part.entries, in_store);
     // Losing the oldest segment is detected: the chain no longer starts at entry 1.
     let segments = jitbroker::audit::archive::segments(&archive).unwrap();
     std::fs::remove_file(&segments[0].2).unwrap();
-    let v = jitbroker::audit::verify(&store, Some(&archive)).unwrap();
+    let v = futures::executor::block_on(jitbroker::audit::verify(&store, Some(&archive))).unwrap();
     assert!(!v.ok);
     assert_eq!(v.first_bad_seq, 1, "{}", v.reason);
 }

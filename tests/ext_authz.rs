@@ -355,7 +355,7 @@ async fn tool_calls_are_decided_injected_and_audited() {
     let kek = jitbroker::store::crypto::Kek::load(&cfg.kek_file).unwrap();
     let store = jitbroker::store::SledStore::open(&cfg.data_dir.join("db"), &kek).unwrap();
     let mut export = Vec::new();
-    jitbroker::audit::export(&store, None, &mut export).unwrap();
+    futures::executor::block_on(jitbroker::audit::export(&store, None, &mut export)).unwrap();
     let text = String::from_utf8(export).unwrap();
     assert!(
         !text.contains(distinctive_part(secret)),
@@ -550,7 +550,7 @@ async fn agentgateway_shaped_request_is_decided() {
     let kek = jitbroker::store::crypto::Kek::load(&cfg.kek_file).unwrap();
     let store = jitbroker::store::SledStore::open(&cfg.data_dir.join("db"), &kek).unwrap();
     let mut export = Vec::new();
-    jitbroker::audit::export(&store, None, &mut export).unwrap();
+    futures::executor::block_on(jitbroker::audit::export(&store, None, &mut export)).unwrap();
     let text = String::from_utf8(export).unwrap();
     assert!(
         text.contains(traceparent),

@@ -16,13 +16,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
+use futures::executor::block_on;
 use jitbroker::api::pb;
-use jitbroker::audit::{AuditLog, Event};
+use jitbroker::audit::Event;
 use jitbroker::broker::{self, Broker, Limits, ManualClock};
 use jitbroker::model::SpiffeId;
 use jitbroker::policy::{PolicyEngine, PolicyRequest};
-use jitbroker::store::SledStore;
 use jitbroker::store::crypto::{Kek, Sealer};
+use jitbroker::store::{SledStore, Storage, Store};
 use prost::Message;
 
 const MAX_INPUT: usize = 64 * 1024;
@@ -274,10 +275,9 @@ fn fuzz_audit_segment_reading() {
     let dir = tempfile::tempdir().unwrap();
     let kek = Kek::create(&dir.path().join("kek")).unwrap();
     let store = SledStore::open(&dir.path().join("db"), &kek).unwrap();
-    let log = AuditLog::open(&store).unwrap();
+    let mut u = block_on(store.begin()).unwrap();
     for i in 0..20 {
-        log.append(
-            &store,
+        u.audit(
             i,
             Event {
                 kind: "decision".into(),
@@ -285,22 +285,26 @@ fn fuzz_audit_segment_reading() {
                 reason: "fuzz \"quoted\" \\ reason".into(),
                 ..Default::default()
             },
-        )
-        .unwrap();
+        );
     }
+    block_on(u.commit()).unwrap();
     let archive = dir.path().join("archive");
-    let cp = jitbroker::audit::archive::write_segment(
+    let cp = block_on(jitbroker::audit::archive::write_segment(
         &store,
         &archive,
         1,
         20,
         jitbroker::audit::GENESIS,
-    )
+    ))
     .unwrap();
-    jitbroker::audit::archive::put_checkpoint(&store, &cp).unwrap();
+    block_on(jitbroker::audit::archive::put_checkpoint(&store, &cp)).unwrap();
     let segment = archive.join(&cp.segment);
     let original = std::fs::read(&segment).unwrap();
-    assert!(jitbroker::audit::verify(&store, Some(&archive)).unwrap().ok);
+    assert!(
+        block_on(jitbroker::audit::verify(&store, Some(&archive)))
+            .unwrap()
+            .ok
+    );
     let mut rng = Rng::new(4);
     let until = Instant::now() + budget();
     let mut n = 0;
@@ -308,7 +312,7 @@ fn fuzz_audit_segment_reading() {
         let input = mutate(&mut rng, &original);
         std::fs::write(&segment, &input).unwrap();
         let v = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            jitbroker::audit::verify(&store, Some(&archive))
+            block_on(jitbroker::audit::verify(&store, Some(&archive)))
         }))
         .unwrap_or_else(|_| panic!("audit segment: panicked on input {}", hex::encode(&input)));
         // A changed segment never verifies (its checksum is in the store's checkpoint).
@@ -318,15 +322,20 @@ fn fuzz_audit_segment_reading() {
         n += 1;
     }
     std::fs::write(&segment, &original).unwrap();
-    assert!(jitbroker::audit::verify(&store, Some(&archive)).unwrap().ok);
+    assert!(
+        block_on(jitbroker::audit::verify(&store, Some(&archive)))
+            .unwrap()
+            .ok
+    );
     eprintln!("fuzz audit segment: {n} inputs");
     assert!(n > 10);
 }
 
 /// A broker on a temp store with the token resources of the dev configuration.
-fn broker(dir: &Path) -> Broker {
+async fn broker(dir: &Path) -> Broker {
     let kek = Kek::create(&dir.join("kek")).unwrap();
-    let store = Arc::new(SledStore::open(&dir.join("db"), &kek).unwrap());
+    let engine: Arc<dyn Store> = Arc::new(SledStore::open(&dir.join("db"), &kek).unwrap());
+    let store = Arc::new(Storage::open(engine, &kek).await.unwrap());
     let policy = Arc::new(
         PolicyEngine::new(
             [("demo-token".to_owned(), "token".to_owned())].into(),
@@ -373,13 +382,14 @@ fn broker(dir: &Path) -> Broker {
         Arc::new(jitbroker::telemetry::Metrics::default()),
         None,
     )
+    .await
     .unwrap()
 }
 
 #[tokio::test]
 async fn fuzz_request_decoding_and_validation() {
     let dir = tempfile::tempdir().unwrap();
-    let b = broker(dir.path());
+    let b = broker(dir.path()).await;
     let agent = SpiffeId::parse("a", "spiffe://td/agent/a").unwrap();
     let seeds = corpus("request");
     let mut rng = Rng::new(5);
@@ -433,7 +443,7 @@ async fn fuzz_request_decoding_and_validation() {
             }
             if let Ok(r) = pb::IntrospectRequest::decode(&input[..]) {
                 dec += 1;
-                let _ = b.introspect(&agent, &r.secret, &r.resource);
+                let _ = b.introspect(&agent, &r.secret, &r.resource).await;
             }
             if let Ok(r) = pb::DelegateTaskRequest::decode(&input[..]) {
                 dec += 1;

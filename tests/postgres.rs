@@ -447,16 +447,17 @@ fn ledger(dir: &Path) -> (Vec<String>, usize) {
     let store = jitbroker::store::SledStore::open(&dir.join("db"), &kek).unwrap();
     let now = jitbroker::broker::SystemClock.now();
     let mut live = Vec::new();
-    for t in store.scan_tasks(None, 100_000).unwrap() {
-        for cid in store.credentials_of_task(&t.id).unwrap() {
-            let c = store.get_credential(&cid).unwrap().unwrap();
+    use futures::executor::block_on;
+    for t in block_on(store.scan_tasks(None, 100_000)).unwrap() {
+        for cid in block_on(store.credentials_of_task(&t.id)).unwrap() {
+            let c = block_on(store.get_credential(&cid)).unwrap().unwrap();
             if c.kind == "postgres" && c.is_live(now) {
                 live.push(c.attributes["user"].clone());
             }
         }
     }
     live.sort();
-    (live, store.revocations().unwrap().len())
+    (live, block_on(store.revocations()).unwrap().len())
 }
 
 /// SIGKILL at each step of issue and revoke, then restart: no role survives that the ledger

@@ -707,6 +707,7 @@ impl OAuthService {
         let record = self
             .broker
             .oauth_introspect(&who, token)
+            .await
             .map_err(from_broker)?;
         let body = match record {
             Some(r) => self.introspection(&r),

@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use super::{Chain, GENESIS, parse_hash};
 use crate::error::{Error, Result};
-use crate::store::Store;
+use crate::store::{Store, plain_meta_key};
 
 /// The longest line a segment may hold: entries are far shorter (their fields are bounded), so a
 /// longer one is damage, and reading stops there instead of taking the whole file into memory.
@@ -42,11 +42,16 @@ pub struct Checkpoint {
 }
 
 /// The store's checkpoint, if anything was ever archived.
-pub fn checkpoint(store: &dyn Store) -> Result<Option<Checkpoint>> {
-    let Some(bytes) = store.meta_get(CHECKPOINT_KEY)? else {
+pub async fn checkpoint(store: &dyn Store) -> Result<Option<Checkpoint>> {
+    let Some(bytes) = store.meta_get(&plain_meta_key(CHECKPOINT_KEY)).await? else {
         return Ok(None);
     };
-    let cp: Checkpoint = serde_json::from_slice(&bytes)
+    parse_checkpoint(&bytes).map(Some)
+}
+
+/// Decodes a stored checkpoint, refusing impossible ones.
+pub fn parse_checkpoint(bytes: &[u8]) -> Result<Checkpoint> {
+    let cp: Checkpoint = serde_json::from_slice(bytes)
         .map_err(|e| Error::Storage(format!("corrupt audit checkpoint: {e}")))?;
     // Sequence numbers start at 1, and the entry after the checkpoint must have one.
     if cp.seq == 0 || cp.seq == u64::MAX {
@@ -55,14 +60,16 @@ pub fn checkpoint(store: &dyn Store) -> Result<Option<Checkpoint>> {
             cp.seq
         )));
     }
-    Ok(Some(cp))
+    Ok(cp)
 }
 
-pub fn put_checkpoint(store: &dyn Store, cp: &Checkpoint) -> Result<()> {
-    store.meta_put(
-        CHECKPOINT_KEY,
-        &serde_json::to_vec(cp).map_err(Error::internal)?,
-    )
+/// Stores the checkpoint, durably.
+pub async fn put_checkpoint(store: &dyn Store, cp: &Checkpoint) -> Result<()> {
+    let key = plain_meta_key(CHECKPOINT_KEY);
+    let mut u = store.begin().await?;
+    u.meta_put(&key, serde_json::to_vec(cp).map_err(Error::internal)?)
+        .await?;
+    u.commit().await.map(|_| ())
 }
 
 pub fn segment_name(first: u64, last: u64) -> String {
@@ -184,7 +191,7 @@ pub fn walk(
 
 /// Writes entries `first..=last` from the store into a new segment in `dir`, checking the chain
 /// from `prev` (the hash before `first`). Blocking; returns the checkpoint that ends with it.
-pub fn write_segment(
+pub async fn write_segment(
     store: &dyn Store,
     dir: &Path,
     first: u64,
@@ -199,22 +206,23 @@ pub fn write_segment(
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
     let mut sha = Sha256::new();
     let mut chain = Chain::new(first, prev);
-    for item in store.audit_scan(first)? {
-        let (seq, bytes) = item?;
+    super::scan_all(store, first, &mut |seq, bytes| {
         if seq > last {
-            break;
+            return Ok(false);
         }
-        chain.next(Some(seq), &bytes).map_err(|(seq, reason)| {
+        chain.next(Some(seq), bytes).map_err(|(seq, reason)| {
             Error::Storage(format!(
                 "not archiving: the audit chain in the store is broken at entry {seq}: {reason}"
             ))
         })?;
-        sha.update(&bytes);
+        sha.update(bytes);
         sha.update(b"\n");
-        out.write_all(&bytes)
+        out.write_all(bytes)
             .and_then(|()| out.write_all(b"\n"))
             .map_err(|e| io_err("cannot write", &tmp, e))?;
-    }
+        Ok(true)
+    })
+    .await?;
     if chain.expected != last + 1 {
         return Err(Error::Storage(format!(
             "not archiving: entries {}..{last} are not in the store",
@@ -254,78 +262,104 @@ pub fn head_of(cp: Option<&Checkpoint>) -> Result<(u64, [u8; 32])> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{AuditLog, Event, verify};
+    use crate::audit::{Event, verify};
     use crate::store::SledStore;
     use crate::store::crypto::Kek;
+    use crate::store::local::LocalEngine;
 
-    fn append(log: &AuditLog, store: &dyn Store, n: u64) {
+    /// Appends `n` entries, one unit of work each; returns the last sequence number.
+    async fn append(store: &dyn Store, n: u64) -> u64 {
+        let mut last = 0;
         for i in 0..n {
             let ev = Event {
                 kind: "decision".into(),
                 detail: format!("event {i}"),
                 ..Default::default()
             };
-            log.append(store, i as i64, ev).unwrap();
+            let mut u = store.begin().await.unwrap();
+            u.audit(i as i64, ev);
+            last = u.commit().await.unwrap()[0];
         }
+        last
     }
 
-    #[test]
-    fn an_interrupted_step_and_a_fully_archived_store_keep_one_chain() {
+    #[tokio::test]
+    async fn an_interrupted_step_and_a_fully_archived_store_keep_one_chain() {
         let dir = tempfile::tempdir().unwrap();
         let kek = Kek::create(&dir.path().join("kek")).unwrap();
-        let store = SledStore::open(&dir.path().join("db"), &kek).unwrap();
+        let db = dir.path().join("db");
+        let store = SledStore::open(&db, &kek).unwrap();
         let archive = dir.path().join("archive");
-        let log = AuditLog::open(&store).unwrap();
-        append(&log, &store, 25);
+        assert_eq!(append(&store, 25).await, 25);
 
         // Step 1 stops after its checkpoint: the entries are archived and still in the store.
-        let cp = write_segment(&store, &archive, 1, 10, GENESIS).unwrap();
-        put_checkpoint(&store, &cp).unwrap();
-        let v = verify(&store, Some(&archive)).unwrap();
+        let cp = write_segment(&store, &archive, 1, 10, GENESIS)
+            .await
+            .unwrap();
+        put_checkpoint(&store, &cp).await.unwrap();
+        let v = verify(&store, Some(&archive)).await.unwrap();
         assert!(v.ok, "{}", v.reason);
         assert_eq!(v.entries, 25);
-        assert_eq!(store.audit_remove_through(cp.seq).unwrap(), 10);
+        assert_eq!(
+            Store::audit_remove_through(&store, cp.seq).await.unwrap(),
+            10
+        );
 
         // A segment written again after a crash before its checkpoint is identical.
         let (first, prev) = head_of(Some(&cp)).unwrap();
-        let cp2 = write_segment(&store, &archive, first, 25, prev).unwrap();
-        let again = write_segment(&store, &archive, first, 25, prev).unwrap();
+        let cp2 = write_segment(&store, &archive, first, 25, prev)
+            .await
+            .unwrap();
+        let again = write_segment(&store, &archive, first, 25, prev)
+            .await
+            .unwrap();
         assert_eq!(cp2, again);
         // Before its checkpoint, that segment is ignored: its entries are still in the store.
-        let v = verify(&store, Some(&archive)).unwrap();
+        let v = verify(&store, Some(&archive)).await.unwrap();
         assert!(v.ok, "{}", v.reason);
         assert_eq!(v.entries, 25);
 
-        // Everything archived: a reopened log continues from the checkpoint.
-        put_checkpoint(&store, &cp2).unwrap();
-        store.audit_remove_through(cp2.seq).unwrap();
-        assert_eq!(store.audit_scan(0).unwrap().count(), 0);
-        let log = AuditLog::open(&store).unwrap();
-        assert_eq!(log.next_seq(), 26);
-        append(&log, &store, 3);
-        let v = verify(&store, Some(&archive)).unwrap();
+        // Everything archived: a reopened store continues the chain from the checkpoint.
+        put_checkpoint(&store, &cp2).await.unwrap();
+        Store::audit_remove_through(&store, cp2.seq).await.unwrap();
+        assert!(Store::audit_scan(&store, 0, 10).await.unwrap().is_empty());
+        drop(store);
+        let store = SledStore::open(&db, &kek).unwrap();
+        assert_eq!(
+            Store::audit_head(&store).await.unwrap(),
+            crate::audit::Anchor {
+                seq: 25,
+                hash: cp2.hash.clone()
+            }
+        );
+        assert_eq!(append(&store, 3).await, 28);
+        let v = verify(&store, Some(&archive)).await.unwrap();
         assert!(v.ok, "{}", v.reason);
         assert_eq!(v.entries, 28);
 
         // The checkpoint pins the last segment's bytes; a missing archive is named.
         let mut forged = cp2.clone();
         forged.segment_sha256 = "00".repeat(32);
-        put_checkpoint(&store, &forged).unwrap();
-        let v = verify(&store, Some(&archive)).unwrap();
+        put_checkpoint(&store, &forged).await.unwrap();
+        let v = verify(&store, Some(&archive)).await.unwrap();
         assert!(!v.ok && v.reason.contains("SHA-256"), "{}", v.reason);
-        put_checkpoint(&store, &cp2).unwrap();
-        let v = verify(&store, Some(&dir.path().join("elsewhere"))).unwrap();
+        put_checkpoint(&store, &cp2).await.unwrap();
+        let v = verify(&store, Some(&dir.path().join("elsewhere")))
+            .await
+            .unwrap();
         assert!(!v.ok && v.reason.contains("elsewhere"), "{}", v.reason);
 
         // A broken chain in the store is never archived.
-        store.audit_put(27, b"{\"seq\":27}").unwrap();
+        LocalEngine::audit_put(&store, 27, b"{\"seq\":27}").unwrap();
         let (first, prev) = head_of(Some(&cp2)).unwrap();
-        let err = write_segment(&store, &archive, first, 28, prev).unwrap_err();
+        let err = write_segment(&store, &archive, first, 28, prev)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("broken at entry 27"), "{err}");
     }
 
-    #[test]
-    fn impossible_segment_names_and_checkpoints_are_refused_without_panicking() {
+    #[tokio::test]
+    async fn impossible_segment_names_and_checkpoints_are_refused_without_panicking() {
         // Found by the fuzz smoke: bounds from a file name were trusted in arithmetic.
         assert_eq!(parse_segment_name(&segment_name(1, 10)), Some((1, 10)));
         for (first, last) in [(5, 2), (0, u64::MAX), (0, 0)] {
@@ -344,12 +378,15 @@ mod tests {
             segment: name,
             segment_sha256: String::new(),
         };
-        put_checkpoint(&store, &cp).unwrap();
-        let v = verify(&store, Some(&archive)).unwrap();
+        put_checkpoint(&store, &cp).await.unwrap();
+        let v = verify(&store, Some(&archive)).await.unwrap();
         assert!(!v.ok && v.first_bad_seq == 1, "{v:?}");
         cp.seq = u64::MAX;
-        put_checkpoint(&store, &cp).unwrap();
-        let e = verify(&store, Some(&archive)).unwrap_err().to_string();
+        put_checkpoint(&store, &cp).await.unwrap();
+        let e = verify(&store, Some(&archive))
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("checkpoint") && e.contains("impossible"), "{e}");
     }
 }

@@ -7,8 +7,6 @@
 //! entry is also emitted as a JSON log line (target `jitbroker::audit`). Secrets never appear:
 //! events carry ids, names, decisions and reasons only.
 
-use std::sync::Mutex;
-
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -92,10 +90,12 @@ pub struct Verification {
     pub reason: String,
 }
 
-/// Appends events to the chain in the store.
-pub struct AuditLog {
-    /// (next sequence number, hash of the last entry). The lock orders appends.
-    head: Mutex<(u64, [u8; 32])>,
+/// The head of the chain as an engine keeps it: the sequence number the next entry gets and the
+/// hash it links to. Engines append under a lock on it (in-process engines) or on its row.
+#[derive(Clone, Debug)]
+pub struct Head {
+    next: u64,
+    prev: [u8; 32],
 }
 
 fn parse_hash(s: &str) -> Option<[u8; 32]> {
@@ -104,12 +104,13 @@ fn parse_hash(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-impl AuditLog {
-    /// Resumes the chain after the last stored entry.
-    pub fn open(store: &dyn Store) -> Result<Self> {
-        let mut head = match store.audit_last()? {
+impl Head {
+    /// Resumes after the last stored entry, or after the archive checkpoint when every stored
+    /// entry was archived (the raw `meta` value of [`archive::CHECKPOINT_KEY`]).
+    pub fn resume(last: Option<&[u8]>, checkpoint: Option<&[u8]>) -> Result<Self> {
+        let (mut next, mut prev) = match last {
             Some(bytes) => {
-                let e: Entry = serde_json::from_slice(&bytes)
+                let e: Entry = serde_json::from_slice(bytes)
                     .map_err(|e| Error::Storage(format!("corrupt last audit entry: {e}")))?;
                 let h = parse_hash(&e.hash)
                     .ok_or_else(|| Error::Storage("corrupt last audit entry hash".into()))?;
@@ -120,55 +121,69 @@ impl AuditLog {
             }
             None => (1, GENESIS),
         };
-        // Every stored entry may have been archived: the chain then continues from the checkpoint.
-        if let Some(cp) = archive::checkpoint(store)?
-            && cp.seq + 1 > head.0
+        if let Some(cp) = checkpoint.map(archive::parse_checkpoint).transpose()?
+            && cp.seq + 1 > next
         {
-            head = archive::head_of(Some(&cp))?;
+            (next, prev) = archive::head_of(Some(&cp))?;
         }
-        Ok(Self {
-            head: Mutex::new(head),
-        })
+        Ok(Self { next, prev })
     }
 
-    /// The last entry's sequence number and hash (hex): the chain's head, worth anchoring
-    /// outside the store. `(0, GENESIS)` before the first entry.
-    pub fn head(&self) -> Anchor {
-        let (next, prev) = *self.head.lock().unwrap_or_else(|p| p.into_inner());
-        Anchor {
-            seq: next - 1,
-            hash: hex::encode(prev),
-        }
-    }
-
-    /// The sequence number the next entry will get.
-    pub fn next_seq(&self) -> u64 {
-        self.head.lock().unwrap_or_else(|p| p.into_inner()).0
-    }
-
-    /// Appends one event (not yet durable: the caller's `Store::durable` covers it).
-    pub fn append(&self, store: &dyn Store, time: UnixMillis, event: Event) -> Result<u64> {
-        let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
-        let (seq, prev) = *head;
+    /// The next entry for `event` at `time`: its sequence number, its bytes, and its hash (pass
+    /// it to [`Head::advance`] once the entry is stored).
+    pub fn entry(&self, time: UnixMillis, event: Event) -> Result<(u64, Vec<u8>, [u8; 32])> {
         let mut entry = Entry {
-            seq,
+            seq: self.next,
             time,
             event,
-            prev_hash: hex::encode(prev),
+            prev_hash: hex::encode(self.prev),
             hash: String::new(),
         };
-        let hash = entry.compute_hash(&prev)?;
+        let hash = entry.compute_hash(&self.prev)?;
         entry.hash = hex::encode(hash);
         let bytes = serde_json::to_vec(&entry).map_err(Error::internal)?;
-        store.audit_put(seq, &bytes)?;
-        *head = (seq + 1, hash);
-        drop(head);
-        tracing::info!(
-            target: "jitbroker::audit",
-            audit = %String::from_utf8_lossy(&bytes),
-            "audit"
-        );
-        Ok(seq)
+        Ok((self.next, bytes, hash))
+    }
+
+    /// Moves past the entry just stored.
+    pub fn advance(&mut self, hash: [u8; 32]) {
+        self.next += 1;
+        self.prev = hash;
+    }
+
+    /// The last entry's sequence number and hash: `(0, GENESIS)` before the first entry.
+    pub fn head(&self) -> Anchor {
+        Anchor {
+            seq: self.next - 1,
+            hash: hex::encode(self.prev),
+        }
+    }
+}
+
+/// Entries read from the store per page.
+const PAGE: usize = 4096;
+
+/// Feeds every stored entry from `from` on, in order, to `f`, a page at a time.
+pub(crate) async fn scan_all(
+    store: &dyn Store,
+    from: u64,
+    f: &mut (dyn FnMut(u64, &[u8]) -> Result<bool> + Send),
+) -> Result<()> {
+    let mut from = from;
+    loop {
+        let page = store.audit_scan(from, PAGE).await?;
+        let n = page.len();
+        for (seq, bytes) in page {
+            if !f(seq, &bytes)? {
+                return Ok(());
+            }
+            from = seq.saturating_add(1);
+        }
+        if n < PAGE {
+            return Ok(());
+        }
+        // A long walk leaves room for request handling between pages.
+        tokio::task::yield_now().await;
     }
 }
 
@@ -211,7 +226,7 @@ impl std::fmt::Display for Anchor {
 
 /// Whether the chain in `store` (and `archive`) still holds `anchor`: `Ok(Ok(()))` when it does,
 /// `Ok(Err(why))` saying what was lost or rewritten when it does not.
-pub fn check_anchor(
+pub async fn check_anchor(
     store: &dyn Store,
     archive: Option<&std::path::Path>,
     anchor: &Anchor,
@@ -219,7 +234,7 @@ pub fn check_anchor(
     if anchor.seq == 0 {
         return Ok(Ok(()));
     }
-    let cp = archive::checkpoint(store)?;
+    let cp = archive::checkpoint(store).await?;
     let mut found: Option<(String, UnixMillis)> = None;
     match &cp {
         Some(cp) if anchor.seq == cp.seq => found = Some((cp.hash.clone(), 0)),
@@ -240,13 +255,12 @@ pub fn check_anchor(
             });
         }
         _ => {
-            if let Some(item) = store.audit_scan(anchor.seq)?.next() {
-                let (seq, bytes) = item?;
-                if seq == anchor.seq {
-                    let e: Entry = serde_json::from_slice(&bytes)
-                        .map_err(|e| Error::Storage(format!("corrupt audit entry {seq}: {e}")))?;
-                    found = Some((e.hash, e.time));
-                }
+            if let Some((seq, bytes)) = store.audit_scan(anchor.seq, 1).await?.pop()
+                && seq == anchor.seq
+            {
+                let e: Entry = serde_json::from_slice(&bytes)
+                    .map_err(|e| Error::Storage(format!("corrupt audit entry {seq}: {e}")))?;
+                found = Some((e.hash, e.time));
             }
         }
     }
@@ -257,12 +271,7 @@ pub fn check_anchor(
             anchor.seq, anchor.hash
         )),
         None => {
-            let last = match store.audit_last()? {
-                Some(b) => serde_json::from_slice::<Entry>(&b)
-                    .map(|e| e.seq)
-                    .unwrap_or(0),
-                None => cp.as_ref().map_or(0, |c| c.seq),
-            };
+            let last = store.audit_head().await?.seq;
             Err(format!(
                 "the chain ends at entry {last}, before the anchored entry {}: entries {}..={} \
                  were removed, or the store was restored from an older backup",
@@ -346,8 +355,8 @@ impl Chain {
 /// `archive` (when given) up to the store's checkpoint, then the entries still in the store.
 /// Without `archive`, archived entries are taken on the checkpoint's word and only the store's
 /// part is walked (from the checkpoint's hash).
-pub fn verify(store: &dyn Store, archive: Option<&std::path::Path>) -> Result<Verification> {
-    let cp = archive::checkpoint(store)?;
+pub async fn verify(store: &dyn Store, archive: Option<&std::path::Path>) -> Result<Verification> {
+    let cp = archive::checkpoint(store).await?;
     let mut chain = Chain::new(1, GENESIS);
     if let Some(cp) = &cp {
         match archive {
@@ -375,11 +384,17 @@ pub fn verify(store: &dyn Store, archive: Option<&std::path::Path>) -> Result<Ve
             }
         }
     }
-    for item in store.audit_scan(chain.expected)? {
-        let (key_seq, bytes) = item?;
-        if let Err((seq, reason)) = chain.next(Some(key_seq), &bytes) {
-            return Ok(chain.broken(seq, reason));
+    let mut broken = None;
+    scan_all(store, chain.expected, &mut |key_seq, bytes| {
+        if let Err(b) = chain.next(Some(key_seq), bytes) {
+            broken = Some(b);
+            return Ok(false);
         }
+        Ok(true)
+    })
+    .await?;
+    if let Some((seq, reason)) = broken {
+        return Ok(chain.broken(seq, reason));
     }
     Ok(Verification {
         ok: true,
@@ -391,12 +406,12 @@ pub fn verify(store: &dyn Store, archive: Option<&std::path::Path>) -> Result<Ve
 
 /// Writes every entry as one JSON line (for log shippers): the archive segments in `archive`
 /// (when given) up to the checkpoint, then the store's entries. Returns the number written.
-pub fn export(
+pub async fn export(
     store: &dyn Store,
     archive: Option<&std::path::Path>,
-    out: &mut dyn std::io::Write,
+    out: &mut (dyn std::io::Write + Send),
 ) -> Result<u64> {
-    let cp = archive::checkpoint(store)?;
+    let cp = archive::checkpoint(store).await?;
     let mut n = 0;
     let mut write = |bytes: &[u8]| {
         out.write_all(bytes)
@@ -423,11 +438,12 @@ pub fn export(
         }
         from = cp.seq + 1;
     }
-    for item in store.audit_scan(from)? {
-        let (_, bytes) = item?;
-        write(&bytes)?;
+    scan_all(store, from, &mut |_, bytes| {
+        write(bytes)?;
         n += 1;
-    }
+        Ok(true)
+    })
+    .await?;
     Ok(n)
 }
 
@@ -437,69 +453,92 @@ mod tests {
     use crate::store::SledStore;
     use crate::store::crypto::Kek;
 
-    #[test]
-    fn an_anchor_shows_a_deleted_tail_and_a_recomputed_chain() {
+    /// Appends `events` at `time` in one unit of work; returns their sequence numbers.
+    async fn append(store: &dyn Store, time: UnixMillis, events: Vec<Event>) -> Vec<u64> {
+        let mut u = store.begin().await.unwrap();
+        for ev in events {
+            u.audit(time, ev);
+        }
+        u.commit().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_anchor_shows_a_deleted_tail_and_a_recomputed_chain() {
         let dir = tempfile::tempdir().unwrap();
         let kek = Kek::create(&dir.path().join("kek")).unwrap();
         let store = SledStore::open(&dir.path().join("db"), &kek).unwrap();
-        let log = AuditLog::open(&store).unwrap();
         let ev = |k: &str| Event {
             kind: k.into(),
             ..Default::default()
         };
         for _ in 0..5 {
-            log.append(&store, 1, ev("decision")).unwrap();
+            append(&store, 1, vec![ev("decision")]).await;
         }
-        let anchor = log.head();
+        let anchor = store.audit_head().await.unwrap();
         assert_eq!(anchor.seq, 5);
         assert_eq!(Anchor::parse(&anchor.to_string()).unwrap(), anchor);
         assert!(Anchor::parse("5:xyz").is_err() && Anchor::parse("nope").is_err());
-        assert_eq!(check_anchor(&store, None, &anchor).unwrap(), Ok(()));
+        assert_eq!(check_anchor(&store, None, &anchor).await.unwrap(), Ok(()));
         // Another store whose chain was rebuilt from scratch with other content: the chain
         // verifies, the anchor does not.
         let other = SledStore::open(&dir.path().join("db2"), &kek).unwrap();
-        let log2 = AuditLog::open(&other).unwrap();
         for _ in 0..5 {
-            log2.append(&other, 1, ev("rewritten")).unwrap();
+            append(&other, 1, vec![ev("rewritten")]).await;
         }
-        assert!(verify(&other, None).unwrap().ok);
-        let why = check_anchor(&other, None, &anchor).unwrap().unwrap_err();
+        assert!(verify(&other, None).await.unwrap().ok);
+        let why = check_anchor(&other, None, &anchor)
+            .await
+            .unwrap()
+            .unwrap_err();
         assert!(why.contains("rewritten"), "{why}");
         // A store three entries behind the anchor (its tail deleted, or an older backup).
         let short = SledStore::open(&dir.path().join("db3"), &kek).unwrap();
-        let log3 = AuditLog::open(&short).unwrap();
         for _ in 0..2 {
-            log3.append(&short, 1, ev("decision")).unwrap();
+            append(&short, 1, vec![ev("decision")]).await;
         }
-        let why = check_anchor(&short, None, &anchor).unwrap().unwrap_err();
+        let why = check_anchor(&short, None, &anchor)
+            .await
+            .unwrap()
+            .unwrap_err();
         assert!(
             why.contains("ends at entry 2") && why.contains("3..=5"),
             "{why}"
         );
     }
 
-    #[test]
-    fn an_untouched_chain_of_100k_entries_verifies_and_resumes() {
+    #[tokio::test]
+    async fn an_untouched_chain_of_100k_entries_verifies_and_resumes() {
         let dir = tempfile::tempdir().unwrap();
         let kek = Kek::create(&dir.path().join("kek")).unwrap();
-        let store = SledStore::open(&dir.path().join("db"), &kek).unwrap();
-        let log = AuditLog::open(&store).unwrap();
-        for i in 0..100_000u64 {
-            let ev = Event {
-                kind: "decision".into(),
-                spiffe_id: format!("spiffe://td/agent/{}", i % 97),
-                decision: "ALLOWED".into(),
-                policies: vec!["p".into()],
-                ..Default::default()
-            };
-            log.append(&store, i as i64, ev).unwrap();
+        let db = dir.path().join("db");
+        let store = SledStore::open(&db, &kek).unwrap();
+        // A thousand entries per unit of work (a flush each), at the times they had one by one.
+        for batch in 0..100u64 {
+            let mut u = store.begin().await.unwrap();
+            for i in batch * 1000..(batch + 1) * 1000 {
+                let ev = Event {
+                    kind: "decision".into(),
+                    spiffe_id: format!("spiffe://td/agent/{}", i % 97),
+                    decision: "ALLOWED".into(),
+                    policies: vec!["p".into()],
+                    ..Default::default()
+                };
+                u.audit(i as i64, ev);
+            }
+            let seqs = u.commit().await.unwrap();
+            assert_eq!(seqs.first(), Some(&(batch * 1000 + 1)));
         }
-        let v = verify(&store, None).unwrap();
+        let v = verify(&store, None).await.unwrap();
         assert!(v.ok, "{}", v.reason);
         assert_eq!(v.entries, 100_000);
-        // A reopened log continues the same chain.
-        let log = AuditLog::open(&store).unwrap();
-        assert_eq!(log.append(&store, 1, Event::default()).unwrap(), 100_001);
-        assert!(verify(&store, None).unwrap().ok);
+        // A reopened store continues the same chain.
+        drop(store);
+        let store = SledStore::open(&db, &kek).unwrap();
+        assert_eq!(store.audit_head().await.unwrap().seq, 100_000);
+        assert_eq!(
+            append(&store, 1, vec![Event::default()]).await,
+            vec![100_001]
+        );
+        assert!(verify(&store, None).await.unwrap().ok);
     }
 }

@@ -621,10 +621,15 @@ async fn prefill(args: &Args, n: u64) {
         CredentialId, CredentialRecord, CredentialState, Decision, Grant, GrantDecision, Secret,
         SpiffeId, Task, TaskId, TaskState,
     };
-    use jitbroker::store::Store;
+    use jitbroker::store::local::LocalEngine;
     let kek = jitbroker::store::crypto::Kek::load(&args.data_dir.join("kek")).expect("kek");
-    let store =
-        jitbroker::store::SledStore::open(&args.data_dir.join("db"), &kek).expect("open store");
+    let store = std::sync::Arc::new(
+        jitbroker::store::SledStore::open(&args.data_dir.join("db"), &kek).expect("open store"),
+    );
+    // Sealing is above the engine: the same keys the broker loads.
+    let sealing = jitbroker::store::Storage::open(store.clone(), &kek)
+        .await
+        .expect("data keys");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -683,7 +688,8 @@ async fn prefill(args: &Args, n: u64) {
                 delegation_chain: vec![owner.clone()],
             };
             let secret = Secret::new(format!("jbt_prefill_{}", rec.id.as_str()));
-            store.create_credential(&rec, &secret).expect("credential");
+            let sealed = sealing.seal_secret(&rec.id, &secret).expect("seal");
+            store.create_credential(&rec, &sealed).expect("credential");
             made += 1;
         }
         if t.is_multiple_of(4096) {

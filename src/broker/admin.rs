@@ -2,7 +2,7 @@
 //! reload and audit verification. Every call checks the caller is a configured operator and is
 //! audited.
 
-use super::{Broker, Completed};
+use super::{Broker, Completed, Tx};
 use crate::audit::{self, Event, Verification};
 use crate::error::{Error, Result};
 use crate::model::{RevokeReason, SpiffeId, Task, TaskId, TaskState, preview};
@@ -22,17 +22,20 @@ fn check_reason(reason: &str) -> Result<()> {
 }
 
 impl Broker {
-    fn admin_event(&self, caller: &SpiffeId, what: &str, ev: Event) -> Result<()> {
-        self.audit(Event {
-            kind: "admin".into(),
-            actor: caller.to_string(),
-            detail: what.into(),
-            ..ev
-        })
+    fn admin_event(&self, u: &mut Tx<'_>, caller: &SpiffeId, what: &str, ev: Event) {
+        self.audit(
+            u,
+            Event {
+                kind: "admin".into(),
+                actor: caller.to_string(),
+                detail: what.into(),
+                ..ev
+            },
+        );
     }
 
     /// `Admin.ListTasks`.
-    pub fn list_tasks(
+    pub async fn list_tasks(
         &self,
         caller: &SpiffeId,
         owner: Option<&str>,
@@ -40,7 +43,7 @@ impl Broker {
         page_size: u32,
         page_token: &str,
     ) -> Result<(Vec<Task>, Option<TaskId>)> {
-        self.require_admin(caller)?;
+        self.require_admin(caller).await?;
         let owner = owner
             .filter(|s| !s.is_empty())
             .map(|s| SpiffeId::parse("spiffe_id", s))
@@ -69,7 +72,7 @@ impl Broker {
         let mut out = Vec::new();
         // Scan in batches until the page is full or the tasks run out.
         loop {
-            let batch = self.store.scan_tasks(after.as_ref(), 512)?;
+            let batch = self.store.scan_tasks(after.as_ref(), 512).await?;
             let exhausted = batch.len() < 512;
             for mut t in batch {
                 after = Some(t.id.clone());
@@ -96,16 +99,20 @@ impl Broker {
         task_id: &str,
         reason: &str,
     ) -> Result<Completed> {
-        self.require_admin(caller)?;
+        self.require_admin(caller).await?;
         self.writable()?;
         check_reason(reason)?;
         let id = TaskId::parse(task_id)?;
-        if self.store.get_task(&id)?.is_none() {
+        if self.store.get_task(&id).await?.is_none() {
             return Err(Error::NotFound(format!("task {id}")));
         }
+        let mut u = self.store.begin().await?;
         let mut out = Completed::default();
-        self.revoke_tree(&id, RevokeReason::Admin, &mut out).await?;
+        let r = self
+            .revoke_tree(&mut u, &id, RevokeReason::Admin, &mut out)
+            .await;
         self.admin_event(
+            &mut u,
             caller,
             "revoke_task",
             Event {
@@ -113,9 +120,8 @@ impl Broker {
                 reason: reason.into(),
                 ..Default::default()
             },
-        )?;
-        self.store.durable().await?;
-        Ok(out)
+        );
+        self.finish(u, r.map(|()| out)).await
     }
 
     /// `Admin.RevokeIdentity`: the kill switch for a compromised agent.
@@ -126,24 +132,30 @@ impl Broker {
         reason: &str,
         block: bool,
     ) -> Result<Completed> {
-        self.require_admin(caller)?;
+        self.require_admin(caller).await?;
         self.writable()?;
         check_reason(reason)?;
         let target = SpiffeId::parse("spiffe_id", spiffe_id)?;
+        let mut u = self.store.begin().await?;
+        // The identity's lock for the whole unit: a task it starts meanwhile either committed
+        // before (and is found below) or waits and then sees the block.
+        u.lock_identity(&target).await?;
         if block {
             // Block first, so nothing new starts while the old is being revoked.
-            self.store.set_blocked(&target, true)?;
-            self.blocked
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(target.clone());
+            u.set_blocked(&target, true).await?;
         }
         let mut out = Completed::default();
-        for id in self.store.tasks_of_identity(&target)? {
-            self.revoke_tree(&id, RevokeReason::IdentityRevoked, &mut out)
-                .await?;
+        let mut r = Ok(());
+        for id in self.store.tasks_of_identity(&target).await? {
+            r = self
+                .revoke_tree(&mut u, &id, RevokeReason::IdentityRevoked, &mut out)
+                .await;
+            if r.is_err() {
+                break;
+            }
         }
         self.admin_event(
+            &mut u,
             caller,
             if block {
                 "revoke_identity+block"
@@ -155,27 +167,25 @@ impl Broker {
                 reason: reason.into(),
                 ..Default::default()
             },
-        )?;
-        self.store.durable().await?;
-        Ok(out)
+        );
+        self.finish(u, r.map(|()| out)).await
     }
 
     /// Ends a task if it is still active (state REVOKED, `reason`) and then all its descendants.
     async fn revoke_tree(
         &self,
+        u: &mut Tx<'_>,
         id: &TaskId,
         reason: RevokeReason,
         out: &mut Completed,
     ) -> Result<()> {
+        if let Some(mut task) = u.lock_task(id).await?
+            && task.state == TaskState::Active
         {
-            let _guard = self.lock_task(id).lock().await;
-            if let Some(mut task) = self.store.get_task(id)?
-                && task.state == TaskState::Active
-            {
-                self.end_task(&mut task, TaskState::Revoked, reason, self.now(), out)?;
-            }
+            self.end_task(u, &mut task, TaskState::Revoked, reason, self.now(), out)
+                .await?;
         }
-        self.revoke_descendants(id, out).await
+        self.revoke_descendants(u, id, out).await
     }
 
     /// `Admin.UnblockIdentity`. Returns whether it was blocked.
@@ -185,16 +195,15 @@ impl Broker {
         spiffe_id: &str,
         reason: &str,
     ) -> Result<bool> {
-        self.require_admin(caller)?;
+        self.require_admin(caller).await?;
         self.writable()?;
         check_reason(reason)?;
         let target = SpiffeId::parse("spiffe_id", spiffe_id)?;
-        let was = self.store.set_blocked(&target, false)?;
-        self.blocked
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&target);
+        let mut u = self.store.begin().await?;
+        u.lock_identity(&target).await?;
+        let was = u.set_blocked(&target, false).await;
         self.admin_event(
+            &mut u,
             caller,
             "unblock_identity",
             Event {
@@ -202,18 +211,19 @@ impl Broker {
                 reason: reason.into(),
                 ..Default::default()
             },
-        )?;
-        self.store.durable().await?;
-        Ok(was)
+        );
+        self.finish(u, was).await
     }
 
     /// `Admin.ReloadPolicy`: re-reads the policy file; a bad one is refused and the serving set
     /// stays.
     pub async fn reload_policy(&self, caller: &SpiffeId) -> Result<(usize, String)> {
-        self.require_admin(caller)?;
+        self.require_admin(caller).await?;
         self.writable()?;
         let result = self.reload_policy_file();
+        let mut u = self.store.begin().await?;
         self.admin_event(
+            &mut u,
             caller,
             "reload_policy",
             Event {
@@ -223,8 +233,8 @@ impl Broker {
                 },
                 ..Default::default()
             },
-        )?;
-        self.store.durable().await?;
+        );
+        u.commit().await?;
         result.map_err(|e| match e {
             Error::Config(m) => Error::FailedPrecondition(format!(
                 "the new policy set was refused and the previous one keeps serving: {m}"
@@ -238,16 +248,20 @@ impl Broker {
     pub async fn reload_policy_on(&self, trigger: &str) -> Result<(usize, String)> {
         self.writable()?;
         let result = self.reload_policy_file();
-        self.audit(Event {
-            kind: "policy_reload".into(),
-            actor: trigger.into(),
-            reason: match &result {
-                Ok((n, d)) => format!("loaded {n} policies, sha256 {d}"),
-                Err(e) => format!("refused: {e}"),
+        let mut u = self.store.begin().await?;
+        self.audit(
+            &mut u,
+            Event {
+                kind: "policy_reload".into(),
+                actor: trigger.into(),
+                reason: match &result {
+                    Ok((n, d)) => format!("loaded {n} policies, sha256 {d}"),
+                    Err(e) => format!("refused: {e}"),
+                },
+                ..Default::default()
             },
-            ..Default::default()
-        })?;
-        self.store.durable().await?;
+        );
+        u.commit().await?;
         result
     }
 
@@ -273,13 +287,9 @@ impl Broker {
 
     /// `Admin.VerifyAudit`.
     pub async fn verify_audit(&self, caller: &SpiffeId) -> Result<Verification> {
-        self.require_admin(caller)?;
+        self.require_admin(caller).await?;
         let _no_archival_meanwhile = self.archive_lock.lock().await;
-        let store = self.store.clone();
         let dir = self.audit_archive.as_ref().map(|a| a.dir.clone());
-        // A walk over the whole chain (archive included) is long: keep it off the runtime.
-        tokio::task::spawn_blocking(move || audit::verify(store.as_ref(), dir.as_deref()))
-            .await
-            .map_err(|e| Error::Internal(format!("audit verification: {e}")))?
+        audit::verify(self.store.engine(), dir.as_deref()).await
     }
 }

@@ -2,7 +2,7 @@
 //! yields `NEEDS_APPROVAL`; an approver (never the requester nor anyone in its delegation chain)
 //! approves that exact (task, resource, action); the approval is used by one issuance and expires.
 
-use super::Broker;
+use super::{Broker, Tx};
 use crate::audit::Event;
 use crate::error::{Error, Result};
 use crate::model::{
@@ -13,8 +13,9 @@ const MAX_REASON_LEN: usize = 1024;
 
 impl Broker {
     /// Opens a pending approval request for one grant of a task and records it on the task.
-    pub(crate) fn request_approval(
+    pub(crate) async fn request_approval(
         &self,
+        u: &mut Tx<'_>,
         task: &mut Task,
         grant: &Grant,
         policy_ids: Vec<String>,
@@ -35,88 +36,111 @@ impl Broker {
             reason: String::new(),
             policy_ids,
         };
-        self.store.put_approval(&a)?;
+        u.put_approval(&a).await?;
         for g in task.grants.iter_mut().filter(|g| &g.grant == grant) {
             g.approval_id = Some(a.id.clone());
         }
-        self.audit(Event {
-            kind: "approval_requested".into(),
-            spiffe_id: task.owner.to_string(),
-            task_id: task.id.to_string(),
-            resource: grant.resource.clone(),
-            action: grant.action.clone(),
-            policies: a.policy_ids.clone(),
-            purpose: task.purpose.clone(),
-            detail: format!("approval_id={}", a.id),
-            ..Default::default()
-        })?;
+        self.audit(
+            u,
+            Event {
+                kind: "approval_requested".into(),
+                spiffe_id: task.owner.to_string(),
+                task_id: task.id.to_string(),
+                resource: grant.resource.clone(),
+                action: grant.action.clone(),
+                policies: a.policy_ids.clone(),
+                purpose: task.purpose.clone(),
+                detail: format!("approval_id={}", a.id),
+                ..Default::default()
+            },
+        );
         Ok(a.id)
     }
 
     /// The approved, unused, unexpired approval of this grant, if there is one.
-    pub(crate) fn usable_approval(
+    pub(crate) async fn usable_approval(
         &self,
         task: &Task,
         grant: &Grant,
         now: UnixMillis,
     ) -> Result<Option<Approval>> {
-        let Some(id) = self.store.approval_for_grant(&task.id, grant)? else {
+        let Some(id) = self.store.approval_for_grant(&task.id, grant).await? else {
             return Ok(None);
         };
         Ok(self
             .store
-            .get_approval(&id)?
+            .get_approval(&id)
+            .await?
             .filter(|a| a.state == ApprovalState::Approved && now < a.expires_at))
     }
 
     /// The pending, unexpired approval request of this grant, if there is one.
-    pub(crate) fn pending_approval(
+    pub(crate) async fn pending_approval(
         &self,
         task: &Task,
         grant: &Grant,
         now: UnixMillis,
     ) -> Result<Option<ApprovalId>> {
-        let Some(id) = self.store.approval_for_grant(&task.id, grant)? else {
+        let Some(id) = self.store.approval_for_grant(&task.id, grant).await? else {
             return Ok(None);
         };
         Ok(self
             .store
-            .get_approval(&id)?
+            .get_approval(&id)
+            .await?
             .filter(|a| a.state == ApprovalState::Pending && now < a.expires_at)
             .map(|a| a.id))
     }
 
     /// The pending approval request of this grant, or a new one recorded on the task.
-    pub(crate) fn pending_or_new_approval(
+    pub(crate) async fn pending_or_new_approval(
         &self,
+        u: &mut Tx<'_>,
         task: &Task,
         grant: &Grant,
         policy_ids: Vec<String>,
         now: UnixMillis,
     ) -> Result<ApprovalId> {
-        if let Some(id) = self.pending_approval(task, grant, now)? {
+        if let Some(id) = self.pending_approval(task, grant, now).await? {
             return Ok(id);
         }
         let mut t = task.clone();
-        let id = self.request_approval(&mut t, grant, policy_ids, now)?;
-        self.store.update_task(&t)?;
+        let id = self
+            .request_approval(u, &mut t, grant, policy_ids, now)
+            .await?;
+        u.update_task(&t).await?;
         Ok(id)
     }
 
     /// Marks an approval consumed by an issuance.
-    pub(crate) fn use_approval(&self, mut a: Approval, credential: &str) -> Result<()> {
-        a.state = ApprovalState::Used;
-        self.store.put_approval(&a)?;
-        self.audit(Event {
-            kind: "approval_used".into(),
-            spiffe_id: a.requester.to_string(),
-            task_id: a.task_id.to_string(),
-            credential_id: credential.to_owned(),
-            resource: a.grant.resource.clone(),
-            action: a.grant.action.clone(),
-            detail: format!("approval_id={}", a.id),
-            ..Default::default()
-        })
+    /// Uses a granted approval for one credential: exactly one issuance wins it.
+    pub(crate) async fn use_approval(
+        &self,
+        u: &mut Tx<'_>,
+        a: Approval,
+        credential: &str,
+        now: UnixMillis,
+    ) -> Result<()> {
+        if !u.consume_approval(&a.id, credential, now).await? {
+            return Err(Error::FailedPrecondition(format!(
+                "approval {} was used or expired meanwhile; ask again",
+                a.id
+            )));
+        }
+        self.audit(
+            u,
+            Event {
+                kind: "approval_used".into(),
+                spiffe_id: a.requester.to_string(),
+                task_id: a.task_id.to_string(),
+                credential_id: credential.to_owned(),
+                resource: a.grant.resource.clone(),
+                action: a.grant.action.clone(),
+                detail: format!("approval_id={}", a.id),
+                ..Default::default()
+            },
+        );
+        Ok(())
     }
 
     pub fn is_approver(&self, caller: &SpiffeId) -> bool {
@@ -137,7 +161,7 @@ impl Broker {
             )));
         }
         // A block holds for every role.
-        self.check_caller(caller)?;
+        self.check_caller(caller).await?;
         self.writable()?;
         if reason.len() > MAX_REASON_LEN {
             return Err(Error::invalid(
@@ -146,26 +170,46 @@ impl Broker {
             ));
         }
         let id = ApprovalId::parse(approval_id)?;
+        let a = self
+            .store
+            .get_approval(&id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("approval {id}")))?;
+        let mut u = self.store.begin().await?;
+        let r = self
+            .decide_approval_in(&mut u, caller, a, reason, approve)
+            .await;
+        self.finish(u, r).await
+    }
+
+    async fn decide_approval_in(
+        &self,
+        u: &mut Tx<'_>,
+        caller: &SpiffeId,
+        a: Approval,
+        reason: &str,
+        approve: bool,
+    ) -> Result<Approval> {
+        let id = a.id.clone();
+        u.lock_task(&a.task_id).await?;
+        // Re-read under the task's lock: an issuance may have used it meanwhile.
         let mut a = self
             .store
-            .get_approval(&id)?
-            .ok_or_else(|| Error::NotFound(format!("approval {id}")))?;
-        let _guard = self.lock_task(&a.task_id).lock().await;
-        // Re-read under the task's lock: an issuance may have used it meanwhile.
-        a = self
-            .store
-            .get_approval(&id)?
+            .get_approval(&id)
+            .await?
             .ok_or_else(|| Error::NotFound(format!("approval {id}")))?;
         if &a.requester == caller || a.delegation_chain.contains(caller) {
-            self.audit(Event {
-                kind: "approval_refused".into(),
-                actor: caller.to_string(),
-                task_id: a.task_id.to_string(),
-                reason: "self-approval".into(),
-                detail: format!("approval_id={id}"),
-                ..Default::default()
-            })?;
-            self.store.durable().await?;
+            self.audit(
+                u,
+                Event {
+                    kind: "approval_refused".into(),
+                    actor: caller.to_string(),
+                    task_id: a.task_id.to_string(),
+                    reason: "self-approval".into(),
+                    detail: format!("approval_id={id}"),
+                    ..Default::default()
+                },
+            );
             return Err(Error::PermissionDenied(format!(
                 "{caller} asked for this (or delegated the task that did) and may not decide it"
             )));
@@ -185,7 +229,8 @@ impl Broker {
         }
         let task = self
             .store
-            .get_task(&a.task_id)?
+            .get_task(&a.task_id)
+            .await?
             .filter(|t| t.is_live(now))
             .ok_or_else(|| {
                 Error::FailedPrecondition(format!("the task of approval {id} is no longer active"))
@@ -201,36 +246,38 @@ impl Broker {
         if approve {
             a.expires_at = (now + self.limits.approval_ttl_ms).min(task.expires_at);
         }
-        self.store.put_approval(&a)?;
-        self.audit(Event {
-            kind: if approve {
-                "approval_granted"
-            } else {
-                "approval_denied"
-            }
-            .into(),
-            actor: caller.to_string(),
-            spiffe_id: a.requester.to_string(),
-            task_id: a.task_id.to_string(),
-            resource: a.grant.resource.clone(),
-            action: a.grant.action.clone(),
-            reason: preview(reason),
-            purpose: a.purpose.clone(),
-            detail: format!("approval_id={id}"),
-            ..Default::default()
-        })?;
-        self.store.durable().await?;
+        u.put_approval(&a).await?;
+        self.audit(
+            u,
+            Event {
+                kind: if approve {
+                    "approval_granted"
+                } else {
+                    "approval_denied"
+                }
+                .into(),
+                actor: caller.to_string(),
+                spiffe_id: a.requester.to_string(),
+                task_id: a.task_id.to_string(),
+                resource: a.grant.resource.clone(),
+                action: a.grant.action.clone(),
+                reason: preview(reason),
+                purpose: a.purpose.clone(),
+                detail: format!("approval_id={id}"),
+                ..Default::default()
+            },
+        );
         Ok(a)
     }
 
     /// `Admin.ListApprovals`: operators and approvers may list; `state` filters (empty = all).
-    pub fn list_approvals(&self, caller: &SpiffeId, state: &str) -> Result<Vec<Approval>> {
+    pub async fn list_approvals(&self, caller: &SpiffeId, state: &str) -> Result<Vec<Approval>> {
         if !self.is_admin(caller) && !self.is_approver(caller) {
             return Err(Error::PermissionDenied(format!(
                 "{caller} is neither an operator nor an approver of this broker"
             )));
         }
-        self.check_caller(caller)?;
+        self.check_caller(caller).await?;
         let now = self.now();
         let want = match state.to_ascii_uppercase().as_str() {
             "" => None,
@@ -247,7 +294,8 @@ impl Broker {
         };
         Ok(self
             .store
-            .list_approvals()?
+            .list_approvals()
+            .await?
             .into_iter()
             .filter(|a| {
                 let (s, expired) = a.effective_state(now);

@@ -3,9 +3,9 @@
 //! again with the delegate as principal and the chain in context. Ending a task ends every
 //! descendant (reason `cascade`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
-use super::{Broker, Completed, DecideCtx, secs_to_ms};
+use super::{Broker, Completed, NewTask, Tx, secs_to_ms};
 use crate::audit::Event;
 use crate::error::{Error, Result};
 use crate::model::{Decision, Grant, RevokeReason, SpiffeId, Task, TaskId, TaskState};
@@ -23,7 +23,7 @@ pub struct DelegateTask {
 impl Broker {
     /// `Broker.DelegateTask`.
     pub async fn delegate_task(&self, caller: &SpiffeId, req: DelegateTask) -> Result<Task> {
-        self.check_caller(caller)?;
+        self.check_caller(caller).await?;
         self.writable()?;
         let parent_id =
             TaskId::parse(&req.parent_task_id).map_err(|e| rename_field(e, "parent_task_id"))?;
@@ -32,22 +32,37 @@ impl Broker {
             return Err(Error::invalid("delegate_spiffe_id", "is the caller itself"));
         }
         self.check_caller(&delegate)
+            .await
             .map_err(|e| Error::PermissionDenied(format!("delegate {delegate}: {e}")))?;
         self.check_purpose(&req.purpose)?;
         self.check_grants(&req.grants)?;
+        let mut u = self.store.begin().await?;
+        let r = self
+            .delegate_in(&mut u, caller, &parent_id, &delegate, req)
+            .await;
+        self.finish(u, r).await
+    }
 
-        // The parent's lock, and the delegate's: the new task counts against its quota.
-        let _guards = self.lock_task_and_identity(&parent_id, &delegate).await;
-        let parent = self.owned_task(caller, &parent_id)?;
+    async fn delegate_in(
+        &self,
+        u: &mut Tx<'_>,
+        caller: &SpiffeId,
+        parent_id: &TaskId,
+        delegate: &SpiffeId,
+        req: DelegateTask,
+    ) -> Result<Task> {
+        // The delegate's lock first (the new task counts against its quota; `create_task` takes
+        // it), then the parent's: the lock order of every unit of work.
+        u.lock_identity(delegate).await?;
+        let parent = self.lock_owned_task(u, caller, parent_id).await?;
         let now = self.now();
-        self.check_task_quota(&delegate, now, "delegate ")?;
         if !parent.is_live(now) {
             return Err(Error::FailedPrecondition(format!(
                 "task {parent_id} is {}",
                 super::state_name(parent.effective_state(now))
             )));
         }
-        if parent.delegation_chain.iter().any(|id| id == &delegate) {
+        if parent.delegation_chain.iter().any(|id| id == delegate) {
             return Err(Error::invalid(
                 "delegate_spiffe_id",
                 format!("{delegate} is already in the delegation chain"),
@@ -89,91 +104,69 @@ impl Broker {
         };
         let mut chain = parent.delegation_chain.clone();
         chain.push(delegate.clone());
-        let labels: BTreeMap<String, String> = parent.labels.clone();
-        let ctx = DecideCtx {
-            task: None,
-            purpose: &req.purpose,
-            labels: &labels,
-            requested_ttl_ms: ttl_ms,
-            chain: &chain,
-            approved: false,
-        };
-        let decided = self
-            .decide_grants(
-                &delegate,
-                &req.grants,
-                &ctx,
-                &format!(" for delegate {delegate}"),
+        let (child, _) = self
+            .create_task(
+                u,
+                NewTask {
+                    owner: delegate,
+                    purpose: req.purpose,
+                    grants: &req.grants,
+                    labels: parent.labels.clone(),
+                    ttl_ms,
+                    idempotency_key: None,
+                    parent: Some(parent_id.clone()),
+                    chain,
+                },
             )
             .await?;
-        let mut child = Task {
-            id: TaskId::generate(),
-            owner: delegate.clone(),
-            purpose: req.purpose,
-            grants: decided.iter().map(|(g, _)| g.clone()).collect(),
-            labels,
-            state: TaskState::Active,
-            created_at: now,
-            expires_at: now + ttl_ms,
-            ended_at: None,
-            purge_at: None,
-            parent: Some(parent_id.clone()),
-            delegation_chain: chain,
-            idempotency_key: None,
-        };
-        for (g, ids) in decided
-            .into_iter()
-            .filter(|(g, _)| g.decision == Decision::NeedsApproval)
-        {
-            self.request_approval(&mut child, &g.grant, ids, now)?;
-        }
-        self.store.create_task(&child)?;
-        self.audit(Event {
-            kind: "task_delegated".into(),
-            actor: caller.to_string(),
-            spiffe_id: delegate.to_string(),
-            task_id: child.id.to_string(),
-            purpose: child.purpose.clone(),
-            delegation_chain: child
-                .delegation_chain
-                .iter()
-                .map(|c| c.to_string())
-                .collect(),
-            detail: format!("parent={parent_id} expires_at={}", child.expires_at),
-            ..Default::default()
-        })?;
-        self.store.durable().await?;
+        self.audit(
+            u,
+            Event {
+                kind: "task_delegated".into(),
+                actor: caller.to_string(),
+                spiffe_id: delegate.to_string(),
+                task_id: child.id.to_string(),
+                purpose: child.purpose.clone(),
+                delegation_chain: child
+                    .delegation_chain
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect(),
+                detail: format!("parent={parent_id} expires_at={}", child.expires_at),
+                ..Default::default()
+            },
+        );
         Ok(child)
     }
 
-    /// Ends every live descendant of a task, depth first. Takes each child's lock in turn (never
-    /// while holding the parent's), so it cannot deadlock with issuance.
+    /// Ends every live descendant of a task, depth first, in `u`: each child is locked after
+    /// its parent (the lock order), and stays locked until the unit commits.
     pub(crate) async fn revoke_descendants(
         &self,
+        u: &mut Tx<'_>,
         root: &TaskId,
         out: &mut Completed,
     ) -> Result<()> {
-        let mut stack = self.store.children_of(root)?;
+        let mut stack = self.store.children_of(root).await?;
         let mut seen = HashSet::new();
         while let Some(id) = stack.pop() {
             if !seen.insert(id.clone()) {
                 continue;
             }
+            if let Some(mut t) = u.lock_task(&id).await?
+                && t.state == TaskState::Active
             {
-                let _guard = self.lock_task(&id).lock().await;
-                if let Some(mut t) = self.store.get_task(&id)?
-                    && t.state == TaskState::Active
-                {
-                    self.end_task(
-                        &mut t,
-                        TaskState::Revoked,
-                        RevokeReason::Cascade,
-                        self.now(),
-                        out,
-                    )?;
-                }
+                self.end_task(
+                    u,
+                    &mut t,
+                    TaskState::Revoked,
+                    RevokeReason::Cascade,
+                    self.now(),
+                    out,
+                )
+                .await?;
             }
-            stack.extend(self.store.children_of(&id)?);
+            stack.extend(self.store.children_of(&id).await?);
         }
         Ok(())
     }

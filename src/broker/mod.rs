@@ -12,12 +12,11 @@ pub mod tool_calls;
 pub mod upstream;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use tokio::sync::Mutex;
 
-use crate::audit::{AuditLog, Event};
+use crate::audit::Event;
 use crate::config::{self, Config, ResourceKind, RevocationConfig};
 use crate::error::{Error, Result};
 use crate::issuers::jwt::JwtIssuer;
@@ -29,8 +28,8 @@ use crate::model::{
 };
 use crate::policy::PolicyEngine;
 use crate::ratelimit::{FailureSummaries, RateLimiter};
-use crate::store::Store;
 use crate::store::disk::DiskFloor;
+use crate::store::{Inserted, Storage, Uow};
 use crate::telemetry::Metrics;
 pub use clock::{Clock, ManualClock, SystemClock};
 
@@ -41,7 +40,9 @@ pub const MAX_LABEL_KEY_LEN: usize = 63;
 pub const MAX_LABEL_VALUE_LEN: usize = 256;
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
 pub const MAX_SECRET_LEN: usize = 16 * 1024;
-const LOCK_STRIPES: usize = 64;
+/// A unit of work of the store: every handler opens one, does its reads, writes and audit
+/// through it, and replies after [`Broker::finish`] committed it.
+pub(crate) type Tx<'s> = Box<dyn Uow<'s> + 's>;
 /// JWT signing keys rotate daily.
 const JWT_ROTATE_MS: i64 = 24 * 3600 * 1000;
 
@@ -172,6 +173,22 @@ pub struct IssueCredential {
 pub struct IssuedCredential {
     pub record: CredentialRecord,
     pub secret: Secret,
+    /// Made by this call (not the replay of an idempotency key).
+    pub fresh: bool,
+}
+
+/// A task to create, validated ([`Broker::create_task`]).
+pub(crate) struct NewTask<'a> {
+    pub owner: &'a SpiffeId,
+    pub purpose: String,
+    pub grants: &'a [Grant],
+    pub labels: BTreeMap<String, String>,
+    pub ttl_ms: i64,
+    pub idempotency_key: Option<String>,
+    /// The delegating task, for a delegated one.
+    pub parent: Option<TaskId>,
+    /// Root first, ending with `owner`.
+    pub chain: Vec<SpiffeId>,
 }
 
 /// What `Introspect` tells a verifier about an active credential.
@@ -234,19 +251,14 @@ impl<'a> DecideCtx<'a> {
 }
 
 pub struct Broker {
-    store: Arc<dyn Store>,
-    audit: AuditLog,
+    store: Arc<Storage>,
     policy: Arc<PolicyEngine>,
     jwt: JwtIssuer,
     x509: X509Issuer,
     clock: Arc<dyn Clock>,
     limits: Limits,
     metrics: Arc<Metrics>,
-    /// Identities refused everything (kill switch), mirrored from the store.
-    blocked: std::sync::RwLock<HashSet<SpiffeId>>,
     policy_file: Option<std::path::PathBuf>,
-    /// Serialises changes to one task (issue vs complete) and to one owner's task creation.
-    stripes: Vec<Mutex<()>>,
     /// Upstream systems by resource name (PostgreSQL…), and how their revocations are retried.
     upstreams: HashMap<String, Arc<dyn Upstream>>,
     revocation: RevocationConfig,
@@ -263,41 +275,6 @@ pub struct Broker {
     auth_failures: FailureSummaries,
     /// Writes are refused while the data directory's disk is under its free-space floor.
     disk: Option<DiskFloor>,
-    /// Credentials being made upstream, by task, with no lock held (they count against the
-    /// task's quota meanwhile).
-    issuing: InFlight,
-}
-
-/// Counts per task of issuances in progress outside the task's lock.
-#[derive(Default)]
-struct InFlight(std::sync::Mutex<HashMap<TaskId, u64>>);
-
-/// One issuance in progress; dropping it ends it.
-struct InFlightSlot<'a>(&'a InFlight, TaskId);
-
-impl InFlight {
-    fn count(&self, task: &TaskId) -> u64 {
-        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(task).copied().unwrap_or(0)
-    }
-
-    fn start(&self, task: &TaskId) -> InFlightSlot<'_> {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        *map.entry(task.clone()).or_insert(0) += 1;
-        InFlightSlot(self, task.clone())
-    }
-}
-
-impl Drop for InFlightSlot<'_> {
-    fn drop(&mut self) {
-        let mut map = self.0.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.1);
-            }
-        }
-    }
 }
 
 /// Audit archival settings (`[retention]`): once the store holds `keep + segment` entries, the
@@ -307,12 +284,6 @@ pub struct AuditArchive {
     pub dir: std::path::PathBuf,
     pub keep: u64,
     pub segment: u64,
-}
-
-fn stripe_of(key: &str) -> usize {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut h);
-    (h.finish() as usize) % LOCK_STRIPES
 }
 
 fn secs_to_ms(s: u64) -> i64 {
@@ -337,8 +308,8 @@ fn state_name(s: TaskState) -> &'static str {
 }
 
 impl Broker {
-    pub fn new(
-        store: Arc<dyn Store>,
+    pub async fn new(
+        store: Arc<Storage>,
         policy: Arc<PolicyEngine>,
         clock: Arc<dyn Clock>,
         limits: Limits,
@@ -352,28 +323,24 @@ impl Broker {
             .filter(|(_, r)| r.kind == ResourceKind::X509)
             .map(|(name, _)| name.as_str())
             .collect();
-        let x509 = X509Issuer::load(store.as_ref(), &jwt_issuer, &x509_resources, clock.now())?;
+        let x509 = X509Issuer::load(&store, &jwt_issuer, &x509_resources, clock.now()).await?;
         let jwt = JwtIssuer::load(
-            store.as_ref(),
+            &store,
             jwt_issuer,
             JWT_ROTATE_MS,
             secs_to_ms(limits.max_ttl_seconds),
             clock.now(),
-        )?;
-        let audit = AuditLog::open(store.as_ref())?;
-        let blocked = store.blocked_identities()?.into_iter().collect();
+        )
+        .await?;
         Ok(Self {
             store,
-            audit,
             policy,
             jwt,
             x509,
             clock,
             limits,
             metrics,
-            blocked: std::sync::RwLock::new(blocked),
             policy_file,
-            stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             upstreams: HashMap::new(),
             revocation: RevocationConfig::default(),
             revoke_wake: tokio::sync::Notify::new(),
@@ -382,7 +349,6 @@ impl Broker {
             identity_rate: RateLimiter::new(u32::MAX, u32::MAX),
             auth_failures: FailureSummaries::default(),
             disk: None,
-            issuing: InFlight::default(),
         })
     }
 
@@ -455,13 +421,8 @@ impl Broker {
 
     /// Refuses callers from trust domains the configuration does not authorise. The TLS layer
     /// checks this too; this keeps the rule where the domain can see it.
-    fn check_caller(&self, caller: &SpiffeId) -> Result<()> {
-        if self
-            .blocked
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(caller)
-        {
+    async fn check_caller(&self, caller: &SpiffeId) -> Result<()> {
+        if self.store.is_blocked(caller).await? {
             return Err(Error::PermissionDenied(format!(
                 "{caller} is blocked by an operator"
             )));
@@ -621,47 +582,53 @@ impl Broker {
         Ok(secs_to_ms(ttl))
     }
 
-    /// Audits one decision (`evaluate` counted it).
+    /// Records one decision (`evaluate` counted it) in the unit of work of the action it decided.
     fn record_decision(
         &self,
+        u: &mut Tx<'_>,
         principal: &SpiffeId,
         grant: &Grant,
         c: &DecideCtx<'_>,
         v: &crate::policy::Verdict,
-    ) -> Result<()> {
-        self.audit(Event {
-            kind: "decision".into(),
-            spiffe_id: principal.to_string(),
-            task_id: c.task.map(|t| t.id.to_string()).unwrap_or_default(),
-            resource: grant.resource.clone(),
-            action: grant.action.clone(),
-            decision: decision_name(v.decision).into(),
-            policies: v.policy_ids.clone(),
-            reason: v.reason.clone(),
-            purpose: c.purpose.to_owned(),
-            delegation_chain: c.chain.iter().map(|c| c.to_string()).collect(),
-            ..Default::default()
-        })?;
-        Ok(())
+    ) {
+        self.audit(
+            u,
+            Event {
+                kind: "decision".into(),
+                spiffe_id: principal.to_string(),
+                task_id: c.task.map(|t| t.id.to_string()).unwrap_or_default(),
+                resource: grant.resource.clone(),
+                action: grant.action.clone(),
+                decision: decision_name(v.decision).into(),
+                policies: v.policy_ids.clone(),
+                reason: v.reason.clone(),
+                purpose: c.purpose.to_owned(),
+                delegation_chain: c.chain.iter().map(|c| c.to_string()).collect(),
+                ..Default::default()
+            },
+        );
     }
 
+    /// Decides `grant` now (a pure evaluation) and records the decision in `u`.
     fn decide(
         &self,
+        u: &mut Tx<'_>,
         principal: &SpiffeId,
         grant: &Grant,
         c: &DecideCtx<'_>,
-    ) -> Result<crate::policy::Verdict> {
+    ) -> crate::policy::Verdict {
         let v = self.evaluate(principal, grant, c, None);
-        self.record_decision(principal, grant, c, &v)?;
-        Ok(v)
+        self.record_decision(u, principal, grant, c, &v);
+        v
     }
 
-    /// Decides every grant of a new task (with the policy ids of each verdict). If none is
-    /// allowed, nothing is created: the denials are audited as one entry (however many grants
-    /// the request named) made durable, and the caller gets `PERMISSION_DENIED` naming each
+    /// Decides every grant of a new task (with the policy ids of each verdict), recorded in `u`.
+    /// If none is allowed, nothing is created: the denials are recorded as one entry (however
+    /// many grants the request named), and the caller gets `PERMISSION_DENIED` naming each
     /// grant's reason; `whom` completes "no grant was allowed…".
-    async fn decide_grants(
+    fn decide_grants(
         &self,
+        u: &mut Tx<'_>,
         principal: &SpiffeId,
         grants: &[Grant],
         ctx: &DecideCtx<'_>,
@@ -683,19 +650,21 @@ impl Broker {
                 .collect();
             policies.sort();
             policies.dedup();
-            self.audit(Event {
-                kind: "decision".into(),
-                spiffe_id: principal.to_string(),
-                task_id: ctx.task.map(|t| t.id.to_string()).unwrap_or_default(),
-                decision: decision_name(Decision::Denied).into(),
-                policies,
-                reason: reasons.join("; "),
-                purpose: ctx.purpose.to_owned(),
-                delegation_chain: ctx.chain.iter().map(|c| c.to_string()).collect(),
-                detail: format!("all {} grants denied", grants.len()),
-                ..Default::default()
-            })?;
-            self.store.durable().await?;
+            self.audit(
+                u,
+                Event {
+                    kind: "decision".into(),
+                    spiffe_id: principal.to_string(),
+                    task_id: ctx.task.map(|t| t.id.to_string()).unwrap_or_default(),
+                    decision: decision_name(Decision::Denied).into(),
+                    policies,
+                    reason: reasons.join("; "),
+                    purpose: ctx.purpose.to_owned(),
+                    delegation_chain: ctx.chain.iter().map(|c| c.to_string()).collect(),
+                    detail: format!("all {} grants denied", grants.len()),
+                    ..Default::default()
+                },
+            );
             return Err(Error::PermissionDenied(format!(
                 "no grant was allowed{whom}: {}",
                 reasons.join("; ")
@@ -703,7 +672,7 @@ impl Broker {
         }
         let mut decided = Vec::with_capacity(grants.len());
         for (g, v) in grants.iter().zip(verdicts) {
-            self.record_decision(principal, g, ctx, &v)?;
+            self.record_decision(u, principal, g, ctx, &v);
             decided.push((
                 GrantDecision {
                     grant: g.clone(),
@@ -717,11 +686,18 @@ impl Broker {
         Ok(decided)
     }
 
-    /// Appends to the audit chain. The caller's next `durable()` makes it durable with the
-    /// change it records; a failure to audit fails the operation (fail closed).
-    pub(crate) fn audit(&self, event: Event) -> Result<()> {
-        self.audit.append(self.store.as_ref(), self.now(), event)?;
-        Ok(())
+    /// Records an audit event in the unit of work of the change it describes: appended to the
+    /// chain when the unit commits, with it (a failure to audit fails the commit: fail closed).
+    pub(crate) fn audit(&self, u: &mut Tx<'_>, event: Event) {
+        u.audit(self.now(), event);
+    }
+
+    /// Ends a handler: commits its unit of work, whatever the handler's outcome (a refusal is
+    /// recorded as surely as an action), and returns that outcome once the commit is durable.
+    /// A failed commit is the answer: nothing the unit did is acknowledged.
+    pub(crate) async fn finish<T>(&self, u: Tx<'_>, outcome: Result<T>) -> Result<T> {
+        u.commit().await?;
+        outcome
     }
 
     /// Records a refused authentication (no, or an invalid, SVID, or a failed TLS handshake)
@@ -751,18 +727,22 @@ impl Broker {
             return Ok(0);
         }
         self.writable()?;
+        let mut u = self.store.begin().await?;
         for s in &all {
-            self.audit(Event {
-                kind: "auth_failed".into(),
-                reason: s.reason.clone(),
-                detail: format!(
-                    "remote {}: {} refused between {} and {}",
-                    s.remote, s.count, s.first_ms, s.last_ms
-                ),
-                ..Default::default()
-            })?;
+            self.audit(
+                &mut u,
+                Event {
+                    kind: "auth_failed".into(),
+                    reason: s.reason.clone(),
+                    detail: format!(
+                        "remote {}: {} refused between {} and {}",
+                        s.remote, s.count, s.first_ms, s.last_ms
+                    ),
+                    ..Default::default()
+                },
+            );
         }
-        self.store.durable().await?;
+        u.commit().await?;
         Ok(all.len())
     }
 
@@ -788,86 +768,137 @@ impl Broker {
 
     /// `Broker.StartTask`.
     pub async fn start_task(&self, caller: &SpiffeId, req: StartTask) -> Result<Task> {
-        self.check_caller(caller)?;
+        self.check_caller(caller).await?;
         self.writable()?;
         self.check_purpose(&req.purpose)?;
         self.check_grants(&req.grants)?;
         let ttl_ms = self.task_ttl_ms(req.ttl_seconds)?;
         let labels = Self::validate_labels(&req.labels)?;
         let idem = Self::check_idempotency_key(&req.idempotency_key)?;
+        let mut u = self.store.begin().await?;
+        let r = self
+            .create_task(
+                &mut u,
+                NewTask {
+                    owner: caller,
+                    purpose: req.purpose,
+                    grants: &req.grants,
+                    labels,
+                    ttl_ms,
+                    idempotency_key: idem,
+                    parent: None,
+                    chain: vec![caller.clone()],
+                },
+            )
+            .await;
+        let r = match r {
+            Ok((task, true)) => {
+                self.audit(
+                    &mut u,
+                    Event {
+                        kind: "task_started".into(),
+                        spiffe_id: caller.to_string(),
+                        task_id: task.id.to_string(),
+                        purpose: task.purpose.clone(),
+                        detail: format!("expires_at={}", task.expires_at),
+                        ..Default::default()
+                    },
+                );
+                Ok(task)
+            }
+            Ok((task, false)) => Ok(task),
+            Err(e) => Err(e),
+        };
+        self.finish(u, r).await
+    }
 
-        let _guard = self.stripes[stripe_of(caller.as_str())].lock().await;
-        if let Some(key) = &idem
-            && let Some(id) = self.store.task_by_idempotency_key(caller, key)?
-            && let Some(task) = self.store.get_task(&id)?
+    /// The one path that creates a task (`StartTask`, `DelegateTask`, the OAuth grants): under
+    /// its owner's lock, it refuses a blocked owner, answers a repeated idempotency key with the
+    /// task it made, holds the owner's quota of live tasks, decides every grant (recorded in
+    /// `u`), asks for the approvals policy wants, and writes the task. Returns the task and
+    /// whether it is new; the caller records how it came to be.
+    pub(crate) async fn create_task(&self, u: &mut Tx<'_>, n: NewTask<'_>) -> Result<(Task, bool)> {
+        let owner = n.owner;
+        let delegated = n.parent.is_some();
+        let whose = if delegated { "delegate " } else { "" };
+        if u.lock_identity(owner).await?.blocked {
+            return Err(Error::PermissionDenied(format!(
+                "{whose}{owner} is blocked by an operator"
+            )));
+        }
+        if let Some(key) = &n.idempotency_key
+            && let Some(id) = self.store.task_by_idempotency_key(owner, key).await?
+            && let Some(task) = self.store.get_task(&id).await?
         {
-            return Ok(task);
+            return Ok((task, false));
         }
         let now = self.now();
-        self.check_task_quota(caller, now, "")?;
-        let chain = vec![caller.clone()];
+        self.check_task_quota(owner, now, whose).await?;
         let ctx = DecideCtx {
             task: None,
-            purpose: &req.purpose,
-            labels: &labels,
-            requested_ttl_ms: ttl_ms,
-            chain: &chain,
+            purpose: &n.purpose,
+            labels: &n.labels,
+            requested_ttl_ms: n.ttl_ms,
+            chain: &n.chain,
             approved: false,
         };
-        let decided = self.decide_grants(caller, &req.grants, &ctx, "").await?;
+        let whom = if delegated {
+            format!(" for delegate {owner}")
+        } else {
+            String::new()
+        };
+        let decided = self.decide_grants(u, owner, n.grants, &ctx, &whom)?;
         let needing: Vec<(Grant, Vec<String>)> = decided
             .iter()
             .filter(|(g, _)| g.decision == Decision::NeedsApproval)
             .map(|(g, ids)| (g.grant.clone(), ids.clone()))
             .collect();
-        let grants: Vec<GrantDecision> = decided.into_iter().map(|(g, _)| g).collect();
         let mut task = Task {
             id: TaskId::generate(),
-            owner: caller.clone(),
-            purpose: req.purpose,
-            grants,
-            labels,
+            owner: owner.clone(),
+            purpose: n.purpose,
+            grants: decided.into_iter().map(|(g, _)| g).collect(),
+            labels: n.labels,
             state: TaskState::Active,
             created_at: now,
-            expires_at: now + ttl_ms,
+            expires_at: now + n.ttl_ms,
             ended_at: None,
             purge_at: None,
-            parent: None,
-            delegation_chain: chain,
-            idempotency_key: idem,
+            parent: n.parent,
+            delegation_chain: n.chain,
+            idempotency_key: n.idempotency_key,
         };
         for (g, ids) in needing {
-            self.request_approval(&mut task, &g, ids, now)?;
+            self.request_approval(u, &mut task, &g, ids, now).await?;
         }
-        self.store.create_task(&task)?;
-        self.audit(Event {
-            kind: "task_started".into(),
-            spiffe_id: caller.to_string(),
-            task_id: task.id.to_string(),
-            purpose: task.purpose.clone(),
-            detail: format!("expires_at={}", task.expires_at),
-            ..Default::default()
-        })?;
-        self.store.durable().await?;
-        Ok(task)
+        match u.insert_task(&task).await? {
+            Inserted::New => Ok((task, true)),
+            Inserted::Existing(id) => {
+                let task = self
+                    .store
+                    .get_task(&id)
+                    .await?
+                    .ok_or_else(|| Error::Storage(format!("idempotency key points at {id}")))?;
+                Ok((task, false))
+            }
+        }
     }
 
     /// `RESOURCE_EXHAUSTED` when `who` already has its maximum of live tasks (its own and those
-    /// delegated to it alike). The caller holds `who`'s stripe, so the count cannot go stale
+    /// delegated to it alike). The caller holds `who`'s lock, so the count cannot go stale
     /// before the new task is written. `whose` prefixes the message ("delegate ").
-    pub(crate) fn check_task_quota(
-        &self,
-        who: &SpiffeId,
-        now: UnixMillis,
-        whose: &str,
-    ) -> Result<()> {
-        let live = self
-            .store
-            .tasks_of_identity(who)?
-            .into_iter()
-            .filter_map(|id| self.store.get_task(&id).transpose())
-            .filter(|t| t.as_ref().map_or(true, |t| t.is_live(now)))
-            .count() as u64;
+    async fn check_task_quota(&self, who: &SpiffeId, now: UnixMillis, whose: &str) -> Result<()> {
+        let mut live = 0u64;
+        for id in self.store.tasks_of_identity(who).await? {
+            if self
+                .store
+                .get_task(&id)
+                .await?
+                .is_none_or(|t| t.is_live(now))
+            {
+                live += 1;
+            }
+        }
         if live >= self.limits.max_active_tasks_per_identity {
             return Err(Error::ResourceExhausted(format!(
                 "{whose}{who} already has {live} active tasks (limit {}); complete some first",
@@ -877,39 +908,32 @@ impl Broker {
         Ok(())
     }
 
-    /// The lock stripes of a task and of an identity, locked in index order (one lock when they
-    /// share a stripe), so two of these never wait on each other in a cycle.
-    pub(crate) async fn lock_task_and_identity(
-        &self,
-        task: &TaskId,
-        who: &SpiffeId,
-    ) -> (
-        tokio::sync::MutexGuard<'_, ()>,
-        Option<tokio::sync::MutexGuard<'_, ()>>,
-    ) {
-        let (a, b) = (stripe_of(task.as_str()), stripe_of(who.as_str()));
-        let first = self.stripes[a.min(b)].lock().await;
-        let second = if a == b {
-            None
-        } else {
-            Some(self.stripes[a.max(b)].lock().await)
-        };
-        (first, second)
+    /// Loads a task the caller owns; anyone else's reads as unknown (no probing).
+    async fn owned_task(&self, caller: &SpiffeId, task_id: &TaskId) -> Result<Task> {
+        match self.store.get_task(task_id).await? {
+            Some(t) if &t.owner == caller => Ok(t),
+            _ => Err(Error::NotFound(format!("task {task_id}"))),
+        }
     }
 
-    /// Loads a task the caller owns; anyone else's reads as unknown (no probing).
-    fn owned_task(&self, caller: &SpiffeId, task_id: &TaskId) -> Result<Task> {
-        match self.store.get_task(task_id)? {
+    /// Locks a task the caller owns in `u` and reads it under the lock.
+    async fn lock_owned_task(
+        &self,
+        u: &mut Tx<'_>,
+        caller: &SpiffeId,
+        task_id: &TaskId,
+    ) -> Result<Task> {
+        match u.lock_task(task_id).await? {
             Some(t) if &t.owner == caller => Ok(t),
             _ => Err(Error::NotFound(format!("task {task_id}"))),
         }
     }
 
     /// `Broker.GetTask`.
-    pub fn get_task(&self, caller: &SpiffeId, task_id: &str) -> Result<Task> {
-        self.check_caller(caller)?;
+    pub async fn get_task(&self, caller: &SpiffeId, task_id: &str) -> Result<Task> {
+        self.check_caller(caller).await?;
         let id = TaskId::parse(task_id)?;
-        let mut t = self.owned_task(caller, &id)?;
+        let mut t = self.owned_task(caller, &id).await?;
         t.state = t.effective_state(self.now());
         Ok(t)
     }
@@ -920,7 +944,7 @@ impl Broker {
         caller: &SpiffeId,
         req: IssueCredential,
     ) -> Result<IssuedCredential> {
-        self.check_caller(caller)?;
+        self.check_caller(caller).await?;
         self.writable()?;
         let task_id = TaskId::parse(&req.task_id)?;
         let spec = self.resource("resource", &req.resource)?.clone();
@@ -951,29 +975,40 @@ impl Broker {
             resource: req.resource,
             action: req.action,
         };
-        self.issue_for_task(
-            caller,
-            &task_id,
-            &spec,
-            grant,
-            ttl_s,
-            idem,
-            None,
-            BTreeMap::new(),
-        )
-        .await
+        let mut u = self.store.begin().await?;
+        let r = self
+            .issue_for_task(
+                &mut u,
+                caller,
+                &task_id,
+                &spec,
+                grant,
+                ttl_s,
+                idem,
+                None,
+                BTreeMap::new(),
+            )
+            .await;
+        let issued = self.finish(u, r).await?;
+        crate::failpoint::hit("issue-before-reply");
+        if issued.fresh {
+            self.metrics.issued(&issued.record.kind);
+        }
+        Ok(issued)
     }
 
     /// Issues a credential of `caller`'s task for `grant`, deciding it again now: the one path
-    /// of `IssueCredential` and the OAuth token endpoint. It lives `ttl_s` seconds, no longer
-    /// than the task nor `not_after`; `binding` is recorded with it (see
-    /// [`crate::issuers::IssueRequest::binding`]). Durable before it returns.
+    /// of `IssueCredential` and the OAuth token endpoint, in the caller's unit of work (which
+    /// holds the task's lock from here on). It lives `ttl_s` seconds, no longer than the task
+    /// nor `not_after`; `binding` is recorded with it (see
+    /// [`crate::issuers::IssueRequest::binding`]).
     #[expect(
         clippy::too_many_arguments,
         reason = "one issuance, its inputs named at the call"
     )]
-    pub(crate) async fn issue_for_task(
-        &self,
+    pub(crate) async fn issue_for_task<'s>(
+        &'s self,
+        u: &mut Tx<'s>,
         caller: &SpiffeId,
         task_id: &TaskId,
         spec: &ResourceSpec,
@@ -983,15 +1018,13 @@ impl Broker {
         not_after: Option<UnixMillis>,
         binding: BTreeMap<String, String>,
     ) -> Result<IssuedCredential> {
-        let task_id = task_id.clone();
-        let mut guard = Some(self.lock_task(&task_id).lock().await);
-        let task = self.owned_task(caller, &task_id)?;
+        let task = self.lock_owned_task(u, caller, task_id).await?;
         if let Some(key) = &idem
-            && let Some(cid) = self.store.credential_by_idempotency_key(&task_id, key)?
+            && let Some(cid) = self.store.credential_by_idempotency_key(task_id, key).await?
             // An index entry without its record is what a crash mid-write leaves: not issued.
-            && self.store.get_credential(&cid)?.is_some()
+            && self.store.get_credential(&cid).await?.is_some()
         {
-            return self.replay(&cid, &grant);
+            return self.replay(&cid, &grant).await;
         }
         let now = self.now();
         if !task.is_live(now) {
@@ -1022,55 +1055,56 @@ impl Broker {
             ));
         }
         let mut ctx = DecideCtx::for_task(&task, expires_at - now);
-        let mut v = self.decide(caller, &grant, &ctx)?;
+        let mut v = self.decide(u, caller, &grant, &ctx);
         let mut approval = None;
         if v.decision == Decision::NeedsApproval
-            && let Some(a) = self.usable_approval(&task, &grant, now)?
+            && let Some(a) = self.usable_approval(&task, &grant, now).await?
         {
             ctx.approved = true;
-            v = self.decide(caller, &grant, &ctx)?;
+            v = self.decide(u, caller, &grant, &ctx);
             approval = Some(a);
         }
         match v.decision {
             Decision::Allowed => {}
             Decision::Denied => {
-                self.store.durable().await?;
                 return Err(Error::PermissionDenied(format!(
                     "({}, {}) is not allowed now: {}",
                     grant.resource, grant.action, v.reason
                 )));
             }
             Decision::NeedsApproval => {
-                let id = self.pending_or_new_approval(&task, &grant, v.policy_ids, now)?;
-                self.store.durable().await?;
-                return Err(Error::FailedPrecondition(format!(
-                    "({}, {}) needs approval: {} approval_id={id}",
-                    grant.resource, grant.action, v.reason
-                )));
+                let id = self
+                    .pending_or_new_approval(u, &task, &grant, v.policy_ids, now)
+                    .await?;
+                return Err(Error::NeedsApproval {
+                    message: format!(
+                        "({}, {}) needs approval: {}",
+                        grant.resource, grant.action, v.reason
+                    ),
+                    approval_id: id.to_string(),
+                });
             }
         }
-        let issued = self
-            .mint_credential(
-                &mut guard, caller, &task, spec, &grant, expires_at, idem, approval, binding,
-            )
-            .await?;
-        self.store.durable().await?;
-        crate::failpoint::hit("issue-before-reply");
-        self.metrics.issued(&issued.record.kind);
-        Ok(issued)
+        self.mint_credential(
+            u, caller, &task, spec, &grant, expires_at, idem, approval, binding,
+        )
+        .await
     }
 
     /// Issues one credential of a task for a grant already decided: the per-task quota, the
-    /// issuer, the records, the approval it uses and the audit entry. The caller holds the task's
-    /// stripe in `guard` (released while an upstream account is made: see below, and held again
-    /// on return) and makes the writes durable before replying.
+    /// issuer, the records, the approval it uses and the audit entry, all in `u` (which holds the
+    /// task's lock). An upstream account (PostgreSQL) is made with no lock held: `u` is committed
+    /// first (the decisions stay recorded), the account's write-ahead ledger entry is made
+    /// durable in a unit of its own, and `u` is replaced by a new unit that locks the task again
+    /// and looks at it anew: an ended task, or a quota filled meanwhile, gets the account queued
+    /// for removal instead of a credential.
     #[expect(
         clippy::too_many_arguments,
         reason = "one issuance, its inputs named at the call"
     )]
     pub(crate) async fn mint_credential<'s>(
         &'s self,
-        guard: &mut Option<tokio::sync::MutexGuard<'s, ()>>,
+        u: &mut Tx<'s>,
         caller: &SpiffeId,
         task: &Task,
         spec: &ResourceSpec,
@@ -1082,15 +1116,14 @@ impl Broker {
     ) -> Result<IssuedCredential> {
         let now = self.now();
         let task_id = task.id.clone();
-        let indexed = self.store.credentials_of_task(&task_id)?;
-        let in_flight = self.issuing.count(&task_id);
-        let mut issued_count = indexed.len() as u64 + in_flight;
+        let indexed = self.store.credentials_of_task(&task_id).await?;
+        let mut issued_count = indexed.len() as u64;
         if issued_count >= self.limits.max_credentials_per_task {
             // At the limit by the index: count only credentials whose record exists (a crash
             // mid-write can leave an index entry without its record, which was never issued).
-            issued_count = in_flight;
+            issued_count = 0;
             for cid in &indexed {
-                if self.store.get_credential(cid)?.is_some() {
+                if self.store.get_credential(cid).await?.is_some() {
                     issued_count += 1;
                 }
             }
@@ -1124,34 +1157,43 @@ impl Broker {
             ResourceKind::Jwt => self.jwt.issue(&ireq)?,
             ResourceKind::X509 => self.x509.issue(&ireq)?,
             ResourceKind::Postgres => {
-                // The stripe is shared with other tasks, the reaper's and the kill switch's work:
-                // it is not held across the upstream's network I/O. The credential counts against
-                // the task's quota meanwhile, and the task is looked at again afterwards.
-                let slot = self.issuing.start(&task_id);
-                *guard = None;
+                // A slow database must not hold up the task's other calls (a completion, the
+                // kill switch): no lock is held across the upstream's network I/O.
+                let decided = std::mem::replace(u, self.store.begin().await?);
+                decided.commit().await?;
                 let made = self
                     .create_upstream(&grant.resource, &id, &grant.action, now, expires_at)
                     .await;
-                *guard = Some(self.lock_task(&task_id).lock().await);
-                drop(slot);
+                let task_now = u.lock_task(&task_id).await?;
                 let (name, issued) = made?;
-                let still_live = self
-                    .store
-                    .get_task(&task_id)?
-                    .is_some_and(|t| t.is_live(self.now()));
-                if !still_live {
+                let later = self.now();
+                let refusal = if !task_now.is_some_and(|t| t.is_live(later)) {
+                    Some(Error::FailedPrecondition(format!(
+                        "task {task_id} ended while its credential was being made; the account \
+                         is being removed"
+                    )))
+                } else if self.store.credentials_of_task(&task_id).await?.len() as u64
+                    >= self.limits.max_credentials_per_task
+                {
+                    Some(Error::ResourceExhausted(format!(
+                        "task {task_id} reached its limit of {} credentials while this one was \
+                         being made; the account is being removed",
+                        self.limits.max_credentials_per_task
+                    )))
+                } else {
+                    None
+                };
+                if let Some(e) = refusal {
                     self.queue_upstream_revocation(
+                        u,
                         &grant.resource,
                         &name,
                         Some(id.clone()),
                         "task-ended",
-                        self.now(),
-                    )?;
-                    self.store.durable().await?;
-                    return Err(Error::FailedPrecondition(format!(
-                        "task {task_id} ended while its credential was being made; the account \
-                         is being removed"
-                    )));
+                        later,
+                    )
+                    .await?;
+                    return Err(e);
                 }
                 upstream_name = Some(name);
                 issued
@@ -1174,56 +1216,72 @@ impl Broker {
             attributes,
             delegation_chain: task.delegation_chain.clone(),
         };
-        self.store.create_credential(&record, &secret)?;
+        let sealed = self.store.seal_secret(&record.id, &secret)?;
+        if let Inserted::Existing(cid) = u.insert_credential(&record, &sealed).await? {
+            // The caller holds the task's lock and looked the key up: this is a crash leftover.
+            return Err(Error::Storage(format!(
+                "idempotency key of task {} already names {cid}",
+                record.task_id
+            )));
+        }
         if let Some(name) = upstream_name {
-            self.store.put_upstream(&UpstreamObject {
+            u.put_upstream(&UpstreamObject {
                 resource: record.resource.clone(),
                 name,
                 credential_id: record.id.clone(),
                 state: UpstreamState::Live,
                 created_at: now,
                 expires_at,
-            })?;
+            })
+            .await?;
         }
         if let Some(a) = approval {
-            self.use_approval(a, record.id.as_str())?;
+            self.use_approval(u, a, record.id.as_str(), now).await?;
         }
-        self.audit(Event {
-            kind: "credential_issued".into(),
-            spiffe_id: caller.to_string(),
-            task_id: record.task_id.to_string(),
-            credential_id: record.id.to_string(),
-            resource: record.resource.clone(),
-            action: record.action.clone(),
-            purpose: task.purpose.clone(),
-            delegation_chain: task
-                .delegation_chain
-                .iter()
-                .map(|c| c.to_string())
-                .collect(),
-            detail: {
-                // Who else acts with it (token exchange) and what it is bound to, in the trail.
-                let mut d = format!("kind={} expires_at={}", record.kind, record.expires_at);
-                for key in [crate::issuers::ATTR_ACTORS, crate::issuers::ATTR_CLIENT_ID] {
-                    if let Some(v) = record.attributes.get(key) {
-                        d.push_str(&format!(" {key}={v}"));
+        self.audit(
+            u,
+            Event {
+                kind: "credential_issued".into(),
+                spiffe_id: caller.to_string(),
+                task_id: record.task_id.to_string(),
+                credential_id: record.id.to_string(),
+                resource: record.resource.clone(),
+                action: record.action.clone(),
+                purpose: task.purpose.clone(),
+                delegation_chain: task
+                    .delegation_chain
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect(),
+                detail: {
+                    // Who else acts with it (token exchange) and what it is bound to, in the trail.
+                    let mut d = format!("kind={} expires_at={}", record.kind, record.expires_at);
+                    for key in [crate::issuers::ATTR_ACTORS, crate::issuers::ATTR_CLIENT_ID] {
+                        if let Some(v) = record.attributes.get(key) {
+                            d.push_str(&format!(" {key}={v}"));
+                        }
                     }
-                }
-                if record.attributes.contains_key(crate::issuers::ATTR_CNF) {
-                    d.push_str(" cnf=x5t#S256");
-                }
-                d
+                    if record.attributes.contains_key(crate::issuers::ATTR_CNF) {
+                        d.push_str(" cnf=x5t#S256");
+                    }
+                    d
+                },
+                ..Default::default()
             },
-            ..Default::default()
-        })?;
-        Ok(IssuedCredential { record, secret })
+        );
+        Ok(IssuedCredential {
+            record,
+            secret,
+            fresh: true,
+        })
     }
 
     /// Returns the credential an earlier call with the same idempotency key made.
-    fn replay(&self, id: &CredentialId, grant: &Grant) -> Result<IssuedCredential> {
+    async fn replay(&self, id: &CredentialId, grant: &Grant) -> Result<IssuedCredential> {
         let record = self
             .store
-            .get_credential(id)?
+            .get_credential(id)
+            .await?
             .ok_or_else(|| Error::Storage(format!("idempotency key points at missing {id}")))?;
         if record.resource != grant.resource || record.action != grant.action {
             return Err(Error::invalid(
@@ -1234,28 +1292,33 @@ impl Broker {
                 ),
             ));
         }
-        if !record.is_live(self.now()) {
-            return Err(Error::FailedPrecondition(format!(
-                "credential {id} issued for this idempotency key is no longer active"
-            )));
-        }
-        let secret = self.store.credential_secret(id)?.ok_or_else(|| {
+        let gone = || {
             Error::FailedPrecondition(format!(
                 "credential {id} issued for this idempotency key is no longer active"
             ))
-        })?;
-        Ok(IssuedCredential { record, secret })
+        };
+        if !record.is_live(self.now()) {
+            return Err(gone());
+        }
+        let secret = self.store.credential_secret(id).await?.ok_or_else(gone)?;
+        Ok(IssuedCredential {
+            record,
+            secret,
+            fresh: false,
+        })
     }
 
-    /// Ends one credential if it is active. Returns whether it changed.
-    fn end_credential(
+    /// Ends one credential if it is active, in `u` (which holds its task's lock). Returns
+    /// whether it changed.
+    async fn end_credential(
         &self,
+        u: &mut Tx<'_>,
         id: &CredentialId,
         state: CredentialState,
         reason: RevokeReason,
         now: UnixMillis,
     ) -> Result<bool> {
-        let Some(mut rec) = self.store.get_credential(id)? else {
+        let Some(mut rec) = self.store.get_credential(id).await? else {
             return Ok(false);
         };
         if rec.state != CredentialState::Active {
@@ -1273,126 +1336,149 @@ impl Broker {
         } else {
             reason
         });
-        self.store.update_credential(&rec)?;
+        u.update_credential(&rec).await?;
         if let Some(name) = rec.attributes.get("user")
             && self.upstreams.contains_key(&rec.resource)
         {
             self.queue_upstream_revocation(
+                u,
                 &rec.resource,
                 name,
                 Some(rec.id.clone()),
                 rec.end_reason.map(RevokeReason::as_str).unwrap_or(""),
                 now,
-            )?;
+            )
+            .await?;
         }
         self.metrics.ended(rec.end_reason.unwrap_or(reason));
-        self.audit(Event {
-            kind: "credential_ended".into(),
-            spiffe_id: rec.owner.to_string(),
-            task_id: rec.task_id.to_string(),
-            credential_id: rec.id.to_string(),
-            resource: rec.resource.clone(),
-            action: rec.action.clone(),
-            reason: rec
-                .end_reason
-                .map(RevokeReason::as_str)
-                .unwrap_or("")
-                .into(),
-            ..Default::default()
-        })?;
+        self.audit(
+            u,
+            Event {
+                kind: "credential_ended".into(),
+                spiffe_id: rec.owner.to_string(),
+                task_id: rec.task_id.to_string(),
+                credential_id: rec.id.to_string(),
+                resource: rec.resource.clone(),
+                action: rec.action.clone(),
+                reason: rec
+                    .end_reason
+                    .map(RevokeReason::as_str)
+                    .unwrap_or("")
+                    .into(),
+                ..Default::default()
+            },
+        );
         Ok(true)
     }
 
-    /// Ends a task and every credential of it. Caller holds the task's stripe.
-    fn end_task(
+    /// Ends a task and every credential of it, in `u` (which holds the task's lock).
+    async fn end_task(
         &self,
+        u: &mut Tx<'_>,
         task: &mut Task,
         state: TaskState,
         reason: RevokeReason,
         now: UnixMillis,
         out: &mut Completed,
     ) -> Result<()> {
-        for cid in self.store.credentials_of_task(&task.id)? {
-            if self.end_credential(&cid, CredentialState::Revoked, reason, now)? {
+        for cid in self.store.credentials_of_task(&task.id).await? {
+            if self
+                .end_credential(u, &cid, CredentialState::Revoked, reason, now)
+                .await?
+            {
                 out.revoked_credentials.push(cid);
             }
         }
         task.state = state;
         task.ended_at = Some(now);
         task.purge_at = Some(now.saturating_add(self.limits.ended_retention_ms));
-        self.store.update_task(task)?;
+        u.update_task(task).await?;
         out.ended_tasks.push(task.id.clone());
-        self.audit(Event {
-            kind: "task_ended".into(),
-            spiffe_id: task.owner.to_string(),
-            task_id: task.id.to_string(),
-            reason: reason.as_str().into(),
-            ..Default::default()
-        })
+        self.audit(
+            u,
+            Event {
+                kind: "task_ended".into(),
+                spiffe_id: task.owner.to_string(),
+                task_id: task.id.to_string(),
+                reason: reason.as_str().into(),
+                ..Default::default()
+            },
+        );
+        Ok(())
     }
 
-    /// `Broker.CompleteTask`: revokes every credential of the task. Completing a task that is
-    /// already completed succeeds with nothing to revoke, so retries are safe.
+    /// `Broker.CompleteTask`: revokes every credential of the task and ends its descendants,
+    /// in one unit of work. Completing a task that is already completed succeeds with nothing
+    /// to revoke, so retries are safe.
     pub async fn complete_task(&self, caller: &SpiffeId, task_id: &str) -> Result<Completed> {
-        self.check_caller(caller)?;
+        self.check_caller(caller).await?;
         self.writable()?;
         let id = TaskId::parse(task_id)?;
-        let guard = self.stripes[stripe_of(id.as_str())].lock().await;
-        let mut task = self.owned_task(caller, &id)?;
+        let mut u = self.store.begin().await?;
+        let r = self.complete_in(&mut u, caller, &id).await;
+        self.finish(u, r).await
+    }
+
+    async fn complete_in(
+        &self,
+        u: &mut Tx<'_>,
+        caller: &SpiffeId,
+        id: &TaskId,
+    ) -> Result<Completed> {
+        let mut task = self.lock_owned_task(u, caller, id).await?;
         let now = self.now();
         let mut out = Completed::default();
         match task.effective_state(now) {
             TaskState::Active => {
                 self.end_task(
+                    u,
                     &mut task,
                     TaskState::Completed,
                     RevokeReason::Completed,
                     now,
                     &mut out,
-                )?;
-                drop(guard);
-                self.revoke_descendants(&id, &mut out).await?;
+                )
+                .await?;
+                self.revoke_descendants(u, id, &mut out).await?;
+                Ok(out)
             }
             TaskState::Completed => {
                 // A retry, perhaps after a crash between the task's end and its descendants':
                 // the cascade is run again (it ends only what is still live).
-                drop(guard);
-                self.revoke_descendants(&id, &mut out).await?;
-                if !out.ended_tasks.is_empty() {
-                    self.store.durable().await?;
-                }
-                return Ok(out);
+                self.revoke_descendants(u, id, &mut out).await?;
+                Ok(out)
             }
             TaskState::Expired if task.state == TaskState::Active => {
                 // Past its expiry but not yet reaped: end it now, as expired.
                 self.end_task(
+                    u,
                     &mut task,
                     TaskState::Expired,
                     RevokeReason::Expired,
                     now,
                     &mut out,
-                )?;
-                self.store.durable().await?;
-                return Err(Error::FailedPrecondition(format!("task {id} is EXPIRED")));
+                )
+                .await?;
+                Err(Error::FailedPrecondition(format!("task {id} is EXPIRED")))
             }
-            s => {
-                return Err(Error::FailedPrecondition(format!(
-                    "task {id} is {}",
-                    state_name(s)
-                )));
-            }
+            s => Err(Error::FailedPrecondition(format!(
+                "task {id} is {}",
+                state_name(s)
+            ))),
         }
-        self.store.durable().await?;
-        Ok(out)
     }
 
     /// `Broker.RevokeCredential`: only the owner of the credential's task may revoke it.
     pub async fn revoke_credential(&self, caller: &SpiffeId, credential_id: &str) -> Result<()> {
-        self.check_caller(caller)?;
+        self.check_caller(caller).await?;
         self.writable()?;
         let id = CredentialId::parse(credential_id)?;
         let not_found = || Error::NotFound(format!("credential {id}"));
-        let rec = self.store.get_credential(&id)?.ok_or_else(not_found)?;
+        let rec = self
+            .store
+            .get_credential(&id)
+            .await?
+            .ok_or_else(not_found)?;
         if &rec.owner != caller {
             return Err(not_found());
         }
@@ -1401,25 +1487,32 @@ impl Broker {
 
     /// Revokes one credential (if still active) under its task's lock, durably.
     pub(crate) async fn revoke_now(&self, rec: &CredentialRecord) -> Result<()> {
-        let _guard = self.lock_task(&rec.task_id).lock().await;
-        self.end_credential(
-            &rec.id,
-            CredentialState::Revoked,
-            RevokeReason::Revoked,
-            self.now(),
-        )?;
-        self.store.durable().await
+        let mut u = self.store.begin().await?;
+        let r = async {
+            u.lock_task(&rec.task_id).await?;
+            self.end_credential(
+                &mut u,
+                &rec.id,
+                CredentialState::Revoked,
+                RevokeReason::Revoked,
+                self.now(),
+            )
+            .await
+            .map(|_| ())
+        }
+        .await;
+        self.finish(u, r).await
     }
 
     /// `Verifier.Introspect`: only verifiers configured for the resource may ask; unknown,
     /// revoked, expired and other-resource credentials all read as inactive.
-    pub fn introspect(
+    pub async fn introspect(
         &self,
         caller: &SpiffeId,
         secret: &str,
         resource: &str,
     ) -> Result<Option<Introspection>> {
-        self.check_caller(caller)?;
+        self.check_caller(caller).await?;
         self.require_verifier(caller, resource)?;
         if secret.is_empty() {
             return Err(Error::invalid("secret", "is required"));
@@ -1431,15 +1524,16 @@ impl Broker {
             ));
         }
         Ok(self
-            .active_credential(secret)?
+            .active_credential(secret)
+            .await?
             .filter(|r| r.resource == resource)
             .map(|record| Introspection { record }))
     }
 
     /// `Verifier.GetX509Authorities`: without a resource, the root that signs every resource's
     /// issuing CA; with one, only that resource's issuing CA.
-    pub fn x509_authorities_pem(&self, caller: &SpiffeId, resource: &str) -> Result<String> {
-        self.check_caller(caller)?;
+    pub async fn x509_authorities_pem(&self, caller: &SpiffeId, resource: &str) -> Result<String> {
+        self.check_caller(caller).await?;
         if resource.is_empty() {
             return Ok(self.x509.root_pem().to_owned());
         }
@@ -1462,18 +1556,18 @@ impl Broker {
     /// `Verifier.X509Status`: what became of the certificate with this serial number. Only
     /// verifiers of the resource may ask; a certificate of another resource, another kind or not
     /// made by this broker reads as unknown.
-    pub fn x509_status(
+    pub async fn x509_status(
         &self,
         caller: &SpiffeId,
         resource: &str,
         serial: &str,
     ) -> Result<X509Status> {
-        self.check_caller(caller)?;
+        self.check_caller(caller).await?;
         self.require_verifier(caller, resource)?;
         let Some(id) = crate::issuers::x509::credential_of_serial(serial)? else {
             return Ok(X509Status::Unknown);
         };
-        let Some(record) = self.store.get_credential(&id)? else {
+        let Some(record) = self.store.get_credential(&id).await? else {
             return Ok(X509Status::Unknown);
         };
         if record.resource != resource || record.kind != ResourceKind::X509.as_str() {
@@ -1482,7 +1576,8 @@ impl Broker {
         let now = self.now();
         let task_live = self
             .store
-            .get_task(&record.task_id)?
+            .get_task(&record.task_id)
+            .await?
             .is_some_and(|t| t.is_live(now));
         Ok(if record.is_live(now) && task_live {
             X509Status::Good(record)
@@ -1524,9 +1619,9 @@ impl Broker {
 
     /// An operator, not blocked: a block holds for every role, so a blocked operator cannot
     /// undo its own block.
-    fn require_admin(&self, caller: &SpiffeId) -> Result<()> {
+    async fn require_admin(&self, caller: &SpiffeId) -> Result<()> {
         if self.is_admin(caller) {
-            self.check_caller(caller)
+            self.check_caller(caller).await
         } else {
             Err(Error::PermissionDenied(format!(
                 "{caller} is not an operator of this broker"
@@ -1535,9 +1630,9 @@ impl Broker {
     }
 
     /// `Admin.Status`.
-    pub fn status(&self, caller: &SpiffeId) -> Result<StatusInfo> {
-        self.require_admin(caller)?;
-        let c = self.store.counts()?;
+    pub async fn status(&self, caller: &SpiffeId) -> Result<StatusInfo> {
+        self.require_admin(caller).await?;
+        let c = self.store.counts().await?;
         let (policy_count, policy_digest) = self.policy.info();
         Ok(StatusInfo {
             active_tasks: c.tasks,
@@ -1551,12 +1646,8 @@ impl Broker {
         self.policy_file.as_deref()
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
+    pub fn store(&self) -> &Arc<Storage> {
         &self.store
-    }
-
-    pub(crate) fn lock_task(&self, id: &TaskId) -> &Mutex<()> {
-        &self.stripes[stripe_of(id.as_str())]
     }
 
     pub(crate) fn jwt(&self) -> &JwtIssuer {

@@ -2,13 +2,13 @@
 //! credential of a task, decided by Cedar when it is issued and ended with its task. The HTTP
 //! side (`api::oauth`) verifies the caller's SVID and speaks the RFCs; this module decides.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
-use super::{Broker, IssuedCredential, ResourceSpec, StartTask};
+use super::{Broker, IssuedCredential, NewTask, ResourceSpec, Tx};
 use crate::config::ResourceKind;
 use crate::error::Error;
 use crate::issuers::{ATTR_ACTORS, ATTR_CLIENT_ID, ATTR_CNF, actors_of};
-use crate::model::{CredentialRecord, Decision, Grant, SpiffeId, TaskId};
+use crate::model::{CredentialRecord, Grant, SpiffeId, TaskId};
 
 /// The error codes of RFC 6749 §5.2 and the extensions the token endpoint answers with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,15 +75,16 @@ impl OAuthError {
         match e {
             Error::PermissionDenied(m) => Self::new(C::InvalidScope, m),
             Error::NotFound(m) => Self::new(C::InvalidGrant, format!("{m} not found")),
-            Error::FailedPrecondition(m) => match m.rsplit_once("approval_id=") {
-                Some((_, id)) if m.contains("needs approval") => Self {
-                    code: C::AuthorizationPending,
-                    description: m.clone(),
-                    approval_id: Some(id.trim().to_owned()),
-                    task_id: None,
-                },
-                _ => Self::new(C::InvalidGrant, m),
+            Error::NeedsApproval {
+                message,
+                approval_id,
+            } => Self {
+                code: C::AuthorizationPending,
+                description: format!("{message} approval_id={approval_id}"),
+                approval_id: Some(approval_id),
+                task_id: None,
             },
+            Error::FailedPrecondition(m) => Self::new(C::InvalidGrant, m),
             Error::InvalidArgument { field, reason } => {
                 Self::new(C::InvalidRequest, format!("{field}: {reason}"))
             }
@@ -224,8 +225,9 @@ impl Broker {
     }
 
     /// The caller may act at all: not blocked, of an authorised trust domain.
-    fn oauth_caller(&self, who: &SpiffeId) -> Result<(), OAuthError> {
+    async fn oauth_caller(&self, who: &SpiffeId) -> Result<(), OAuthError> {
         self.check_caller(who)
+            .await
             .map_err(|e| OAuthError::new(OAuthErrorCode::UnauthorizedClient, e.to_string()))
     }
 
@@ -272,21 +274,45 @@ impl Broker {
         req: TokenRequest,
     ) -> Result<AccessToken, OAuthError> {
         self.oauth_limits()?;
-        self.oauth_caller(client)?;
+        self.oauth_caller(client).await?;
+        self.writable().map_err(OAuthError::from_issuance)?;
         let (name, spec) = self.target(&req.resource)?;
+        // One unit of work: the task a grant starts and its token commit together, or not at
+        // all.
+        let mut u = self
+            .store
+            .begin()
+            .await
+            .map_err(OAuthError::from_issuance)?;
+        let r = self.oauth_token_in(&mut u, client, req, name, spec).await;
+        // Committed whatever the outcome (a refusal is recorded as surely as a token).
+        u.commit().await.map_err(OAuthError::from_issuance)?;
+        r
+    }
+
+    async fn oauth_token_in<'s>(
+        &'s self,
+        u: &mut Tx<'s>,
+        client: &SpiffeId,
+        req: TokenRequest,
+        name: String,
+        spec: ResourceSpec,
+    ) -> Result<AccessToken, OAuthError> {
         let (task_id, scope, fresh) = match req.task {
             TaskChoice::Existing(id) => {
-                let task = TaskId::parse(&id)
-                    .and_then(|tid| self.owned_task(client, &tid))
-                    .map_err(|_| {
-                        OAuthError::new(
-                            OAuthErrorCode::InvalidGrant,
-                            format!(
-                                "task {} is not an active task of {client}",
-                                crate::model::preview(&id)
-                            ),
-                        )
-                    })?;
+                let task = match TaskId::parse(&id) {
+                    Ok(tid) => self.owned_task(client, &tid).await.ok(),
+                    Err(_) => None,
+                };
+                let task = task.ok_or_else(|| {
+                    OAuthError::new(
+                        OAuthErrorCode::InvalidGrant,
+                        format!(
+                            "task {} is not an active task of {client}",
+                            crate::model::preview(&id)
+                        ),
+                    )
+                })?;
                 let asked = asked_on(&task, &name);
                 let scope = self.pick_scope(&req.resource, &spec, req.scope.as_deref(), &asked)?;
                 (task.id, scope, false)
@@ -294,38 +320,45 @@ impl Broker {
             TaskChoice::New { purpose } => {
                 let all: Vec<String> = spec.actions.iter().cloned().collect();
                 let scope = self.pick_scope(&req.resource, &spec, req.scope.as_deref(), &all)?;
-                let task = self
-                    .start_task(
-                        client,
-                        StartTask {
+                self.check_purpose(&purpose)
+                    .map_err(OAuthError::from_issuance)?;
+                let grants = [Grant {
+                    resource: name.clone(),
+                    action: scope.clone(),
+                }];
+                let (task, _) = self
+                    .create_task(
+                        u,
+                        NewTask {
+                            owner: client,
                             purpose,
-                            grants: vec![Grant {
-                                resource: name.clone(),
-                                action: scope.clone(),
-                            }],
-                            ttl_seconds: 0,
-                            labels: HashMap::from([("via".to_owned(), "oauth".to_owned())]),
-                            idempotency_key: String::new(),
+                            grants: &grants,
+                            labels: BTreeMap::from([("via".to_owned(), "oauth".to_owned())]),
+                            ttl_ms: super::secs_to_ms(self.limits.default_ttl_seconds),
+                            idempotency_key: None,
+                            parent: None,
+                            chain: vec![client.clone()],
                         },
                     )
                     .await
                     .map_err(OAuthError::from_issuance)?;
-                // A task whose only grant was denied at its start can never hold a token: it is
-                // ended now rather than left to count against the caller's quota.
-                if let Some(g) = task.grants.first()
-                    && g.decision == Decision::Denied
-                {
-                    let _ = self.complete_task(client, task.id.as_str()).await;
-                    return Err(OAuthError::new(
-                        OAuthErrorCode::InvalidScope,
-                        format!("({name}, {scope}) is not allowed: {}", g.reason),
-                    ));
-                }
+                self.audit(
+                    u,
+                    crate::audit::Event {
+                        kind: "task_started".into(),
+                        spiffe_id: client.to_string(),
+                        task_id: task.id.to_string(),
+                        purpose: task.purpose.clone(),
+                        detail: format!("expires_at={} via=oauth", task.expires_at),
+                        ..Default::default()
+                    },
+                );
                 (task.id, scope, true)
             }
         };
         let issued = self
             .issue_access_token(
+                u,
                 client,
                 &task_id,
                 (name, &spec, scope),
@@ -334,27 +367,49 @@ impl Broker {
                 None,
             )
             .await;
-        let issued = match issued {
-            Ok(i) => i,
+        match issued {
+            Ok(i) => {
+                if i.fresh {
+                    self.metrics.issued(&i.record.kind);
+                }
+                Ok(self.access_token(i))
+            }
             Err(e) => {
                 let mut err = OAuthError::from_issuance(e);
                 err.task_id = Some(task_id.to_string());
-                // A new task that cannot hold its token now (denied, or waiting for a human)
-                // is kept only while an approval may still come for it.
-                if fresh && err.code != OAuthErrorCode::AuthorizationPending {
-                    let _ = self.complete_task(client, task_id.as_str()).await;
+                // A new task that cannot hold its token now (denied, or failed) is ended in
+                // the same unit; one waiting for a human is kept for the approval.
+                if fresh
+                    && err.code != OAuthErrorCode::AuthorizationPending
+                    && let Ok(Some(mut task)) = u.lock_task(&task_id).await
+                {
+                    let now = self.now();
+                    let _ = self
+                        .end_task(
+                            u,
+                            &mut task,
+                            crate::model::TaskState::Completed,
+                            crate::model::RevokeReason::Completed,
+                            now,
+                            &mut super::Completed::default(),
+                        )
+                        .await;
                 }
-                return Err(err);
+                Err(err)
             }
-        };
-        Ok(self.access_token(issued))
+        }
     }
 
     /// Issues an access token of `owner`'s task for `(resource, spec, scope)` through the one
     /// issuance path: the OAuth life (capped by the resource, the task and `not_after`), the
     /// `binding`, and the certificate it is bound to.
-    async fn issue_access_token(
-        &self,
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one issuance, its inputs named at the call"
+    )]
+    async fn issue_access_token<'s>(
+        &'s self,
+        u: &mut Tx<'s>,
         owner: &SpiffeId,
         task_id: &TaskId,
         (resource, spec, action): (String, &ResourceSpec, String),
@@ -372,8 +427,10 @@ impl Broker {
             binding.insert(ATTR_CNF.to_owned(), t);
         }
         let grant = Grant { resource, action };
-        self.issue_for_task(owner, task_id, spec, grant, ttl, None, not_after, binding)
-            .await
+        self.issue_for_task(
+            u, owner, task_id, spec, grant, ttl, None, not_after, binding,
+        )
+        .await
     }
 
     fn access_token(&self, issued: IssuedCredential) -> AccessToken {
@@ -386,24 +443,24 @@ impl Broker {
 
     /// An active credential of this broker that a token names, with its live task (belt and
     /// braces: a task's end revokes its credentials anyway).
-    pub(crate) fn active_credential(
+    pub(crate) async fn active_credential(
         &self,
         token: &str,
     ) -> crate::error::Result<Option<CredentialRecord>> {
         if token.is_empty() || token.len() > super::MAX_SECRET_LEN {
             return Ok(None);
         }
-        let Some(id) = self.store.credential_by_secret(token)? else {
+        let Some(id) = self.store.credential_by_secret(token).await? else {
             return Ok(None);
         };
-        let Some(record) = self.store.get_credential(&id)? else {
+        let Some(record) = self.store.get_credential(&id).await? else {
             return Ok(None);
         };
         let now = self.now();
         if !record.is_live(now) {
             return Ok(None);
         }
-        Ok(match self.store.get_task(&record.task_id)? {
+        Ok(match self.store.get_task(&record.task_id).await? {
             Some(t) if t.is_live(now) => Some(record),
             _ => None,
         })
@@ -419,7 +476,8 @@ impl Broker {
         req: ExchangeRequest,
     ) -> Result<AccessToken, OAuthError> {
         let oauth = self.oauth_limits()?.clone();
-        self.oauth_caller(actor)?;
+        self.oauth_caller(actor).await?;
+        self.writable().map_err(OAuthError::from_issuance)?;
         if !oauth.token_exchange_actors.contains(actor) {
             return Err(OAuthError::new(
                 OAuthErrorCode::UnauthorizedClient,
@@ -428,6 +486,7 @@ impl Broker {
         }
         let subject = self
             .active_credential(&req.subject_token)
+            .await
             .map_err(OAuthError::from_issuance)?
             .filter(|r| r.kind == "jwt" || r.kind == "token")
             .ok_or_else(|| {
@@ -436,7 +495,7 @@ impl Broker {
                     "subject_token is not an active access token of this authorization server",
                 )
             })?;
-        if self.check_caller(&subject.owner).is_err() {
+        if self.check_caller(&subject.owner).await.is_err() {
             return Err(OAuthError::new(
                 OAuthErrorCode::InvalidGrant,
                 format!(
@@ -462,6 +521,7 @@ impl Broker {
             let task = self
                 .store
                 .get_task(&subject.task_id)
+                .await
                 .map_err(OAuthError::from_issuance)?
                 .ok_or_else(|| OAuthError::new(OAuthErrorCode::InvalidGrant, "task is gone"))?;
             let asked = asked_on(&task, &name);
@@ -490,8 +550,14 @@ impl Broker {
             ),
             (ATTR_CLIENT_ID.to_owned(), actor.to_string()),
         ]);
-        let issued = self
+        let mut u = self
+            .store
+            .begin()
+            .await
+            .map_err(OAuthError::from_issuance)?;
+        let r = self
             .issue_access_token(
+                &mut u,
                 &subject.owner,
                 &subject.task_id,
                 (name, &spec, scope),
@@ -499,20 +565,23 @@ impl Broker {
                 req.certificate_thumbprint,
                 Some(subject.expires_at),
             )
-            .await
-            .map_err(OAuthError::from_issuance)?;
+            .await;
+        let issued = self.finish(u, r).await.map_err(OAuthError::from_issuance)?;
+        if issued.fresh {
+            self.metrics.issued(&issued.record.kind);
+        }
         Ok(self.access_token(issued))
     }
 
     /// Introspection (RFC 7662): the active credential a token names, if `caller` is a
     /// verifier of its resource; anything else reads as inactive.
-    pub fn oauth_introspect(
+    pub async fn oauth_introspect(
         &self,
         caller: &SpiffeId,
         token: &str,
     ) -> crate::error::Result<Option<CredentialRecord>> {
-        self.check_caller(caller)?;
-        let Some(record) = self.active_credential(token)? else {
+        self.check_caller(caller).await?;
+        let Some(record) = self.active_credential(token).await? else {
             return Ok(None);
         };
         Ok(self.is_verifier(caller, &record.resource).then_some(record))
@@ -525,15 +594,15 @@ impl Broker {
         caller: &SpiffeId,
         token: &str,
     ) -> crate::error::Result<Revocation> {
-        self.check_caller(caller)?;
+        self.check_caller(caller).await?;
         self.writable()?;
         if token.is_empty() || token.len() > super::MAX_SECRET_LEN {
             return Ok(Revocation::Unknown);
         }
-        let Some(id) = self.store.credential_by_secret(token)? else {
+        let Some(id) = self.store.credential_by_secret(token).await? else {
             return Ok(Revocation::Unknown);
         };
-        let Some(record) = self.store.get_credential(&id)? else {
+        let Some(record) = self.store.get_credential(&id).await? else {
             return Ok(Revocation::Unknown);
         };
         let may = &record.owner == caller

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Broker, Completed};
+use super::{Broker, Completed, Tx};
 use crate::error::Result;
 use crate::model::{CredentialState, RevokeReason, TaskState};
 use crate::store::Expiring;
@@ -14,94 +14,120 @@ use crate::store::Expiring;
 const BATCH: usize = 512;
 /// The reaper yields to request handling after this many entries.
 const YIELD_EVERY: usize = 8;
+/// Between passes the reaper sleeps at least this long.
+const MIN_SLEEP: Duration = Duration::from_millis(20);
 /// The reaper never sleeps longer than this, so a moved clock or a new earlier expiry is caught.
 const MAX_SLEEP: Duration = Duration::from_secs(1);
 
 impl Broker {
     /// Ends everything due now. Returns how many entries it handled.
     ///
-    /// In a mass expiry it paces itself: it yields to request handling every few entries and,
-    /// between batches, rests as long as the batch took, so at most about half of one worker's
-    /// time goes to bookkeeping while agents are being served. Readers check expiry themselves,
-    /// so the slower drain costs nothing but bookkeeping lag (and, for upstream accounts, the
-    /// drop waits a little longer behind its `VALID UNTIL` backstop).
+    /// Each batch is one unit of work: its entries are claimed (another reaper, in this process
+    /// or in another replica, skips them), each one's task is locked without waiting (an entry
+    /// whose task is busy is left for the next pass), and the batch commits once, so a mass
+    /// expiry costs one flush per batch. In a mass expiry it paces itself: it yields to request
+    /// handling every few entries and, between batches, rests as long as the batch took, so at
+    /// most about half of one worker's time goes to bookkeeping while agents are being served.
+    /// Readers check expiry themselves, so the slower drain costs nothing but bookkeeping lag
+    /// (and, for upstream accounts, the drop waits a little longer behind its `VALID UNTIL`
+    /// backstop).
     pub async fn reap_due(&self) -> Result<usize> {
         let mut handled = 0;
         loop {
             let started = std::time::Instant::now();
             let now = self.now();
-            let due = self.store.due(now, BATCH)?;
+            let mut u = self.store.begin().await?;
+            let due = u.claim_due(now, BATCH).await?;
             if due.is_empty() {
                 break;
             }
             let n = due.len();
             let mut failed = 0;
+            let mut busy = 0;
             for (i, (at, what)) in due.into_iter().enumerate() {
                 if i % YIELD_EVERY == YIELD_EVERY - 1 {
                     tokio::task::yield_now().await;
                 }
                 // One entry that cannot be handled (a corrupt record) must not stop the others.
-                if let Err(e) = self.reap_one(now, at, &what).await {
-                    failed += 1;
-                    tracing::error!(error = %e, entry = ?what, "could not end an expired entry; the others go on");
+                match self.reap_one(&mut u, now, at, &what).await {
+                    Ok(true) => {}
+                    Ok(false) => busy += 1,
+                    Err(e) => {
+                        failed += 1;
+                        tracing::error!(error = %e, entry = ?what, "could not end an expired entry; the others go on");
+                    }
                 }
             }
-            self.store.durable().await?;
-            handled += n;
-            if n < BATCH || failed == n {
+            u.commit().await?;
+            handled += n - busy;
+            if n < BATCH || failed + busy == n {
                 break;
             }
             tokio::time::sleep(started.elapsed()).await;
         }
-        if self.jwt().rotate_if_due(self.store.as_ref(), self.now())? {
-            self.store.durable().await?;
+        if self.jwt().rotate_if_due(&self.store, self.now()).await? {
+            tracing::info!("rotated the JWT signing keys");
         }
         Ok(handled)
     }
 
-    /// Ends one due entry and removes it from the index.
+    /// Ends one due entry and removes it from the index, in `u`. `false`: its task is locked
+    /// by someone else right now; the entry stays due.
     async fn reap_one(
         &self,
+        u: &mut Tx<'_>,
         now: crate::model::UnixMillis,
         at: crate::model::UnixMillis,
         what: &Expiring,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         match what {
             Expiring::Credential(id) => {
-                // Take the task's lock so this does not race a completion of the task.
-                let task_id = self.store.get_credential(id)?.map(|r| r.task_id);
-                let _g = match &task_id {
-                    Some(t) => Some(self.lock_task(t).lock().await),
-                    None => None,
-                };
-                self.end_credential(id, CredentialState::Expired, RevokeReason::Expired, now)?;
+                // The task's lock, so this does not race a completion or an issuance.
+                if let Some(task_id) = self.store.get_credential(id).await?.map(|r| r.task_id) {
+                    if u.try_lock_task(&task_id).await?.is_none() {
+                        return Ok(false);
+                    }
+                    self.end_credential(
+                        u,
+                        id,
+                        CredentialState::Expired,
+                        RevokeReason::Expired,
+                        now,
+                    )
+                    .await?;
+                }
             }
             Expiring::Task(id) => {
-                let mut out = Completed::default();
+                let Some(task) = u.try_lock_task(id).await? else {
+                    return Ok(false);
+                };
+                if let Some(mut task) = task
+                    && task.state == TaskState::Active
                 {
-                    let _g = self.lock_task(id).lock().await;
-                    if let Some(mut task) = self.store.get_task(id)?
-                        && task.state == TaskState::Active
-                    {
-                        self.end_task(
-                            &mut task,
-                            TaskState::Expired,
-                            RevokeReason::Expired,
-                            now,
-                            &mut out,
-                        )?;
-                    }
+                    let mut out = Completed::default();
+                    self.end_task(
+                        u,
+                        &mut task,
+                        TaskState::Expired,
+                        RevokeReason::Expired,
+                        now,
+                        &mut out,
+                    )
+                    .await?;
+                    self.revoke_descendants(u, id, &mut out).await?;
                 }
-                self.revoke_descendants(id, &mut out).await?;
             }
             Expiring::Purge(id) => {
-                let _g = self.lock_task(id).lock().await;
-                if self.store.purge_task(id)? {
+                if u.try_lock_task(id).await?.is_none() {
+                    return Ok(false);
+                }
+                if u.purge_task(id).await? {
                     self.metrics.purged();
                 }
             }
         }
-        self.store.remove_due(at, what)
+        u.remove_due(at, what).await?;
+        Ok(true)
     }
 
     /// Runs until `shutdown` resolves.
@@ -111,10 +137,10 @@ impl Broker {
             if let Err(e) = self.reap_due().await {
                 tracing::error!(error = %e, "reaper pass failed; retrying");
             }
-            let sleep = match self.store.next_due() {
-                Ok(Some(at)) => {
-                    Duration::from_millis((at - self.now()).max(0) as u64).min(MAX_SLEEP)
-                }
+            let sleep = match self.store.next_due().await {
+                // An entry left for a busy task is due already: come back shortly, not at once.
+                Ok(Some(at)) => Duration::from_millis((at - self.now()).max(0) as u64)
+                    .clamp(MIN_SLEEP, MAX_SLEEP),
                 _ => MAX_SLEEP,
             };
             tokio::select! {

@@ -31,29 +31,35 @@ const ANCHOR_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Broker {
     /// The audit chain's head.
-    pub fn audit_head(&self) -> crate::audit::Anchor {
-        self.audit.head()
+    pub async fn audit_head(&self) -> Result<crate::audit::Anchor> {
+        self.store.audit_head().await
     }
 
     /// Logs the chain's head (`event = "audit_anchor"`) and writes it to `file`, when it moved
     /// since `last`. Log shippers and the file keep it where a writer of the data volume
     /// cannot reach.
-    pub fn anchor_audit(&self, file: Option<&std::path::Path>, last: &mut u64) {
-        let head = self.audit.head();
+    pub async fn anchor_audit(&self, file: Option<&std::path::Path>, last: &mut u64) {
+        let head = match self.store.audit_head().await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the audit chain's head");
+                return;
+            }
+        };
         if head.seq == *last {
             return;
         }
         *last = head.seq;
         tracing::info!(event = "audit_anchor", anchor = %head, "audit chain head");
         let Some(file) = file else { return };
-        let mut blocked: Vec<String> = self
-            .blocked
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        let blocked: Vec<String> = self
+            .store
+            .blocked_identities()
+            .await
+            .unwrap_or_default()
             .iter()
             .map(|b| b.to_string())
             .collect();
-        blocked.sort();
         let body = AnchorFile {
             anchor: head,
             time: self.now(),
@@ -77,7 +83,7 @@ impl Broker {
     ) {
         let mut last = 0;
         loop {
-            self.anchor_audit(file.as_deref(), &mut last);
+            self.anchor_audit(file.as_deref(), &mut last).await;
             tokio::select! {
                 _ = tokio::time::sleep(ANCHOR_EVERY) => {}
                 _ = stop.changed() => return,
@@ -108,26 +114,27 @@ impl Broker {
         })?;
         let archive = self.audit_archive.as_ref().map(|x| x.dir.clone());
         let Err(why) =
-            crate::audit::check_anchor(self.store.as_ref(), archive.as_deref(), &a.anchor)?
+            crate::audit::check_anchor(self.store.engine(), archive.as_deref(), &a.anchor).await?
         else {
             return Ok(None);
         };
         let mut reblocked = Vec::new();
+        let mut u = self.store.begin().await?;
         for id in &a.blocked {
             let Ok(id) = SpiffeId::parse("anchor file blocked", id) else {
                 continue;
             };
-            let fresh = self
-                .blocked
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id.clone());
-            if fresh {
-                self.store.set_blocked(&id, true)?;
+            if !u.lock_identity(&id).await?.blocked {
+                u.set_blocked(&id, true).await?;
                 reblocked.push(id.to_string());
             }
         }
-        let live = self.store.counts().map(|c| c.credentials).unwrap_or(0);
+        let live = self
+            .store
+            .counts()
+            .await
+            .map(|c| c.credentials)
+            .unwrap_or(0);
         let finding = format!(
             "the store is behind its audit anchor ({}, written at {}): {why}. Everything done \
              after the store's own last entry is rolled back: credentials revoked since are \
@@ -139,13 +146,16 @@ impl Broker {
             reblocked.join(", ")
         );
         tracing::error!(event = "restore_detected", "{finding}");
-        self.audit(Event {
-            kind: "restore_detected".into(),
-            reason: finding.clone(),
-            detail: format!("anchor {}", a.anchor),
-            ..Default::default()
-        })?;
-        self.store.durable().await?;
+        self.audit(
+            &mut u,
+            Event {
+                kind: "restore_detected".into(),
+                reason: finding.clone(),
+                detail: format!("anchor {}", a.anchor),
+                ..Default::default()
+            },
+        );
+        u.commit().await?;
         Ok(Some(finding))
     }
 
@@ -156,12 +166,10 @@ impl Broker {
         };
         let mut cp = {
             let _step = self.archive_lock.lock().await;
-            let cp = archive::checkpoint(self.store.as_ref())?;
+            let cp = archive::checkpoint(self.store.engine()).await?;
             if let Some(cp) = &cp {
                 // Finish a step that stopped after its checkpoint: its entries are archived.
-                let store = self.store.clone();
-                let upto = cp.seq;
-                spawn_blocking(move || store.audit_remove_through(upto)).await?;
+                self.store.audit_remove_through(cp.seq).await?;
             }
             cp
         };
@@ -169,36 +177,33 @@ impl Broker {
         loop {
             let _step = self.archive_lock.lock().await;
             let (first, prev) = archive::head_of(cp.as_ref())?;
-            let in_store = self.audit.next_seq().saturating_sub(first);
+            let in_store = (self.store.audit_head().await?.seq + 1).saturating_sub(first);
             if in_store < a.keep.saturating_add(a.segment) {
                 return Ok(total);
             }
             let last = first + a.segment - 1;
-            // What goes into a segment file must already be durable in the store.
-            self.store.durable().await?;
-            let store = self.store.clone();
-            let dir = a.dir.clone();
-            let new = spawn_blocking(move || {
-                archive::write_segment(store.as_ref(), &dir, first, last, prev)
-            })
-            .await?;
-            archive::put_checkpoint(self.store.as_ref(), &new)?;
-            self.store.durable().await?;
-            let store = self.store.clone();
-            spawn_blocking(move || store.audit_remove_through(last)).await?;
+            // Entries reach the store by committed units of work only: they are durable.
+            let new =
+                archive::write_segment(self.store.engine(), &a.dir, first, last, prev).await?;
+            archive::put_checkpoint(self.store.engine(), &new).await?;
+            self.store.audit_remove_through(last).await?;
             self.metrics.audit_archived(a.segment);
             total += a.segment;
             tracing::info!(first, last, segment = %new.segment, "audit entries archived");
-            self.audit(Event {
-                kind: "audit_archived".into(),
-                actor: "jitbroker".into(),
-                detail: format!(
-                    "entries {first}..{last} moved to {} (sha256 {})",
-                    new.segment, new.segment_sha256
-                ),
-                ..Default::default()
-            })?;
-            self.store.durable().await?;
+            let mut u = self.store.begin().await?;
+            self.audit(
+                &mut u,
+                Event {
+                    kind: "audit_archived".into(),
+                    actor: "jitbroker".into(),
+                    detail: format!(
+                        "entries {first}..{last} moved to {} (sha256 {})",
+                        new.segment, new.segment_sha256
+                    ),
+                    ..Default::default()
+                },
+            );
+            u.commit().await?;
             cp = Some(new);
         }
     }
@@ -222,12 +227,4 @@ impl Broker {
             }
         }
     }
-}
-
-async fn spawn_blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Internal(format!("archival task: {e}")))?
 }

@@ -17,15 +17,20 @@ fn id(s: &str) -> SpiffeId {
     SpiffeId::parse("test", s).unwrap()
 }
 
-fn fixture() -> Fixture {
-    fixture_with(None)
+async fn fixture() -> Fixture {
+    fixture_with(None).await
 }
 
 /// The fixture, plus a `postgres` resource `db` served by `upstream` when one is given.
-fn fixture_with(upstream: Option<Arc<dyn Upstream>>) -> Fixture {
+async fn fixture_with(upstream: Option<Arc<dyn Upstream>>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let kek = Kek::create(&dir.path().join("kek")).unwrap();
-    let store = Arc::new(SledStore::open(&dir.path().join("db"), &kek).unwrap());
+    let sled = Arc::new(SledStore::open(&dir.path().join("db"), &kek).unwrap());
+    let store = Arc::new(
+        crate::store::Storage::open(sled.clone() as Arc<dyn crate::store::Store>, &kek)
+            .await
+            .unwrap(),
+    );
     let policy = Arc::new(
         PolicyEngine::new(
             BTreeMap::from([
@@ -88,6 +93,7 @@ fn fixture_with(upstream: Option<Arc<dyn Upstream>>) -> Fixture {
         Arc::new(Metrics::default()),
         None,
     )
+    .await
     .unwrap();
     let broker = match upstream {
         Some(up) => broker.with_upstreams(
@@ -98,7 +104,7 @@ fn fixture_with(upstream: Option<Arc<dyn Upstream>>) -> Fixture {
     };
     Fixture {
         broker,
-        sled: store,
+        sled,
         clock,
         _dir: dir,
     }
@@ -128,7 +134,7 @@ fn issue(task: &Task, ttl: u32, key: &str) -> IssueCredential {
 
 #[tokio::test]
 async fn credential_never_outlives_its_task_and_expires_without_reaper() {
-    let f = fixture();
+    let f = fixture().await;
     let agent = id("spiffe://td/agent/a");
     let tool = id("spiffe://td/tool");
     let task = f.broker.start_task(&agent, start(60)).await.unwrap();
@@ -142,6 +148,7 @@ async fn credential_never_outlives_its_task_and_expires_without_reaper() {
     assert!(
         f.broker
             .introspect(&tool, &secret, "demo-token")
+            .await
             .unwrap()
             .is_some()
     );
@@ -149,6 +156,7 @@ async fn credential_never_outlives_its_task_and_expires_without_reaper() {
     assert!(
         f.broker
             .introspect(&tool, &secret, "demo-token")
+            .await
             .unwrap()
             .is_none()
     );
@@ -164,18 +172,23 @@ async fn credential_never_outlives_its_task_and_expires_without_reaper() {
         .broker
         .store()
         .get_credential(&c.record.id)
+        .await
         .unwrap()
         .unwrap();
     assert_eq!(rec.state, CredentialState::Expired);
     assert_eq!(
-        f.broker.get_task(&agent, task.id.as_str()).unwrap().state,
+        f.broker
+            .get_task(&agent, task.id.as_str())
+            .await
+            .unwrap()
+            .state,
         TaskState::Expired
     );
 }
 
 #[tokio::test]
 async fn idempotency_quota_and_ownership() {
-    let f = fixture();
+    let f = fixture().await;
     let agent = id("spiffe://td/agent/a");
     let other = id("spiffe://td/agent/b");
     let task = f.broker.start_task(&agent, start(0)).await.unwrap();
@@ -243,7 +256,7 @@ async fn idempotency_quota_and_ownership() {
 
 #[tokio::test]
 async fn bad_input_names_the_field() {
-    let f = fixture();
+    let f = fixture().await;
     let agent = id("spiffe://td/agent/a");
     let cases: Vec<(StartTask, &str)> = vec![
         (
@@ -338,7 +351,7 @@ async fn bad_input_names_the_field() {
 
 #[tokio::test]
 async fn ended_tasks_and_their_credentials_are_purged_after_the_retention_window() {
-    let f = fixture();
+    let f = fixture().await;
     let agent = id("spiffe://td/agent/a");
     let store = f.broker.store().clone();
     // The task outlives the retention window, so the purge must also take its expiry entries.
@@ -359,17 +372,21 @@ async fn ended_tasks_and_their_credentials_are_purged_after_the_retention_window
         .complete_task(&agent, task.id.as_str())
         .await
         .unwrap();
-    let ended = store.get_task(&task.id).unwrap().unwrap();
+    let ended = store.get_task(&task.id).await.unwrap().unwrap();
     assert_eq!(ended.purge_at, Some(ended.ended_at.unwrap() + 3_600_000));
 
     // Within the window the ended records stay readable and a retry finds the same task.
     f.clock.advance(Duration::from_millis(3_599_999));
     f.broker.reap_due().await.unwrap();
     assert_eq!(
-        f.broker.get_task(&agent, task.id.as_str()).unwrap().state,
+        f.broker
+            .get_task(&agent, task.id.as_str())
+            .await
+            .unwrap()
+            .state,
         TaskState::Completed
     );
-    assert!(store.get_credential(&c1.record.id).unwrap().is_some());
+    assert!(store.get_credential(&c1.record.id).await.unwrap().is_some());
     assert_eq!(
         f.broker.start_task(&agent, req.clone()).await.unwrap().id,
         task.id
@@ -377,39 +394,55 @@ async fn ended_tasks_and_their_credentials_are_purged_after_the_retention_window
 
     f.clock.advance(Duration::from_millis(1));
     f.broker.reap_due().await.unwrap();
-    assert!(store.get_task(&task.id).unwrap().is_none());
+    assert!(store.get_task(&task.id).await.unwrap().is_none());
     for c in [&c1, &c2] {
-        assert!(store.get_credential(&c.record.id).unwrap().is_none());
-        assert!(store.credential_secret(&c.record.id).unwrap().is_none());
+        assert!(store.get_credential(&c.record.id).await.unwrap().is_none());
+        assert!(
+            store
+                .credential_secret(&c.record.id)
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
-    assert!(store.credentials_of_task(&task.id).unwrap().is_empty());
+    assert!(
+        store
+            .credentials_of_task(&task.id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(
         store
             .credential_by_idempotency_key(&task.id, "c-1")
+            .await
             .unwrap()
             .is_none()
     );
     assert!(
         store
             .task_by_idempotency_key(&agent, "run-1")
+            .await
             .unwrap()
             .is_none()
     );
     // Nothing is left to wake the reaper for: the task's and credentials' expiry entries went too.
-    assert_eq!(store.next_due().unwrap(), None);
+    assert_eq!(store.next_due().await.unwrap(), None);
     assert!(matches!(
-        f.broker.get_task(&agent, task.id.as_str()),
+        f.broker.get_task(&agent, task.id.as_str()).await,
         Err(Error::NotFound(_))
     ));
     // The idempotency key is free again: a retry now starts a new task.
     assert_ne!(f.broker.start_task(&agent, req).await.unwrap().id, task.id);
     // A second purge of the same task (an interrupted one repeated) is harmless.
-    assert!(!store.purge_task(&task.id).unwrap());
+    let mut u = store.begin().await.unwrap();
+    assert!(!u.purge_task(&task.id).await.unwrap());
+    u.commit().await.unwrap();
 }
 
 #[tokio::test]
 async fn audit_archival_keeps_the_store_short_and_the_whole_chain_verifiable() {
-    let mut f = fixture();
+    let mut f = fixture().await;
     let archive_dir = f._dir.path().join("audit-archive");
     f.broker = f.broker.with_audit_archive(AuditArchive {
         dir: archive_dir.clone(),
@@ -426,28 +459,32 @@ async fn audit_archival_keeps_the_store_short_and_the_whole_chain_verifiable() {
         f.broker.complete_task(&agent, t.id.as_str()).await.unwrap();
     }
     let store = f.broker.store().clone();
-    let before = f.broker.audit.next_seq() - 1;
+    let before = store.audit_head().await.unwrap().seq;
     assert!(before >= 60, "{before} entries");
     let archived = f.broker.archive_audit().await.unwrap();
-    let total = f.broker.audit.next_seq() - 1;
+    let total = store.audit_head().await.unwrap().seq;
     assert!(archived >= 30 && archived % 10 == 0, "{archived}");
     let segments = crate::audit::archive::segments(&archive_dir).unwrap();
     assert_eq!(segments.len() as u64, archived / 10);
     assert_eq!(segments[0].0, 1);
     // The store holds what was not archived, fewer than keep + segment entries.
-    let in_store = store.audit_scan(0).unwrap().count() as u64;
+    let in_store = store.audit_scan(0, usize::MAX).await.unwrap().len() as u64;
     assert_eq!(in_store, total - archived);
     assert!(in_store < 30, "{in_store}");
 
-    let full = crate::audit::verify(store.as_ref(), Some(&archive_dir)).unwrap();
+    let full = crate::audit::verify(store.engine(), Some(&archive_dir))
+        .await
+        .unwrap();
     assert!(full.ok, "{}", full.reason);
     assert_eq!(full.entries, total);
-    let store_only = crate::audit::verify(store.as_ref(), None).unwrap();
+    let store_only = crate::audit::verify(store.engine(), None).await.unwrap();
     assert!(store_only.ok, "{}", store_only.reason);
     assert_eq!(store_only.entries, in_store);
     let mut out = Vec::new();
     assert_eq!(
-        crate::audit::export(store.as_ref(), Some(&archive_dir), &mut out).unwrap(),
+        crate::audit::export(store.engine(), Some(&archive_dir), &mut out)
+            .await
+            .unwrap(),
         total
     );
     let seqs: Vec<u64> = out
@@ -467,29 +504,46 @@ async fn audit_archival_keeps_the_store_short_and_the_whole_chain_verifiable() {
     let text = String::from_utf8(original.clone()).unwrap();
     let edited = text.replacen("\"kind\":\"", "\"kind\":\"x", 1);
     std::fs::write(second, edited).unwrap();
-    let v = crate::audit::verify(store.as_ref(), Some(&archive_dir)).unwrap();
+    let v = crate::audit::verify(store.engine(), Some(&archive_dir))
+        .await
+        .unwrap();
     assert!(!v.ok);
     assert_eq!(v.first_bad_seq, 11, "{}", v.reason);
     // A removed segment is found too.
     std::fs::remove_file(second).unwrap();
-    let v = crate::audit::verify(store.as_ref(), Some(&archive_dir)).unwrap();
+    let v = crate::audit::verify(store.engine(), Some(&archive_dir))
+        .await
+        .unwrap();
     assert!(!v.ok);
     assert_eq!(v.first_bad_seq, 11, "{}", v.reason);
     assert!(v.reason.contains("missing"), "{}", v.reason);
     std::fs::write(second, original).unwrap();
     assert!(
-        crate::audit::verify(store.as_ref(), Some(&archive_dir))
+        crate::audit::verify(store.engine(), Some(&archive_dir))
+            .await
             .unwrap()
             .ok
     );
-    // A reopened log continues the chain after the archived part.
-    let log = AuditLog::open(store.as_ref()).unwrap();
-    assert_eq!(log.next_seq(), total + 1);
+    // A head resumed from the store continues the chain after the archived part.
+    let last = store
+        .audit_scan(0, usize::MAX)
+        .await
+        .unwrap()
+        .pop()
+        .map(|(_, b)| b);
+    let cp = store
+        .meta_get(&crate::store::plain_meta_key(
+            crate::audit::archive::CHECKPOINT_KEY,
+        ))
+        .await
+        .unwrap();
+    let head = crate::audit::Head::resume(last.as_deref(), cp.as_deref()).unwrap();
+    assert_eq!(head.head().seq, total);
 }
 
 #[tokio::test]
 async fn index_entries_a_crash_left_without_their_record_are_ignored() {
-    let f = fixture();
+    let f = fixture().await;
     let agent = id("spiffe://td/agent/a");
     let tool = id("spiffe://td/tool");
     let task = f.broker.start_task(&agent, start(600)).await.unwrap();
@@ -511,14 +565,16 @@ async fn index_entries_a_crash_left_without_their_record_are_ignored() {
         delegation_chain: vec![agent.clone()],
     };
     let secret = Secret::new("jbt_ghost_secret_that_was_never_handed_out".into());
+    let sealed = f.broker.store().seal_secret(&ghost.id, &secret).unwrap();
     f.sled
-        .crash_after_credential_indexes(&ghost, &secret)
+        .crash_after_credential_indexes(&ghost, &sealed)
         .unwrap();
 
     // The secret does not introspect, and the idempotency key is not a replay of it.
     assert!(
         f.broker
             .introspect(&tool, secret.expose(), "demo-token")
+            .await
             .unwrap()
             .is_none()
     );
@@ -549,14 +605,18 @@ async fn index_entries_a_crash_left_without_their_record_are_ignored() {
         .await
         .unwrap();
     assert_eq!(
-        f.broker.get_task(&agent, task.id.as_str()).unwrap().state,
+        f.broker
+            .get_task(&agent, task.id.as_str())
+            .await
+            .unwrap()
+            .state,
         TaskState::Completed
     );
 }
 
 #[tokio::test]
 async fn delegated_tasks_count_against_the_delegates_quota() {
-    let f = fixture();
+    let f = fixture().await;
     let a = id("spiffe://td/agent/a");
     let b = id("spiffe://td/agent/b");
     let parent = f.broker.start_task(&a, start(600)).await.unwrap();
@@ -624,7 +684,7 @@ impl Upstream for HeldUpstream {
 #[tokio::test]
 async fn no_lock_is_held_while_an_upstream_account_is_made() {
     let up = Arc::new(HeldUpstream::default());
-    let f = Arc::new(fixture_with(Some(up.clone())));
+    let f = Arc::new(fixture_with(Some(up.clone())).await);
     let agent = id("spiffe://td/agent/a");
     let mut req = start(600);
     req.grants = vec![Grant {
@@ -656,15 +716,15 @@ async fn no_lock_is_held_while_an_upstream_account_is_made() {
         "{err}"
     );
     // The account made for the ended task is queued for removal, and removed.
-    assert_eq!(f.broker.revocation_debt().0, 1);
+    assert_eq!(f.broker.revocation_debt().await.0, 1);
     f.broker.revoke_due().await.unwrap();
     assert_eq!(up.revoked.lock().unwrap().len(), 1);
-    assert_eq!(f.broker.revocation_debt().0, 0);
+    assert_eq!(f.broker.revocation_debt().await.0, 0);
 }
 
 #[tokio::test]
 async fn a_retried_complete_task_finishes_the_cascade_a_crash_cut_short() {
-    let f = fixture();
+    let f = fixture().await;
     let a = id("spiffe://td/agent/a");
     let b = id("spiffe://td/agent/b");
     let parent = f.broker.start_task(&a, start(600)).await.unwrap();
@@ -683,13 +743,14 @@ async fn a_retried_complete_task_finishes_the_cascade_a_crash_cut_short() {
         .await
         .unwrap();
     // What a crash right after the parent's end leaves: the parent completed, the child live.
-    let mut ended = f.sled.get_task(&parent.id).unwrap().unwrap();
+    let mut ended = crate::store::local::LocalEngine::get_task(&*f.sled, &parent.id)
+        .unwrap()
+        .unwrap();
     ended.state = TaskState::Completed;
     ended.ended_at = Some(f.clock.now());
-    f.sled.update_task(&ended).unwrap();
+    crate::store::local::LocalEngine::update_task(&*f.sled, &ended).unwrap();
     assert!(
-        f.sled
-            .get_task(&child.id)
+        crate::store::local::LocalEngine::get_task(&*f.sled, &child.id)
             .unwrap()
             .unwrap()
             .is_live(f.clock.now())
@@ -701,8 +762,7 @@ async fn a_retried_complete_task_finishes_the_cascade_a_crash_cut_short() {
         .unwrap();
     assert_eq!(done.ended_tasks, vec![child.id.clone()]);
     assert!(
-        !f.sled
-            .get_task(&child.id)
+        !crate::store::local::LocalEngine::get_task(&*f.sled, &child.id)
             .unwrap()
             .unwrap()
             .is_live(f.clock.now())

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use zeroize::Zeroizing;
 
-use super::{Broker, DecideCtx, decision_name, secs_to_ms, state_name};
+use super::{Broker, DecideCtx, Tx, decision_name, secs_to_ms, state_name};
 use crate::audit::Event;
 use crate::error::{Error, Result};
 use crate::gateway::{GatewayConfig, HttpCall, Routed};
@@ -84,6 +84,8 @@ struct Outcome {
     tool: String,
     allow: Option<(String, Zeroizing<String>, CredentialId)>,
     reused: bool,
+    /// The kind of a credential minted for this call.
+    minted: Option<String>,
 }
 
 impl Outcome {
@@ -102,7 +104,7 @@ impl Broker {
         gateway: &SpiffeId,
         req: ToolCallRequest<'_>,
     ) -> Result<ToolCallVerdict> {
-        self.check_caller(gateway)?;
+        self.check_caller(gateway).await?;
         let Some(gw) = self.limits.gateway.as_deref() else {
             return Err(Error::PermissionDenied(
                 "this broker has no [gateway] section: it decides no tool calls".into(),
@@ -114,7 +116,8 @@ impl Broker {
             )));
         }
         let started = Instant::now();
-        let out = self.decide_tool_call(gateway, gw, &req).await?;
+        let mut u = self.store.begin().await?;
+        let out = self.decide_tool_call(&mut u, gateway, gw, &req).await?;
         let decision = out.decision.unwrap_or(Decision::Denied);
         let path = req.call.path_only();
         let mut detail = format!(
@@ -144,42 +147,49 @@ impl Broker {
             .as_ref()
             .map(|g| (g.resource.clone(), g.action.clone()))
             .unwrap_or_default();
-        self.audit(Event {
-            kind: "tool_call".into(),
-            actor: gateway.to_string(),
-            spiffe_id: out
-                .principal
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_else(|| preview(req.principal)),
-            task_id: out
-                .task
-                .as_ref()
-                .map(|t| t.id.to_string())
-                .unwrap_or_default(),
-            credential_id: out
-                .allow
-                .as_ref()
-                .map(|(_, _, id)| id.to_string())
-                .unwrap_or_default(),
-            resource,
-            action,
-            decision: decision_name(decision).into(),
-            policies: out.denial.policies.clone(),
-            reason: out.denial.reason.clone(),
-            purpose: out
-                .task
-                .as_ref()
-                .map(|t| t.purpose.clone())
-                .unwrap_or_default(),
-            delegation_chain: out
-                .task
-                .as_ref()
-                .map(|t| t.delegation_chain.iter().map(ToString::to_string).collect())
-                .unwrap_or_default(),
-            detail,
-        })?;
-        self.store.durable().await?;
+        self.audit(
+            &mut u,
+            Event {
+                kind: "tool_call".into(),
+                actor: gateway.to_string(),
+                spiffe_id: out
+                    .principal
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_else(|| preview(req.principal)),
+                task_id: out
+                    .task
+                    .as_ref()
+                    .map(|t| t.id.to_string())
+                    .unwrap_or_default(),
+                credential_id: out
+                    .allow
+                    .as_ref()
+                    .map(|(_, _, id)| id.to_string())
+                    .unwrap_or_default(),
+                resource,
+                action,
+                decision: decision_name(decision).into(),
+                policies: out.denial.policies.clone(),
+                reason: out.denial.reason.clone(),
+                purpose: out
+                    .task
+                    .as_ref()
+                    .map(|t| t.purpose.clone())
+                    .unwrap_or_default(),
+                delegation_chain: out
+                    .task
+                    .as_ref()
+                    .map(|t| t.delegation_chain.iter().map(ToString::to_string).collect())
+                    .unwrap_or_default(),
+                detail,
+            },
+        );
+        u.commit().await?;
+        if out.minted.is_some() {
+            self.metrics
+                .issued(out.minted.as_deref().unwrap_or_default());
+        }
         self.metrics.tool_call(decision, started.elapsed());
         Ok(match out.allow {
             Some((header, value, credential_id)) => {
@@ -196,8 +206,9 @@ impl Broker {
         })
     }
 
-    async fn decide_tool_call(
-        &self,
+    async fn decide_tool_call<'s>(
+        &'s self,
+        u: &mut Tx<'s>,
         gateway: &SpiffeId,
         gw: &GatewayConfig,
         req: &ToolCallRequest<'_>,
@@ -214,10 +225,10 @@ impl Broker {
         };
         out.principal = Some(principal.clone());
         // The agent's own rate budget, as if it called the broker itself.
-        if let Err(e) = self
-            .check_caller(&principal)
-            .and_then(|()| self.admit(&principal))
-        {
+        if let Err(e) = match self.check_caller(&principal).await {
+            Ok(()) => self.admit(&principal),
+            Err(e) => Err(e),
+        } {
             return Ok(out.deny(e.to_string()));
         }
         let routed: Routed<'_> = match gw.route(&req.call) {
@@ -254,8 +265,7 @@ impl Broker {
             Ok(id) => id,
             Err(e) => return Ok(out.deny(format!("header {}: {e}", gw.task_header))),
         };
-        let mut guard = Some(self.lock_task(&task_id).lock().await);
-        let task = match self.store.get_task(&task_id)? {
+        let task = match u.lock_task(&task_id).await? {
             Some(t) if t.owner == principal => t,
             // Anyone else's task reads as unknown (no probing).
             _ => return Ok(out.deny(format!("task {task_id} is not a task of {principal}"))),
@@ -314,7 +324,7 @@ impl Broker {
         let mut v = self.evaluate(&principal, &grant, &ctx, Some(&tool_call));
         let mut approval = None;
         if v.decision == Decision::NeedsApproval
-            && let Some(a) = self.usable_approval(&task, &grant, now)?
+            && let Some(a) = self.usable_approval(&task, &grant, now).await?
         {
             ctx.approved = true;
             v = self.evaluate(&principal, &grant, &ctx, Some(&tool_call));
@@ -326,7 +336,9 @@ impl Broker {
             Decision::Allowed => {}
             Decision::Denied => return Ok(out.deny(v.reason)),
             Decision::NeedsApproval => {
-                let id = self.pending_or_new_approval(&task, &grant, v.policy_ids, now)?;
+                let id = self
+                    .pending_or_new_approval(u, &task, &grant, v.policy_ids, now)
+                    .await?;
                 out.denial.approval_id = Some(id.to_string());
                 return Ok(out.deny(format!("{}; approval_id={id}", v.reason)));
             }
@@ -335,7 +347,7 @@ impl Broker {
         // An approval is used by one issuance: an approved call always gets a fresh credential.
         let reusable = match approval {
             Some(_) => None,
-            None => self.reusable_credential(&task, &grant, now, gw)?,
+            None => self.reusable_credential(&task, &grant, now, gw).await?,
         };
         let (credential_id, secret) = match reusable {
             Some(found) => {
@@ -345,7 +357,7 @@ impl Broker {
             None => {
                 let issued = self
                     .mint_credential(
-                        &mut guard,
+                        u,
                         &principal,
                         &task,
                         spec,
@@ -364,7 +376,7 @@ impl Broker {
                     }
                     Err(e) => return Err(e),
                 };
-                self.metrics.issued(&issued.record.kind);
+                out.minted = Some(issued.record.kind.clone());
                 (issued.record.id, issued.secret)
             }
         };
@@ -378,7 +390,7 @@ impl Broker {
 
     /// A live gateway credential of this task for this grant with enough life left (the one
     /// living longest), with its secret.
-    fn reusable_credential(
+    async fn reusable_credential(
         &self,
         task: &Task,
         grant: &Grant,
@@ -387,8 +399,8 @@ impl Broker {
     ) -> Result<Option<(CredentialId, crate::model::Secret)>> {
         let min_left = secs_to_ms(gw.reuse_min_remaining_seconds);
         let mut best: Option<(UnixMillis, CredentialId)> = None;
-        for cid in self.store.credentials_of_task(&task.id)? {
-            let Some(rec) = self.store.get_credential(&cid)? else {
+        for cid in self.store.credentials_of_task(&task.id).await? {
+            let Some(rec) = self.store.get_credential(&cid).await? else {
                 continue;
             };
             let usable = rec.state == CredentialState::Active
@@ -403,7 +415,7 @@ impl Broker {
         let Some((_, cid)) = best else {
             return Ok(None);
         };
-        Ok(self.store.credential_secret(&cid)?.map(|s| (cid, s)))
+        Ok(self.store.credential_secret(&cid).await?.map(|s| (cid, s)))
     }
 
     /// One policy decision without an audit entry of its own (the caller records it).

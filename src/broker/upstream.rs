@@ -18,12 +18,14 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::sync::watch;
 
-use super::Broker;
+use super::{Broker, Tx};
 use crate::audit::Event;
 use crate::error::{Error, Result};
 use crate::issuers::Issued;
 use crate::model::{CredentialId, Revocation, UnixMillis, UpstreamObject, UpstreamState, preview};
 
+/// Revocations claimed (and attempted) per pass.
+const CLAIM_BATCH: usize = 64;
 /// The worker sleeps at most this long between queue scans (it is woken when work arrives).
 const MAX_IDLE: Duration = Duration::from_secs(5);
 
@@ -63,15 +65,18 @@ impl Broker {
             Error::Internal(format!("resource {resource} has no upstream configured"))
         })?;
         let name = account_name(up.prefix(), id);
-        self.store.put_upstream(&UpstreamObject {
+        // Write-ahead: the name is durable before the account exists.
+        let mut u = self.store.begin().await?;
+        u.put_upstream(&UpstreamObject {
             resource: resource.to_owned(),
             name: name.clone(),
             credential_id: id.clone(),
             state: UpstreamState::Creating,
             created_at: now,
             expires_at,
-        })?;
-        self.store.durable().await?;
+        })
+        .await?;
+        u.commit().await?;
         crate::failpoint::hit("issue-after-intent");
         let made = match tokio::time::timeout(
             self.attempt_timeout(),
@@ -96,14 +101,17 @@ impl Broker {
                 // the agent gets a reference to find them in the log.
                 let reference = hex::encode(rand::random::<[u8; 4]>());
                 tracing::warn!(resource, account = %name, error = %e, reference = %reference, "upstream account creation failed");
+                let mut u = self.store.begin().await?;
                 self.queue_upstream_revocation(
+                    &mut u,
                     resource,
                     &name,
                     Some(id.clone()),
                     "creation-failed",
                     now,
-                )?;
-                self.store.durable().await?;
+                )
+                .await?;
+                u.commit().await?;
                 Err(Error::Unavailable(format!(
                     "resource {resource}: the upstream could not make the credential now; try \
                      again later (operators: the broker log has the cause under reference \
@@ -113,17 +121,18 @@ impl Broker {
         }
     }
 
-    /// Moves an account from the ledger to the revocation queue (one store step) and wakes the
-    /// worker. The caller makes it durable with the rest of its change.
-    pub(super) fn queue_upstream_revocation(
+    /// Moves an account from the ledger to the revocation queue (one store step) in `u` and
+    /// wakes the worker.
+    pub(super) async fn queue_upstream_revocation(
         &self,
+        u: &mut Tx<'_>,
         resource: &str,
         name: &str,
         credential_id: Option<CredentialId>,
         reason: &str,
         now: UnixMillis,
     ) -> Result<()> {
-        self.store.queue_revocation(&Revocation {
+        u.queue_revocation(&Revocation {
             resource: resource.to_owned(),
             name: name.to_owned(),
             credential_id,
@@ -132,21 +141,25 @@ impl Broker {
             attempts: 0,
             next_attempt_at: now,
             last_error: None,
-        })?;
-        self.audit(Event {
-            kind: "upstream_revocation_queued".into(),
-            resource: resource.to_owned(),
-            reason: reason.to_owned(),
-            detail: format!("account {name}"),
-            ..Default::default()
-        })?;
+        })
+        .await?;
+        self.audit(
+            u,
+            Event {
+                kind: "upstream_revocation_queued".into(),
+                resource: resource.to_owned(),
+                reason: reason.to_owned(),
+                detail: format!("account {name}"),
+                ..Default::default()
+            },
+        );
         self.revoke_wake.notify_one();
         Ok(())
     }
 
     /// Queue depth and the age in seconds of the oldest entry (for metrics).
-    pub fn revocation_debt(&self) -> (usize, f64) {
-        let q = self.store.revocations().unwrap_or_default();
+    pub async fn revocation_debt(&self) -> (usize, f64) {
+        let q = self.store.revocations().await.unwrap_or_default();
         let now = self.now();
         let oldest = q
             .iter()
@@ -157,18 +170,38 @@ impl Broker {
         (q.len(), oldest as f64 / 1000.0)
     }
 
-    /// Attempts every due revocation once; returns when the next one is due.
+    /// Attempts every due revocation once; returns when the next one is due. Entries are
+    /// claimed first (for twice the attempt timeout), so two workers never attempt one at the
+    /// same time; each outcome is recorded in one unit of work at the end of the pass.
     pub async fn revoke_due(&self) -> Result<Option<UnixMillis>> {
         let now = self.now();
-        let mut next: Option<UnixMillis> = None;
+        let hold = i64::try_from(self.revocation.attempt_timeout_ms)
+            .unwrap_or(i64::MAX / 4)
+            .saturating_mul(2);
+        let claimed = {
+            let mut u = self.store.begin().await?;
+            let c = u.claim_revocations(now, CLAIM_BATCH, hold).await?;
+            u.commit().await?;
+            c
+        };
+        let mut next: Option<UnixMillis> = self
+            .store
+            .revocations()
+            .await?
+            .iter()
+            .filter(|r| r.next_attempt_at > now)
+            .map(|r| r.next_attempt_at)
+            .min();
+        if claimed.is_empty() {
+            return Ok(next);
+        }
+        if claimed.len() == CLAIM_BATCH {
+            next = Some(now);
+        }
         // A resource that failed in this pass is not tried again in it (it is probably down).
         let mut failing: HashMap<String, String> = HashMap::new();
-        let mut changed = false;
-        for mut r in self.store.revocations()? {
-            if r.next_attempt_at > now {
-                next = Some(next.map_or(r.next_attempt_at, |n| n.min(r.next_attempt_at)));
-                continue;
-            }
+        let mut outcomes = Vec::with_capacity(claimed.len());
+        for r in claimed {
             let outcome = match (failing.get(&r.resource), self.upstreams.get(&r.resource)) {
                 (Some(e), _) => Err(e.clone()),
                 (None, None) => Err(format!(
@@ -186,43 +219,54 @@ impl Broker {
                     }
                 }
             };
-            changed = true;
+            if let Err(e) = &outcome {
+                failing
+                    .entry(r.resource.clone())
+                    .or_insert_with(|| e.clone());
+            } else {
+                crate::failpoint::hit("revoke-after-drop");
+            }
+            outcomes.push((r, outcome));
+        }
+        let mut u = self.store.begin().await?;
+        for (mut r, outcome) in outcomes {
             match outcome {
                 Ok(()) => {
-                    crate::failpoint::hit("revoke-after-drop");
-                    self.store.remove_revocation(&r.resource, &r.name)?;
-                    self.audit(Event {
-                        kind: "upstream_revoked".into(),
-                        resource: r.resource.clone(),
-                        credential_id: r
-                            .credential_id
-                            .as_ref()
-                            .map(|c| c.to_string())
-                            .unwrap_or_default(),
-                        reason: r.reason.clone(),
-                        detail: format!("account {} after {} failed attempts", r.name, r.attempts),
-                        ..Default::default()
-                    })?;
-                    tracing::info!(resource = %r.resource, account = %r.name, attempts = r.attempts, "upstream account revoked");
+                    // Whoever removes the entry records the revocation, once.
+                    if u.remove_revocation(&r.resource, &r.name).await? {
+                        self.audit(
+                            &mut u,
+                            Event {
+                                kind: "upstream_revoked".into(),
+                                resource: r.resource.clone(),
+                                credential_id: r
+                                    .credential_id
+                                    .as_ref()
+                                    .map(|c| c.to_string())
+                                    .unwrap_or_default(),
+                                reason: r.reason.clone(),
+                                detail: format!(
+                                    "account {} after {} failed attempts",
+                                    r.name, r.attempts
+                                ),
+                                ..Default::default()
+                            },
+                        );
+                        tracing::info!(resource = %r.resource, account = %r.name, attempts = r.attempts, "upstream account revoked");
+                    }
                 }
                 Err(e) => {
-                    failing
-                        .entry(r.resource.clone())
-                        .or_insert_with(|| e.clone());
                     r.attempts = r.attempts.saturating_add(1);
                     r.next_attempt_at = now + self.backoff_ms(r.attempts);
                     r.last_error = Some(preview(&e));
                     tracing::warn!(resource = %r.resource, account = %r.name, attempts = r.attempts,
                         retry_in_ms = r.next_attempt_at - now, error = %e, "upstream revocation failed; will retry");
-                    self.store.update_revocation(&r)?;
+                    u.update_revocation(&r).await?;
                     next = Some(next.map_or(r.next_attempt_at, |n| n.min(r.next_attempt_at)));
                 }
             }
         }
-        // An idle pass (nothing due) wrote nothing and needs no flush.
-        if changed {
-            self.store.durable().await?;
-        }
+        u.commit().await?;
         Ok(next)
     }
 
@@ -253,17 +297,23 @@ impl Broker {
     /// Queues ledger entries whose account should no longer exist: `Live` entries whose
     /// credential has ended without reaching the queue and, when `creating_too`, `Creating`
     /// entries (only safe when no issuance can be in flight). `who` prefixes the reason.
-    fn queue_dead_ledger_entries(&self, creating_too: bool, who: &str) -> Result<usize> {
+    async fn queue_dead_ledger_entries(
+        &self,
+        u: &mut Tx<'_>,
+        creating_too: bool,
+        who: &str,
+    ) -> Result<usize> {
         let now = self.now();
         let mut n = 0;
-        for o in self.store.upstream_objects()? {
+        for o in self.store.upstream_objects().await? {
             let why = match o.state {
                 UpstreamState::Creating if creating_too => "creation interrupted",
                 UpstreamState::Creating => continue,
                 UpstreamState::Live
                     if self
                         .store
-                        .get_credential(&o.credential_id)?
+                        .get_credential(&o.credential_id)
+                        .await?
                         .is_some_and(|c| c.is_live(now)) =>
                 {
                     continue;
@@ -271,12 +321,14 @@ impl Broker {
                 UpstreamState::Live => "credential no longer live",
             };
             self.queue_upstream_revocation(
+                u,
                 &o.resource,
                 &o.name,
                 Some(o.credential_id),
                 &format!("{who}: {why}"),
                 now,
-            )?;
+            )
+            .await?;
             n += 1;
         }
         Ok(n)
@@ -286,17 +338,23 @@ impl Broker {
     /// before the server accepts calls) and `Live` entries whose credential has ended. Runs
     /// before serving; needs only the store, so it works while the upstream is down.
     pub async fn recover_upstream_ledger(&self) -> Result<usize> {
-        let n = self.queue_dead_ledger_entries(true, "recovery")?;
-        if n > 0 {
-            self.store.durable().await?;
-        }
-        Ok(n)
+        let mut u = self.store.begin().await?;
+        let n = self
+            .queue_dead_ledger_entries(&mut u, true, "recovery")
+            .await;
+        self.finish(u, n).await
     }
 
     /// Compares upstream accounts with the ledger and queues every account with the broker's
     /// prefix that the ledger neither holds (live or being created) nor has queued. Returns how
     /// many accounts were queued.
     pub async fn reconcile(&self) -> Result<usize> {
+        let mut u = self.store.begin().await?;
+        let r = self.reconcile_in(&mut u).await;
+        self.finish(u, r).await
+    }
+
+    async fn reconcile_in(&self, u: &mut Tx<'_>) -> Result<usize> {
         let mut n = 0;
         for (resource, up) in &self.upstreams {
             let names = match tokio::time::timeout(self.attempt_timeout(), up.list()).await {
@@ -314,14 +372,16 @@ impl Broker {
             // in the ledger, so every listed account made by this broker is known by now.
             let mut known: HashSet<String> = self
                 .store
-                .upstream_objects()?
+                .upstream_objects()
+                .await?
                 .into_iter()
                 .filter(|o| o.resource == *resource)
                 .map(|o| o.name)
                 .collect();
             known.extend(
                 self.store
-                    .revocations()?
+                    .revocations()
+                    .await?
                     .into_iter()
                     .filter(|r| r.resource == *resource)
                     .map(|r| r.name),
@@ -333,25 +393,32 @@ impl Broker {
                 }
                 tracing::warn!(resource = %resource, account = %name, "upstream account unknown to the ledger; queued for removal");
                 self.queue_upstream_revocation(
+                    u,
                     resource,
                     &name,
                     None,
                     "reconciler: unknown to the ledger",
                     now,
-                )?;
+                )
+                .await?;
                 n += 1;
             }
         }
-        n += self.queue_dead_ledger_entries(false, "reconciler")?;
-        if n > 0 {
-            self.store.durable().await?;
-        }
+        n += self
+            .queue_dead_ledger_entries(u, false, "reconciler")
+            .await?;
         Ok(n)
     }
 
     /// Runs the reconciler at start and then every `reconcile_interval_seconds` until `stop`.
     pub async fn run_reconciler(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        if self.upstreams.is_empty() && self.store.upstream_objects().is_ok_and(|o| o.is_empty()) {
+        if self.upstreams.is_empty()
+            && self
+                .store
+                .upstream_objects()
+                .await
+                .is_ok_and(|o| o.is_empty())
+        {
             return;
         }
         loop {

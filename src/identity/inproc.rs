@@ -15,7 +15,12 @@ use tonic::{Request, Response, Status};
 
 use super::IdentityError;
 
-#[allow(clippy::all, clippy::pedantic)]
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::allow_attributes_without_reason,
+    reason = "generated code of the Workload API protos"
+)]
 mod pb {
     tonic::include_proto!("_");
 }

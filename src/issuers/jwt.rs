@@ -18,7 +18,7 @@ use zeroize::Zeroizing;
 use super::{IssueRequest, Issued};
 use crate::error::{Error, Result};
 use crate::model::{Secret, SpiffeId, UnixMillis};
-use crate::store::Store;
+use crate::store::Storage;
 
 const META_KEY: &str = "jwt_signing_keys";
 
@@ -53,55 +53,58 @@ pub struct JwtIssuer {
 
 impl JwtIssuer {
     /// Loads the signing keys from the store, creating the first one if there is none.
-    pub fn load(
-        store: &dyn Store,
+    pub async fn load(
+        store: &Storage,
         issuer: String,
         rotate_after_ms: i64,
         publish_for_ms: i64,
         now: UnixMillis,
     ) -> Result<Self> {
-        let keys = match store.meta_get_sealed(META_KEY)? {
-            Some(text) => {
-                let stored: Vec<StoredKey> = serde_json::from_str(text.expose())
-                    .map_err(|e| Error::Storage(format!("corrupt JWT key set: {e}")))?;
-                stored
-                    .into_iter()
-                    .map(|k| {
-                        let d = Zeroizing::new(
-                            hex::decode(&k.d)
-                                .map_err(|_| Error::Storage("corrupt JWT key".into()))?,
-                        );
-                        let signing = SigningKey::from_slice(&d)
-                            .map_err(|_| Error::Storage("corrupt JWT key".into()))?;
-                        Ok(Key {
-                            kid: k.kid.clone(),
-                            created_at: k.created_at,
-                            signing,
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?
-            }
-            None => Vec::new(),
-        };
         let this = Self {
             issuer,
             rotate_after_ms,
             publish_for_ms,
-            keys: RwLock::new(Arc::new(keys)),
+            keys: RwLock::new(Arc::new(Vec::new())),
         };
-        this.rotate_if_due(store, now)?;
+        this.rotate_if_due(store, now).await?;
         Ok(this)
+    }
+
+    fn parse_keys(text: &Secret) -> Result<Vec<Key>> {
+        let stored: Vec<StoredKey> = serde_json::from_str(text.expose())
+            .map_err(|e| Error::Storage(format!("corrupt JWT key set: {e}")))?;
+        stored
+            .into_iter()
+            .map(|k| {
+                let d = Zeroizing::new(
+                    hex::decode(&k.d).map_err(|_| Error::Storage("corrupt JWT key".into()))?,
+                );
+                let signing = SigningKey::from_slice(&d)
+                    .map_err(|_| Error::Storage("corrupt JWT key".into()))?;
+                Ok(Key {
+                    kid: k.kid.clone(),
+                    created_at: k.created_at,
+                    signing,
+                })
+            })
+            .collect()
     }
 
     fn current(&self) -> Arc<Vec<Key>> {
         self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Adds a new signing key when the newest is older than the rotation period, and drops keys
-    /// that no unexpired JWT can carry any more. Returns whether anything changed (the caller
-    /// makes the change durable).
-    pub fn rotate_if_due(&self, store: &dyn Store, now: UnixMillis) -> Result<bool> {
-        let keys = self.current();
+    /// Reads the key set from the store (another replica may have rotated it), then adds a new
+    /// signing key when the newest is older than the rotation period and drops keys that no
+    /// unexpired JWT can carry any more. The new set replaces the stored one only if nobody
+    /// changed it meanwhile (compare and swap); a rotator that loses reads the winner's set.
+    /// Returns whether this call changed the stored set (durably).
+    pub async fn rotate_if_due(&self, store: &Storage, now: UnixMillis) -> Result<bool> {
+        let stored_text = store.meta_get_sealed(META_KEY).await?;
+        let keys = match &stored_text {
+            Some(t) => Self::parse_keys(t)?,
+            None => Vec::new(),
+        };
         let newest = keys.iter().map(|k| k.created_at).max();
         let need_new = newest.is_none_or(|t| now - t >= self.rotate_after_ms);
         // A key retired at time R (when its successor was made) signs nothing after R.
@@ -129,6 +132,7 @@ impl JwtIssuer {
             });
         }
         if !need_new && keep.len() == keys.len() {
+            *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
             return Ok(false);
         }
         let stored: Vec<StoredKey> = keep
@@ -143,9 +147,21 @@ impl JwtIssuer {
             })
             .collect();
         let text = Secret::new(serde_json::to_string(&stored).map_err(Error::internal)?);
-        store.meta_put_sealed(META_KEY, &text)?;
-        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keep);
-        Ok(true)
+        if store
+            .meta_replace_sealed(META_KEY, stored_text.as_ref(), &text)
+            .await?
+        {
+            *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keep);
+            return Ok(true);
+        }
+        // Another replica rotated first: use its set.
+        let winner = store
+            .meta_get_sealed(META_KEY)
+            .await?
+            .ok_or_else(|| Error::Storage("the JWT key set vanished".into()))?;
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(Self::parse_keys(&winner)?);
+        Ok(false)
     }
 
     /// Signs a credential JWT with the newest key.

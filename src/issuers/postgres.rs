@@ -160,7 +160,10 @@ impl PostgresIssuer {
         })?;
         let dsn_host = parsed.get_hosts().iter().find_map(|h| match h {
             tokio_postgres::config::Host::Tcp(h) => Some(h.clone()),
-            #[allow(unreachable_patterns)]
+            #[allow(
+                unreachable_patterns,
+                reason = "the host enum has a Unix-socket variant on Unix only"
+            )]
             _ => None,
         });
         let host = cfg
@@ -188,7 +191,10 @@ impl PostgresIssuer {
                             || h.parse::<std::net::IpAddr>()
                                 .is_ok_and(|ip| ip.is_loopback())
                     }
-                    #[allow(unreachable_patterns)]
+                    #[allow(
+                        unreachable_patterns,
+                        reason = "the host enum has a Unix-socket variant on Unix only"
+                    )]
                     _ => true, // a unix socket
                 }) && parsed
                     .get_hostaddrs()

@@ -31,7 +31,7 @@ use zeroize::Zeroizing;
 use super::{IssueRequest, Issued};
 use crate::error::{Error, Result};
 use crate::model::{CredentialId, Secret, UnixMillis, preview};
-use crate::store::Store;
+use crate::store::Storage;
 
 const ROOT_KEY: &str = "x509/root";
 const RESOURCE_CA_PREFIX: &str = "x509/ca/";
@@ -59,27 +59,33 @@ impl Ca {
         Issuer::from_ca_cert_pem(&self.cert_pem, key).map_err(err)
     }
 
-    fn load(store: &dyn Store, key: &str) -> Result<Option<Self>> {
-        let Some(sealed) = store.meta_get_sealed(key)? else {
+    async fn load(store: &Storage, key: &str) -> Result<Option<Self>> {
+        let Some(sealed) = store.meta_get_sealed(key).await? else {
             return Ok(None);
         };
+        Self::parse(&sealed, key).map(Some)
+    }
+
+    fn parse(sealed: &Secret, key: &str) -> Result<Self> {
         let (cert_pem, key_pem) = sealed
             .expose()
             .split_once("\n--KEY--\n")
             .ok_or_else(|| Error::Storage(format!("corrupt x509 CA record {key}")))?;
-        Ok(Some(Self {
+        Ok(Self {
             cert_pem: cert_pem.to_owned(),
             key_pem: Zeroizing::new(key_pem.to_owned()),
-        }))
+        })
     }
 
-    fn save(&self, store: &dyn Store, key: &str) -> Result<()> {
+    /// Stores this CA unless another replica stored one first; returns the one stored.
+    async fn create_once(self, store: &Storage, key: &str) -> Result<Self> {
         let record = Secret::new(format!(
             "{}\n--KEY--\n{}",
             self.cert_pem,
             self.key_pem.as_str()
         ));
-        store.meta_put_sealed(key, &record)
+        let winner = store.meta_create_sealed(key, &record).await?;
+        Self::parse(&winner, key)
     }
 }
 
@@ -118,13 +124,13 @@ fn ca_params(common_name: String, path_len: u8) -> CertificateParams {
 impl X509Issuer {
     /// Loads the root and the issuing CA of each of `resources` from the store, creating the ones
     /// that do not exist yet.
-    pub fn load(
-        store: &dyn Store,
+    pub async fn load(
+        store: &Storage,
         issuer_name: &str,
         resources: &[&str],
         now: UnixMillis,
     ) -> Result<Self> {
-        let root = match Ca::load(store, ROOT_KEY)? {
+        let root = match Ca::load(store, ROOT_KEY).await? {
             Some(ca) => ca,
             None => {
                 let key = KeyPair::generate().map_err(err)?;
@@ -137,8 +143,7 @@ impl X509Issuer {
                     cert_pem: cert.pem(),
                     key_pem: Zeroizing::new(key.serialize_pem()),
                 };
-                ca.save(store, ROOT_KEY)?;
-                ca
+                ca.create_once(store, ROOT_KEY).await?
             }
         };
         let mut out = Self {
@@ -147,12 +152,12 @@ impl X509Issuer {
         };
         for &name in resources {
             let key = format!("{RESOURCE_CA_PREFIX}{name}");
-            let ca = match Ca::load(store, &key)? {
+            let ca = match Ca::load(store, &key).await? {
                 Some(ca) => ca,
                 None => {
-                    let ca = out.make_resource_ca(issuer_name, name, now)?;
-                    ca.save(store, &key)?;
-                    ca
+                    out.make_resource_ca(issuer_name, name, now)?
+                        .create_once(store, &key)
+                        .await?
                 }
             };
             out.resources.insert(name.to_owned(), ca);

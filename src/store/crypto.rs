@@ -291,6 +291,59 @@ fn open_raw(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> Result<(u32, Zeroizing
     Ok((key_id, Zeroizing::new(plain)))
 }
 
+/// Loads the data keys and the index key from `meta`, creating them on an empty store. Each key
+/// is created once (insert-if-absent), so replicas starting together on an empty database all
+/// read the same keys. A KEK that does not open them fails here, before anything is written.
+pub async fn load_or_create_keys(engine: &dyn super::Store, kek: &Kek) -> Result<Sealer> {
+    if engine.meta_get(DEK_CURRENT).await?.is_none() {
+        let first = b"dek/id/1";
+        engine
+            .meta_put_if_absent("dek/id/1", kek.wrap(first, &random_key())?)
+            .await?;
+        engine
+            .meta_put_if_absent(INDEX_KEY, kek.wrap(INDEX_KEY.as_bytes(), &random_key())?)
+            .await?;
+        engine
+            .meta_put_if_absent(DEK_CURRENT, 1u32.to_be_bytes().to_vec())
+            .await?;
+    }
+    let cur = engine
+        .meta_get(DEK_CURRENT)
+        .await?
+        .ok_or_else(|| Error::Storage("meta dek/current is missing".into()))?;
+    let id = u32::from_be_bytes(
+        cur.as_slice()
+            .try_into()
+            .map_err(|_| Error::Storage("corrupt meta dek/current".into()))?,
+    );
+    let mut current = None;
+    let mut older = Vec::new();
+    // Data keys are numbered 1..=current (a KEK rotation adds the next one).
+    for kid in 1..=id {
+        let label = format!("dek/id/{kid}");
+        let Some(wrapped) = engine.meta_get(&label).await? else {
+            continue;
+        };
+        let dek = kek.unwrap_key(label.as_bytes(), &wrapped)?;
+        if kid == id {
+            current = Some((kid, dek));
+        } else {
+            older.push((kid, dek));
+        }
+    }
+    let current =
+        current.ok_or_else(|| Error::Storage(format!("current data key {id} is missing")))?;
+    let wrapped_index = engine
+        .meta_get(INDEX_KEY)
+        .await?
+        .ok_or_else(|| Error::Storage("secret index key is missing".into()))?;
+    let index_key = kek.unwrap_key(INDEX_KEY.as_bytes(), &wrapped_index)?;
+    Ok(Sealer::new(current, older, index_key))
+}
+
+const DEK_CURRENT: &str = "dek/current";
+const INDEX_KEY: &str = "index_key";
+
 /// A fresh random 256-bit key.
 pub fn random_key() -> Zeroizing<[u8; 32]> {
     let mut k = Zeroizing::new([0u8; 32]);

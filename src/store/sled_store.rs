@@ -24,12 +24,13 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::watch;
 
-use super::crypto::{Kek, Sealer, random_key};
-use super::{AuditIter, Counts, Durable, Expiring, Store};
+use super::crypto::{Kek, random_key};
+use super::local::{Local, LocalEngine};
+use super::{Counts, Expiring, Fut, SealedSecret};
 use crate::error::{Error, Result};
 use crate::model::{
     Approval, ApprovalId, CredentialId, CredentialRecord, CredentialState, Grant, Revocation,
-    Secret, SpiffeId, Task, TaskId, TaskState, UnixMillis, UpstreamObject,
+    SpiffeId, Task, TaskId, TaskState, UnixMillis, UpstreamObject,
 };
 
 const CREDENTIALS: &str = "credentials";
@@ -98,7 +99,7 @@ pub struct SledStore {
     upstream: sled::Tree,
     revocations: sled::Tree,
     meta: sled::Tree,
-    sealer: Sealer,
+    local: Local,
     flush: Arc<Flush>,
     flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Entries of `by_identity` (tasks not ended) and of `secret_index` (active credentials),
@@ -258,7 +259,6 @@ impl SledStore {
         })?;
         let t = |name: &str| db.open_tree(name).map_err(st);
         let meta = t(META)?;
-        let sealer = Self::load_or_create_keys(&meta, kek)?;
         let by_identity = t("by_identity")?;
         let secret_index = t("secret_index")?;
         let saved = meta
@@ -303,7 +303,7 @@ impl SledStore {
             upstream: t("upstream")?,
             revocations: t("revocations")?,
             meta,
-            sealer,
+            local: Local::default(),
             flush: flush.clone(),
             db: db.clone(),
             flusher: Mutex::new(None),
@@ -402,16 +402,13 @@ impl SledStore {
     fn write_credential_indexes(
         &self,
         rec: &CredentialRecord,
-        secret: &Secret,
+        secret: &SealedSecret,
     ) -> Result<StoredCredential> {
         let id = rec.id.as_str().as_bytes();
-        let hash = self.sealer.index_hash(secret.expose().as_bytes());
+        let hash = secret.index;
         let stored = StoredCredential {
             record: rec.clone(),
-            sealed: Some(
-                self.sealer
-                    .seal(CREDENTIALS, id, secret.expose().as_bytes())?,
-            ),
+            sealed: Some(secret.sealed.clone()),
             index: Some(hex::encode(hash)),
         };
         let by_task_key = cat(&[rec.task_id.as_str().as_bytes(), id]);
@@ -446,62 +443,9 @@ impl SledStore {
     pub fn crash_after_credential_indexes(
         &self,
         rec: &CredentialRecord,
-        secret: &Secret,
+        secret: &SealedSecret,
     ) -> Result<()> {
         self.write_credential_indexes(rec, secret).map(|_| ())
-    }
-
-    fn load_or_create_keys(meta: &sled::Tree, kek: &Kek) -> Result<Sealer> {
-        let cur = meta.get("dek/current").map_err(st)?;
-        match cur {
-            Some(id_bytes) => {
-                let id = u32::from_be_bytes(
-                    id_bytes
-                        .as_ref()
-                        .try_into()
-                        .map_err(|_| Error::Storage("corrupt meta dek/current".into()))?,
-                );
-                let mut current = None;
-                let mut older = Vec::new();
-                for item in meta.scan_prefix("dek/id/") {
-                    let (k, v) = item.map_err(st)?;
-                    let kid: u32 = std::str::from_utf8(&k[7..])
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .ok_or_else(|| Error::Storage("corrupt data key entry".into()))?;
-                    let dek = kek.unwrap_key(&k, &v)?;
-                    if kid == id {
-                        current = Some((kid, dek));
-                    } else {
-                        older.push((kid, dek));
-                    }
-                }
-                let current = current
-                    .ok_or_else(|| Error::Storage(format!("current data key {id} is missing")))?;
-                let wrapped_index = meta
-                    .get("index_key")
-                    .map_err(st)?
-                    .ok_or_else(|| Error::Storage("secret index key is missing".into()))?;
-                let index_key = kek.unwrap_key(b"index_key", &wrapped_index)?;
-                Ok(Sealer::new(current, older, index_key))
-            }
-            None => {
-                if meta.get("index_key").map_err(st)?.is_some() {
-                    return Err(Error::Storage(
-                        "meta has an index key but no data key".into(),
-                    ));
-                }
-                let dek = random_key();
-                let index_key = random_key();
-                let label = b"dek/id/1".to_vec();
-                meta.insert(&label, kek.wrap(&label, &dek)?).map_err(st)?;
-                meta.insert("index_key", kek.wrap(b"index_key", &index_key)?)
-                    .map_err(st)?;
-                meta.insert("dek/current", &1u32.to_be_bytes())
-                    .map_err(st)?;
-                Ok(Sealer::new((1, dek), Vec::new(), index_key))
-            }
-        }
     }
 
     fn load_stored(&self, id: &CredentialId) -> Result<Option<StoredCredential>> {
@@ -636,7 +580,11 @@ fn flusher(db: sled::Db, f: Arc<Flush>) {
     }
 }
 
-impl Store for SledStore {
+impl LocalEngine for SledStore {
+    fn local(&self) -> &Local {
+        &self.local
+    }
+
     fn create_task(&self, task: &Task) -> Result<()> {
         let v = enc(task)?;
         let id = task.id.as_str().as_bytes();
@@ -784,7 +732,7 @@ impl Store for SledStore {
         Ok(out)
     }
 
-    fn create_credential(&self, rec: &CredentialRecord, secret: &Secret) -> Result<()> {
+    fn create_credential(&self, rec: &CredentialRecord, secret: &SealedSecret) -> Result<()> {
         let stored = self.write_credential_indexes(rec, secret)?;
         self.credentials
             .insert(rec.id.as_str().as_bytes(), enc(&stored)?)
@@ -821,19 +769,8 @@ impl Store for SledStore {
         Ok(self.load_stored(id)?.map(|s| s.record))
     }
 
-    fn credential_secret(&self, id: &CredentialId) -> Result<Option<Secret>> {
-        let Some(stored) = self.load_stored(id)? else {
-            return Ok(None);
-        };
-        let Some(sealed) = stored.sealed else {
-            return Ok(None);
-        };
-        let plain = self
-            .sealer
-            .open(CREDENTIALS, id.as_str().as_bytes(), &sealed)?;
-        let s = std::str::from_utf8(&plain)
-            .map_err(|_| Error::Storage("sealed secret is not UTF-8".into()))?;
-        Ok(Some(Secret::new(s.to_owned())))
+    fn credential_sealed(&self, id: &CredentialId) -> Result<Option<Vec<u8>>> {
+        Ok(self.load_stored(id)?.and_then(|s| s.sealed))
     }
 
     fn credential_by_idempotency_key(
@@ -848,9 +785,8 @@ impl Store for SledStore {
         )
     }
 
-    fn credential_by_secret(&self, secret: &str) -> Result<Option<CredentialId>> {
-        let hash = self.sealer.index_hash(secret.as_bytes());
-        get_ref(&self.secret_index, hash, CredentialId::parse)
+    fn credential_by_index(&self, index: &[u8; 32]) -> Result<Option<CredentialId>> {
+        get_ref(&self.secret_index, index, CredentialId::parse)
     }
 
     fn credentials_of_task(&self, task: &TaskId) -> Result<Vec<CredentialId>> {
@@ -902,41 +838,29 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn meta_get_sealed(&self, key: &str) -> Result<Option<Secret>> {
-        let full = format!("sealed/{key}");
-        match self.meta.get(&full).map_err(st)? {
-            Some(v) => {
-                let plain = self.sealer.open(META, full.as_bytes(), &v)?;
-                let s = std::str::from_utf8(&plain)
-                    .map_err(|_| Error::Storage(format!("sealed meta {key} is not UTF-8")))?;
-                Ok(Some(Secret::new(s.to_owned())))
-            }
-            None => Ok(None),
-        }
-    }
-
-    fn meta_put_sealed(&self, key: &str, value: &Secret) -> Result<()> {
-        let full = format!("sealed/{key}");
-        let sealed = self
-            .sealer
-            .seal(META, full.as_bytes(), value.expose().as_bytes())?;
-        self.meta.insert(full, sealed).map_err(st)?;
-        Ok(())
-    }
-
     fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .meta
-            .get(format!("plain/{key}"))
-            .map_err(st)?
-            .map(|v| v.to_vec()))
+        Ok(self.meta.get(key).map_err(st)?.map(|v| v.to_vec()))
     }
 
     fn meta_put(&self, key: &str, value: &[u8]) -> Result<()> {
-        self.meta
-            .insert(format!("plain/{key}"), value)
-            .map_err(st)?;
+        self.meta.insert(key, value).map_err(st)?;
         Ok(())
+    }
+
+    fn meta_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<Option<Vec<u8>>> {
+        match self
+            .meta
+            .compare_and_swap(key, expected, Some(value))
+            .map_err(st)?
+        {
+            Ok(()) => Ok(expected.map(<[u8]>::to_vec)),
+            Err(e) => Ok(e.current.map(|v| v.to_vec())),
+        }
     }
 
     fn children_of(&self, task: &TaskId) -> Result<Vec<TaskId>> {
@@ -1018,11 +942,12 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn remove_revocation(&self, resource: &str, name: &str) -> Result<()> {
-        self.revocations
+    fn remove_revocation(&self, resource: &str, name: &str) -> Result<bool> {
+        Ok(self
+            .revocations
             .remove(upstream_key(resource, name))
-            .map_err(st)?;
-        Ok(())
+            .map_err(st)?
+            .is_some())
     }
 
     fn revocations(&self) -> Result<Vec<Revocation>> {
@@ -1078,9 +1003,11 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn audit_scan(&self, from: u64) -> Result<AuditIter<'_>> {
-        Ok(Box::new(self.audit.range(from.to_be_bytes()..).map(
-            |item| {
+    fn audit_scan(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>> {
+        self.audit
+            .range(from.to_be_bytes()..)
+            .take(limit)
+            .map(|item| {
                 let (k, v) = item.map_err(st)?;
                 let seq = u64::from_be_bytes(
                     k.as_ref()
@@ -1088,8 +1015,8 @@ impl Store for SledStore {
                         .map_err(|_| Error::Storage("corrupt audit key".into()))?,
                 );
                 Ok((seq, v.to_vec()))
-            },
-        )))
+            })
+            .collect()
     }
 
     fn audit_remove_through(&self, seq: u64) -> Result<u64> {
@@ -1119,7 +1046,7 @@ impl Store for SledStore {
         })
     }
 
-    fn durable(&self) -> Durable<'_> {
+    fn durable(&self) -> Fut<'_, ()> {
         Box::pin(async move {
             let ticket = self.flush.written.fetch_add(1, Ordering::SeqCst) + 1;
             let mut rx = self.flush.flushed.subscribe();
@@ -1195,7 +1122,23 @@ impl Drop for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Decision, Grant, GrantDecision};
+    use crate::model::{Decision, Grant, GrantDecision, Secret};
+    use crate::store::Storage;
+
+    /// The sealing layer over `s` (creating the data keys on a new store).
+    async fn storage(s: &Arc<SledStore>, kek: &Kek) -> Storage {
+        Storage::open(s.clone() as Arc<dyn crate::store::Store>, kek)
+            .await
+            .unwrap()
+    }
+
+    /// A sealed secret for tests that never open it.
+    fn opaque_secret(n: u8) -> SealedSecret {
+        SealedSecret {
+            sealed: b"x".to_vec(),
+            index: [n; 32],
+        }
+    }
 
     fn task(owner: &str, exp: i64) -> Task {
         Task {
@@ -1264,7 +1207,8 @@ mod tests {
     async fn round_trip_index_and_expiry() {
         let dir = tempfile::tempdir().unwrap();
         let kek = Kek::create(&dir.path().join("kek")).unwrap();
-        let s = SledStore::open(&dir.path().join("db"), &kek).unwrap();
+        let s = Arc::new(SledStore::open(&dir.path().join("db"), &kek).unwrap());
+        let storage = storage(&s, &kek).await;
         let t = task("spiffe://x/a", 5_000);
         s.create_task(&t).unwrap();
         assert_eq!(
@@ -1273,15 +1217,22 @@ mod tests {
         );
         assert_eq!(s.tasks_of_identity(&t.owner).unwrap(), vec![t.id.clone()]);
         let rec = credential(&t);
-        s.create_credential(&rec, &Secret::new("jbt_abc".into()))
+        let sealed = storage
+            .seal_secret(&rec.id, &Secret::new("jbt_abc".into()))
             .unwrap();
+        s.create_credential(&rec, &sealed).unwrap();
         s.durable().await.unwrap();
         assert_eq!(
-            s.credential_by_secret("jbt_abc").unwrap(),
+            storage.credential_by_secret("jbt_abc").await.unwrap(),
             Some(rec.id.clone())
         );
         assert_eq!(
-            s.credential_secret(&rec.id).unwrap().unwrap().expose(),
+            storage
+                .credential_secret(&rec.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .expose(),
             "jbt_abc"
         );
         let due = s.due(2_000, 10).unwrap();
@@ -1290,8 +1241,8 @@ mod tests {
         let mut dead = rec.clone();
         dead.state = CredentialState::Revoked;
         s.update_credential(&dead).unwrap();
-        assert_eq!(s.credential_by_secret("jbt_abc").unwrap(), None);
-        assert!(s.credential_secret(&rec.id).unwrap().is_none());
+        assert_eq!(storage.credential_by_secret("jbt_abc").await.unwrap(), None);
+        assert!(storage.credential_secret(&rec.id).await.unwrap().is_none());
     }
 
     #[tokio::test]
@@ -1302,9 +1253,12 @@ mod tests {
         let t = task("spiffe://x/a", 5_000);
         let rec = credential(&t);
         {
-            let s = SledStore::open(&db, &old).unwrap();
-            s.create_credential(&rec, &Secret::new("jbt_before".into()))
+            let s = Arc::new(SledStore::open(&db, &old).unwrap());
+            let storage = storage(&s, &old).await;
+            let sealed = storage
+                .seal_secret(&rec.id, &Secret::new("jbt_before".into()))
                 .unwrap();
+            s.create_credential(&rec, &sealed).unwrap();
             s.durable().await.unwrap();
         }
         let new = Kek::create(&dir.path().join("new")).unwrap();
@@ -1314,19 +1268,27 @@ mod tests {
             SledStore::open(&db, &old).is_err(),
             "the old KEK is retired"
         );
-        let s = SledStore::open(&db, &new).unwrap();
+        let s = Arc::new(SledStore::open(&db, &new).unwrap());
+        let storage = storage(&s, &new).await;
         assert_eq!(
-            s.credential_secret(&rec.id).unwrap().unwrap().expose(),
+            storage
+                .credential_secret(&rec.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .expose(),
             "jbt_before"
         );
         assert_eq!(
-            s.credential_by_secret("jbt_before").unwrap(),
+            storage.credential_by_secret("jbt_before").await.unwrap(),
             Some(rec.id.clone())
         );
         let mut rec2 = rec.clone();
         rec2.id = CredentialId::generate();
-        s.create_credential(&rec2, &Secret::new("jbt_after".into()))
+        let sealed = storage
+            .seal_secret(&rec2.id, &Secret::new("jbt_after".into()))
             .unwrap();
+        s.create_credential(&rec2, &sealed).unwrap();
         let stored: StoredCredential =
             dec("c", &s.credentials.get(rec2.id.as_str()).unwrap().unwrap()).unwrap();
         let sealed = stored.sealed.unwrap();
@@ -1410,9 +1372,7 @@ mod tests {
             }
             let creds: Vec<CredentialRecord> = (0..2).map(|_| credential(&tasks[0])).collect();
             for (i, c) in creds.iter().enumerate() {
-                store
-                    .create_credential(c, &Secret::new(format!("secret-{i}")))
-                    .unwrap();
+                store.create_credential(c, &opaque_secret(i as u8)).unwrap();
             }
             assert_eq!(counts(&store), (3, 2));
             let mut ended = tasks[1].clone();
@@ -1458,18 +1418,23 @@ mod tests {
         assert_eq!(counts(&store), (2, 1));
     }
 
-    #[test]
-    fn wrong_kek_fails_without_writing() {
+    #[tokio::test]
+    async fn wrong_kek_fails_without_writing() {
         let dir = tempfile::tempdir().unwrap();
         let kek = Kek::create(&dir.path().join("kek")).unwrap();
-        drop(SledStore::open(&dir.path().join("db"), &kek).unwrap());
+        {
+            // Creates the kek-check file and the data keys.
+            let s = Arc::new(SledStore::open(&dir.path().join("db"), &kek).unwrap());
+            drop(storage(&s, &kek).await);
+        }
         let other = Kek::create(&dir.path().join("other")).unwrap();
         let err = SledStore::open(&dir.path().join("db"), &other)
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("other"), "{err}");
-        // The right key still opens it: nothing was overwritten.
-        SledStore::open(&dir.path().join("db"), &kek).unwrap();
+        // The right key still opens it and its data keys: nothing was overwritten.
+        let s = Arc::new(SledStore::open(&dir.path().join("db"), &kek).unwrap());
+        drop(storage(&s, &kek).await);
     }
 }

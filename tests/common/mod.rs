@@ -1,6 +1,6 @@
 //! Test support: start the real broker in-process on 127.0.0.1:0 with a dev CA, and connect
 //! gRPC clients over mTLS with rcgen-minted SVIDs.
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each test binary uses part of the shared helpers")]
 
 pub mod envoy;
 pub mod gateway;
@@ -470,7 +470,8 @@ pub fn audit_entries(dir: &Path) -> Vec<serde_json::Value> {
     let kek = jitbroker::store::crypto::Kek::load(&cfg.kek_file).unwrap();
     let store = jitbroker::store::SledStore::open(&cfg.data_dir.join("db"), &kek).unwrap();
     let mut export = Vec::new();
-    jitbroker::audit::export(&store, None, &mut export).unwrap();
+    // The engine's futures are ready at once: no runtime needed.
+    futures::executor::block_on(jitbroker::audit::export(&store, None, &mut export)).unwrap();
     String::from_utf8(export)
         .unwrap()
         .lines()
