@@ -270,12 +270,12 @@ fn fuzz_sealed_record_opening() {
     assert!(n > 10);
 }
 
-#[test]
-fn fuzz_audit_segment_reading() {
+#[tokio::test]
+async fn fuzz_audit_segment_reading() {
     let dir = tempfile::tempdir().unwrap();
     let kek = Kek::create(&dir.path().join("kek")).unwrap();
     let store = SledStore::open(&dir.path().join("db"), &kek).unwrap();
-    let mut u = block_on(store.begin()).unwrap();
+    let mut u = store.begin().await.unwrap();
     for i in 0..20 {
         u.audit(
             i,
@@ -287,17 +287,20 @@ fn fuzz_audit_segment_reading() {
             },
         );
     }
-    block_on(u.commit()).unwrap();
+    u.commit().await.unwrap();
     let archive = dir.path().join("archive");
-    let cp = block_on(jitbroker::audit::archive::write_segment(
+    let cp = jitbroker::audit::archive::write_segment(
         &store,
         &archive,
         1,
         20,
         jitbroker::audit::GENESIS,
-    ))
+    )
+    .await
     .unwrap();
-    block_on(jitbroker::audit::archive::put_checkpoint(&store, &cp)).unwrap();
+    jitbroker::audit::archive::put_checkpoint(&store, &cp)
+        .await
+        .unwrap();
     let segment = archive.join(&cp.segment);
     let original = std::fs::read(&segment).unwrap();
     assert!(

@@ -397,6 +397,38 @@ async fn start_proc(dir: &Path, failpoint: Option<&str>, n: usize) -> Proc {
     }
 }
 
+/// Prints the tail of a broker's log if the waiting below panics (a crash point never reached).
+struct LogOnPanic(Option<std::path::PathBuf>);
+
+impl LogOnPanic {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for LogOnPanic {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0
+            && std::thread::panicking()
+        {
+            let text = std::fs::read_to_string(p).unwrap_or_default();
+            let tail: String = text
+                .chars()
+                .rev()
+                .take(4000)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            eprintln!("--- broker log {} (tail) ---\n{tail}", p.display());
+        }
+    }
+}
+
+fn scopeguard_log(p: std::path::PathBuf) -> LogOnPanic {
+    LogOnPanic(Some(p))
+}
+
 impl Proc {
     #[cfg(feature = "failpoints")]
     async fn clients(&self, dir: &Path) -> Clients {
@@ -416,6 +448,8 @@ impl Proc {
     async fn kill_at(mut self, point: &str) {
         let marker = format!("FAILPOINT {point} reached");
         let log = self.log.clone();
+        let shown = log.clone();
+        let show = scopeguard_log(shown);
         eventually(&format!("the broker reaches {point}"), || {
             let log = log.clone();
             let marker = marker.clone();
@@ -426,6 +460,7 @@ impl Proc {
             }
         })
         .await;
+        show.disarm();
         self.child.start_kill().unwrap(); // SIGKILL
         let _ = self.child.wait().await;
     }
