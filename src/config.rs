@@ -607,8 +607,7 @@ fn default_delegation_depth() -> u32 {
     3
 }
 
-/// Longest resource or action name accepted anywhere.
-pub const MAX_NAME_LEN: usize = 128;
+pub use crate::model::MAX_NAME_LEN;
 
 /// Resource and action names: printable, no white space or quotes, so they are safe in Cedar
 /// entity ids, metrics labels and log lines.
@@ -626,30 +625,7 @@ pub fn check_text_size(origin: &str, what: &str, len: usize, max: usize) -> Resu
     Ok(())
 }
 
-pub fn check_name(field: &str, s: &str) -> Result<()> {
-    if s.is_empty() {
-        return Err(Error::invalid(field, "is required"));
-    }
-    if s.len() > MAX_NAME_LEN {
-        return Err(Error::invalid(
-            field,
-            format!("is {} bytes; at most {MAX_NAME_LEN}", s.len()),
-        ));
-    }
-    if !s
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
-    {
-        return Err(Error::invalid(
-            field,
-            format!(
-                "may hold only A-Z, a-z, 0-9 and - _ . : / (got {})",
-                crate::model::preview(s)
-            ),
-        ));
-    }
-    Ok(())
-}
+pub use crate::model::check_name;
 
 impl Config {
     /// Reads the file, applies environment overrides, validates.

@@ -21,7 +21,7 @@ use tonic::transport::server::Connected;
 mod limits;
 
 use crate::api::{AdminApi, BrokerApi, ExtAuthzApi, PeerInfo, ServerFacts, VerifierApi, pb};
-use crate::broker::{AuditArchive, Broker, Clock, Limits, SystemClock};
+use crate::broker::{AuditArchive, Broker, Clock, Core, Limits, SystemClock};
 use crate::config::{Config, ServerConfig, SourceKind};
 use crate::error::{Error, Result};
 use crate::identity::{self, Identity, IdentitySource};
@@ -232,8 +232,8 @@ impl App {
         let ups = upstreams(cfg)?;
         preflight_upstreams(&ups).await?;
         let metrics = Arc::new(Metrics::new(crate::api::served_methods()));
-        let broker = Arc::new(
-            Broker::new(
+        let broker = Arc::new(Broker::assemble(
+            Core::new(
                 store,
                 policy,
                 options.clock.clone(),
@@ -254,9 +254,9 @@ impl App {
                 keep: cfg.retention.audit_entries_in_store,
                 segment: cfg.retention.audit_segment_entries,
             }),
-        );
+        ));
         if let Some(file) = &cfg.retention.audit_anchor_file {
-            broker.check_audit_anchor(file).await?;
+            broker.retention.check_audit_anchor(file).await?;
         }
         let source = identity_source(cfg, api_addr)?;
         let identity = identity::start(
@@ -495,30 +495,48 @@ pub async fn run(
     ));
 
     // What a crash left half-done upstream is queued before the first call is accepted.
-    let recovered = app.broker.recover_upstream_ledger().await?;
+    let recovered = app.broker.revocations.recover_upstream_ledger().await?;
     if recovered > 0 {
         tracing::warn!(
             queued = recovered,
             "upstream accounts left by an interrupted run are queued for removal"
         );
     }
-    let revoker = tokio::spawn(app.broker.clone().run_revocations(stop_rx.clone()));
-    let reconciler = tokio::spawn(app.broker.clone().run_reconciler(stop_rx.clone()));
-    let archiver = tokio::spawn(app.broker.clone().run_audit_archiver(stop_rx.clone()));
+    let revoker = tokio::spawn(
+        app.broker
+            .revocations
+            .clone()
+            .run_revocations(stop_rx.clone()),
+    );
+    let reconciler = tokio::spawn(
+        app.broker
+            .revocations
+            .clone()
+            .run_reconciler(stop_rx.clone()),
+    );
+    let archiver = tokio::spawn(
+        app.broker
+            .retention
+            .clone()
+            .run_audit_archiver(stop_rx.clone()),
+    );
     let anchor = tokio::spawn(
         app.broker
+            .retention
             .clone()
             .run_audit_anchor(app.audit_anchor_file.clone(), stop_rx.clone()),
     );
-    let summaries = tokio::spawn(app.broker.clone().run_auth_summaries(
+    let summaries = tokio::spawn(app.broker.core().clone().run_auth_summaries(
         Duration::from_secs(lim.auth_failure_summary_seconds),
         stop_rx.clone(),
     ));
     let reaper = if app.options.reaper {
         let mut rx = stop_rx.clone();
-        Some(tokio::spawn(app.broker.clone().run_reaper(async move {
-            let _ = rx.changed().await;
-        })))
+        Some(tokio::spawn(app.broker.reaper.clone().run_reaper(
+            async move {
+                let _ = rx.changed().await;
+            },
+        )))
     } else {
         None
     };
@@ -718,6 +736,7 @@ pub async fn run(
     // Every unit of work was durable when it answered. The last head, after every writer
     // stopped:
     app.broker
+        .retention
         .anchor_audit(app.audit_anchor_file.as_deref(), &mut 0)
         .await;
     Ok(())
@@ -881,7 +900,7 @@ async fn watch_policy(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
             } else {
                 "policy file watcher"
             };
-            if let Err(e) = broker.reload_policy_on(trigger).await {
+            if let Err(e) = broker.admin.reload_policy_on(trigger).await {
                 tracing::error!(error = %e, trigger, "policy reload");
             }
         }
@@ -984,7 +1003,7 @@ async fn ops_response(
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map_or(0.0, |d| d.as_secs_f64());
             let (policies, _) = broker.policy().info();
-            let (debt, oldest) = broker.revocation_debt().await;
+            let (debt, oldest) = broker.revocations.revocation_debt().await;
             (
                 200,
                 metrics.render(&[
@@ -1008,7 +1027,7 @@ async fn ops_response(
                     (
                         "audit_head_sequence",
                         "Sequence number of the last audit entry (it never goes down; the logs carry its hash as event audit_anchor).",
-                        broker.audit_head().await.map_or(0, |h| h.seq) as f64,
+                        broker.retention.audit_head().await.map_or(0, |h| h.seq) as f64,
                     ),
                     (
                         "svid_expiry_timestamp_seconds",

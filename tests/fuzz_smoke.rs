@@ -19,7 +19,7 @@ use futures::FutureExt;
 use futures::executor::block_on;
 use jitbroker::api::pb;
 use jitbroker::audit::Event;
-use jitbroker::broker::{self, Broker, Limits, ManualClock};
+use jitbroker::broker::{self, Broker, Core, Limits, ManualClock};
 use jitbroker::model::SpiffeId;
 use jitbroker::policy::{PolicyEngine, PolicyRequest};
 use jitbroker::store::crypto::{Kek, Sealer};
@@ -376,17 +376,19 @@ async fn broker(dir: &Path) -> Broker {
         gateway_ids: HashSet::new(),
         oauth: None,
     };
-    Broker::new(
-        store,
-        policy,
-        Arc::new(ManualClock::new()),
-        limits,
-        "spiffe://td/jitbroker".into(),
-        Arc::new(jitbroker::telemetry::Metrics::default()),
-        None,
+    Broker::assemble(
+        Core::new(
+            store,
+            policy,
+            Arc::new(ManualClock::new()),
+            limits,
+            "spiffe://td/jitbroker".into(),
+            Arc::new(jitbroker::telemetry::Metrics::default()),
+            None,
+        )
+        .await
+        .unwrap(),
     )
-    .await
-    .unwrap()
 }
 
 #[tokio::test]
@@ -423,16 +425,16 @@ async fn fuzz_request_decoding_and_validation() {
                     labels: r.labels,
                     idempotency_key: r.idempotency_key,
                 };
-                if let Ok(t) = b.start_task(&agent, req).await {
+                if let Ok(t) = b.tasks.start_task(&agent, req).await {
                     ok += 1;
                     // Complete it, so that quotas never end the run early.
-                    let _ = b.complete_task(&agent, t.id.as_str()).await;
+                    let _ = b.tasks.complete_task(&agent, t.id.as_str()).await;
                 }
             }
             if let Ok(r) = pb::IssueCredentialRequest::decode(&input[..]) {
                 dec += 1;
                 let _ = b
-                    .issue_credential(
+                    .credentials.issue_credential(
                         &agent,
                         broker::IssueCredential {
                             task_id: r.task_id,
@@ -446,12 +448,12 @@ async fn fuzz_request_decoding_and_validation() {
             }
             if let Ok(r) = pb::IntrospectRequest::decode(&input[..]) {
                 dec += 1;
-                let _ = b.introspect(&agent, &r.secret, &r.resource).await;
+                let _ = b.credentials.introspect(&agent, &r.secret, &r.resource).await;
             }
             if let Ok(r) = pb::DelegateTaskRequest::decode(&input[..]) {
                 dec += 1;
                 let _ = b
-                    .delegate_task(
+                    .tasks.delegate_task(
                         &agent,
                         broker::delegation::DelegateTask {
                             parent_task_id: r.parent_task_id,

@@ -90,6 +90,7 @@ impl Authorization for ExtAuthzApi {
         let (method, host, path) = (http.method, http.host, http.path);
         let verdict = super::to_completion(async move {
             broker
+                .tool_calls
                 .check_tool_call(
                     &gateway,
                     ToolCallRequest {

@@ -169,6 +169,7 @@ where
     let host = pick("x-forwarded-host", "x-original-host").unwrap_or_default();
     let request_id = pick("traceparent", "x-request-id").unwrap_or_default();
     let verdict = broker
+        .tool_calls
         .check_tool_call(
             proxy,
             ToolCallRequest {

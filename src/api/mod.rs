@@ -299,17 +299,18 @@ impl pb::broker_server::Broker for BrokerApi {
         let r = request.into_inner();
         let b = self.broker.clone();
         let task = to_completion(async move {
-            b.start_task(
-                &who,
-                broker::StartTask {
-                    purpose: r.purpose,
-                    grants: grants(r.grants),
-                    ttl_seconds: r.ttl_seconds,
-                    labels: r.labels,
-                    idempotency_key: r.idempotency_key,
-                },
-            )
-            .await
+            b.tasks
+                .start_task(
+                    &who,
+                    broker::StartTask {
+                        purpose: r.purpose,
+                        grants: grants(r.grants),
+                        ttl_seconds: r.ttl_seconds,
+                        labels: r.labels,
+                        idempotency_key: r.idempotency_key,
+                    },
+                )
+                .await
         })
         .await?;
         Ok(Response::new(task_pb(task, self.broker.now())))
@@ -323,17 +324,18 @@ impl pb::broker_server::Broker for BrokerApi {
         let r = request.into_inner();
         let b = self.broker.clone();
         let issued = to_completion(async move {
-            b.issue_credential(
-                &who,
-                broker::IssueCredential {
-                    task_id: r.task_id,
-                    resource: r.resource,
-                    action: r.action,
-                    ttl_seconds: r.ttl_seconds,
-                    idempotency_key: r.idempotency_key,
-                },
-            )
-            .await
+            b.credentials
+                .issue_credential(
+                    &who,
+                    broker::IssueCredential {
+                        task_id: r.task_id,
+                        resource: r.resource,
+                        action: r.action,
+                        ttl_seconds: r.ttl_seconds,
+                        idempotency_key: r.idempotency_key,
+                    },
+                )
+                .await
         })
         .await?;
         Ok(Response::new(credential_pb(issued.record, &issued.secret)))
@@ -346,7 +348,8 @@ impl pb::broker_server::Broker for BrokerApi {
         let who = caller(&request, &self.broker, &self.identity).await?;
         let r = request.into_inner();
         let b = self.broker.clone();
-        let done = to_completion(async move { b.complete_task(&who, &r.task_id).await }).await?;
+        let done =
+            to_completion(async move { b.tasks.complete_task(&who, &r.task_id).await }).await?;
         Ok(Response::new(pb::CompleteTaskResponse {
             revoked_credential_ids: done
                 .revoked_credentials
@@ -368,7 +371,12 @@ impl pb::broker_server::Broker for BrokerApi {
         let who = caller(&request, &self.broker, &self.identity).await?;
         let r = request.into_inner();
         let b = self.broker.clone();
-        to_completion(async move { b.revoke_credential(&who, &r.credential_id).await }).await?;
+        to_completion(async move {
+            b.credentials
+                .revoke_credential(&who, &r.credential_id)
+                .await
+        })
+        .await?;
         Ok(Response::new(pb::RevokeCredentialResponse {}))
     }
 
@@ -380,17 +388,18 @@ impl pb::broker_server::Broker for BrokerApi {
         let r = request.into_inner();
         let b = self.broker.clone();
         let task = to_completion(async move {
-            b.delegate_task(
-                &who,
-                broker::delegation::DelegateTask {
-                    parent_task_id: r.parent_task_id,
-                    delegate_spiffe_id: r.delegate_spiffe_id,
-                    purpose: r.purpose,
-                    grants: grants(r.grants),
-                    ttl_seconds: r.ttl_seconds,
-                },
-            )
-            .await
+            b.tasks
+                .delegate_task(
+                    &who,
+                    broker::delegation::DelegateTask {
+                        parent_task_id: r.parent_task_id,
+                        delegate_spiffe_id: r.delegate_spiffe_id,
+                        purpose: r.purpose,
+                        grants: grants(r.grants),
+                        ttl_seconds: r.ttl_seconds,
+                    },
+                )
+                .await
         })
         .await?;
         Ok(Response::new(task_pb(task, self.broker.now())))
@@ -404,6 +413,7 @@ impl pb::broker_server::Broker for BrokerApi {
         let r = request.into_inner();
         let task = self
             .broker
+            .tasks
             .get_task(&who, &r.task_id)
             .await
             .map_err(to_status)?;
@@ -428,6 +438,7 @@ impl pb::verifier_server::Verifier for VerifierApi {
         let r = request.into_inner();
         let found = self
             .broker
+            .credentials
             .introspect(&who, &r.secret, &r.resource)
             .await
             .map_err(to_status)?;
@@ -469,6 +480,7 @@ impl pb::verifier_server::Verifier for VerifierApi {
         let r = request.into_inner();
         let pem = self
             .broker
+            .credentials
             .x509_authorities_pem(&who, &r.resource)
             .await
             .map_err(to_status)?;
@@ -483,6 +495,7 @@ impl pb::verifier_server::Verifier for VerifierApi {
         let r = request.into_inner();
         let found = self
             .broker
+            .credentials
             .x509_status(&who, &r.resource, &r.serial)
             .await
             .map_err(to_status)?;
@@ -533,7 +546,7 @@ impl pb::admin_server::Admin for AdminApi {
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let who = caller(&request, &self.broker, &self.facts.identity).await?;
-        let s = self.broker.status(&who).await.map_err(to_status)?;
+        let s = self.broker.admin.status(&who).await.map_err(to_status)?;
         let f = &self.facts;
         let (own_id, svid_exp) = match &f.identity {
             Some(i) => (
@@ -581,6 +594,7 @@ impl pb::admin_server::Admin for AdminApi {
         };
         let (tasks, next) = self
             .broker
+            .admin
             .list_tasks(&who, Some(&r.spiffe_id), state, r.page_size, &r.page_token)
             .await
             .map_err(to_status)?;
@@ -599,8 +613,10 @@ impl pb::admin_server::Admin for AdminApi {
         let r = request.into_inner();
         let b = self.broker.clone();
         let done =
-            to_completion(async move { b.admin_revoke_task(&who, &r.task_id, &r.reason).await })
-                .await?;
+            to_completion(
+                async move { b.admin.admin_revoke_task(&who, &r.task_id, &r.reason).await },
+            )
+            .await?;
         Ok(Response::new(pb::RevokeTaskResponse {
             revoked_credential_ids: ids(&done.revoked_credentials),
             revoked_tasks: ids(&done.ended_tasks),
@@ -615,7 +631,8 @@ impl pb::admin_server::Admin for AdminApi {
         let r = request.into_inner();
         let (b, block) = (self.broker.clone(), r.block);
         let done = to_completion(async move {
-            b.revoke_identity(&who, &r.spiffe_id, &r.reason, r.block)
+            b.admin
+                .revoke_identity(&who, &r.spiffe_id, &r.reason, r.block)
                 .await
         })
         .await?;
@@ -634,6 +651,7 @@ impl pb::admin_server::Admin for AdminApi {
         let r = request.into_inner();
         let was_blocked = self
             .broker
+            .admin
             .unblock_identity(&who, &r.spiffe_id, &r.reason)
             .await
             .map_err(to_status)?;
@@ -649,6 +667,7 @@ impl pb::admin_server::Admin for AdminApi {
         let now = self.broker.now();
         let list = self
             .broker
+            .approvals
             .list_approvals(&who, &r.state)
             .await
             .map_err(to_status)?;
@@ -665,6 +684,7 @@ impl pb::admin_server::Admin for AdminApi {
         let r = request.into_inner();
         let a = self
             .broker
+            .approvals
             .decide_approval(&who, &r.approval_id, &r.reason, true)
             .await
             .map_err(to_status)?;
@@ -679,6 +699,7 @@ impl pb::admin_server::Admin for AdminApi {
         let r = request.into_inner();
         let a = self
             .broker
+            .approvals
             .decide_approval(&who, &r.approval_id, &r.reason, false)
             .await
             .map_err(to_status)?;
@@ -690,7 +711,12 @@ impl pb::admin_server::Admin for AdminApi {
         request: Request<pb::ReloadPolicyRequest>,
     ) -> Result<Response<pb::ReloadPolicyResponse>, Status> {
         let who = caller(&request, &self.broker, &self.facts.identity).await?;
-        let (n, digest) = self.broker.reload_policy(&who).await.map_err(to_status)?;
+        let (n, digest) = self
+            .broker
+            .admin
+            .reload_policy(&who)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::ReloadPolicyResponse {
             policy_count: n as u32,
             policy_digest: digest,
@@ -702,7 +728,12 @@ impl pb::admin_server::Admin for AdminApi {
         request: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
         let who = caller(&request, &self.broker, &self.facts.identity).await?;
-        let v = self.broker.verify_audit(&who).await.map_err(to_status)?;
+        let v = self
+            .broker
+            .admin
+            .verify_audit(&who)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::VerifyAuditResponse {
             ok: v.ok,
             entries: v.entries,

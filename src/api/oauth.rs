@@ -197,7 +197,7 @@ impl OAuthService {
             "revocation_endpoint_auth_methods_supported": auth,
             "revocation_endpoint_auth_signing_alg_values_supported": SVID_ALGS,
             "tls_client_certificate_bound_access_tokens": true,
-            "scopes_supported": self.broker.oauth_scopes(),
+            "scopes_supported": self.broker.oauth.oauth_scopes(),
             "response_types_supported": ["none"],
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": ["ES256"],
@@ -567,7 +567,7 @@ impl OAuthService {
                     task: Self::task_choice(form)?,
                     certificate_thumbprint: None,
                 };
-                self.broker.oauth_token(&agent, req).await?
+                self.broker.oauth.oauth_token(&agent, req).await?
             }
             "client_credentials" => {
                 let (Some(agent), Some(thumb)) = (&peer.spiffe_id, &peer.thumbprint) else {
@@ -598,7 +598,7 @@ impl OAuthService {
                     task: Self::task_choice(form)?,
                     certificate_thumbprint: Some(thumb.clone()),
                 };
-                self.broker.oauth_token(agent, req).await?
+                self.broker.oauth.oauth_token(agent, req).await?
             }
             TOKEN_EXCHANGE => {
                 let subject = form.require("subject_token")?;
@@ -674,6 +674,7 @@ impl OAuthService {
                 };
                 let t = self
                     .broker
+                    .oauth
                     .oauth_exchange(&actor, req)
                     .await
                     .map_err(|mut e| {
@@ -706,6 +707,7 @@ impl OAuthService {
         let token = form.require("token")?;
         let record = self
             .broker
+            .oauth
             .oauth_introspect(&who, token)
             .await
             .map_err(from_broker)?;
@@ -720,6 +722,7 @@ impl OAuthService {
     fn introspection(&self, r: &CredentialRecord) -> Value {
         let aud = self
             .broker
+            .oauth
             .resource_indicator(&r.resource)
             .unwrap_or_else(|| r.resource.clone());
         let mut v = json!({
@@ -753,6 +756,7 @@ impl OAuthService {
         let token = form.require("token")?;
         match self
             .broker
+            .oauth
             .oauth_revoke(&who, token)
             .await
             .map_err(from_broker)?

@@ -2,7 +2,7 @@
 //! reload and audit verification. Every call checks the caller is a configured operator and is
 //! audited.
 
-use super::{Broker, Completed, Tx};
+use super::*;
 use crate::audit::{self, Event, Verification};
 use crate::error::{Error, Result};
 use crate::model::{RevokeReason, SpiffeId, Task, TaskId, TaskState, preview};
@@ -21,8 +21,13 @@ fn check_reason(reason: &str) -> Result<()> {
     Ok(())
 }
 
-impl Broker {
-    fn admin_event(&self, u: &mut Tx<'_>, caller: &SpiffeId, what: &str, ev: Event) {
+component!(
+    /// Operator calls: listing, revoking, the kill switch, policy reload, audit verification.
+    Admin { tasks: Tasks }
+);
+
+impl Admin {
+    pub(super) fn admin_event(&self, u: &mut Tx<'_>, caller: &SpiffeId, what: &str, ev: Event) {
         self.audit(
             u,
             Event {
@@ -172,7 +177,7 @@ impl Broker {
     }
 
     /// Ends a task if it is still active (state REVOKED, `reason`) and then all its descendants.
-    async fn revoke_tree(
+    pub(super) async fn revoke_tree(
         &self,
         u: &mut Tx<'_>,
         id: &TaskId,
@@ -182,10 +187,11 @@ impl Broker {
         if let Some(mut task) = u.lock_task(id).await?
             && task.state == TaskState::Active
         {
-            self.end_task(u, &mut task, TaskState::Revoked, reason, self.now(), out)
+            self.tasks
+                .end_task(u, &mut task, TaskState::Revoked, reason, self.now(), out)
                 .await?;
         }
-        self.revoke_descendants(u, id, out).await
+        self.tasks.revoke_descendants(u, id, out).await
     }
 
     /// `Admin.UnblockIdentity`. Returns whether it was blocked.
@@ -291,5 +297,18 @@ impl Broker {
         let _no_archival_meanwhile = self.archive_lock.lock().await;
         let dir = self.audit_archive.as_ref().map(|a| a.dir.clone());
         audit::verify(self.store.engine(), dir.as_deref()).await
+    }
+
+    /// `Admin.Status`.
+    pub async fn status(&self, caller: &SpiffeId) -> Result<StatusInfo> {
+        self.require_admin(caller).await?;
+        let c = self.store.counts().await?;
+        let (policy_count, policy_digest) = self.policy.info();
+        Ok(StatusInfo {
+            active_tasks: c.tasks,
+            active_credentials: c.credentials,
+            policy_count,
+            policy_digest,
+        })
     }
 }

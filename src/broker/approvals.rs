@@ -2,7 +2,7 @@
 //! yields `NEEDS_APPROVAL`; an approver (never the requester nor anyone in its delegation chain)
 //! approves that exact (task, resource, action); the approval is used by one issuance and expires.
 
-use super::{Broker, Tx};
+use super::*;
 use crate::audit::Event;
 use crate::error::{Error, Result};
 use crate::model::{
@@ -11,7 +11,12 @@ use crate::model::{
 
 const MAX_REASON_LEN: usize = 1024;
 
-impl Broker {
+component!(
+    /// Human approvals: requests, decisions by approvers, single use.
+    Approvals {  }
+);
+
+impl Approvals {
     /// Opens a pending approval request for one grant of a task and records it on the task.
     pub(crate) async fn request_approval(
         &self,
@@ -182,7 +187,7 @@ impl Broker {
         self.finish(u, r).await
     }
 
-    async fn decide_approval_in(
+    pub(super) async fn decide_approval_in(
         &self,
         u: &mut Tx<'_>,
         caller: &SpiffeId,

@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use super::{Broker, Completed, NewTask, Tx, secs_to_ms};
+use super::*;
 use crate::audit::Event;
 use crate::error::{Error, Result};
 use crate::model::{Decision, Grant, RevokeReason, SpiffeId, Task, TaskId, TaskState};
@@ -20,7 +20,7 @@ pub struct DelegateTask {
     pub ttl_seconds: u32,
 }
 
-impl Broker {
+impl Tasks {
     /// `Broker.DelegateTask`.
     pub async fn delegate_task(&self, caller: &SpiffeId, req: DelegateTask) -> Result<Task> {
         self.check_caller(caller).await?;
@@ -43,7 +43,7 @@ impl Broker {
         self.finish(u, r).await
     }
 
-    async fn delegate_in(
+    pub(super) async fn delegate_in(
         &self,
         u: &mut Tx<'_>,
         caller: &SpiffeId,

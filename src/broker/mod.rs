@@ -1,15 +1,55 @@
 //! The broker's domain logic (DESIGN §1, §8): tasks, credentials, expiry and revocation. It sees
-//! neither tonic nor sled: callers arrive as verified [`SpiffeId`]s, state goes through [`Store`].
+//! neither tonic nor sled: callers arrive as verified [`SpiffeId`]s, state goes through the
+//! store's units of work ([`crate::store`]).
+//!
+//! The broker is a set of components with one job each, wired once by [`Broker::assemble`]
+//! (which `server` calls): [`tasks::Tasks`], [`credentials::Credentials`],
+//! [`approvals::Approvals`], [`upstream::Revocations`], [`reaper::Reaper`], [`admin::Admin`],
+//! [`retention::Retention`], [`tool_calls::ToolCalls`] and [`oauth::OAuth`]. Each holds the
+//! shared [`Core`] (store, policy, issuers, clock, limits, metrics, and the checks every call
+//! makes) and the components it calls; the wiring has no cycle. Every handler opens one unit of
+//! work, and replies after [`Core::finish`] committed it.
+
+/// Declares a component: the shared [`Core`] and the components it calls (`Deref` to the core,
+/// so the checks every component makes read alike).
+macro_rules! component {
+    ($(#[$doc:meta])* $name:ident { $($dep:ident: $ty:ty),* }) => {
+        $(#[$doc])*
+        pub struct $name {
+            pub(super) core: std::sync::Arc<super::Core>,
+            $(pub(super) $dep: std::sync::Arc<$ty>,)*
+        }
+
+        impl std::ops::Deref for $name {
+            type Target = super::Core;
+            fn deref(&self) -> &super::Core {
+                &self.core
+            }
+        }
+    };
+}
 
 pub mod admin;
 pub mod approvals;
 pub mod clock;
+pub mod credentials;
 pub mod delegation;
 pub mod oauth;
 pub mod reaper;
 pub mod retention;
+pub mod tasks;
 pub mod tool_calls;
 pub mod upstream;
+
+pub use admin::Admin;
+pub use approvals::Approvals;
+pub use credentials::Credentials;
+pub use oauth::OAuth;
+pub use reaper::Reaper;
+pub use retention::Retention;
+pub use tasks::Tasks;
+pub use tool_calls::ToolCalls;
+pub use upstream::Revocations;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -17,7 +57,7 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 
 use crate::audit::Event;
-use crate::config::{self, Config, ResourceKind, RevocationConfig};
+use crate::config::{Config, ResourceKind, RevocationConfig};
 use crate::error::{Error, Result};
 use crate::issuers::jwt::JwtIssuer;
 use crate::issuers::x509::X509Issuer;
@@ -250,7 +290,9 @@ impl<'a> DecideCtx<'a> {
     }
 }
 
-pub struct Broker {
+/// What every component shares: the store (with sealing), policy, issuers, clock, limits,
+/// metrics, the rate and disk guards, and the checks every call makes.
+pub struct Core {
     store: Arc<Storage>,
     policy: Arc<PolicyEngine>,
     jwt: JwtIssuer,
@@ -307,7 +349,7 @@ fn state_name(s: TaskState) -> &'static str {
     }
 }
 
-impl Broker {
+impl Core {
     pub async fn new(
         store: Arc<Storage>,
         policy: Arc<PolicyEngine>,
@@ -442,7 +484,7 @@ impl Broker {
     }
 
     fn resource(&self, field: &str, name: &str) -> Result<&ResourceSpec> {
-        config::check_name(field, name)?;
+        crate::model::check_name(field, name)?;
         self.limits
             .resources
             .get(name)
@@ -456,7 +498,7 @@ impl Broker {
         resource: &str,
         action: &str,
     ) -> Result<()> {
-        config::check_name(field, action)?;
+        crate::model::check_name(field, action)?;
         if spec.actions.contains(action) {
             Ok(())
         } else {
@@ -766,148 +808,6 @@ impl Broker {
         }
     }
 
-    /// `Broker.StartTask`.
-    pub async fn start_task(&self, caller: &SpiffeId, req: StartTask) -> Result<Task> {
-        self.check_caller(caller).await?;
-        self.writable()?;
-        self.check_purpose(&req.purpose)?;
-        self.check_grants(&req.grants)?;
-        let ttl_ms = self.task_ttl_ms(req.ttl_seconds)?;
-        let labels = Self::validate_labels(&req.labels)?;
-        let idem = Self::check_idempotency_key(&req.idempotency_key)?;
-        let mut u = self.store.begin().await?;
-        let r = self
-            .create_task(
-                &mut u,
-                NewTask {
-                    owner: caller,
-                    purpose: req.purpose,
-                    grants: &req.grants,
-                    labels,
-                    ttl_ms,
-                    idempotency_key: idem,
-                    parent: None,
-                    chain: vec![caller.clone()],
-                },
-            )
-            .await;
-        let r = match r {
-            Ok((task, true)) => {
-                self.audit(
-                    &mut u,
-                    Event {
-                        kind: "task_started".into(),
-                        spiffe_id: caller.to_string(),
-                        task_id: task.id.to_string(),
-                        purpose: task.purpose.clone(),
-                        detail: format!("expires_at={}", task.expires_at),
-                        ..Default::default()
-                    },
-                );
-                Ok(task)
-            }
-            Ok((task, false)) => Ok(task),
-            Err(e) => Err(e),
-        };
-        self.finish(u, r).await
-    }
-
-    /// The one path that creates a task (`StartTask`, `DelegateTask`, the OAuth grants): under
-    /// its owner's lock, it refuses a blocked owner, answers a repeated idempotency key with the
-    /// task it made, holds the owner's quota of live tasks, decides every grant (recorded in
-    /// `u`), asks for the approvals policy wants, and writes the task. Returns the task and
-    /// whether it is new; the caller records how it came to be.
-    pub(crate) async fn create_task(&self, u: &mut Tx<'_>, n: NewTask<'_>) -> Result<(Task, bool)> {
-        let owner = n.owner;
-        let delegated = n.parent.is_some();
-        let whose = if delegated { "delegate " } else { "" };
-        if u.lock_identity(owner).await?.blocked {
-            return Err(Error::PermissionDenied(format!(
-                "{whose}{owner} is blocked by an operator"
-            )));
-        }
-        if let Some(key) = &n.idempotency_key
-            && let Some(id) = self.store.task_by_idempotency_key(owner, key).await?
-            && let Some(task) = self.store.get_task(&id).await?
-        {
-            return Ok((task, false));
-        }
-        let now = self.now();
-        self.check_task_quota(owner, now, whose).await?;
-        let ctx = DecideCtx {
-            task: None,
-            purpose: &n.purpose,
-            labels: &n.labels,
-            requested_ttl_ms: n.ttl_ms,
-            chain: &n.chain,
-            approved: false,
-        };
-        let whom = if delegated {
-            format!(" for delegate {owner}")
-        } else {
-            String::new()
-        };
-        let decided = self.decide_grants(u, owner, n.grants, &ctx, &whom)?;
-        let needing: Vec<(Grant, Vec<String>)> = decided
-            .iter()
-            .filter(|(g, _)| g.decision == Decision::NeedsApproval)
-            .map(|(g, ids)| (g.grant.clone(), ids.clone()))
-            .collect();
-        let mut task = Task {
-            id: TaskId::generate(),
-            owner: owner.clone(),
-            purpose: n.purpose,
-            grants: decided.into_iter().map(|(g, _)| g).collect(),
-            labels: n.labels,
-            state: TaskState::Active,
-            created_at: now,
-            expires_at: now + n.ttl_ms,
-            ended_at: None,
-            purge_at: None,
-            parent: n.parent,
-            delegation_chain: n.chain,
-            idempotency_key: n.idempotency_key,
-        };
-        for (g, ids) in needing {
-            self.request_approval(u, &mut task, &g, ids, now).await?;
-        }
-        match u.insert_task(&task).await? {
-            Inserted::New => Ok((task, true)),
-            Inserted::Existing(id) => {
-                let task = self
-                    .store
-                    .get_task(&id)
-                    .await?
-                    .ok_or_else(|| Error::Storage(format!("idempotency key points at {id}")))?;
-                Ok((task, false))
-            }
-        }
-    }
-
-    /// `RESOURCE_EXHAUSTED` when `who` already has its maximum of live tasks (its own and those
-    /// delegated to it alike). The caller holds `who`'s lock, so the count cannot go stale
-    /// before the new task is written. `whose` prefixes the message ("delegate ").
-    async fn check_task_quota(&self, who: &SpiffeId, now: UnixMillis, whose: &str) -> Result<()> {
-        let mut live = 0u64;
-        for id in self.store.tasks_of_identity(who).await? {
-            if self
-                .store
-                .get_task(&id)
-                .await?
-                .is_none_or(|t| t.is_live(now))
-            {
-                live += 1;
-            }
-        }
-        if live >= self.limits.max_active_tasks_per_identity {
-            return Err(Error::ResourceExhausted(format!(
-                "{whose}{who} already has {live} active tasks (limit {}); complete some first",
-                self.limits.max_active_tasks_per_identity
-            )));
-        }
-        Ok(())
-    }
-
     /// Loads a task the caller owns; anyone else's reads as unknown (no probing).
     async fn owned_task(&self, caller: &SpiffeId, task_id: &TaskId) -> Result<Task> {
         match self.store.get_task(task_id).await? {
@@ -929,668 +829,9 @@ impl Broker {
         }
     }
 
-    /// `Broker.GetTask`.
-    pub async fn get_task(&self, caller: &SpiffeId, task_id: &str) -> Result<Task> {
-        self.check_caller(caller).await?;
-        let id = TaskId::parse(task_id)?;
-        let mut t = self.owned_task(caller, &id).await?;
-        t.state = t.effective_state(self.now());
-        Ok(t)
-    }
-
-    /// `Broker.IssueCredential`.
-    pub async fn issue_credential(
-        &self,
-        caller: &SpiffeId,
-        req: IssueCredential,
-    ) -> Result<IssuedCredential> {
-        self.check_caller(caller).await?;
-        self.writable()?;
-        let task_id = TaskId::parse(&req.task_id)?;
-        let spec = self.resource("resource", &req.resource)?.clone();
-        self.check_action("action", &spec, &req.resource, &req.action)?;
-        if spec.inject.as_ref().is_some_and(|i| i.gateway_only) {
-            return Err(Error::FailedPrecondition(format!(
-                "credentials of resource {} are injected by a gateway only (inject.gateway_only): \
-                 call the tool through the gateway with the task id in its task header",
-                req.resource
-            )));
-        }
-        let idem = Self::check_idempotency_key(&req.idempotency_key)?;
-        let res_max = spec.max_ttl_seconds.min(self.limits.max_ttl_seconds);
-        let ttl_s = match u64::from(req.ttl_seconds) {
-            0 => self.limits.default_ttl_seconds.min(res_max),
-            t if t > res_max => {
-                return Err(Error::invalid(
-                    "ttl_seconds",
-                    format!(
-                        "{t} is above the maximum of {res_max} seconds for resource {}",
-                        req.resource
-                    ),
-                ));
-            }
-            t => t,
-        };
-        let grant = Grant {
-            resource: req.resource,
-            action: req.action,
-        };
-        let mut u = self.store.begin().await?;
-        let r = self
-            .issue_for_task(
-                &mut u,
-                caller,
-                &task_id,
-                &spec,
-                grant,
-                ttl_s,
-                idem,
-                None,
-                BTreeMap::new(),
-            )
-            .await;
-        let issued = self.finish(u, r).await?;
-        crate::failpoint::hit("issue-before-reply");
-        if issued.fresh {
-            self.metrics.issued(&issued.record.kind);
-        }
-        Ok(issued)
-    }
-
-    /// Issues a credential of `caller`'s task for `grant`, deciding it again now: the one path
-    /// of `IssueCredential` and the OAuth token endpoint, in the caller's unit of work (which
-    /// holds the task's lock from here on). It lives `ttl_s` seconds, no longer than the task
-    /// nor `not_after`; `binding` is recorded with it (see
-    /// [`crate::issuers::IssueRequest::binding`]).
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one issuance, its inputs named at the call"
-    )]
-    pub(crate) async fn issue_for_task<'s>(
-        &'s self,
-        u: &mut Tx<'s>,
-        caller: &SpiffeId,
-        task_id: &TaskId,
-        spec: &ResourceSpec,
-        grant: Grant,
-        ttl_s: u64,
-        idem: Option<String>,
-        not_after: Option<UnixMillis>,
-        binding: BTreeMap<String, String>,
-    ) -> Result<IssuedCredential> {
-        let task = self.lock_owned_task(u, caller, task_id).await?;
-        if let Some(key) = &idem
-            && let Some(cid) = self.store.credential_by_idempotency_key(task_id, key).await?
-            // An index entry without its record is what a crash mid-write leaves: not issued.
-            && self.store.get_credential(&cid).await?.is_some()
-        {
-            return self.replay(&cid, &grant).await;
-        }
-        let now = self.now();
-        if !task.is_live(now) {
-            return Err(Error::FailedPrecondition(format!(
-                "task {task_id} is {}",
-                state_name(task.effective_state(now))
-            )));
-        }
-        let Some(granted) = task.grants.iter().find(|g| g.grant == grant) else {
-            return Err(Error::PermissionDenied(format!(
-                "task {task_id} did not ask for ({}, {}) when it started",
-                grant.resource, grant.action
-            )));
-        };
-        if granted.decision == Decision::Denied {
-            return Err(Error::PermissionDenied(format!(
-                "({}, {}) was denied at task start: {}",
-                grant.resource, grant.action, granted.reason
-            )));
-        }
-        // Policy again, now: a reload or the passing of time may have changed the answer.
-        let expires_at = (now + secs_to_ms(ttl_s))
-            .min(task.expires_at)
-            .min(not_after.unwrap_or(i64::MAX));
-        if expires_at <= now {
-            return Err(Error::FailedPrecondition(
-                "the credential would expire at once".into(),
-            ));
-        }
-        let mut ctx = DecideCtx::for_task(&task, expires_at - now);
-        let mut v = self.decide(u, caller, &grant, &ctx);
-        let mut approval = None;
-        if v.decision == Decision::NeedsApproval
-            && let Some(a) = self.usable_approval(&task, &grant, now).await?
-        {
-            ctx.approved = true;
-            v = self.decide(u, caller, &grant, &ctx);
-            approval = Some(a);
-        }
-        match v.decision {
-            Decision::Allowed => {}
-            Decision::Denied => {
-                return Err(Error::PermissionDenied(format!(
-                    "({}, {}) is not allowed now: {}",
-                    grant.resource, grant.action, v.reason
-                )));
-            }
-            Decision::NeedsApproval => {
-                let id = self
-                    .pending_or_new_approval(u, &task, &grant, v.policy_ids, now)
-                    .await?;
-                return Err(Error::NeedsApproval {
-                    message: format!(
-                        "({}, {}) needs approval: {}",
-                        grant.resource, grant.action, v.reason
-                    ),
-                    approval_id: id.to_string(),
-                });
-            }
-        }
-        self.mint_credential(
-            u, caller, &task, spec, &grant, expires_at, idem, approval, binding,
-        )
-        .await
-    }
-
-    /// Issues one credential of a task for a grant already decided: the per-task quota, the
-    /// issuer, the records, the approval it uses and the audit entry, all in `u` (which holds the
-    /// task's lock). An upstream account (PostgreSQL) is made with no lock held: `u` is committed
-    /// first (the decisions stay recorded), the account's write-ahead ledger entry is made
-    /// durable in a unit of its own, and `u` is replaced by a new unit that locks the task again
-    /// and looks at it anew: an ended task, or a quota filled meanwhile, gets the account queued
-    /// for removal instead of a credential.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one issuance, its inputs named at the call"
-    )]
-    pub(crate) async fn mint_credential<'s>(
-        &'s self,
-        u: &mut Tx<'s>,
-        caller: &SpiffeId,
-        task: &Task,
-        spec: &ResourceSpec,
-        grant: &Grant,
-        expires_at: UnixMillis,
-        idem: Option<String>,
-        approval: Option<crate::model::Approval>,
-        extra_attributes: BTreeMap<String, String>,
-    ) -> Result<IssuedCredential> {
-        let now = self.now();
-        let task_id = task.id.clone();
-        let indexed = self.store.credentials_of_task(&task_id).await?;
-        let mut issued_count = indexed.len() as u64;
-        if issued_count >= self.limits.max_credentials_per_task {
-            // At the limit by the index: count only credentials whose record exists (a crash
-            // mid-write can leave an index entry without its record, which was never issued).
-            issued_count = 0;
-            for cid in &indexed {
-                if self.store.get_credential(cid).await?.is_some() {
-                    issued_count += 1;
-                }
-            }
-        }
-        if issued_count >= self.limits.max_credentials_per_task {
-            return Err(Error::ResourceExhausted(format!(
-                "task {task_id} already has {issued_count} credentials (limit {})",
-                self.limits.max_credentials_per_task
-            )));
-        }
-        let id = CredentialId::generate();
-        let ireq = IssueRequest {
-            credential_id: &id,
-            task_id: &task_id,
-            owner: caller,
-            resource: &grant.resource,
-            action: &grant.action,
-            issued_at: now,
-            expires_at,
-            delegation_chain: &task.delegation_chain,
-            audience: spec.oauth_resource.as_deref().unwrap_or(&grant.resource),
-            access_token: spec.oauth_resource.is_some(),
-            binding: &extra_attributes,
-        };
-        let mut upstream_name = None;
-        let Issued {
-            secret,
-            mut attributes,
-        } = match spec.kind {
-            ResourceKind::Token => token::issue(),
-            ResourceKind::Jwt => self.jwt.issue(&ireq)?,
-            ResourceKind::X509 => self.x509.issue(&ireq)?,
-            ResourceKind::Postgres => {
-                // A slow database must not hold up the task's other calls (a completion, the
-                // kill switch): no lock is held across the upstream's network I/O.
-                let decided = std::mem::replace(u, self.store.begin().await?);
-                decided.commit().await?;
-                let made = self
-                    .create_upstream(&grant.resource, &id, &grant.action, now, expires_at)
-                    .await;
-                let task_now = u.lock_task(&task_id).await?;
-                let (name, issued) = made?;
-                let later = self.now();
-                let refusal = if !task_now.is_some_and(|t| t.is_live(later)) {
-                    Some(Error::FailedPrecondition(format!(
-                        "task {task_id} ended while its credential was being made; the account \
-                         is being removed"
-                    )))
-                } else if self.store.credentials_of_task(&task_id).await?.len() as u64
-                    >= self.limits.max_credentials_per_task
-                {
-                    Some(Error::ResourceExhausted(format!(
-                        "task {task_id} reached its limit of {} credentials while this one was \
-                         being made; the account is being removed",
-                        self.limits.max_credentials_per_task
-                    )))
-                } else {
-                    None
-                };
-                if let Some(e) = refusal {
-                    self.queue_upstream_revocation(
-                        u,
-                        &grant.resource,
-                        &name,
-                        Some(id.clone()),
-                        "task-ended",
-                        later,
-                    )
-                    .await?;
-                    return Err(e);
-                }
-                upstream_name = Some(name);
-                issued
-            }
-        };
-        attributes.extend(extra_attributes);
-        let record = CredentialRecord {
-            id,
-            task_id,
-            owner: caller.clone(),
-            resource: grant.resource.clone(),
-            action: grant.action.clone(),
-            kind: spec.kind.as_str().to_owned(),
-            issued_at: now,
-            expires_at,
-            state: CredentialState::Active,
-            ended_at: None,
-            end_reason: None,
-            idempotency_key: idem,
-            attributes,
-            delegation_chain: task.delegation_chain.clone(),
-        };
-        let sealed = self.store.seal_secret(&record.id, &secret)?;
-        if let Inserted::Existing(cid) = u.insert_credential(&record, &sealed).await? {
-            // The caller holds the task's lock and looked the key up: this is a crash leftover.
-            return Err(Error::Storage(format!(
-                "idempotency key of task {} already names {cid}",
-                record.task_id
-            )));
-        }
-        if let Some(name) = upstream_name {
-            u.put_upstream(&UpstreamObject {
-                resource: record.resource.clone(),
-                name,
-                credential_id: record.id.clone(),
-                state: UpstreamState::Live,
-                created_at: now,
-                expires_at,
-            })
-            .await?;
-        }
-        if let Some(a) = approval {
-            self.use_approval(u, a, record.id.as_str(), now).await?;
-        }
-        self.audit(
-            u,
-            Event {
-                kind: "credential_issued".into(),
-                spiffe_id: caller.to_string(),
-                task_id: record.task_id.to_string(),
-                credential_id: record.id.to_string(),
-                resource: record.resource.clone(),
-                action: record.action.clone(),
-                purpose: task.purpose.clone(),
-                delegation_chain: task
-                    .delegation_chain
-                    .iter()
-                    .map(|c| c.to_string())
-                    .collect(),
-                detail: {
-                    // Who else acts with it (token exchange) and what it is bound to, in the trail.
-                    let mut d = format!("kind={} expires_at={}", record.kind, record.expires_at);
-                    for key in [crate::issuers::ATTR_ACTORS, crate::issuers::ATTR_CLIENT_ID] {
-                        if let Some(v) = record.attributes.get(key) {
-                            d.push_str(&format!(" {key}={v}"));
-                        }
-                    }
-                    if record.attributes.contains_key(crate::issuers::ATTR_CNF) {
-                        d.push_str(" cnf=x5t#S256");
-                    }
-                    d
-                },
-                ..Default::default()
-            },
-        );
-        Ok(IssuedCredential {
-            record,
-            secret,
-            fresh: true,
-        })
-    }
-
-    /// Returns the credential an earlier call with the same idempotency key made.
-    async fn replay(&self, id: &CredentialId, grant: &Grant) -> Result<IssuedCredential> {
-        let record = self
-            .store
-            .get_credential(id)
-            .await?
-            .ok_or_else(|| Error::Storage(format!("idempotency key points at missing {id}")))?;
-        if record.resource != grant.resource || record.action != grant.action {
-            return Err(Error::invalid(
-                "idempotency_key",
-                format!(
-                    "was used for ({}, {}) on this task; use a new key for a different request",
-                    record.resource, record.action
-                ),
-            ));
-        }
-        let gone = || {
-            Error::FailedPrecondition(format!(
-                "credential {id} issued for this idempotency key is no longer active"
-            ))
-        };
-        if !record.is_live(self.now()) {
-            return Err(gone());
-        }
-        let secret = self.store.credential_secret(id).await?.ok_or_else(gone)?;
-        Ok(IssuedCredential {
-            record,
-            secret,
-            fresh: false,
-        })
-    }
-
-    /// Ends one credential if it is active, in `u` (which holds its task's lock). Returns
-    /// whether it changed.
-    async fn end_credential(
-        &self,
-        u: &mut Tx<'_>,
-        id: &CredentialId,
-        state: CredentialState,
-        reason: RevokeReason,
-        now: UnixMillis,
-    ) -> Result<bool> {
-        let Some(mut rec) = self.store.get_credential(id).await? else {
-            return Ok(false);
-        };
-        if rec.state != CredentialState::Active {
-            return Ok(false);
-        }
-        // A credential past its expiry ends as expired, whatever ended it.
-        rec.state = if now >= rec.expires_at {
-            CredentialState::Expired
-        } else {
-            state
-        };
-        rec.ended_at = Some(now);
-        rec.end_reason = Some(if rec.state == CredentialState::Expired {
-            RevokeReason::Expired
-        } else {
-            reason
-        });
-        u.update_credential(&rec).await?;
-        if let Some(name) = rec.attributes.get("user")
-            && self.upstreams.contains_key(&rec.resource)
-        {
-            self.queue_upstream_revocation(
-                u,
-                &rec.resource,
-                name,
-                Some(rec.id.clone()),
-                rec.end_reason.map(RevokeReason::as_str).unwrap_or(""),
-                now,
-            )
-            .await?;
-        }
-        self.metrics.ended(rec.end_reason.unwrap_or(reason));
-        self.audit(
-            u,
-            Event {
-                kind: "credential_ended".into(),
-                spiffe_id: rec.owner.to_string(),
-                task_id: rec.task_id.to_string(),
-                credential_id: rec.id.to_string(),
-                resource: rec.resource.clone(),
-                action: rec.action.clone(),
-                reason: rec
-                    .end_reason
-                    .map(RevokeReason::as_str)
-                    .unwrap_or("")
-                    .into(),
-                ..Default::default()
-            },
-        );
-        Ok(true)
-    }
-
-    /// Ends a task and every credential of it, in `u` (which holds the task's lock).
-    async fn end_task(
-        &self,
-        u: &mut Tx<'_>,
-        task: &mut Task,
-        state: TaskState,
-        reason: RevokeReason,
-        now: UnixMillis,
-        out: &mut Completed,
-    ) -> Result<()> {
-        for cid in self.store.credentials_of_task(&task.id).await? {
-            if self
-                .end_credential(u, &cid, CredentialState::Revoked, reason, now)
-                .await?
-            {
-                out.revoked_credentials.push(cid);
-            }
-        }
-        task.state = state;
-        task.ended_at = Some(now);
-        task.purge_at = Some(now.saturating_add(self.limits.ended_retention_ms));
-        u.update_task(task).await?;
-        out.ended_tasks.push(task.id.clone());
-        self.audit(
-            u,
-            Event {
-                kind: "task_ended".into(),
-                spiffe_id: task.owner.to_string(),
-                task_id: task.id.to_string(),
-                reason: reason.as_str().into(),
-                ..Default::default()
-            },
-        );
-        Ok(())
-    }
-
-    /// `Broker.CompleteTask`: revokes every credential of the task and ends its descendants,
-    /// in one unit of work. Completing a task that is already completed succeeds with nothing
-    /// to revoke, so retries are safe.
-    pub async fn complete_task(&self, caller: &SpiffeId, task_id: &str) -> Result<Completed> {
-        self.check_caller(caller).await?;
-        self.writable()?;
-        let id = TaskId::parse(task_id)?;
-        let mut u = self.store.begin().await?;
-        let r = self.complete_in(&mut u, caller, &id).await;
-        self.finish(u, r).await
-    }
-
-    async fn complete_in(
-        &self,
-        u: &mut Tx<'_>,
-        caller: &SpiffeId,
-        id: &TaskId,
-    ) -> Result<Completed> {
-        let mut task = self.lock_owned_task(u, caller, id).await?;
-        let now = self.now();
-        let mut out = Completed::default();
-        match task.effective_state(now) {
-            TaskState::Active => {
-                self.end_task(
-                    u,
-                    &mut task,
-                    TaskState::Completed,
-                    RevokeReason::Completed,
-                    now,
-                    &mut out,
-                )
-                .await?;
-                self.revoke_descendants(u, id, &mut out).await?;
-                Ok(out)
-            }
-            TaskState::Completed => {
-                // A retry, perhaps after a crash between the task's end and its descendants':
-                // the cascade is run again (it ends only what is still live).
-                self.revoke_descendants(u, id, &mut out).await?;
-                Ok(out)
-            }
-            TaskState::Expired if task.state == TaskState::Active => {
-                // Past its expiry but not yet reaped: end it now, as expired.
-                self.end_task(
-                    u,
-                    &mut task,
-                    TaskState::Expired,
-                    RevokeReason::Expired,
-                    now,
-                    &mut out,
-                )
-                .await?;
-                Err(Error::FailedPrecondition(format!("task {id} is EXPIRED")))
-            }
-            s => Err(Error::FailedPrecondition(format!(
-                "task {id} is {}",
-                state_name(s)
-            ))),
-        }
-    }
-
-    /// `Broker.RevokeCredential`: only the owner of the credential's task may revoke it.
-    pub async fn revoke_credential(&self, caller: &SpiffeId, credential_id: &str) -> Result<()> {
-        self.check_caller(caller).await?;
-        self.writable()?;
-        let id = CredentialId::parse(credential_id)?;
-        let not_found = || Error::NotFound(format!("credential {id}"));
-        let rec = self
-            .store
-            .get_credential(&id)
-            .await?
-            .ok_or_else(not_found)?;
-        if &rec.owner != caller {
-            return Err(not_found());
-        }
-        self.revoke_now(&rec).await
-    }
-
-    /// Revokes one credential (if still active) under its task's lock, durably.
-    pub(crate) async fn revoke_now(&self, rec: &CredentialRecord) -> Result<()> {
-        let mut u = self.store.begin().await?;
-        let r = async {
-            u.lock_task(&rec.task_id).await?;
-            self.end_credential(
-                &mut u,
-                &rec.id,
-                CredentialState::Revoked,
-                RevokeReason::Revoked,
-                self.now(),
-            )
-            .await
-            .map(|_| ())
-        }
-        .await;
-        self.finish(u, r).await
-    }
-
-    /// `Verifier.Introspect`: only verifiers configured for the resource may ask; unknown,
-    /// revoked, expired and other-resource credentials all read as inactive.
-    pub async fn introspect(
-        &self,
-        caller: &SpiffeId,
-        secret: &str,
-        resource: &str,
-    ) -> Result<Option<Introspection>> {
-        self.check_caller(caller).await?;
-        self.require_verifier(caller, resource)?;
-        if secret.is_empty() {
-            return Err(Error::invalid("secret", "is required"));
-        }
-        if secret.len() > MAX_SECRET_LEN {
-            return Err(Error::invalid(
-                "secret",
-                format!("is {} bytes; at most {MAX_SECRET_LEN}", secret.len()),
-            ));
-        }
-        Ok(self
-            .active_credential(secret)
-            .await?
-            .filter(|r| r.resource == resource)
-            .map(|record| Introspection { record }))
-    }
-
-    /// `Verifier.GetX509Authorities`: without a resource, the root that signs every resource's
-    /// issuing CA; with one, only that resource's issuing CA.
-    pub async fn x509_authorities_pem(&self, caller: &SpiffeId, resource: &str) -> Result<String> {
-        self.check_caller(caller).await?;
-        if resource.is_empty() {
-            return Ok(self.x509.root_pem().to_owned());
-        }
-        let spec = self.resource("resource", resource)?;
-        if spec.kind != ResourceKind::X509 {
-            return Err(Error::invalid(
-                "resource",
-                format!(
-                    "{resource} issues {} credentials, not x509",
-                    spec.kind.as_str()
-                ),
-            ));
-        }
-        self.x509
-            .resource_ca_pem(resource)
-            .map(str::to_owned)
-            .ok_or_else(|| Error::Internal(format!("no issuing CA for resource {resource}")))
-    }
-
-    /// `Verifier.X509Status`: what became of the certificate with this serial number. Only
-    /// verifiers of the resource may ask; a certificate of another resource, another kind or not
-    /// made by this broker reads as unknown.
-    pub async fn x509_status(
-        &self,
-        caller: &SpiffeId,
-        resource: &str,
-        serial: &str,
-    ) -> Result<X509Status> {
-        self.check_caller(caller).await?;
-        self.require_verifier(caller, resource)?;
-        let Some(id) = crate::issuers::x509::credential_of_serial(serial)? else {
-            return Ok(X509Status::Unknown);
-        };
-        let Some(record) = self.store.get_credential(&id).await? else {
-            return Ok(X509Status::Unknown);
-        };
-        if record.resource != resource || record.kind != ResourceKind::X509.as_str() {
-            return Ok(X509Status::Unknown);
-        }
-        let now = self.now();
-        let task_live = self
-            .store
-            .get_task(&record.task_id)
-            .await?
-            .is_some_and(|t| t.is_live(now));
-        Ok(if record.is_live(now) && task_live {
-            X509Status::Good(record)
-        } else if record.state == CredentialState::Revoked {
-            X509Status::Revoked(record)
-        } else {
-            X509Status::Expired(record)
-        })
-    }
-
     /// Refuses callers that are not configured as verifiers of `resource`.
     fn require_verifier(&self, caller: &SpiffeId, resource: &str) -> Result<()> {
-        config::check_name("resource", resource)?;
+        crate::model::check_name("resource", resource)?;
         if self.is_verifier(caller, resource) {
             Ok(())
         } else {
@@ -1629,19 +870,6 @@ impl Broker {
         }
     }
 
-    /// `Admin.Status`.
-    pub async fn status(&self, caller: &SpiffeId) -> Result<StatusInfo> {
-        self.require_admin(caller).await?;
-        let c = self.store.counts().await?;
-        let (policy_count, policy_digest) = self.policy.info();
-        Ok(StatusInfo {
-            active_tasks: c.tasks,
-            active_credentials: c.credentials,
-            policy_count,
-            policy_digest,
-        })
-    }
-
     pub fn policy_file(&self) -> Option<&std::path::Path> {
         self.policy_file.as_deref()
     }
@@ -1652,6 +880,77 @@ impl Broker {
 
     pub(crate) fn jwt(&self) -> &JwtIssuer {
         &self.jwt
+    }
+}
+
+/// The broker: its components, wired once.
+pub struct Broker {
+    core: Arc<Core>,
+    pub tasks: Arc<tasks::Tasks>,
+    pub credentials: Arc<credentials::Credentials>,
+    pub approvals: Arc<approvals::Approvals>,
+    pub revocations: Arc<upstream::Revocations>,
+    pub reaper: Arc<reaper::Reaper>,
+    pub admin: Arc<admin::Admin>,
+    pub retention: Arc<retention::Retention>,
+    pub tool_calls: Arc<tool_calls::ToolCalls>,
+    pub oauth: Arc<oauth::OAuth>,
+}
+
+impl Broker {
+    /// Wires the components around `core`, each with the components it calls.
+    pub fn assemble(core: Core) -> Self {
+        let core = Arc::new(core);
+        let approvals = Arc::new(approvals::Approvals { core: core.clone() });
+        let revocations = Arc::new(upstream::Revocations { core: core.clone() });
+        let credentials = Arc::new(credentials::Credentials {
+            core: core.clone(),
+            approvals: approvals.clone(),
+            revocations: revocations.clone(),
+        });
+        let tasks = Arc::new(tasks::Tasks {
+            core: core.clone(),
+            approvals: approvals.clone(),
+            credentials: credentials.clone(),
+        });
+        Self {
+            reaper: Arc::new(reaper::Reaper {
+                core: core.clone(),
+                tasks: tasks.clone(),
+                credentials: credentials.clone(),
+            }),
+            admin: Arc::new(admin::Admin {
+                core: core.clone(),
+                tasks: tasks.clone(),
+            }),
+            retention: Arc::new(retention::Retention { core: core.clone() }),
+            tool_calls: Arc::new(tool_calls::ToolCalls {
+                core: core.clone(),
+                credentials: credentials.clone(),
+                approvals: approvals.clone(),
+            }),
+            oauth: Arc::new(oauth::OAuth {
+                core: core.clone(),
+                tasks: tasks.clone(),
+                credentials: credentials.clone(),
+            }),
+            core,
+            tasks,
+            credentials,
+            approvals,
+            revocations,
+        }
+    }
+
+    pub fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+}
+
+impl std::ops::Deref for Broker {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.core
     }
 }
 

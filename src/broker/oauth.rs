@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{Broker, IssuedCredential, NewTask, ResourceSpec, Tx};
+use super::*;
 use crate::config::ResourceKind;
 use crate::error::Error;
 use crate::issuers::{ATTR_ACTORS, ATTR_CLIENT_ID, ATTR_CNF, actors_of};
@@ -28,6 +28,11 @@ pub enum OAuthErrorCode {
     TemporarilyUnavailable,
     ServerError,
 }
+
+component!(
+    /// The OAuth grants, mapped onto tasks and credentials.
+    OAuth { tasks: Tasks, credentials: Credentials }
+);
 
 impl OAuthErrorCode {
     pub fn as_str(self) -> &'static str {
@@ -70,7 +75,7 @@ impl OAuthError {
     /// A broker error met while serving a token request, as the RFCs name it. Denials by
     /// policy or by the task's grants are `invalid_scope`; unknown or ended tasks
     /// `invalid_grant`; failures inside the broker reach the client without their detail.
-    fn from_issuance(e: Error) -> Self {
+    pub(super) fn from_issuance(e: Error) -> Self {
         use OAuthErrorCode as C;
         match e {
             Error::PermissionDenied(m) => Self::new(C::InvalidScope, m),
@@ -158,7 +163,7 @@ pub enum Revocation {
     NotYours,
 }
 
-impl Broker {
+impl OAuth {
     /// The resource an RFC 8707 indicator names.
     pub fn resource_of_indicator(&self, uri: &str) -> Option<(&str, &ResourceSpec)> {
         self.limits
@@ -191,7 +196,7 @@ impl Broker {
     }
 
     /// The OAuth settings; the surface is not served without them.
-    fn oauth_limits(&self) -> Result<&super::OAuthLimits, OAuthError> {
+    pub(super) fn oauth_limits(&self) -> Result<&super::OAuthLimits, OAuthError> {
         self.limits.oauth.as_ref().ok_or_else(|| {
             OAuthError::new(
                 OAuthErrorCode::ServerError,
@@ -201,7 +206,7 @@ impl Broker {
     }
 
     /// The resource of an indicator that may issue access tokens: `invalid_target` otherwise.
-    fn target(&self, uri: &str) -> Result<(String, ResourceSpec), OAuthError> {
+    pub(super) fn target(&self, uri: &str) -> Result<(String, ResourceSpec), OAuthError> {
         let Some((name, spec)) = self.resource_of_indicator(uri) else {
             return Err(OAuthError::new(
                 OAuthErrorCode::InvalidTarget,
@@ -225,7 +230,7 @@ impl Broker {
     }
 
     /// The caller may act at all: not blocked, of an authorised trust domain.
-    async fn oauth_caller(&self, who: &SpiffeId) -> Result<(), OAuthError> {
+    pub(super) async fn oauth_caller(&self, who: &SpiffeId) -> Result<(), OAuthError> {
         self.check_caller(who)
             .await
             .map_err(|e| OAuthError::new(OAuthErrorCode::UnauthorizedClient, e.to_string()))
@@ -233,7 +238,7 @@ impl Broker {
 
     /// The scope of a token: the requested one if it is an action of the resource, else the one
     /// action the candidates leave.
-    fn pick_scope(
+    pub(super) fn pick_scope(
         &self,
         uri: &str,
         spec: &ResourceSpec,
@@ -290,7 +295,7 @@ impl Broker {
         r
     }
 
-    async fn oauth_token_in<'s>(
+    pub(super) async fn oauth_token_in<'s>(
         &'s self,
         u: &mut Tx<'s>,
         client: &SpiffeId,
@@ -327,6 +332,7 @@ impl Broker {
                     action: scope.clone(),
                 }];
                 let (task, _) = self
+                    .tasks
                     .create_task(
                         u,
                         NewTask {
@@ -385,6 +391,7 @@ impl Broker {
                 {
                     let now = self.now();
                     let _ = self
+                        .tasks
                         .end_task(
                             u,
                             &mut task,
@@ -407,7 +414,7 @@ impl Broker {
         clippy::too_many_arguments,
         reason = "one issuance, its inputs named at the call"
     )]
-    async fn issue_access_token<'s>(
+    pub(super) async fn issue_access_token<'s>(
         &'s self,
         u: &mut Tx<'s>,
         owner: &SpiffeId,
@@ -427,43 +434,19 @@ impl Broker {
             binding.insert(ATTR_CNF.to_owned(), t);
         }
         let grant = Grant { resource, action };
-        self.issue_for_task(
-            u, owner, task_id, spec, grant, ttl, None, not_after, binding,
-        )
-        .await
+        self.credentials
+            .issue_for_task(
+                u, owner, task_id, spec, grant, ttl, None, not_after, binding,
+            )
+            .await
     }
 
-    fn access_token(&self, issued: IssuedCredential) -> AccessToken {
+    pub(super) fn access_token(&self, issued: IssuedCredential) -> AccessToken {
         let left = issued.record.expires_at - self.now();
         AccessToken {
             expires_in: u64::try_from(left.max(0) / 1000).unwrap_or(0),
             issued,
         }
-    }
-
-    /// An active credential of this broker that a token names, with its live task (belt and
-    /// braces: a task's end revokes its credentials anyway).
-    pub(crate) async fn active_credential(
-        &self,
-        token: &str,
-    ) -> crate::error::Result<Option<CredentialRecord>> {
-        if token.is_empty() || token.len() > super::MAX_SECRET_LEN {
-            return Ok(None);
-        }
-        let Some(id) = self.store.credential_by_secret(token).await? else {
-            return Ok(None);
-        };
-        let Some(record) = self.store.get_credential(&id).await? else {
-            return Ok(None);
-        };
-        let now = self.now();
-        if !record.is_live(now) {
-            return Ok(None);
-        }
-        Ok(match self.store.get_task(&record.task_id).await? {
-            Some(t) if t.is_live(now) => Some(record),
-            _ => None,
-        })
     }
 
     /// Token exchange (RFC 8693): `actor` (verified, one of `token_exchange_actors`) gets a
@@ -485,6 +468,7 @@ impl Broker {
             ));
         }
         let subject = self
+            .credentials
             .active_credential(&req.subject_token)
             .await
             .map_err(OAuthError::from_issuance)?
@@ -581,7 +565,7 @@ impl Broker {
         token: &str,
     ) -> crate::error::Result<Option<CredentialRecord>> {
         self.check_caller(caller).await?;
-        let Some(record) = self.active_credential(token).await? else {
+        let Some(record) = self.credentials.active_credential(token).await? else {
             return Ok(None);
         };
         Ok(self.is_verifier(caller, &record.resource).then_some(record))
@@ -611,7 +595,33 @@ impl Broker {
         if !may {
             return Ok(Revocation::NotYours);
         }
-        self.revoke_now(&record).await?;
+        self.credentials.revoke_now(&record).await?;
         Ok(Revocation::Done)
+    }
+}
+impl Credentials {
+    /// An active credential of this broker that a token names, with its live task (belt and
+    /// braces: a task's end revokes its credentials anyway).
+    pub(crate) async fn active_credential(
+        &self,
+        token: &str,
+    ) -> crate::error::Result<Option<CredentialRecord>> {
+        if token.is_empty() || token.len() > super::MAX_SECRET_LEN {
+            return Ok(None);
+        }
+        let Some(id) = self.store.credential_by_secret(token).await? else {
+            return Ok(None);
+        };
+        let Some(record) = self.store.get_credential(&id).await? else {
+            return Ok(None);
+        };
+        let now = self.now();
+        if !record.is_live(now) {
+            return Ok(None);
+        }
+        Ok(match self.store.get_task(&record.task_id).await? {
+            Some(t) if t.is_live(now) => Some(record),
+            _ => None,
+        })
     }
 }

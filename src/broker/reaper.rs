@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Broker, Completed, Tx};
+use super::*;
 use crate::error::Result;
 use crate::model::{CredentialState, RevokeReason, TaskState};
 use crate::store::Expiring;
@@ -19,7 +19,12 @@ const MIN_SLEEP: Duration = Duration::from_millis(20);
 /// The reaper never sleeps longer than this, so a moved clock or a new earlier expiry is caught.
 const MAX_SLEEP: Duration = Duration::from_secs(1);
 
-impl Broker {
+component!(
+    /// The reaper: ends what expired, a claimed batch per unit of work.
+    Reaper { tasks: Tasks, credentials: Credentials }
+);
+
+impl Reaper {
     /// Ends everything due now. Returns how many entries it handled.
     ///
     /// Each batch is one unit of work: its entries are claimed (another reaper, in this process
@@ -73,7 +78,7 @@ impl Broker {
 
     /// Ends one due entry and removes it from the index, in `u`. `false`: its task is locked
     /// by someone else right now; the entry stays due.
-    async fn reap_one(
+    pub(super) async fn reap_one(
         &self,
         u: &mut Tx<'_>,
         now: crate::model::UnixMillis,
@@ -87,14 +92,9 @@ impl Broker {
                     if u.try_lock_task(&task_id).await?.is_none() {
                         return Ok(false);
                     }
-                    self.end_credential(
-                        u,
-                        id,
-                        CredentialState::Expired,
-                        RevokeReason::Expired,
-                        now,
-                    )
-                    .await?;
+                    self.credentials
+                        .end_credential(u, id, CredentialState::Expired, RevokeReason::Expired, now)
+                        .await?;
                 }
             }
             Expiring::Task(id) => {
@@ -105,16 +105,17 @@ impl Broker {
                     && task.state == TaskState::Active
                 {
                     let mut out = Completed::default();
-                    self.end_task(
-                        u,
-                        &mut task,
-                        TaskState::Expired,
-                        RevokeReason::Expired,
-                        now,
-                        &mut out,
-                    )
-                    .await?;
-                    self.revoke_descendants(u, id, &mut out).await?;
+                    self.tasks
+                        .end_task(
+                            u,
+                            &mut task,
+                            TaskState::Expired,
+                            RevokeReason::Expired,
+                            now,
+                            &mut out,
+                        )
+                        .await?;
+                    self.tasks.revoke_descendants(u, id, &mut out).await?;
                 }
             }
             Expiring::Purge(id) => {

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::Broker;
 use crate::audit::{Event, archive};
 use crate::error::{Error, Result};
 use crate::model::SpiffeId;
@@ -29,7 +28,12 @@ struct AnchorFile {
 /// How often the chain's head is logged (and written to the anchor file) when it moved.
 const ANCHOR_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
-impl Broker {
+component!(
+    /// Audit retention: anchors, restore detection, archival.
+    Retention {  }
+);
+
+impl Retention {
     /// The audit chain's head.
     pub async fn audit_head(&self) -> Result<crate::audit::Anchor> {
         self.store.audit_head().await

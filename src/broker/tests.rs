@@ -23,6 +23,12 @@ async fn fixture() -> Fixture {
 
 /// The fixture, plus a `postgres` resource `db` served by `upstream` when one is given.
 async fn fixture_with(upstream: Option<Arc<dyn Upstream>>) -> Fixture {
+    fixture_opts(upstream, None).await
+}
+
+/// The fixture; with `archive`, audit archival into the fixture's `audit-archive` directory
+/// (keep, segment).
+async fn fixture_opts(upstream: Option<Arc<dyn Upstream>>, archive: Option<(u64, u64)>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let kek = Kek::create(&dir.path().join("kek")).unwrap();
     let sled = Arc::new(SledStore::open(&dir.path().join("db"), &kek).unwrap());
@@ -84,7 +90,7 @@ async fn fixture_with(upstream: Option<Arc<dyn Upstream>>) -> Fixture {
             },
         );
     }
-    let broker = Broker::new(
+    let core = Core::new(
         store.clone(),
         policy,
         Arc::new(clock.clone()),
@@ -95,13 +101,22 @@ async fn fixture_with(upstream: Option<Arc<dyn Upstream>>) -> Fixture {
     )
     .await
     .unwrap();
-    let broker = match upstream {
-        Some(up) => broker.with_upstreams(
+    let core = match upstream {
+        Some(up) => core.with_upstreams(
             HashMap::from([("db".to_owned(), up)]),
             RevocationConfig::default(),
         ),
-        None => broker,
+        None => core,
     };
+    let core = match archive {
+        Some((keep, segment)) => core.with_audit_archive(AuditArchive {
+            dir: dir.path().join("audit-archive"),
+            keep,
+            segment,
+        }),
+        None => core,
+    };
+    let broker = Broker::assemble(core);
     Fixture {
         broker,
         sled,
@@ -137,9 +152,10 @@ async fn credential_never_outlives_its_task_and_expires_without_reaper() {
     let f = fixture().await;
     let agent = id("spiffe://td/agent/a");
     let tool = id("spiffe://td/tool");
-    let task = f.broker.start_task(&agent, start(60)).await.unwrap();
+    let task = f.broker.tasks.start_task(&agent, start(60)).await.unwrap();
     let c = f
         .broker
+        .credentials
         .issue_credential(&agent, issue(&task, 600, ""))
         .await
         .unwrap();
@@ -147,6 +163,7 @@ async fn credential_never_outlives_its_task_and_expires_without_reaper() {
     let secret = c.secret.expose().to_owned();
     assert!(
         f.broker
+            .credentials
             .introspect(&tool, &secret, "demo-token")
             .await
             .unwrap()
@@ -155,6 +172,7 @@ async fn credential_never_outlives_its_task_and_expires_without_reaper() {
     f.clock.advance(Duration::from_secs(60));
     assert!(
         f.broker
+            .credentials
             .introspect(&tool, &secret, "demo-token")
             .await
             .unwrap()
@@ -162,12 +180,13 @@ async fn credential_never_outlives_its_task_and_expires_without_reaper() {
     );
     let err = f
         .broker
+        .credentials
         .issue_credential(&agent, issue(&task, 10, ""))
         .await
         .unwrap_err();
     assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
     // The reaper then records it.
-    assert!(f.broker.reap_due().await.unwrap() >= 2);
+    assert!(f.broker.reaper.reap_due().await.unwrap() >= 2);
     let rec = f
         .broker
         .store()
@@ -178,6 +197,7 @@ async fn credential_never_outlives_its_task_and_expires_without_reaper() {
     assert_eq!(rec.state, CredentialState::Expired);
     assert_eq!(
         f.broker
+            .tasks
             .get_task(&agent, task.id.as_str())
             .await
             .unwrap()
@@ -191,14 +211,16 @@ async fn idempotency_quota_and_ownership() {
     let f = fixture().await;
     let agent = id("spiffe://td/agent/a");
     let other = id("spiffe://td/agent/b");
-    let task = f.broker.start_task(&agent, start(0)).await.unwrap();
+    let task = f.broker.tasks.start_task(&agent, start(0)).await.unwrap();
     let a = f
         .broker
+        .credentials
         .issue_credential(&agent, issue(&task, 0, "k"))
         .await
         .unwrap();
     let b = f
         .broker
+        .credentials
         .issue_credential(&agent, issue(&task, 0, "k"))
         .await
         .unwrap();
@@ -206,21 +228,25 @@ async fn idempotency_quota_and_ownership() {
     assert_eq!(a.secret, b.secret);
     assert!(matches!(
         f.broker
+            .credentials
             .issue_credential(&other, issue(&task, 0, ""))
             .await
             .unwrap_err(),
         Error::NotFound(_)
     ));
     f.broker
+        .credentials
         .issue_credential(&agent, issue(&task, 0, ""))
         .await
         .unwrap();
     f.broker
+        .credentials
         .issue_credential(&agent, issue(&task, 0, ""))
         .await
         .unwrap();
     assert!(matches!(
         f.broker
+            .credentials
             .issue_credential(&agent, issue(&task, 0, ""))
             .await
             .unwrap_err(),
@@ -228,22 +254,29 @@ async fn idempotency_quota_and_ownership() {
     ));
     // A replay does not count against the quota.
     f.broker
+        .credentials
         .issue_credential(&agent, issue(&task, 0, "k"))
         .await
         .unwrap();
-    f.broker.start_task(&agent, start(0)).await.unwrap();
+    f.broker.tasks.start_task(&agent, start(0)).await.unwrap();
     assert!(matches!(
-        f.broker.start_task(&agent, start(0)).await.unwrap_err(),
+        f.broker
+            .tasks
+            .start_task(&agent, start(0))
+            .await
+            .unwrap_err(),
         Error::ResourceExhausted(_)
     ));
     let done = f
         .broker
+        .tasks
         .complete_task(&agent, task.id.as_str())
         .await
         .unwrap();
     assert_eq!(done.revoked_credentials.len(), 3);
     let again = f
         .broker
+        .tasks
         .complete_task(&agent, task.id.as_str())
         .await
         .unwrap();
@@ -251,7 +284,7 @@ async fn idempotency_quota_and_ownership() {
         again.revoked_credentials.is_empty(),
         "completion is idempotent"
     );
-    f.broker.start_task(&agent, start(0)).await.unwrap();
+    f.broker.tasks.start_task(&agent, start(0)).await.unwrap();
 }
 
 #[tokio::test]
@@ -319,7 +352,7 @@ async fn bad_input_names_the_field() {
         ),
     ];
     for (req, field) in cases {
-        match f.broker.start_task(&agent, req).await.unwrap_err() {
+        match f.broker.tasks.start_task(&agent, req).await.unwrap_err() {
             Error::InvalidArgument { field: got, reason } => {
                 assert_eq!(got, field, "{reason}");
                 assert!(reason.len() < 300, "error echoes a bounded preview only");
@@ -329,6 +362,7 @@ async fn bad_input_names_the_field() {
     }
     let denied = f
         .broker
+        .tasks
         .start_task(
             &agent,
             StartTask {
@@ -344,7 +378,11 @@ async fn bad_input_names_the_field() {
     assert!(matches!(denied, Error::PermissionDenied(_)), "{denied}");
     let stranger = id("spiffe://elsewhere/agent/a");
     assert!(matches!(
-        f.broker.start_task(&stranger, start(0)).await.unwrap_err(),
+        f.broker
+            .tasks
+            .start_task(&stranger, start(0))
+            .await
+            .unwrap_err(),
         Error::Unauthenticated(_)
     ));
 }
@@ -357,18 +395,26 @@ async fn ended_tasks_and_their_credentials_are_purged_after_the_retention_window
     // The task outlives the retention window, so the purge must also take its expiry entries.
     let mut req = start(3000);
     req.idempotency_key = "run-1".into();
-    let task = f.broker.start_task(&agent, req.clone()).await.unwrap();
+    let task = f
+        .broker
+        .tasks
+        .start_task(&agent, req.clone())
+        .await
+        .unwrap();
     let c1 = f
         .broker
+        .credentials
         .issue_credential(&agent, issue(&task, 600, "c-1"))
         .await
         .unwrap();
     let c2 = f
         .broker
+        .credentials
         .issue_credential(&agent, issue(&task, 600, ""))
         .await
         .unwrap();
     f.broker
+        .tasks
         .complete_task(&agent, task.id.as_str())
         .await
         .unwrap();
@@ -377,9 +423,10 @@ async fn ended_tasks_and_their_credentials_are_purged_after_the_retention_window
 
     // Within the window the ended records stay readable and a retry finds the same task.
     f.clock.advance(Duration::from_millis(3_599_999));
-    f.broker.reap_due().await.unwrap();
+    f.broker.reaper.reap_due().await.unwrap();
     assert_eq!(
         f.broker
+            .tasks
             .get_task(&agent, task.id.as_str())
             .await
             .unwrap()
@@ -388,12 +435,17 @@ async fn ended_tasks_and_their_credentials_are_purged_after_the_retention_window
     );
     assert!(store.get_credential(&c1.record.id).await.unwrap().is_some());
     assert_eq!(
-        f.broker.start_task(&agent, req.clone()).await.unwrap().id,
+        f.broker
+            .tasks
+            .start_task(&agent, req.clone())
+            .await
+            .unwrap()
+            .id,
         task.id
     );
 
     f.clock.advance(Duration::from_millis(1));
-    f.broker.reap_due().await.unwrap();
+    f.broker.reaper.reap_due().await.unwrap();
     assert!(store.get_task(&task.id).await.unwrap().is_none());
     for c in [&c1, &c2] {
         assert!(store.get_credential(&c.record.id).await.unwrap().is_none());
@@ -429,11 +481,14 @@ async fn ended_tasks_and_their_credentials_are_purged_after_the_retention_window
     // Nothing is left to wake the reaper for: the task's and credentials' expiry entries went too.
     assert_eq!(store.next_due().await.unwrap(), None);
     assert!(matches!(
-        f.broker.get_task(&agent, task.id.as_str()).await,
+        f.broker.tasks.get_task(&agent, task.id.as_str()).await,
         Err(Error::NotFound(_))
     ));
     // The idempotency key is free again: a retry now starts a new task.
-    assert_ne!(f.broker.start_task(&agent, req).await.unwrap().id, task.id);
+    assert_ne!(
+        f.broker.tasks.start_task(&agent, req).await.unwrap().id,
+        task.id
+    );
     // A second purge of the same task (an interrupted one repeated) is harmless.
     let mut u = store.begin().await.unwrap();
     assert!(!u.purge_task(&task.id).await.unwrap());
@@ -442,26 +497,26 @@ async fn ended_tasks_and_their_credentials_are_purged_after_the_retention_window
 
 #[tokio::test]
 async fn audit_archival_keeps_the_store_short_and_the_whole_chain_verifiable() {
-    let mut f = fixture().await;
+    let f = fixture_opts(None, Some((20, 10))).await;
     let archive_dir = f._dir.path().join("audit-archive");
-    f.broker = f.broker.with_audit_archive(AuditArchive {
-        dir: archive_dir.clone(),
-        keep: 20,
-        segment: 10,
-    });
     let agent = id("spiffe://td/agent/a");
     for _ in 0..12 {
-        let t = f.broker.start_task(&agent, start(60)).await.unwrap();
+        let t = f.broker.tasks.start_task(&agent, start(60)).await.unwrap();
         f.broker
+            .credentials
             .issue_credential(&agent, issue(&t, 60, ""))
             .await
             .unwrap();
-        f.broker.complete_task(&agent, t.id.as_str()).await.unwrap();
+        f.broker
+            .tasks
+            .complete_task(&agent, t.id.as_str())
+            .await
+            .unwrap();
     }
     let store = f.broker.store().clone();
     let before = store.audit_head().await.unwrap().seq;
     assert!(before >= 60, "{before} entries");
-    let archived = f.broker.archive_audit().await.unwrap();
+    let archived = f.broker.retention.archive_audit().await.unwrap();
     let total = store.audit_head().await.unwrap().seq;
     assert!(archived >= 30 && archived % 10 == 0, "{archived}");
     let segments = crate::audit::archive::segments(&archive_dir).unwrap();
@@ -546,7 +601,7 @@ async fn index_entries_a_crash_left_without_their_record_are_ignored() {
     let f = fixture().await;
     let agent = id("spiffe://td/agent/a");
     let tool = id("spiffe://td/tool");
-    let task = f.broker.start_task(&agent, start(600)).await.unwrap();
+    let task = f.broker.tasks.start_task(&agent, start(600)).await.unwrap();
     let now = f.broker.now();
     let ghost = CredentialRecord {
         id: CredentialId::generate(),
@@ -573,6 +628,7 @@ async fn index_entries_a_crash_left_without_their_record_are_ignored() {
     // The secret does not introspect, and the idempotency key is not a replay of it.
     assert!(
         f.broker
+            .credentials
             .introspect(&tool, secret.expose(), "demo-token")
             .await
             .unwrap()
@@ -580,6 +636,7 @@ async fn index_entries_a_crash_left_without_their_record_are_ignored() {
     );
     let real = f
         .broker
+        .credentials
         .issue_credential(&agent, issue(&task, 60, "retry-1"))
         .await
         .unwrap();
@@ -587,25 +644,29 @@ async fn index_entries_a_crash_left_without_their_record_are_ignored() {
     // Nor does the ghost count against the task's quota (3): two more can be issued, then no.
     for key in ["q-1", "q-2"] {
         f.broker
+            .credentials
             .issue_credential(&agent, issue(&task, 60, key))
             .await
             .unwrap();
     }
     let e = f
         .broker
+        .credentials
         .issue_credential(&agent, issue(&task, 60, "q-3"))
         .await
         .unwrap_err();
     assert!(matches!(e, Error::ResourceExhausted(_)), "{e:?}");
     // The ghost's expiry entry is dropped by the reaper, and the task completes normally.
     f.clock.advance(Duration::from_secs(61));
-    f.broker.reap_due().await.unwrap();
+    f.broker.reaper.reap_due().await.unwrap();
     f.broker
+        .tasks
         .complete_task(&agent, task.id.as_str())
         .await
         .unwrap();
     assert_eq!(
         f.broker
+            .tasks
             .get_task(&agent, task.id.as_str())
             .await
             .unwrap()
@@ -619,7 +680,7 @@ async fn delegated_tasks_count_against_the_delegates_quota() {
     let f = fixture().await;
     let a = id("spiffe://td/agent/a");
     let b = id("spiffe://td/agent/b");
-    let parent = f.broker.start_task(&a, start(600)).await.unwrap();
+    let parent = f.broker.tasks.start_task(&a, start(600)).await.unwrap();
     let delegate = || delegation::DelegateTask {
         parent_task_id: parent.id.to_string(),
         delegate_spiffe_id: b.to_string(),
@@ -628,19 +689,24 @@ async fn delegated_tasks_count_against_the_delegates_quota() {
         ttl_seconds: 60,
     };
     for _ in 0..2 {
-        f.broker.delegate_task(&a, delegate()).await.unwrap();
+        f.broker.tasks.delegate_task(&a, delegate()).await.unwrap();
     }
     // B's quota (2) is full of tasks A handed it: A cannot add more, and B cannot start its own.
-    let err = f.broker.delegate_task(&a, delegate()).await.unwrap_err();
+    let err = f
+        .broker
+        .tasks
+        .delegate_task(&a, delegate())
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, Error::ResourceExhausted(m) if m.contains("delegate spiffe://td/agent/b")),
         "{err}"
     );
-    let err = f.broker.start_task(&b, start(60)).await.unwrap_err();
+    let err = f.broker.tasks.start_task(&b, start(60)).await.unwrap_err();
     assert!(matches!(err, Error::ResourceExhausted(_)), "{err}");
     // Once they end, there is room again.
     f.clock.advance(Duration::from_secs(61));
-    f.broker.delegate_task(&a, delegate()).await.unwrap();
+    f.broker.tasks.delegate_task(&a, delegate()).await.unwrap();
 }
 
 /// An upstream whose account creation waits until the test lets it finish.
@@ -691,20 +757,20 @@ async fn no_lock_is_held_while_an_upstream_account_is_made() {
         resource: "db".into(),
         action: "read".into(),
     }];
-    let task = f.broker.start_task(&agent, req).await.unwrap();
+    let task = f.broker.tasks.start_task(&agent, req).await.unwrap();
     let issuing = tokio::spawn({
         let (f, agent, task) = (f.clone(), agent.clone(), task.clone());
         async move {
             let mut r = issue(&task, 60, "");
             r.resource = "db".into();
-            f.broker.issue_credential(&agent, r).await
+            f.broker.credentials.issue_credential(&agent, r).await
         }
     });
     up.entered.notified().await;
     // While the database is slow, the same task's lock is free: completing it does not wait.
     tokio::time::timeout(
         Duration::from_secs(5),
-        f.broker.complete_task(&agent, task.id.as_str()),
+        f.broker.tasks.complete_task(&agent, task.id.as_str()),
     )
     .await
     .expect("CompleteTask waited for the upstream call")
@@ -716,10 +782,10 @@ async fn no_lock_is_held_while_an_upstream_account_is_made() {
         "{err}"
     );
     // The account made for the ended task is queued for removal, and removed.
-    assert_eq!(f.broker.revocation_debt().await.0, 1);
-    f.broker.revoke_due().await.unwrap();
+    assert_eq!(f.broker.revocations.revocation_debt().await.0, 1);
+    f.broker.revocations.revoke_due().await.unwrap();
     assert_eq!(up.revoked.lock().unwrap().len(), 1);
-    assert_eq!(f.broker.revocation_debt().await.0, 0);
+    assert_eq!(f.broker.revocations.revocation_debt().await.0, 0);
 }
 
 #[tokio::test]
@@ -727,9 +793,10 @@ async fn a_retried_complete_task_finishes_the_cascade_a_crash_cut_short() {
     let f = fixture().await;
     let a = id("spiffe://td/agent/a");
     let b = id("spiffe://td/agent/b");
-    let parent = f.broker.start_task(&a, start(600)).await.unwrap();
+    let parent = f.broker.tasks.start_task(&a, start(600)).await.unwrap();
     let child = f
         .broker
+        .tasks
         .delegate_task(
             &a,
             delegation::DelegateTask {
@@ -757,6 +824,7 @@ async fn a_retried_complete_task_finishes_the_cascade_a_crash_cut_short() {
     );
     let done = f
         .broker
+        .tasks
         .complete_task(&a, parent.id.as_str())
         .await
         .unwrap();

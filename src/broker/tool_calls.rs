@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use zeroize::Zeroizing;
 
-use super::{Broker, DecideCtx, Tx, decision_name, secs_to_ms, state_name};
+use super::*;
 use crate::audit::Event;
 use crate::error::{Error, Result};
 use crate::gateway::{GatewayConfig, HttpCall, Routed};
@@ -88,14 +88,19 @@ struct Outcome {
     minted: Option<String>,
 }
 
+component!(
+    /// Tool calls that gateways ask about (Envoy ext_authz, forward auth).
+    ToolCalls { credentials: Credentials, approvals: Approvals }
+);
+
 impl Outcome {
-    fn deny(mut self, reason: impl Into<String>) -> Self {
+    pub(super) fn deny(mut self, reason: impl Into<String>) -> Self {
         self.denial.reason = reason.into();
         self
     }
 }
 
-impl Broker {
+impl ToolCalls {
     /// Decides one tool call for `gateway`. Callers that are not configured gateways get
     /// `PermissionDenied` (an error, not a verdict); a store failure is an error too, so the
     /// gateway fails closed. Everything about the call itself is a verdict, audited.
@@ -324,7 +329,7 @@ impl Broker {
         let mut v = self.evaluate(&principal, &grant, &ctx, Some(&tool_call));
         let mut approval = None;
         if v.decision == Decision::NeedsApproval
-            && let Some(a) = self.usable_approval(&task, &grant, now).await?
+            && let Some(a) = self.approvals.usable_approval(&task, &grant, now).await?
         {
             ctx.approved = true;
             v = self.evaluate(&principal, &grant, &ctx, Some(&tool_call));
@@ -337,6 +342,7 @@ impl Broker {
             Decision::Denied => return Ok(out.deny(v.reason)),
             Decision::NeedsApproval => {
                 let id = self
+                    .approvals
                     .pending_or_new_approval(u, &task, &grant, v.policy_ids, now)
                     .await?;
                 out.denial.approval_id = Some(id.to_string());
@@ -356,6 +362,7 @@ impl Broker {
             }
             None => {
                 let issued = self
+                    .credentials
                     .mint_credential(
                         u,
                         &principal,
@@ -390,7 +397,7 @@ impl Broker {
 
     /// A live gateway credential of this task for this grant with enough life left (the one
     /// living longest), with its secret.
-    async fn reusable_credential(
+    pub(super) async fn reusable_credential(
         &self,
         task: &Task,
         grant: &Grant,
@@ -417,7 +424,8 @@ impl Broker {
         };
         Ok(self.store.credential_secret(&cid).await?.map(|s| (cid, s)))
     }
-
+}
+impl Core {
     /// One policy decision without an audit entry of its own (the caller records it).
     pub(super) fn evaluate(
         &self,

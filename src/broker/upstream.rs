@@ -18,7 +18,7 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::sync::watch;
 
-use super::{Broker, Tx};
+use super::*;
 use crate::audit::Event;
 use crate::error::{Error, Result};
 use crate::issuers::Issued;
@@ -35,13 +35,18 @@ pub fn account_name(prefix: &str, id: &CredentialId) -> String {
     format!("{prefix}{}", s.strip_prefix("crd_").unwrap_or(s))
 }
 
-impl Broker {
-    fn attempt_timeout(&self) -> Duration {
+component!(
+    /// Upstream accounts: write-ahead creation, the revocation queue and the reconciler.
+    Revocations {  }
+);
+
+impl Revocations {
+    pub(super) fn attempt_timeout(&self) -> Duration {
         Duration::from_millis(self.revocation.attempt_timeout_ms)
     }
 
     /// Backoff after `attempts` failures: initial × 2^(attempts−1), capped, with ±20% jitter.
-    fn backoff_ms(&self, attempts: u32) -> i64 {
+    pub(super) fn backoff_ms(&self, attempts: u32) -> i64 {
         let r = &self.revocation;
         let exp = attempts.saturating_sub(1).min(30);
         let base = r
@@ -297,7 +302,7 @@ impl Broker {
     /// Queues ledger entries whose account should no longer exist: `Live` entries whose
     /// credential has ended without reaching the queue and, when `creating_too`, `Creating`
     /// entries (only safe when no issuance can be in flight). `who` prefixes the reason.
-    async fn queue_dead_ledger_entries(
+    pub(super) async fn queue_dead_ledger_entries(
         &self,
         u: &mut Tx<'_>,
         creating_too: bool,
@@ -354,7 +359,7 @@ impl Broker {
         self.finish(u, r).await
     }
 
-    async fn reconcile_in(&self, u: &mut Tx<'_>) -> Result<usize> {
+    pub(super) async fn reconcile_in(&self, u: &mut Tx<'_>) -> Result<usize> {
         let mut n = 0;
         for (resource, up) in &self.upstreams {
             let names = match tokio::time::timeout(self.attempt_timeout(), up.list()).await {

@@ -416,8 +416,10 @@ impl<'a, E: LocalEngine> Uow<'a> for LocalUow<'a, E> {
         hold_ms: i64,
     ) -> Fut<'_, Vec<Revocation>> {
         let r = (|| {
-            let queue = self.engine.revocations()?;
             let mut claims = lock(&self.engine.local().revocation_claims);
+            // Read under the claims lock: a queue read before it may still list a revocation
+            // that another unit removed (or rescheduled) and released since.
+            let queue = self.engine.revocations()?;
             claims.retain(|_, until| *until > now);
             let mut out = Vec::new();
             for r in queue {
