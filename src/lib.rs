@@ -18,8 +18,14 @@
 //!   `api::oauth` the OAuth surface (discovery, JWKS, token, introspection, revocation).
 //! - [`identity`]: where SVIDs come from (SPIRE, files, dev CA) and how TLS uses them.
 //! - [`policy`]: Cedar policies, evaluated at request time (a pure function of the request).
-//! - [`broker`]: the domain: no tonic, no sled. Every handler opens one unit of work of the
-//!   store, does its reads, writes and audit in it, and answers after its commit.
+//! - [`broker`]: the domain: no tonic, no sled. Components with one job each around a shared
+//!   `broker::Core` (store, policy, issuers, clock, limits, metrics, the checks every call
+//!   makes), wired once by `Broker::assemble` (called by `server`): `Tasks` (`broker/tasks.rs`,
+//!   delegation in `broker/delegation.rs`), `Credentials` (`broker/credentials.rs`),
+//!   `Approvals`, `Revocations` (upstream accounts, `broker/upstream.rs`), `Reaper`, `Admin`,
+//!   `Retention` (audit anchors and archival), `ToolCalls` (gateways), `OAuth`. Every handler
+//!   opens one unit of work of the store, does its reads, writes and audit in it, and answers
+//!   after its commit (`Core::finish`).
 //! - [`gateway`]: the `[gateway]` configuration and the routing of HTTP and MCP calls to grants.
 //! - [`issuers`]: the credential kinds: opaque tokens (`issuers::token`), ES256 JWTs and their
 //!   rotating keys (`issuers::jwt`), X.509 certificates from per-resource CAs (`issuers::x509`),
@@ -36,26 +42,26 @@
 //!
 //! # Where things happen
 //!
-//! - A task is created in one place, `Broker::create_task` (`broker/mod.rs`): `StartTask`,
+//! - A task is created in one place, `Tasks::create_task` (`broker/tasks.rs`): `StartTask`,
 //!   `DelegateTask` (`broker/delegation.rs`) and the OAuth grants (`broker/oauth.rs`) call it;
 //!   it takes the owner's lock, refuses a blocked owner, holds the quota and the idempotency key.
-//! - A credential is issued in one place, `Broker::issue_for_task` → `mint_credential`
-//!   (`broker/mod.rs`): `IssueCredential`, the OAuth token endpoint and (through
+//! - A credential is issued in one place, `Credentials::issue_for_task` → `mint_credential`
+//!   (`broker/credentials.rs`): `IssueCredential`, the OAuth token endpoint and (through
 //!   `mint_credential`) gateway tool calls (`broker/tool_calls.rs`).
-//! - Policy decisions: `Broker::evaluate` (`broker/tool_calls.rs`) is pure; callers record the
-//!   decision in the unit of work of the action it decided (`record_decision`).
+//! - Policy decisions: `Core::evaluate` (`broker/tool_calls.rs`) is pure; callers record the
+//!   decision in the unit of work of the action it decided (`Core::record_decision`).
 //! - Durability: `Uow::commit` (`store/local.rs` for in-process engines); the sled group commit
 //!   is `store/sled_store.rs` (`flusher`).
 //! - Audit entries are appended by the commit of the unit that recorded them, as its last step
 //!   (`store/local.rs`, chain head `audit::Head`).
-//! - Credentials end in `Broker::end_credential`; tasks in `Broker::end_task` (`broker/mod.rs`);
-//!   descendants in `revoke_descendants` (`broker/delegation.rs`).
+//! - Credentials end in `Credentials::end_credential`; tasks in `Tasks::end_task`
+//!   (`broker/tasks.rs`); descendants in `Tasks::revoke_descendants` (`broker/delegation.rs`).
 //! - Expiry: the reaper (`broker/reaper.rs`) claims due entries and ends them a batch per unit.
 //! - Upstream accounts (PostgreSQL roles): write-ahead creation, the revocation queue (claimed,
 //!   retried with backoff until done) and the reconciler are in `broker/upstream.rs`.
 //! - Approvals: `broker/approvals.rs` (used once through `Uow::consume_approval`).
-//! - The kill switch: `Broker::revoke_identity` (`broker/admin.rs`), checked under the identity's
-//!   lock by `create_task` and by `check_caller` on every call.
+//! - The kill switch: `Admin::revoke_identity` (`broker/admin.rs`), checked under the identity's
+//!   lock by `create_task` and by `Core::check_caller` on every call.
 //! - Key material (data keys, JWT keys, CAs): created once through `Store::meta_put_if_absent`
 //!   (`store/crypto.rs`, `issuers/x509.rs`), JWT rotation by compare-and-swap (`issuers/jwt.rs`).
 //! - Retention, audit archival and anchors: `broker/retention.rs`, `audit/archive.rs`.

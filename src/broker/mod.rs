@@ -317,6 +317,8 @@ pub struct Core {
     auth_failures: FailureSummaries,
     /// Writes are refused while the data directory's disk is under its free-space floor.
     disk: Option<DiskFloor>,
+    /// Who this process is when it holds a lease on singleton work.
+    holder: String,
 }
 
 /// Audit archival settings (`[retention]`): once the store holds `keep + segment` entries, the
@@ -391,6 +393,11 @@ impl Core {
             identity_rate: RateLimiter::new(u32::MAX, u32::MAX),
             auth_failures: FailureSummaries::default(),
             disk: None,
+            holder: format!(
+                "{}-{}",
+                std::process::id(),
+                hex::encode(rand::random::<[u8; 6]>())
+            ),
         })
     }
 
@@ -872,6 +879,11 @@ impl Core {
 
     pub fn policy_file(&self) -> Option<&std::path::Path> {
         self.policy_file.as_deref()
+    }
+
+    /// This process's name as a lease holder.
+    pub fn holder(&self) -> &str {
+        &self.holder
     }
 
     pub fn store(&self) -> &Arc<Storage> {

@@ -25,6 +25,9 @@ struct AnchorFile {
     blocked: Vec<String>,
 }
 
+/// The lease that makes audit archival singleton work.
+const ARCHIVER_LEASE: &str = "audit-archiver";
+
 /// How often the chain's head is logged (and written to the anchor file) when it moved.
 const ANCHOR_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -168,6 +171,17 @@ impl Retention {
         let Some(a) = self.audit_archive.clone() else {
             return Ok(0);
         };
+        // Archival is singleton work: whoever holds the lease archives; another holder (a second
+        // process on a shared engine) waits until it lapses.
+        let lease_ms = (ARCHIVE_EVERY.as_millis() as i64).saturating_mul(6);
+        if self
+            .store
+            .try_lease(ARCHIVER_LEASE, self.holder(), self.now(), lease_ms)
+            .await?
+            .is_none()
+        {
+            return Ok(0);
+        }
         let mut cp = {
             let _step = self.archive_lock.lock().await;
             let cp = archive::checkpoint(self.store.engine()).await?;
