@@ -81,10 +81,6 @@ pub struct OAuthConfig {
     pub token_exchange_actors: Vec<String>,
 }
 
-fn default_access_token_ttl() -> u64 {
-    300
-}
-
 impl OAuthConfig {
     fn validate(&self, cfg: &Config) -> Result<()> {
         let bad = |m: String| Err(Error::Config(format!("[oauth] {m}")));
@@ -255,58 +251,6 @@ impl Default for ServerConfig {
     }
 }
 
-fn default_max_connections() -> usize {
-    1024
-}
-fn default_max_connections_per_remote() -> usize {
-    64
-}
-fn default_max_concurrent_streams() -> u32 {
-    32
-}
-fn default_max_concurrent_requests() -> usize {
-    256
-}
-fn default_request_timeout() -> u64 {
-    30_000
-}
-fn default_handshake_timeout() -> u64 {
-    10_000
-}
-fn default_idle_timeout() -> u64 {
-    300_000
-}
-fn default_keepalive_interval() -> u64 {
-    30_000
-}
-fn default_keepalive_timeout() -> u64 {
-    20_000
-}
-fn default_max_pending_reset_streams() -> usize {
-    20
-}
-fn default_max_local_error_reset_streams() -> usize {
-    256
-}
-fn default_max_message_bytes() -> usize {
-    64 * 1024
-}
-fn default_max_header_list_bytes() -> u32 {
-    16 * 1024
-}
-fn default_requests_per_remote() -> u32 {
-    1000
-}
-fn default_connections_per_remote() -> u32 {
-    50
-}
-fn default_requests_per_identity() -> u32 {
-    200
-}
-fn default_auth_failure_summary() -> u64 {
-    60
-}
-
 /// Smallest `server.max_message_bytes`: an `Introspect` of the longest secret must fit.
 pub const MIN_MESSAGE_BYTES: usize = 20 * 1024;
 
@@ -331,14 +275,6 @@ impl Default for StoreConfig {
             min_free_mb: default_min_free_mb(),
         }
     }
-}
-
-fn default_min_free_mb() -> u64 {
-    64
-}
-
-fn default_cache_mb() -> u64 {
-    crate::store::sled_store::DEFAULT_CACHE_BYTES >> 20
 }
 
 impl StoreConfig {
@@ -452,10 +388,6 @@ pub struct PostgresConfig {
     pub pool_size: usize,
 }
 
-fn default_pg_pool() -> usize {
-    8
-}
-
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresGrant {
@@ -463,10 +395,6 @@ pub struct PostgresGrant {
     pub roles: Vec<String>,
     #[serde(default)]
     pub statements: Vec<String>,
-}
-
-fn default_role_prefix() -> String {
-    "jb_".to_owned()
 }
 
 /// `[retention]`: how long ended records stay in the store, and how much of the audit chain
@@ -508,17 +436,6 @@ impl Default for RetentionConfig {
     }
 }
 
-fn default_ended_records() -> u64 {
-    86_400
-}
-fn default_audit_in_store() -> u64 {
-    // A short tail: the store is for what changes; the archive is where the trail is kept.
-    100_000
-}
-fn default_audit_segment() -> u64 {
-    50_000
-}
-
 /// `[revocation]`: the durable queue of upstream revocations (DESIGN §8).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -547,20 +464,6 @@ impl Default for RevocationConfig {
     }
 }
 
-fn default_backoff_initial() -> u64 {
-    500
-}
-fn default_backoff_max() -> u64 {
-    // A revocation waits at most this long after the upstream comes back.
-    5_000
-}
-fn default_attempt_timeout() -> u64 {
-    10_000
-}
-fn default_reconcile_interval() -> u64 {
-    300
-}
-
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResourceConfig {
@@ -582,29 +485,55 @@ pub struct ResourceConfig {
     pub oauth_resource: Option<String>,
 }
 
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 8443))
+/// Defines serde's `default = "…"` functions, each returning its value.
+macro_rules! serde_defaults {
+    ($($name:ident: $ty:ty = $value:expr;)*) => {
+        $(fn $name() -> $ty {
+            $value
+        })*
+    };
 }
-fn default_ops_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 9090))
-}
-fn default_max_ttl() -> u64 {
-    3600
-}
-fn default_ttl() -> u64 {
-    900
-}
-fn default_max_tasks() -> u64 {
-    100
-}
-fn default_max_creds() -> u64 {
-    64
-}
-fn default_approval_ttl() -> u64 {
-    900
-}
-fn default_delegation_depth() -> u32 {
-    3
+
+serde_defaults! {
+    default_access_token_ttl: u64 = 300;
+    default_max_connections: usize = 1024;
+    default_max_connections_per_remote: usize = 64;
+    default_max_concurrent_streams: u32 = 32;
+    default_max_concurrent_requests: usize = 256;
+    default_request_timeout: u64 = 30_000;
+    default_handshake_timeout: u64 = 10_000;
+    default_idle_timeout: u64 = 300_000;
+    default_keepalive_interval: u64 = 30_000;
+    default_keepalive_timeout: u64 = 20_000;
+    default_max_pending_reset_streams: usize = 20;
+    default_max_local_error_reset_streams: usize = 256;
+    default_max_message_bytes: usize = 64 * 1024;
+    default_max_header_list_bytes: u32 = 16 * 1024;
+    default_requests_per_remote: u32 = 1000;
+    default_connections_per_remote: u32 = 50;
+    default_requests_per_identity: u32 = 200;
+    default_auth_failure_summary: u64 = 60;
+    default_min_free_mb: u64 = 64;
+    default_cache_mb: u64 = crate::store::sled_store::DEFAULT_CACHE_BYTES >> 20;
+    default_pg_pool: usize = 8;
+    default_role_prefix: String = "jb_".to_owned();
+    default_ended_records: u64 = 86_400;
+    // A short tail: the store is for what changes; the archive is where the trail is kept.
+    default_audit_in_store: u64 = 100_000;
+    default_audit_segment: u64 = 50_000;
+    default_backoff_initial: u64 = 500;
+    // A revocation waits at most this long after the upstream comes back.
+    default_backoff_max: u64 = 5_000;
+    default_attempt_timeout: u64 = 10_000;
+    default_reconcile_interval: u64 = 300;
+    default_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8443));
+    default_ops_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 9090));
+    default_max_ttl: u64 = 3600;
+    default_ttl: u64 = 900;
+    default_max_tasks: u64 = 100;
+    default_max_creds: u64 = 64;
+    default_approval_ttl: u64 = 900;
+    default_delegation_depth: u32 = 3;
 }
 
 pub use crate::model::MAX_NAME_LEN;

@@ -440,6 +440,36 @@ impl CredentialRecord {
     }
 }
 
+/// The longest resource, action or route name.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// Checks a resource, action or route name: 1 to [`MAX_NAME_LEN`] bytes of A-Z a-z 0-9 - _ . : /,
+/// naming `field` when it is not.
+pub fn check_name(field: &str, s: &str) -> Result<(), Error> {
+    if s.is_empty() {
+        return Err(Error::invalid(field, "is required"));
+    }
+    if s.len() > MAX_NAME_LEN {
+        return Err(Error::invalid(
+            field,
+            format!("is {} bytes; at most {MAX_NAME_LEN}", s.len()),
+        ));
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
+    {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "may hold only A-Z, a-z, 0-9 and - _ . : / (got {})",
+                preview(s)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,34 +549,4 @@ mod tests {
         let long = "é".repeat(10_000);
         assert!(preview(&long).len() < 200);
     }
-}
-
-/// The longest resource, action or route name.
-pub const MAX_NAME_LEN: usize = 128;
-
-/// Checks a resource, action or route name: 1 to [`MAX_NAME_LEN`] bytes of A-Z a-z 0-9 - _ . : /,
-/// naming `field` when it is not.
-pub fn check_name(field: &str, s: &str) -> Result<(), Error> {
-    if s.is_empty() {
-        return Err(Error::invalid(field, "is required"));
-    }
-    if s.len() > MAX_NAME_LEN {
-        return Err(Error::invalid(
-            field,
-            format!("is {} bytes; at most {MAX_NAME_LEN}", s.len()),
-        ));
-    }
-    if !s
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
-    {
-        return Err(Error::invalid(
-            field,
-            format!(
-                "may hold only A-Z, a-z, 0-9 and - _ . : / (got {})",
-                preview(s)
-            ),
-        ));
-    }
-    Ok(())
 }

@@ -502,44 +502,28 @@ pub async fn run(
             "upstream accounts left by an interrupted run are queued for removal"
         );
     }
-    let revoker = tokio::spawn(
-        app.broker
-            .revocations
-            .clone()
-            .run_revocations(stop_rx.clone()),
-    );
-    let reconciler = tokio::spawn(
-        app.broker
-            .revocations
-            .clone()
-            .run_reconciler(stop_rx.clone()),
-    );
-    let archiver = tokio::spawn(
-        app.broker
-            .retention
-            .clone()
-            .run_audit_archiver(stop_rx.clone()),
-    );
-    let anchor = tokio::spawn(
-        app.broker
-            .retention
-            .clone()
-            .run_audit_anchor(app.audit_anchor_file.clone(), stop_rx.clone()),
-    );
-    let summaries = tokio::spawn(app.broker.core().clone().run_auth_summaries(
-        Duration::from_secs(lim.auth_failure_summary_seconds),
-        stop_rx.clone(),
-    ));
-    let reaper = if app.options.reaper {
-        let mut rx = stop_rx.clone();
-        Some(tokio::spawn(app.broker.reaper.clone().run_reaper(
-            async move {
-                let _ = rx.changed().await;
-            },
-        )))
-    } else {
-        None
-    };
+    // The background loops, each until `stop_rx` changes.
+    let (b, stop) = (&app.broker, &stop_rx);
+    let mut background = vec![
+        tokio::spawn(b.revocations.clone().run_revocations(stop.clone())),
+        tokio::spawn(b.revocations.clone().run_reconciler(stop.clone())),
+        tokio::spawn(b.retention.clone().run_audit_archiver(stop.clone())),
+        tokio::spawn(b.core().clone().run_auth_summaries(
+            Duration::from_secs(lim.auth_failure_summary_seconds),
+            stop.clone(),
+        )),
+        tokio::spawn(
+            b.retention
+                .clone()
+                .run_audit_anchor(app.audit_anchor_file.clone(), stop.clone()),
+        ),
+    ];
+    if app.options.reaper {
+        let mut rx = stop.clone();
+        background.push(tokio::spawn(b.reaper.clone().run_reaper(async move {
+            let _ = rx.changed().await;
+        })));
+    }
 
     let watcher = tokio::spawn(watch_policy(app.broker.clone(), stop_rx.clone()));
 
@@ -701,14 +685,9 @@ pub async fn run(
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = accept.await;
-    if let Some(r) = reaper {
-        let _ = r.await;
+    for task in background {
+        let _ = task.await;
     }
-    let _ = revoker.await;
-    let _ = reconciler.await;
-    let _ = archiver.await;
-    let _ = summaries.await;
-    let _ = anchor.await;
     let _ = ops_task.await;
     if let Some(f) = forward_auth {
         let _ = f.await;

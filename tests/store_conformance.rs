@@ -1869,8 +1869,6 @@ macro_rules! conformance {
             conformance!(@cases
                 round_trips,
                 purge,
-                #[ignore = "known bug in both engines: a purge keeps the approvals of a grant \
-                            that a newer request replaced (only the grant index is followed)"]
                 purge_removes_replaced_approvals,
                 task_idempotency_under_concurrency,
                 credential_idempotency_under_concurrency,

@@ -282,6 +282,45 @@ fn grants(v: Vec<pb::Grant>) -> Vec<model::Grant> {
         .collect()
 }
 
+/// What a handler answers.
+type Reply<T> = Result<Response<T>, Status>;
+
+/// A service of the API port: the broker it calls and what verifies its callers.
+trait Served {
+    fn broker(&self) -> &Arc<Broker>;
+    fn identity(&self) -> &Option<crate::identity::Identity>;
+
+    /// Verifies the caller (see [`caller`]), then runs `call` with the broker, the caller and the
+    /// request's message, mapping its error with [`to_status`].
+    async fn serve<T, R, Fut>(
+        &self,
+        request: Request<T>,
+        call: impl FnOnce(Arc<Broker>, SpiffeId, T) -> Fut,
+    ) -> Result<R, Status>
+    where
+        Fut: std::future::Future<Output = crate::error::Result<R>>,
+    {
+        let who = caller(&request, self.broker(), self.identity()).await?;
+        call(self.broker().clone(), who, request.into_inner())
+            .await
+            .map_err(to_status)
+    }
+
+    /// [`Served::serve`] for a state-changing call: it runs [`to_completion`].
+    async fn serve_to_completion<T, R, Fut>(
+        &self,
+        request: Request<T>,
+        call: impl FnOnce(Arc<Broker>, SpiffeId, T) -> Fut,
+    ) -> Result<R, Status>
+    where
+        R: Send + 'static,
+        Fut: std::future::Future<Output = crate::error::Result<R>> + Send + 'static,
+    {
+        let who = caller(&request, self.broker(), self.identity()).await?;
+        to_completion(call(self.broker().clone(), who, request.into_inner())).await
+    }
+}
+
 /// `jitbroker.v1.Broker`.
 #[derive(Clone)]
 pub struct BrokerApi {
@@ -289,89 +328,73 @@ pub struct BrokerApi {
     pub identity: Option<crate::identity::Identity>,
 }
 
+impl Served for BrokerApi {
+    fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+    fn identity(&self) -> &Option<crate::identity::Identity> {
+        &self.identity
+    }
+}
+
 #[tonic::async_trait]
 impl pb::broker_server::Broker for BrokerApi {
-    async fn start_task(
-        &self,
-        request: Request<pb::StartTaskRequest>,
-    ) -> Result<Response<pb::Task>, Status> {
-        let who = caller(&request, &self.broker, &self.identity).await?;
-        let r = request.into_inner();
-        let b = self.broker.clone();
-        let task = to_completion(async move {
-            b.tasks
-                .start_task(
-                    &who,
-                    broker::StartTask {
-                        purpose: r.purpose,
-                        grants: grants(r.grants),
-                        ttl_seconds: r.ttl_seconds,
-                        labels: r.labels,
-                        idempotency_key: r.idempotency_key,
-                    },
-                )
-                .await
-        })
-        .await?;
+    async fn start_task(&self, request: Request<pb::StartTaskRequest>) -> Reply<pb::Task> {
+        let task = self
+            .serve_to_completion(request, |b, who, r| async move {
+                let start = broker::StartTask {
+                    purpose: r.purpose,
+                    grants: grants(r.grants),
+                    ttl_seconds: r.ttl_seconds,
+                    labels: r.labels,
+                    idempotency_key: r.idempotency_key,
+                };
+                b.tasks.start_task(&who, start).await
+            })
+            .await?;
         Ok(Response::new(task_pb(task, self.broker.now())))
     }
 
     async fn issue_credential(
         &self,
         request: Request<pb::IssueCredentialRequest>,
-    ) -> Result<Response<pb::Credential>, Status> {
-        let who = caller(&request, &self.broker, &self.identity).await?;
-        let r = request.into_inner();
-        let b = self.broker.clone();
-        let issued = to_completion(async move {
-            b.credentials
-                .issue_credential(
-                    &who,
-                    broker::IssueCredential {
-                        task_id: r.task_id,
-                        resource: r.resource,
-                        action: r.action,
-                        ttl_seconds: r.ttl_seconds,
-                        idempotency_key: r.idempotency_key,
-                    },
-                )
-                .await
-        })
-        .await?;
+    ) -> Reply<pb::Credential> {
+        let issued = self
+            .serve_to_completion(request, |b, who, r| async move {
+                let issue = broker::IssueCredential {
+                    task_id: r.task_id,
+                    resource: r.resource,
+                    action: r.action,
+                    ttl_seconds: r.ttl_seconds,
+                    idempotency_key: r.idempotency_key,
+                };
+                b.credentials.issue_credential(&who, issue).await
+            })
+            .await?;
         Ok(Response::new(credential_pb(issued.record, &issued.secret)))
     }
 
     async fn complete_task(
         &self,
         request: Request<pb::CompleteTaskRequest>,
-    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
-        let who = caller(&request, &self.broker, &self.identity).await?;
-        let r = request.into_inner();
-        let b = self.broker.clone();
-        let done =
-            to_completion(async move { b.tasks.complete_task(&who, &r.task_id).await }).await?;
+    ) -> Reply<pb::CompleteTaskResponse> {
+        let done = self
+            .serve_to_completion(request, |b, who, r| async move {
+                b.tasks.complete_task(&who, &r.task_id).await
+            })
+            .await?;
+        let (revoked_credential_ids, revoked_tasks) = revoked(&done);
         Ok(Response::new(pb::CompleteTaskResponse {
-            revoked_credential_ids: done
-                .revoked_credentials
-                .into_iter()
-                .map(|c| c.to_string())
-                .collect(),
-            revoked_tasks: done
-                .ended_tasks
-                .into_iter()
-                .map(|t| t.to_string())
-                .collect(),
+            revoked_credential_ids,
+            revoked_tasks,
         }))
     }
 
     async fn revoke_credential(
         &self,
         request: Request<pb::RevokeCredentialRequest>,
-    ) -> Result<Response<pb::RevokeCredentialResponse>, Status> {
-        let who = caller(&request, &self.broker, &self.identity).await?;
-        let r = request.into_inner();
-        let b = self.broker.clone();
-        to_completion(async move {
+    ) -> Reply<pb::RevokeCredentialResponse> {
+        self.serve_to_completion(request, |b, who, r| async move {
             b.credentials
                 .revoke_credential(&who, &r.credential_id)
                 .await
@@ -380,43 +403,28 @@ impl pb::broker_server::Broker for BrokerApi {
         Ok(Response::new(pb::RevokeCredentialResponse {}))
     }
 
-    async fn delegate_task(
-        &self,
-        request: Request<pb::DelegateTaskRequest>,
-    ) -> Result<Response<pb::Task>, Status> {
-        let who = caller(&request, &self.broker, &self.identity).await?;
-        let r = request.into_inner();
-        let b = self.broker.clone();
-        let task = to_completion(async move {
-            b.tasks
-                .delegate_task(
-                    &who,
-                    broker::delegation::DelegateTask {
-                        parent_task_id: r.parent_task_id,
-                        delegate_spiffe_id: r.delegate_spiffe_id,
-                        purpose: r.purpose,
-                        grants: grants(r.grants),
-                        ttl_seconds: r.ttl_seconds,
-                    },
-                )
-                .await
-        })
-        .await?;
+    async fn delegate_task(&self, request: Request<pb::DelegateTaskRequest>) -> Reply<pb::Task> {
+        let task = self
+            .serve_to_completion(request, |b, who, r| async move {
+                let delegate = broker::delegation::DelegateTask {
+                    parent_task_id: r.parent_task_id,
+                    delegate_spiffe_id: r.delegate_spiffe_id,
+                    purpose: r.purpose,
+                    grants: grants(r.grants),
+                    ttl_seconds: r.ttl_seconds,
+                };
+                b.tasks.delegate_task(&who, delegate).await
+            })
+            .await?;
         Ok(Response::new(task_pb(task, self.broker.now())))
     }
 
-    async fn get_task(
-        &self,
-        request: Request<pb::GetTaskRequest>,
-    ) -> Result<Response<pb::Task>, Status> {
-        let who = caller(&request, &self.broker, &self.identity).await?;
-        let r = request.into_inner();
+    async fn get_task(&self, request: Request<pb::GetTaskRequest>) -> Reply<pb::Task> {
         let task = self
-            .broker
-            .tasks
-            .get_task(&who, &r.task_id)
-            .await
-            .map_err(to_status)?;
+            .serve(request, |b, who, r| async move {
+                b.tasks.get_task(&who, &r.task_id).await
+            })
+            .await?;
         Ok(Response::new(task_pb(task, self.broker.now())))
     }
 }
@@ -428,20 +436,26 @@ pub struct VerifierApi {
     pub identity: Option<crate::identity::Identity>,
 }
 
+impl Served for VerifierApi {
+    fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+    fn identity(&self) -> &Option<crate::identity::Identity> {
+        &self.identity
+    }
+}
+
 #[tonic::async_trait]
 impl pb::verifier_server::Verifier for VerifierApi {
     async fn introspect(
         &self,
         request: Request<pb::IntrospectRequest>,
-    ) -> Result<Response<pb::IntrospectResponse>, Status> {
-        let who = caller(&request, &self.broker, &self.identity).await?;
-        let r = request.into_inner();
+    ) -> Reply<pb::IntrospectResponse> {
         let found = self
-            .broker
-            .credentials
-            .introspect(&who, &r.secret, &r.resource)
-            .await
-            .map_err(to_status)?;
+            .serve(request, |b, who, r| async move {
+                b.credentials.introspect(&who, &r.secret, &r.resource).await
+            })
+            .await?;
         Ok(Response::new(match found {
             None => pb::IntrospectResponse::default(),
             Some(i) => pb::IntrospectResponse {
@@ -462,43 +476,36 @@ impl pb::verifier_server::Verifier for VerifierApi {
         }))
     }
 
-    async fn get_jwks(
-        &self,
-        request: Request<pb::GetJwksRequest>,
-    ) -> Result<Response<pb::GetJwksResponse>, Status> {
-        let _who = caller(&request, &self.broker, &self.identity).await?;
-        Ok(Response::new(pb::GetJwksResponse {
-            jwks_json: self.broker.jwks_json(),
-        }))
+    async fn get_jwks(&self, request: Request<pb::GetJwksRequest>) -> Reply<pb::GetJwksResponse> {
+        let jwks_json = self
+            .serve(request, |b, _who, _| async move { Ok(b.jwks_json()) })
+            .await?;
+        Ok(Response::new(pb::GetJwksResponse { jwks_json }))
     }
 
     async fn get_x509_authorities(
         &self,
         request: Request<pb::GetX509AuthoritiesRequest>,
-    ) -> Result<Response<pb::GetX509AuthoritiesResponse>, Status> {
-        let who = caller(&request, &self.broker, &self.identity).await?;
-        let r = request.into_inner();
+    ) -> Reply<pb::GetX509AuthoritiesResponse> {
         let pem = self
-            .broker
-            .credentials
-            .x509_authorities_pem(&who, &r.resource)
-            .await
-            .map_err(to_status)?;
+            .serve(request, |b, who, r| async move {
+                b.credentials.x509_authorities_pem(&who, &r.resource).await
+            })
+            .await?;
         Ok(Response::new(pb::GetX509AuthoritiesResponse { pem }))
     }
 
     async fn x509_status(
         &self,
         request: Request<pb::X509StatusRequest>,
-    ) -> Result<Response<pb::X509StatusResponse>, Status> {
-        let who = caller(&request, &self.broker, &self.identity).await?;
-        let r = request.into_inner();
+    ) -> Reply<pb::X509StatusResponse> {
         let found = self
-            .broker
-            .credentials
-            .x509_status(&who, &r.resource, &r.serial)
-            .await
-            .map_err(to_status)?;
+            .serve(request, |b, who, r| async move {
+                b.credentials
+                    .x509_status(&who, &r.resource, &r.serial)
+                    .await
+            })
+            .await?;
         let (status, record) = match found {
             broker::X509Status::Unknown => (pb::X509CertStatus::X509CertUnknown, None),
             broker::X509Status::Good(r) => (pb::X509CertStatus::X509CertGood, Some(r)),
@@ -539,14 +546,44 @@ pub struct AdminApi {
     pub facts: ServerFacts,
 }
 
+impl Served for AdminApi {
+    fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+    fn identity(&self) -> &Option<crate::identity::Identity> {
+        &self.facts.identity
+    }
+}
+
+impl AdminApi {
+    /// `Admin.Approve` (`approve`) and `Admin.Deny`.
+    async fn decide<T>(
+        &self,
+        request: Request<T>,
+        fields: fn(T) -> (String, String),
+        approve: bool,
+    ) -> Reply<pb::Approval> {
+        let a = self
+            .serve(request, |b, who, r| async move {
+                let (approval_id, reason) = fields(r);
+                b.approvals
+                    .decide_approval(&who, &approval_id, &reason, approve)
+                    .await
+            })
+            .await?;
+        Ok(Response::new(approval_pb(a, self.broker.now())))
+    }
+}
+
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminApi {
-    async fn status(
-        &self,
-        request: Request<pb::StatusRequest>,
-    ) -> Result<Response<pb::StatusResponse>, Status> {
-        let who = caller(&request, &self.broker, &self.facts.identity).await?;
-        let s = self.broker.admin.status(&who).await.map_err(to_status)?;
+    async fn status(&self, request: Request<pb::StatusRequest>) -> Reply<pb::StatusResponse> {
+        let s = self
+            .serve(
+                request,
+                |b, who, _| async move { b.admin.status(&who).await },
+            )
+            .await?;
         let f = &self.facts;
         let (own_id, svid_exp) = match &f.identity {
             Some(i) => (
@@ -576,28 +613,27 @@ impl pb::admin_server::Admin for AdminApi {
     async fn list_tasks(
         &self,
         request: Request<pb::ListTasksRequest>,
-    ) -> Result<Response<pb::ListTasksResponse>, Status> {
-        let who = caller(&request, &self.broker, &self.facts.identity).await?;
-        let r = request.into_inner();
-        let state = match pb::TaskState::try_from(r.state) {
-            Ok(pb::TaskState::Unspecified) => None,
-            Ok(pb::TaskState::Active) => Some(model::TaskState::Active),
-            Ok(pb::TaskState::Completed) => Some(model::TaskState::Completed),
-            Ok(pb::TaskState::Expired) => Some(model::TaskState::Expired),
-            Ok(pb::TaskState::Revoked) => Some(model::TaskState::Revoked),
-            Err(_) => {
-                return Err(to_status(crate::error::Error::invalid(
-                    "state",
-                    format!("{} is not a task state", r.state),
-                )));
-            }
-        };
+    ) -> Reply<pb::ListTasksResponse> {
         let (tasks, next) = self
-            .broker
-            .admin
-            .list_tasks(&who, Some(&r.spiffe_id), state, r.page_size, &r.page_token)
-            .await
-            .map_err(to_status)?;
+            .serve(request, |b, who, r| async move {
+                let state = match pb::TaskState::try_from(r.state) {
+                    Ok(pb::TaskState::Unspecified) => None,
+                    Ok(pb::TaskState::Active) => Some(model::TaskState::Active),
+                    Ok(pb::TaskState::Completed) => Some(model::TaskState::Completed),
+                    Ok(pb::TaskState::Expired) => Some(model::TaskState::Expired),
+                    Ok(pb::TaskState::Revoked) => Some(model::TaskState::Revoked),
+                    Err(_) => {
+                        return Err(crate::error::Error::invalid(
+                            "state",
+                            format!("{} is not a task state", r.state),
+                        ));
+                    }
+                };
+                b.admin
+                    .list_tasks(&who, Some(&r.spiffe_id), state, r.page_size, &r.page_token)
+                    .await
+            })
+            .await?;
         let now = self.broker.now();
         Ok(Response::new(pb::ListTasksResponse {
             tasks: tasks.into_iter().map(|t| task_pb(t, now)).collect(),
@@ -608,115 +644,88 @@ impl pb::admin_server::Admin for AdminApi {
     async fn revoke_task(
         &self,
         request: Request<pb::RevokeTaskRequest>,
-    ) -> Result<Response<pb::RevokeTaskResponse>, Status> {
-        let who = caller(&request, &self.broker, &self.facts.identity).await?;
-        let r = request.into_inner();
-        let b = self.broker.clone();
-        let done =
-            to_completion(
-                async move { b.admin.admin_revoke_task(&who, &r.task_id, &r.reason).await },
-            )
+    ) -> Reply<pb::RevokeTaskResponse> {
+        let done = self
+            .serve_to_completion(request, |b, who, r| async move {
+                b.admin.admin_revoke_task(&who, &r.task_id, &r.reason).await
+            })
             .await?;
+        let (revoked_credential_ids, revoked_tasks) = revoked(&done);
         Ok(Response::new(pb::RevokeTaskResponse {
-            revoked_credential_ids: ids(&done.revoked_credentials),
-            revoked_tasks: ids(&done.ended_tasks),
+            revoked_credential_ids,
+            revoked_tasks,
         }))
     }
 
     async fn revoke_identity(
         &self,
         request: Request<pb::RevokeIdentityRequest>,
-    ) -> Result<Response<pb::RevokeIdentityResponse>, Status> {
-        let who = caller(&request, &self.broker, &self.facts.identity).await?;
-        let r = request.into_inner();
-        let (b, block) = (self.broker.clone(), r.block);
-        let done = to_completion(async move {
-            b.admin
-                .revoke_identity(&who, &r.spiffe_id, &r.reason, r.block)
-                .await
-        })
-        .await?;
+    ) -> Reply<pb::RevokeIdentityResponse> {
+        let (done, blocked) = self
+            .serve_to_completion(request, |b, who, r| async move {
+                b.admin
+                    .revoke_identity(&who, &r.spiffe_id, &r.reason, r.block)
+                    .await
+                    .map(|done| (done, r.block))
+            })
+            .await?;
+        let (revoked_credential_ids, revoked_tasks) = revoked(&done);
         Ok(Response::new(pb::RevokeIdentityResponse {
-            revoked_credential_ids: ids(&done.revoked_credentials),
-            revoked_tasks: ids(&done.ended_tasks),
-            blocked: block,
+            revoked_credential_ids,
+            revoked_tasks,
+            blocked,
         }))
     }
 
     async fn unblock_identity(
         &self,
         request: Request<pb::UnblockIdentityRequest>,
-    ) -> Result<Response<pb::UnblockIdentityResponse>, Status> {
-        let who = caller(&request, &self.broker, &self.facts.identity).await?;
-        let r = request.into_inner();
+    ) -> Reply<pb::UnblockIdentityResponse> {
         let was_blocked = self
-            .broker
-            .admin
-            .unblock_identity(&who, &r.spiffe_id, &r.reason)
-            .await
-            .map_err(to_status)?;
+            .serve(request, |b, who, r| async move {
+                b.admin
+                    .unblock_identity(&who, &r.spiffe_id, &r.reason)
+                    .await
+            })
+            .await?;
         Ok(Response::new(pb::UnblockIdentityResponse { was_blocked }))
     }
 
     async fn list_approvals(
         &self,
         request: Request<pb::ListApprovalsRequest>,
-    ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
-        let who = caller(&request, &self.broker, &self.facts.identity).await?;
-        let r = request.into_inner();
-        let now = self.broker.now();
-        let list = self
-            .broker
-            .approvals
-            .list_approvals(&who, &r.state)
-            .await
-            .map_err(to_status)?;
+    ) -> Reply<pb::ListApprovalsResponse> {
+        let (list, now) = self
+            .serve(request, |b, who, r| async move {
+                let now = b.now();
+                let list = b.approvals.list_approvals(&who, &r.state).await?;
+                Ok((list, now))
+            })
+            .await?;
         Ok(Response::new(pb::ListApprovalsResponse {
             approvals: list.into_iter().map(|a| approval_pb(a, now)).collect(),
         }))
     }
 
-    async fn approve(
-        &self,
-        request: Request<pb::ApproveRequest>,
-    ) -> Result<Response<pb::Approval>, Status> {
-        let who = caller(&request, &self.broker, &self.facts.identity).await?;
-        let r = request.into_inner();
-        let a = self
-            .broker
-            .approvals
-            .decide_approval(&who, &r.approval_id, &r.reason, true)
+    async fn approve(&self, request: Request<pb::ApproveRequest>) -> Reply<pb::Approval> {
+        self.decide(request, |r| (r.approval_id, r.reason), true)
             .await
-            .map_err(to_status)?;
-        Ok(Response::new(approval_pb(a, self.broker.now())))
     }
 
-    async fn deny(
-        &self,
-        request: Request<pb::DenyRequest>,
-    ) -> Result<Response<pb::Approval>, Status> {
-        let who = caller(&request, &self.broker, &self.facts.identity).await?;
-        let r = request.into_inner();
-        let a = self
-            .broker
-            .approvals
-            .decide_approval(&who, &r.approval_id, &r.reason, false)
+    async fn deny(&self, request: Request<pb::DenyRequest>) -> Reply<pb::Approval> {
+        self.decide(request, |r| (r.approval_id, r.reason), false)
             .await
-            .map_err(to_status)?;
-        Ok(Response::new(approval_pb(a, self.broker.now())))
     }
 
     async fn reload_policy(
         &self,
         request: Request<pb::ReloadPolicyRequest>,
-    ) -> Result<Response<pb::ReloadPolicyResponse>, Status> {
-        let who = caller(&request, &self.broker, &self.facts.identity).await?;
+    ) -> Reply<pb::ReloadPolicyResponse> {
         let (n, digest) = self
-            .broker
-            .admin
-            .reload_policy(&who)
-            .await
-            .map_err(to_status)?;
+            .serve(request, |b, who, _| async move {
+                b.admin.reload_policy(&who).await
+            })
+            .await?;
         Ok(Response::new(pb::ReloadPolicyResponse {
             policy_count: n as u32,
             policy_digest: digest,
@@ -726,14 +735,12 @@ impl pb::admin_server::Admin for AdminApi {
     async fn verify_audit(
         &self,
         request: Request<pb::VerifyAuditRequest>,
-    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
-        let who = caller(&request, &self.broker, &self.facts.identity).await?;
+    ) -> Reply<pb::VerifyAuditResponse> {
         let v = self
-            .broker
-            .admin
-            .verify_audit(&who)
-            .await
-            .map_err(to_status)?;
+            .serve(request, |b, who, _| async move {
+                b.admin.verify_audit(&who).await
+            })
+            .await?;
         Ok(Response::new(pb::VerifyAuditResponse {
             ok: v.ok,
             entries: v.entries,
@@ -766,4 +773,9 @@ fn approval_pb(a: model::Approval, now: UnixMillis) -> pb::Approval {
 
 fn ids<T: std::fmt::Display>(v: &[T]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
+}
+
+/// The credentials and tasks a call ended, as ids.
+fn revoked(done: &broker::Completed) -> (Vec<String>, Vec<String>) {
+    (ids(&done.revoked_credentials), ids(&done.ended_tasks))
 }

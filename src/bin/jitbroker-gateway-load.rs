@@ -34,9 +34,10 @@ use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use jitbroker::api::pb;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use tonic::transport::{Channel, Endpoint, Uri};
+use rustls::pki_types::ServerName;
+use tonic::transport::Channel;
+
+mod load_common;
 
 const GATEWAY: &str = "spiffe://jitbroker.dev/gateway/bench";
 const TASK_HEADER: &str = "x-jitbroker-task";
@@ -114,39 +115,11 @@ fn mint(data_dir: &Path, id: &str, dns: &[String]) -> Svid {
 }
 
 fn tls(s: &Svid, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(s.bundle.as_bytes()) {
-        roots.add(c.expect("bundle")).expect("root");
-    }
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(s.chain.as_bytes())
-        .map(|c| c.expect("chain"))
-        .collect();
-    let key = PrivateKeyDer::from_pem_slice(s.key.as_bytes()).expect("key");
-    let mut c = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .expect("client config");
-    c.alpn_protocols = vec![alpn.to_vec()];
-    Arc::new(c)
+    Arc::new(load_common::client_tls(&s.bundle, &s.chain, &s.key, alpn))
 }
 
 async fn grpc(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Channel {
-    let connector = tokio_rustls::TlsConnector::from(tls);
-    Endpoint::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let connector = connector.clone();
-            async move {
-                let tcp = tokio::net::TcpStream::connect(addr).await?;
-                tcp.set_nodelay(true)?;
-                let name = ServerName::try_from("localhost").expect("name");
-                let s = connector.connect(name, tcp).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(s))
-            }
-        }))
-        .await
-        .expect("connect")
+    load_common::grpc_channel(addr, tls).await.expect("connect")
 }
 
 async fn start_task(broker: SocketAddr, s: &Svid) -> String {

@@ -31,9 +31,10 @@ use clap::{Parser, ValueEnum};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use jitbroker::api::pb;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use tonic::transport::{Channel, Endpoint, Uri};
+use rustls::pki_types::ServerName;
+use tonic::transport::Channel;
+
+mod load_common;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Target {
@@ -144,40 +145,11 @@ struct Args {
 }
 
 fn tls(roots_pem: &str, chain: &str, key: &str) -> rustls::ClientConfig {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
-        roots.add(c.expect("roots")).expect("root");
-    }
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(chain.as_bytes())
-        .map(|c| c.expect("chain"))
-        .collect();
-    let mut cfg = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            certs,
-            PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key"),
-        )
-        .expect("client config");
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    cfg
+    load_common::client_tls(roots_pem, chain, key, b"h2")
 }
 
 async fn channel(addr: SocketAddr, cfg: rustls::ClientConfig) -> Channel {
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-    Endpoint::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let connector = connector.clone();
-            async move {
-                let tcp = tokio::net::TcpStream::connect(addr).await?;
-                tcp.set_nodelay(true)?;
-                let s = connector
-                    .connect(ServerName::try_from("localhost").expect("name"), tcp)
-                    .await?;
-                Ok::<_, std::io::Error>(TokioIo::new(s))
-            }
-        }))
+    load_common::grpc_channel(addr, Arc::new(cfg))
         .await
         .expect("connect to the broker")
 }

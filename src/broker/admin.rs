@@ -39,6 +39,50 @@ impl Admin {
         );
     }
 
+    /// The checks of every operator write: the caller is an operator, the broker is writable,
+    /// the reason is not too long.
+    async fn check_write(&self, caller: &SpiffeId, reason: &str) -> Result<()> {
+        self.require_admin(caller).await?;
+        self.writable()?;
+        check_reason(reason)
+    }
+
+    /// An operator write on an identity: the checks, the identity it names, and a unit of work
+    /// holding the identity's lock.
+    async fn lock_identity_for_write(
+        &self,
+        caller: &SpiffeId,
+        spiffe_id: &str,
+        reason: &str,
+    ) -> Result<(SpiffeId, Tx<'_>)> {
+        self.check_write(caller, reason).await?;
+        let target = SpiffeId::parse("spiffe_id", spiffe_id)?;
+        let mut u = self.store.begin().await?;
+        u.lock_identity(&target).await?;
+        Ok((target, u))
+    }
+
+    /// The audit entry of an operator write on an identity.
+    fn identity_event(
+        &self,
+        u: &mut Tx<'_>,
+        caller: &SpiffeId,
+        what: &str,
+        target: &SpiffeId,
+        reason: &str,
+    ) {
+        self.admin_event(
+            u,
+            caller,
+            what,
+            Event {
+                spiffe_id: target.to_string(),
+                reason: reason.into(),
+                ..Default::default()
+            },
+        );
+    }
+
     /// `Admin.ListTasks`.
     pub async fn list_tasks(
         &self,
@@ -104,9 +148,7 @@ impl Admin {
         task_id: &str,
         reason: &str,
     ) -> Result<Completed> {
-        self.require_admin(caller).await?;
-        self.writable()?;
-        check_reason(reason)?;
+        self.check_write(caller, reason).await?;
         let id = TaskId::parse(task_id)?;
         if self.store.get_task(&id).await?.is_none() {
             return Err(Error::NotFound(format!("task {id}")));
@@ -137,14 +179,11 @@ impl Admin {
         reason: &str,
         block: bool,
     ) -> Result<Completed> {
-        self.require_admin(caller).await?;
-        self.writable()?;
-        check_reason(reason)?;
-        let target = SpiffeId::parse("spiffe_id", spiffe_id)?;
-        let mut u = self.store.begin().await?;
         // The identity's lock for the whole unit: a task it starts meanwhile either committed
         // before (and is found below) or waits and then sees the block.
-        u.lock_identity(&target).await?;
+        let (target, mut u) = self
+            .lock_identity_for_write(caller, spiffe_id, reason)
+            .await?;
         if block {
             // Block first, so nothing new starts while the old is being revoked.
             u.set_blocked(&target, true).await?;
@@ -159,20 +198,12 @@ impl Admin {
                 break;
             }
         }
-        self.admin_event(
-            &mut u,
-            caller,
-            if block {
-                "revoke_identity+block"
-            } else {
-                "revoke_identity"
-            },
-            Event {
-                spiffe_id: target.to_string(),
-                reason: reason.into(),
-                ..Default::default()
-            },
-        );
+        let what = if block {
+            "revoke_identity+block"
+        } else {
+            "revoke_identity"
+        };
+        self.identity_event(&mut u, caller, what, &target, reason);
         self.finish(u, r.map(|()| out)).await
     }
 
@@ -188,7 +219,7 @@ impl Admin {
             && task.state == TaskState::Active
         {
             self.tasks
-                .end_task(u, &mut task, TaskState::Revoked, reason, self.now(), out)
+                .end_task(u, &mut task, (TaskState::Revoked, reason), self.now(), out)
                 .await?;
         }
         self.tasks.revoke_descendants(u, id, out).await
@@ -201,23 +232,11 @@ impl Admin {
         spiffe_id: &str,
         reason: &str,
     ) -> Result<bool> {
-        self.require_admin(caller).await?;
-        self.writable()?;
-        check_reason(reason)?;
-        let target = SpiffeId::parse("spiffe_id", spiffe_id)?;
-        let mut u = self.store.begin().await?;
-        u.lock_identity(&target).await?;
+        let (target, mut u) = self
+            .lock_identity_for_write(caller, spiffe_id, reason)
+            .await?;
         let was = u.set_blocked(&target, false).await;
-        self.admin_event(
-            &mut u,
-            caller,
-            "unblock_identity",
-            Event {
-                spiffe_id: target.to_string(),
-                reason: reason.into(),
-                ..Default::default()
-            },
-        );
+        self.identity_event(&mut u, caller, "unblock_identity", &target, reason);
         self.finish(u, was).await
     }
 

@@ -62,11 +62,13 @@ impl Approvals {
         Ok(a.id)
     }
 
-    /// The approved, unused, unexpired approval of this grant, if there is one.
-    pub(crate) async fn usable_approval(
+    /// The unexpired approval of this grant in `state`, if there is one: `Approved` for the
+    /// approval an issuance may use, `Pending` for an open request.
+    pub(crate) async fn approval_in_state(
         &self,
         task: &Task,
         grant: &Grant,
+        state: ApprovalState,
         now: UnixMillis,
     ) -> Result<Option<Approval>> {
         let Some(id) = self.store.approval_for_grant(&task.id, grant).await? else {
@@ -76,25 +78,18 @@ impl Approvals {
             .store
             .get_approval(&id)
             .await?
-            .filter(|a| a.state == ApprovalState::Approved && now < a.expires_at))
+            .filter(|a| a.state == state && now < a.expires_at))
     }
 
-    /// The pending, unexpired approval request of this grant, if there is one.
-    pub(crate) async fn pending_approval(
+    /// The approved, unused, unexpired approval of this grant, if there is one.
+    pub(crate) async fn usable_approval(
         &self,
         task: &Task,
         grant: &Grant,
         now: UnixMillis,
-    ) -> Result<Option<ApprovalId>> {
-        let Some(id) = self.store.approval_for_grant(&task.id, grant).await? else {
-            return Ok(None);
-        };
-        Ok(self
-            .store
-            .get_approval(&id)
-            .await?
-            .filter(|a| a.state == ApprovalState::Pending && now < a.expires_at)
-            .map(|a| a.id))
+    ) -> Result<Option<Approval>> {
+        self.approval_in_state(task, grant, ApprovalState::Approved, now)
+            .await
     }
 
     /// The pending approval request of this grant, or a new one recorded on the task.
@@ -106,7 +101,11 @@ impl Approvals {
         policy_ids: Vec<String>,
         now: UnixMillis,
     ) -> Result<ApprovalId> {
-        if let Some(id) = self.pending_approval(task, grant, now).await? {
+        if let Some(id) = self
+            .approval_in_state(task, grant, ApprovalState::Pending, now)
+            .await?
+            .map(|a| a.id)
+        {
             return Ok(id);
         }
         let mut t = task.clone();

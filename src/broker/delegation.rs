@@ -156,15 +156,8 @@ impl Tasks {
             if let Some(mut t) = u.lock_task(&id).await?
                 && t.state == TaskState::Active
             {
-                self.end_task(
-                    u,
-                    &mut t,
-                    TaskState::Revoked,
-                    RevokeReason::Cascade,
-                    self.now(),
-                    out,
-                )
-                .await?;
+                let end = (TaskState::Revoked, RevokeReason::Cascade);
+                self.end_task(u, &mut t, end, self.now(), out).await?;
             }
             stack.extend(self.store.children_of(&id).await?);
         }

@@ -395,8 +395,7 @@ impl OAuth {
                         .end_task(
                             u,
                             &mut task,
-                            crate::model::TaskState::Completed,
-                            crate::model::RevokeReason::Completed,
+                            super::tasks::COMPLETED,
                             now,
                             &mut super::Completed::default(),
                         )

@@ -106,14 +106,7 @@ impl Reaper {
                 {
                     let mut out = Completed::default();
                     self.tasks
-                        .end_task(
-                            u,
-                            &mut task,
-                            TaskState::Expired,
-                            RevokeReason::Expired,
-                            now,
-                            &mut out,
-                        )
+                        .end_task(u, &mut task, super::tasks::EXPIRED, now, &mut out)
                         .await?;
                     self.tasks.revoke_descendants(u, id, &mut out).await?;
                 }

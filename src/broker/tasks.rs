@@ -3,6 +3,12 @@
 
 use super::*;
 
+/// How a task ends when it runs out: EXPIRED, its credentials revoked as expired.
+pub(super) const EXPIRED: (TaskState, RevokeReason) = (TaskState::Expired, RevokeReason::Expired);
+/// How a task ends when its owner completes it.
+pub(super) const COMPLETED: (TaskState, RevokeReason) =
+    (TaskState::Completed, RevokeReason::Completed);
+
 component!(
     /// Tasks: creation (the one path), completion, delegation, the cascade to descendants.
     Tasks { approvals: approvals::Approvals, credentials: credentials::Credentials }
@@ -167,13 +173,13 @@ impl Tasks {
         Ok(t)
     }
 
-    /// Ends a task and every credential of it, in `u` (which holds the task's lock).
+    /// Ends a task and every credential of it, in `u` (which holds the task's lock): the task's
+    /// new state, and the reason its credentials are revoked for (e.g. [`EXPIRED`]).
     pub(super) async fn end_task(
         &self,
         u: &mut Tx<'_>,
         task: &mut Task,
-        state: TaskState,
-        reason: RevokeReason,
+        (state, reason): (TaskState, RevokeReason),
         now: UnixMillis,
         out: &mut Completed,
     ) -> Result<()> {
@@ -227,15 +233,8 @@ impl Tasks {
         let mut out = Completed::default();
         match task.effective_state(now) {
             TaskState::Active => {
-                self.end_task(
-                    u,
-                    &mut task,
-                    TaskState::Completed,
-                    RevokeReason::Completed,
-                    now,
-                    &mut out,
-                )
-                .await?;
+                self.end_task(u, &mut task, COMPLETED, now, &mut out)
+                    .await?;
                 self.revoke_descendants(u, id, &mut out).await?;
                 Ok(out)
             }
@@ -247,15 +246,7 @@ impl Tasks {
             }
             TaskState::Expired if task.state == TaskState::Active => {
                 // Past its expiry but not yet reaped: end it now, as expired.
-                self.end_task(
-                    u,
-                    &mut task,
-                    TaskState::Expired,
-                    RevokeReason::Expired,
-                    now,
-                    &mut out,
-                )
-                .await?;
+                self.end_task(u, &mut task, EXPIRED, now, &mut out).await?;
                 Err(Error::FailedPrecondition(format!("task {id} is EXPIRED")))
             }
             s => Err(Error::FailedPrecondition(format!(

@@ -125,6 +125,52 @@ async fn fixture_opts(upstream: Option<Arc<dyn Upstream>>, archive: Option<(u64,
     }
 }
 
+impl Fixture {
+    /// `StartTask` of `start(ttl)` by `who`.
+    async fn start(&self, who: &SpiffeId, ttl: u32) -> Task {
+        self.broker.tasks.start_task(who, start(ttl)).await.unwrap()
+    }
+
+    /// `IssueCredential` of `task` for `demo-token` (read) by `who`.
+    async fn issue(
+        &self,
+        who: &SpiffeId,
+        task: &Task,
+        ttl: u32,
+        key: &str,
+    ) -> Result<IssuedCredential> {
+        self.broker
+            .credentials
+            .issue_credential(who, issue(task, ttl, key))
+            .await
+    }
+
+    /// `CompleteTask` of `task` by `who`.
+    async fn complete(&self, who: &SpiffeId, task: &Task) -> Result<Completed> {
+        self.broker.tasks.complete_task(who, task.id.as_str()).await
+    }
+
+    /// The state `GetTask` reports for `task`.
+    async fn state_of(&self, who: &SpiffeId, task: &Task) -> TaskState {
+        self.broker
+            .tasks
+            .get_task(who, task.id.as_str())
+            .await
+            .unwrap()
+            .state
+    }
+
+    /// Whether `secret` introspects as live for `tool` at `demo-token`.
+    async fn introspects(&self, tool: &SpiffeId, secret: &str) -> bool {
+        self.broker
+            .credentials
+            .introspect(tool, secret, "demo-token")
+            .await
+            .unwrap()
+            .is_some()
+    }
+}
+
 fn start(ttl: u32) -> StartTask {
     StartTask {
         purpose: "read a ticket".into(),
@@ -134,6 +180,17 @@ fn start(ttl: u32) -> StartTask {
         }],
         ttl_seconds: ttl,
         ..Default::default()
+    }
+}
+
+/// The delegation of `parent`'s grants to `to` for 60 s.
+fn delegate(parent: &Task, to: &SpiffeId) -> delegation::DelegateTask {
+    delegation::DelegateTask {
+        parent_task_id: parent.id.to_string(),
+        delegate_spiffe_id: to.to_string(),
+        purpose: "help".into(),
+        grants: start(0).grants,
+        ttl_seconds: 60,
     }
 }
 
@@ -152,38 +209,14 @@ async fn credential_never_outlives_its_task_and_expires_without_reaper() {
     let f = fixture().await;
     let agent = id("spiffe://td/agent/a");
     let tool = id("spiffe://td/tool");
-    let task = f.broker.tasks.start_task(&agent, start(60)).await.unwrap();
-    let c = f
-        .broker
-        .credentials
-        .issue_credential(&agent, issue(&task, 600, ""))
-        .await
-        .unwrap();
+    let task = f.start(&agent, 60).await;
+    let c = f.issue(&agent, &task, 600, "").await.unwrap();
     assert_eq!(c.record.expires_at, task.expires_at, "capped by the task");
     let secret = c.secret.expose().to_owned();
-    assert!(
-        f.broker
-            .credentials
-            .introspect(&tool, &secret, "demo-token")
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(f.introspects(&tool, &secret).await);
     f.clock.advance(Duration::from_secs(60));
-    assert!(
-        f.broker
-            .credentials
-            .introspect(&tool, &secret, "demo-token")
-            .await
-            .unwrap()
-            .is_none()
-    );
-    let err = f
-        .broker
-        .credentials
-        .issue_credential(&agent, issue(&task, 10, ""))
-        .await
-        .unwrap_err();
+    assert!(!f.introspects(&tool, &secret).await);
+    let err = f.issue(&agent, &task, 10, "").await.unwrap_err();
     assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
     // The reaper then records it.
     assert!(f.broker.reaper.reap_due().await.unwrap() >= 2);
@@ -195,15 +228,7 @@ async fn credential_never_outlives_its_task_and_expires_without_reaper() {
         .unwrap()
         .unwrap();
     assert_eq!(rec.state, CredentialState::Expired);
-    assert_eq!(
-        f.broker
-            .tasks
-            .get_task(&agent, task.id.as_str())
-            .await
-            .unwrap()
-            .state,
-        TaskState::Expired
-    );
+    assert_eq!(f.state_of(&agent, &task).await, TaskState::Expired);
 }
 
 #[tokio::test]
@@ -211,54 +236,24 @@ async fn idempotency_quota_and_ownership() {
     let f = fixture().await;
     let agent = id("spiffe://td/agent/a");
     let other = id("spiffe://td/agent/b");
-    let task = f.broker.tasks.start_task(&agent, start(0)).await.unwrap();
-    let a = f
-        .broker
-        .credentials
-        .issue_credential(&agent, issue(&task, 0, "k"))
-        .await
-        .unwrap();
-    let b = f
-        .broker
-        .credentials
-        .issue_credential(&agent, issue(&task, 0, "k"))
-        .await
-        .unwrap();
+    let task = f.start(&agent, 0).await;
+    let a = f.issue(&agent, &task, 0, "k").await.unwrap();
+    let b = f.issue(&agent, &task, 0, "k").await.unwrap();
     assert_eq!(a.record.id, b.record.id);
     assert_eq!(a.secret, b.secret);
     assert!(matches!(
-        f.broker
-            .credentials
-            .issue_credential(&other, issue(&task, 0, ""))
-            .await
-            .unwrap_err(),
+        f.issue(&other, &task, 0, "").await.unwrap_err(),
         Error::NotFound(_)
     ));
-    f.broker
-        .credentials
-        .issue_credential(&agent, issue(&task, 0, ""))
-        .await
-        .unwrap();
-    f.broker
-        .credentials
-        .issue_credential(&agent, issue(&task, 0, ""))
-        .await
-        .unwrap();
+    f.issue(&agent, &task, 0, "").await.unwrap();
+    f.issue(&agent, &task, 0, "").await.unwrap();
     assert!(matches!(
-        f.broker
-            .credentials
-            .issue_credential(&agent, issue(&task, 0, ""))
-            .await
-            .unwrap_err(),
+        f.issue(&agent, &task, 0, "").await.unwrap_err(),
         Error::ResourceExhausted(_)
     ));
     // A replay does not count against the quota.
-    f.broker
-        .credentials
-        .issue_credential(&agent, issue(&task, 0, "k"))
-        .await
-        .unwrap();
-    f.broker.tasks.start_task(&agent, start(0)).await.unwrap();
+    f.issue(&agent, &task, 0, "k").await.unwrap();
+    f.start(&agent, 0).await;
     assert!(matches!(
         f.broker
             .tasks
@@ -267,24 +262,14 @@ async fn idempotency_quota_and_ownership() {
             .unwrap_err(),
         Error::ResourceExhausted(_)
     ));
-    let done = f
-        .broker
-        .tasks
-        .complete_task(&agent, task.id.as_str())
-        .await
-        .unwrap();
+    let done = f.complete(&agent, &task).await.unwrap();
     assert_eq!(done.revoked_credentials.len(), 3);
-    let again = f
-        .broker
-        .tasks
-        .complete_task(&agent, task.id.as_str())
-        .await
-        .unwrap();
+    let again = f.complete(&agent, &task).await.unwrap();
     assert!(
         again.revoked_credentials.is_empty(),
         "completion is idempotent"
     );
-    f.broker.tasks.start_task(&agent, start(0)).await.unwrap();
+    f.start(&agent, 0).await;
 }
 
 #[tokio::test]
@@ -401,38 +386,16 @@ async fn ended_tasks_and_their_credentials_are_purged_after_the_retention_window
         .start_task(&agent, req.clone())
         .await
         .unwrap();
-    let c1 = f
-        .broker
-        .credentials
-        .issue_credential(&agent, issue(&task, 600, "c-1"))
-        .await
-        .unwrap();
-    let c2 = f
-        .broker
-        .credentials
-        .issue_credential(&agent, issue(&task, 600, ""))
-        .await
-        .unwrap();
-    f.broker
-        .tasks
-        .complete_task(&agent, task.id.as_str())
-        .await
-        .unwrap();
+    let c1 = f.issue(&agent, &task, 600, "c-1").await.unwrap();
+    let c2 = f.issue(&agent, &task, 600, "").await.unwrap();
+    f.complete(&agent, &task).await.unwrap();
     let ended = store.get_task(&task.id).await.unwrap().unwrap();
     assert_eq!(ended.purge_at, Some(ended.ended_at.unwrap() + 3_600_000));
 
     // Within the window the ended records stay readable and a retry finds the same task.
     f.clock.advance(Duration::from_millis(3_599_999));
     f.broker.reaper.reap_due().await.unwrap();
-    assert_eq!(
-        f.broker
-            .tasks
-            .get_task(&agent, task.id.as_str())
-            .await
-            .unwrap()
-            .state,
-        TaskState::Completed
-    );
+    assert_eq!(f.state_of(&agent, &task).await, TaskState::Completed);
     assert!(store.get_credential(&c1.record.id).await.unwrap().is_some());
     assert_eq!(
         f.broker
@@ -501,17 +464,9 @@ async fn audit_archival_keeps_the_store_short_and_the_whole_chain_verifiable() {
     let archive_dir = f._dir.path().join("audit-archive");
     let agent = id("spiffe://td/agent/a");
     for _ in 0..12 {
-        let t = f.broker.tasks.start_task(&agent, start(60)).await.unwrap();
-        f.broker
-            .credentials
-            .issue_credential(&agent, issue(&t, 60, ""))
-            .await
-            .unwrap();
-        f.broker
-            .tasks
-            .complete_task(&agent, t.id.as_str())
-            .await
-            .unwrap();
+        let t = f.start(&agent, 60).await;
+        f.issue(&agent, &t, 60, "").await.unwrap();
+        f.complete(&agent, &t).await.unwrap();
     }
     let store = f.broker.store().clone();
     let before = store.audit_head().await.unwrap().seq;
@@ -601,7 +556,7 @@ async fn index_entries_a_crash_left_without_their_record_are_ignored() {
     let f = fixture().await;
     let agent = id("spiffe://td/agent/a");
     let tool = id("spiffe://td/tool");
-    let task = f.broker.tasks.start_task(&agent, start(600)).await.unwrap();
+    let task = f.start(&agent, 600).await;
     let now = f.broker.now();
     let ghost = CredentialRecord {
         id: CredentialId::generate(),
@@ -626,53 +581,20 @@ async fn index_entries_a_crash_left_without_their_record_are_ignored() {
         .unwrap();
 
     // The secret does not introspect, and the idempotency key is not a replay of it.
-    assert!(
-        f.broker
-            .credentials
-            .introspect(&tool, secret.expose(), "demo-token")
-            .await
-            .unwrap()
-            .is_none()
-    );
-    let real = f
-        .broker
-        .credentials
-        .issue_credential(&agent, issue(&task, 60, "retry-1"))
-        .await
-        .unwrap();
+    assert!(!f.introspects(&tool, secret.expose()).await);
+    let real = f.issue(&agent, &task, 60, "retry-1").await.unwrap();
     assert_ne!(real.record.id, ghost.id);
     // Nor does the ghost count against the task's quota (3): two more can be issued, then no.
     for key in ["q-1", "q-2"] {
-        f.broker
-            .credentials
-            .issue_credential(&agent, issue(&task, 60, key))
-            .await
-            .unwrap();
+        f.issue(&agent, &task, 60, key).await.unwrap();
     }
-    let e = f
-        .broker
-        .credentials
-        .issue_credential(&agent, issue(&task, 60, "q-3"))
-        .await
-        .unwrap_err();
+    let e = f.issue(&agent, &task, 60, "q-3").await.unwrap_err();
     assert!(matches!(e, Error::ResourceExhausted(_)), "{e:?}");
     // The ghost's expiry entry is dropped by the reaper, and the task completes normally.
     f.clock.advance(Duration::from_secs(61));
     f.broker.reaper.reap_due().await.unwrap();
-    f.broker
-        .tasks
-        .complete_task(&agent, task.id.as_str())
-        .await
-        .unwrap();
-    assert_eq!(
-        f.broker
-            .tasks
-            .get_task(&agent, task.id.as_str())
-            .await
-            .unwrap()
-            .state,
-        TaskState::Completed
-    );
+    f.complete(&agent, &task).await.unwrap();
+    assert_eq!(f.state_of(&agent, &task).await, TaskState::Completed);
 }
 
 #[tokio::test]
@@ -680,14 +602,8 @@ async fn delegated_tasks_count_against_the_delegates_quota() {
     let f = fixture().await;
     let a = id("spiffe://td/agent/a");
     let b = id("spiffe://td/agent/b");
-    let parent = f.broker.tasks.start_task(&a, start(600)).await.unwrap();
-    let delegate = || delegation::DelegateTask {
-        parent_task_id: parent.id.to_string(),
-        delegate_spiffe_id: b.to_string(),
-        purpose: "help".into(),
-        grants: start(0).grants,
-        ttl_seconds: 60,
-    };
+    let parent = f.start(&a, 600).await;
+    let delegate = || delegate(&parent, &b);
     for _ in 0..2 {
         f.broker.tasks.delegate_task(&a, delegate()).await.unwrap();
     }
@@ -793,20 +709,11 @@ async fn a_retried_complete_task_finishes_the_cascade_a_crash_cut_short() {
     let f = fixture().await;
     let a = id("spiffe://td/agent/a");
     let b = id("spiffe://td/agent/b");
-    let parent = f.broker.tasks.start_task(&a, start(600)).await.unwrap();
+    let parent = f.start(&a, 600).await;
     let child = f
         .broker
         .tasks
-        .delegate_task(
-            &a,
-            delegation::DelegateTask {
-                parent_task_id: parent.id.to_string(),
-                delegate_spiffe_id: b.to_string(),
-                purpose: "help".into(),
-                grants: start(0).grants,
-                ttl_seconds: 60,
-            },
-        )
+        .delegate_task(&a, delegate(&parent, &b))
         .await
         .unwrap();
     // What a crash right after the parent's end leaves: the parent completed, the child live.
@@ -822,12 +729,7 @@ async fn a_retried_complete_task_finishes_the_cascade_a_crash_cut_short() {
             .unwrap()
             .is_live(f.clock.now())
     );
-    let done = f
-        .broker
-        .tasks
-        .complete_task(&a, parent.id.as_str())
-        .await
-        .unwrap();
+    let done = f.complete(&a, &parent).await.unwrap();
     assert_eq!(done.ended_tasks, vec![child.id.clone()]);
     assert!(
         !crate::store::local::LocalEngine::get_task(&*f.sled, &child.id)

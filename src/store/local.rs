@@ -73,6 +73,7 @@ pub trait LocalEngine: Send + Sync + 'static {
     fn put_upstream(&self, o: &UpstreamObject) -> Result<()>;
     fn upstream_objects(&self) -> Result<Vec<UpstreamObject>>;
     fn queue_revocation(&self, r: &Revocation) -> Result<()>;
+    /// Replaces a queued revocation; one no longer queued stays gone.
     fn update_revocation(&self, r: &Revocation) -> Result<()>;
     fn remove_revocation(&self, resource: &str, name: &str) -> Result<bool>;
     fn revocations(&self) -> Result<Vec<Revocation>>;

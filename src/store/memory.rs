@@ -221,10 +221,9 @@ impl LocalEngine for MemoryStore {
         }
         // Its children index (the children themselves stay).
         inner.children.remove(id);
-        // Its approvals, through their grant index entries.
-        for (_, aid) in inner.approval_grants.remove(id).unwrap_or_default() {
-            inner.approvals.remove(&aid);
-        }
+        // Its approvals: the current ones of its grants and those they replaced.
+        inner.approval_grants.remove(id);
+        inner.approvals.retain(|_, a| &a.task_id != id);
         if let Some(t) = &task {
             inner
                 .expiry
@@ -381,9 +380,14 @@ impl LocalEngine for MemoryStore {
     }
 
     fn update_revocation(&self, r: &Revocation) -> Result<()> {
-        self.inner()
+        // Only while it is queued: a revocation another worker finished stays finished.
+        if let Some(e) = self
+            .inner()
             .revocations
-            .insert((r.resource.clone(), r.name.clone()), r.clone());
+            .get_mut(&(r.resource.clone(), r.name.clone()))
+        {
+            *e = r.clone();
+        }
         Ok(())
     }
 
@@ -492,58 +496,21 @@ impl LocalEngine for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ApprovalState, Decision, GrantDecision};
+    use crate::model::ApprovalState;
+    use crate::store::test_records::{self, grant};
 
     fn owner() -> SpiffeId {
         SpiffeId::parse("o", "spiffe://x/a").unwrap()
     }
 
     fn task(exp: i64) -> Task {
-        Task {
-            id: TaskId::generate(),
-            owner: owner(),
-            purpose: "p".into(),
-            grants: vec![GrantDecision {
-                grant: grant(),
-                decision: Decision::Allowed,
-                reason: "x".into(),
-                approval_id: None,
-            }],
-            labels: Default::default(),
-            state: TaskState::Active,
-            created_at: 0,
-            expires_at: exp,
-            ended_at: None,
-            purge_at: None,
-            parent: None,
-            delegation_chain: vec![],
-            idempotency_key: Some("k1".into()),
-        }
-    }
-
-    fn grant() -> Grant {
-        Grant {
-            resource: "r".into(),
-            action: "a".into(),
-        }
+        test_records::task("spiffe://x/a", exp)
     }
 
     fn credential(t: &Task) -> CredentialRecord {
         CredentialRecord {
-            id: CredentialId::generate(),
-            task_id: t.id.clone(),
-            owner: t.owner.clone(),
-            resource: "r".into(),
-            action: "a".into(),
-            kind: "token".into(),
-            issued_at: 0,
-            expires_at: 2_000,
-            state: CredentialState::Active,
-            ended_at: None,
-            end_reason: None,
             idempotency_key: Some("c1".into()),
-            attributes: Default::default(),
-            delegation_chain: vec![],
+            ..test_records::credential(t)
         }
     }
 

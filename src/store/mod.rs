@@ -48,6 +48,8 @@ pub mod disk;
 pub mod local;
 pub mod memory;
 pub mod sled_store;
+#[cfg(test)]
+mod test_records;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -243,7 +245,8 @@ pub trait Uow<'s>: Send + 's {
     fn put_upstream<'a>(&'a mut self, o: &'a UpstreamObject) -> Fut<'a, ()>;
     /// Removes the account from the ledger and queues its revocation, in one step.
     fn queue_revocation<'a>(&'a mut self, r: &'a Revocation) -> Fut<'a, ()>;
-    /// Replaces a queued revocation (attempts, next attempt, last error) and ends its claim.
+    /// Replaces a queued revocation (attempts, next attempt, last error) and ends its claim; a
+    /// revocation no longer queued (another worker finished it) stays gone.
     fn update_revocation<'a>(&'a mut self, r: &'a Revocation) -> Fut<'a, ()>;
     /// Removes a revocation that succeeded. `false` if it was no longer queued.
     fn remove_revocation<'a>(&'a mut self, resource: &'a str, name: &'a str) -> Fut<'a, bool>;

@@ -147,6 +147,31 @@ fn dec<T: for<'de> Deserialize<'de>>(what: &str, b: &[u8]) -> Result<T> {
     serde_json::from_slice(b).map_err(|e| Error::Storage(format!("corrupt {what} record: {e}")))
 }
 
+/// Decodes the values of `items` (a scan of a tree), JSON records of `what`.
+fn values<T: for<'de> Deserialize<'de>>(
+    items: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+    what: &str,
+) -> Result<Vec<T>> {
+    items.map(|item| dec(what, &item.map_err(st)?.1)).collect()
+}
+
+/// The ids in `tree`'s keys under `owner`'s prefix (`owner`, then a separator): what comes after
+/// it, parsed with `parse`.
+fn ids_under<T>(
+    tree: &sled::Tree,
+    owner: &str,
+    parse: impl Fn(&str) -> Result<T>,
+) -> Result<Vec<T>> {
+    let prefix = cat(&[owner.as_bytes(), b""]);
+    tree.scan_prefix(&prefix)
+        .map(|item| {
+            parse(&String::from_utf8_lossy(
+                &item.map_err(st)?.0[prefix.len()..],
+            ))
+        })
+        .collect()
+}
+
 /// Reads and decodes one JSON record.
 fn get_record<T: for<'de> Deserialize<'de>>(
     tree: &sled::Tree,
@@ -683,11 +708,14 @@ impl LocalEngine for SledStore {
             let (k, _) = item.map_err(st)?;
             removals.push((&self.children, k.to_vec(), None));
         }
-        let approvals_prefix = cat(&[b"a", tid, b""]);
-        for item in self.idempotency.scan_prefix(&approvals_prefix) {
-            let (k, v) = item.map_err(st)?;
-            removals.push((&self.approvals, v.to_vec(), None));
-            removals.push((&self.idempotency, k.to_vec(), None));
+        // The task's approvals: by grant (the current ones) and by task (every one, replaced
+        // ones included; stores written before that index have only the first).
+        for index in [b"a".as_slice(), b"A".as_slice()] {
+            for item in self.idempotency.scan_prefix(cat(&[index, tid, b""])) {
+                let (k, v) = item.map_err(st)?;
+                removals.push((&self.approvals, v.to_vec(), None));
+                removals.push((&self.idempotency, k.to_vec(), None));
+            }
         }
         if let Some(t) = &task {
             removals.push((
@@ -723,13 +751,7 @@ impl LocalEngine for SledStore {
     }
 
     fn tasks_of_identity(&self, owner: &SpiffeId) -> Result<Vec<TaskId>> {
-        let prefix = cat(&[owner.as_str().as_bytes(), b""]);
-        let mut out = Vec::new();
-        for item in self.by_identity.scan_prefix(&prefix) {
-            let (k, _) = item.map_err(st)?;
-            out.push(TaskId::parse(&String::from_utf8_lossy(&k[prefix.len()..]))?);
-        }
-        Ok(out)
+        ids_under(&self.by_identity, owner.as_str(), TaskId::parse)
     }
 
     fn create_credential(&self, rec: &CredentialRecord, secret: &SealedSecret) -> Result<()> {
@@ -790,15 +812,7 @@ impl LocalEngine for SledStore {
     }
 
     fn credentials_of_task(&self, task: &TaskId) -> Result<Vec<CredentialId>> {
-        let prefix = cat(&[task.as_str().as_bytes(), b""]);
-        let mut out = Vec::new();
-        for item in self.by_task.scan_prefix(&prefix) {
-            let (k, _) = item.map_err(st)?;
-            out.push(CredentialId::parse(&String::from_utf8_lossy(
-                &k[prefix.len()..],
-            ))?);
-        }
-        Ok(out)
+        ids_under(&self.by_task, task.as_str(), CredentialId::parse)
     }
 
     fn due(&self, now: UnixMillis, limit: usize) -> Result<Vec<(UnixMillis, Expiring)>> {
@@ -864,23 +878,21 @@ impl LocalEngine for SledStore {
     }
 
     fn children_of(&self, task: &TaskId) -> Result<Vec<TaskId>> {
-        let prefix = cat(&[task.as_str().as_bytes(), b""]);
-        let mut out = Vec::new();
-        for item in self.children.scan_prefix(&prefix) {
-            let (k, _) = item.map_err(st)?;
-            out.push(TaskId::parse(&String::from_utf8_lossy(&k[prefix.len()..]))?);
-        }
-        Ok(out)
+        ids_under(&self.children, task.as_str(), TaskId::parse)
     }
 
     fn put_approval(&self, a: &Approval) -> Result<()> {
         let v = enc(a)?;
         let grant_key = approval_grant_key(&a.task_id, &a.grant);
         let id = a.id.as_str().as_bytes();
+        // Every approval of the task, kept when a newer request replaces it as its grant's
+        // current one: a purge finds them all through it.
+        let task_key = cat(&[b"A", a.task_id.as_str().as_bytes(), id]);
         (&self.approvals, &self.idempotency)
             .transaction(|(approvals, index)| {
                 approvals.insert(id, v.as_slice())?;
                 index.insert(grant_key.as_slice(), id)?;
+                index.insert(task_key.as_slice(), id)?;
                 Ok(())
             })
             .map_err(tx_err)
@@ -899,12 +911,7 @@ impl LocalEngine for SledStore {
     }
 
     fn list_approvals(&self) -> Result<Vec<Approval>> {
-        let mut out = Vec::new();
-        for item in self.approvals.iter() {
-            let (_, v) = item.map_err(st)?;
-            out.push(dec("approval", &v)?);
-        }
-        Ok(out)
+        values(self.approvals.iter(), "approval")
     }
 
     fn put_upstream(&self, o: &UpstreamObject) -> Result<()> {
@@ -915,12 +922,7 @@ impl LocalEngine for SledStore {
     }
 
     fn upstream_objects(&self) -> Result<Vec<UpstreamObject>> {
-        let mut out = Vec::new();
-        for item in self.upstream.iter() {
-            let (_, v) = item.map_err(st)?;
-            out.push(dec("upstream object", &v)?);
-        }
-        Ok(out)
+        values(self.upstream.iter(), "upstream object")
     }
 
     fn queue_revocation(&self, r: &Revocation) -> Result<()> {
@@ -936,8 +938,12 @@ impl LocalEngine for SledStore {
     }
 
     fn update_revocation(&self, r: &Revocation) -> Result<()> {
+        // Only while it is queued: a revocation another worker finished stays finished.
+        let v = enc(r)?;
         self.revocations
-            .insert(upstream_key(&r.resource, &r.name), enc(r)?)
+            .update_and_fetch(upstream_key(&r.resource, &r.name), |old| {
+                old.map(|_| v.clone())
+            })
             .map_err(st)?;
         Ok(())
     }
@@ -951,12 +957,7 @@ impl LocalEngine for SledStore {
     }
 
     fn revocations(&self) -> Result<Vec<Revocation>> {
-        let mut out = Vec::new();
-        for item in self.revocations.iter() {
-            let (_, v) = item.map_err(st)?;
-            out.push(dec("revocation", &v)?);
-        }
-        Ok(out)
+        values(self.revocations.iter(), "revocation")
     }
 
     fn scan_tasks(&self, after: Option<&TaskId>, limit: usize) -> Result<Vec<Task>> {
@@ -967,12 +968,7 @@ impl LocalEngine for SledStore {
             )),
             None => self.tasks.iter(),
         };
-        let mut out = Vec::new();
-        for item in iter.take(limit) {
-            let (_, v) = item.map_err(st)?;
-            out.push(dec("task", &v)?);
-        }
-        Ok(out)
+        values(iter.take(limit), "task")
     }
 
     fn set_blocked(&self, id: &SpiffeId, blocked: bool) -> Result<bool> {
@@ -1122,8 +1118,9 @@ impl Drop for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Decision, Grant, GrantDecision, Secret};
+    use crate::model::Secret;
     use crate::store::Storage;
+    use crate::store::test_records::{credential, task};
 
     /// The sealing layer over `s` (creating the data keys on a new store).
     async fn storage(s: &Arc<SledStore>, kek: &Kek) -> Storage {
@@ -1132,56 +1129,28 @@ mod tests {
             .unwrap()
     }
 
+    /// `id`'s secret opens as `secret`, and `secret` finds `id`.
+    async fn assert_sealed(storage: &Storage, id: &CredentialId, secret: &str) {
+        assert_eq!(
+            storage
+                .credential_secret(id)
+                .await
+                .unwrap()
+                .unwrap()
+                .expose(),
+            secret
+        );
+        assert_eq!(
+            storage.credential_by_secret(secret).await.unwrap(),
+            Some(id.clone())
+        );
+    }
+
     /// A sealed secret for tests that never open it.
     fn opaque_secret(n: u8) -> SealedSecret {
         SealedSecret {
             sealed: b"x".to_vec(),
             index: [n; 32],
-        }
-    }
-
-    fn task(owner: &str, exp: i64) -> Task {
-        Task {
-            id: TaskId::generate(),
-            owner: SpiffeId::parse("o", owner).unwrap(),
-            purpose: "p".into(),
-            grants: vec![GrantDecision {
-                grant: Grant {
-                    resource: "r".into(),
-                    action: "a".into(),
-                },
-                decision: Decision::Allowed,
-                reason: "x".into(),
-                approval_id: None,
-            }],
-            labels: Default::default(),
-            state: TaskState::Active,
-            created_at: 0,
-            expires_at: exp,
-            ended_at: None,
-            purge_at: None,
-            parent: None,
-            delegation_chain: vec![],
-            idempotency_key: Some("k1".into()),
-        }
-    }
-
-    fn credential(t: &Task) -> CredentialRecord {
-        CredentialRecord {
-            id: CredentialId::generate(),
-            task_id: t.id.clone(),
-            owner: t.owner.clone(),
-            resource: "r".into(),
-            action: "a".into(),
-            kind: "token".into(),
-            issued_at: 0,
-            expires_at: 2_000,
-            state: CredentialState::Active,
-            ended_at: None,
-            end_reason: None,
-            idempotency_key: None,
-            attributes: Default::default(),
-            delegation_chain: vec![],
         }
     }
 
@@ -1222,19 +1191,7 @@ mod tests {
             .unwrap();
         s.create_credential(&rec, &sealed).unwrap();
         s.durable().await.unwrap();
-        assert_eq!(
-            storage.credential_by_secret("jbt_abc").await.unwrap(),
-            Some(rec.id.clone())
-        );
-        assert_eq!(
-            storage
-                .credential_secret(&rec.id)
-                .await
-                .unwrap()
-                .unwrap()
-                .expose(),
-            "jbt_abc"
-        );
+        assert_sealed(&storage, &rec.id, "jbt_abc").await;
         let due = s.due(2_000, 10).unwrap();
         assert_eq!(due, vec![(2_000, Expiring::Credential(rec.id.clone()))]);
         assert_eq!(s.next_due().unwrap(), Some(2_000));
@@ -1270,19 +1227,7 @@ mod tests {
         );
         let s = Arc::new(SledStore::open(&db, &new).unwrap());
         let storage = storage(&s, &new).await;
-        assert_eq!(
-            storage
-                .credential_secret(&rec.id)
-                .await
-                .unwrap()
-                .unwrap()
-                .expose(),
-            "jbt_before"
-        );
-        assert_eq!(
-            storage.credential_by_secret("jbt_before").await.unwrap(),
-            Some(rec.id.clone())
-        );
+        assert_sealed(&storage, &rec.id, "jbt_before").await;
         let mut rec2 = rec.clone();
         rec2.id = CredentialId::generate();
         let sealed = storage
