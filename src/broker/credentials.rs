@@ -4,6 +4,27 @@
 
 use super::*;
 
+/// What an issuance asks for: a grant of the task, for `ttl_s` seconds (no longer than the task
+/// nor `not_after`), with an idempotency key and a `binding` recorded with the credential (see
+/// [`crate::issuers::IssueRequest::binding`]).
+pub(crate) struct Issuance {
+    pub grant: Grant,
+    pub ttl_s: u64,
+    pub idempotency_key: Option<String>,
+    pub not_after: Option<UnixMillis>,
+    pub binding: BTreeMap<String, String>,
+}
+
+/// A credential to make for a grant already decided: until when, its idempotency key, the
+/// approval it uses, and the attributes bound to it.
+pub(crate) struct Minting<'a> {
+    pub grant: &'a Grant,
+    pub expires_at: UnixMillis,
+    pub idempotency_key: Option<String>,
+    pub approval: Option<crate::model::Approval>,
+    pub binding: BTreeMap<String, String>,
+}
+
 component!(
     /// Credentials: issuance (the one path), replay, ending, revocation, introspection.
     Credentials { approvals: approvals::Approvals, revocations: upstream::Revocations }
@@ -48,18 +69,15 @@ impl Credentials {
             action: req.action,
         };
         let mut u = self.store.begin().await?;
+        let asked = Issuance {
+            grant,
+            ttl_s,
+            idempotency_key: idem,
+            not_after: None,
+            binding: BTreeMap::new(),
+        };
         let r = self
-            .issue_for_task(
-                &mut u,
-                caller,
-                &task_id,
-                &spec,
-                grant,
-                ttl_s,
-                idem,
-                None,
-                BTreeMap::new(),
-            )
+            .issue_for_task(&mut u, caller, &task_id, &spec, asked)
             .await;
         let issued = self.finish(u, r).await?;
         crate::failpoint::hit("issue-before-reply");
@@ -69,27 +87,24 @@ impl Credentials {
         Ok(issued)
     }
 
-    /// Issues a credential of `caller`'s task for `grant`, deciding it again now: the one path
+    /// Issues a credential of `caller`'s task as `asked`, deciding it again now: the one path
     /// of `IssueCredential` and the OAuth token endpoint, in the caller's unit of work (which
-    /// holds the task's lock from here on). It lives `ttl_s` seconds, no longer than the task
-    /// nor `not_after`; `binding` is recorded with it (see
-    /// [`crate::issuers::IssueRequest::binding`]).
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one issuance, its inputs named at the call"
-    )]
+    /// holds the task's lock from here on).
     pub(crate) async fn issue_for_task<'s>(
         &'s self,
         u: &mut Tx<'s>,
         caller: &SpiffeId,
         task_id: &TaskId,
         spec: &ResourceSpec,
-        grant: Grant,
-        ttl_s: u64,
-        idem: Option<String>,
-        not_after: Option<UnixMillis>,
-        binding: BTreeMap<String, String>,
+        asked: Issuance,
     ) -> Result<IssuedCredential> {
+        let Issuance {
+            grant,
+            ttl_s,
+            idempotency_key: idem,
+            not_after,
+            binding,
+        } = asked;
         let task = self.lock_owned_task(u, caller, task_id).await?;
         if let Some(key) = &idem
             && let Some(cid) = self.store.credential_by_idempotency_key(task_id, key).await?
@@ -158,10 +173,14 @@ impl Credentials {
                 });
             }
         }
-        self.mint_credential(
-            u, caller, &task, spec, &grant, expires_at, idem, approval, binding,
-        )
-        .await
+        let minted = Minting {
+            grant: &grant,
+            expires_at,
+            idempotency_key: idem,
+            approval,
+            binding,
+        };
+        self.mint_credential(u, caller, &task, spec, minted).await
     }
 
     /// Issues one credential of a task for a grant already decided: the per-task quota, the
@@ -171,22 +190,21 @@ impl Credentials {
     /// durable in a unit of its own, and `u` is replaced by a new unit that locks the task again
     /// and looks at it anew: an ended task, or a quota filled meanwhile, gets the account queued
     /// for removal instead of a credential.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one issuance, its inputs named at the call"
-    )]
     pub(crate) async fn mint_credential<'s>(
         &'s self,
         u: &mut Tx<'s>,
         caller: &SpiffeId,
         task: &Task,
         spec: &ResourceSpec,
-        grant: &Grant,
-        expires_at: UnixMillis,
-        idem: Option<String>,
-        approval: Option<crate::model::Approval>,
-        extra_attributes: BTreeMap<String, String>,
+        minted: Minting<'_>,
     ) -> Result<IssuedCredential> {
+        let Minting {
+            grant,
+            expires_at,
+            idempotency_key: idem,
+            approval,
+            binding: extra_attributes,
+        } = minted;
         let now = self.now();
         let task_id = task.id.clone();
         let indexed = self.store.credentials_of_task(&task_id).await?;

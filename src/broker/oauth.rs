@@ -433,10 +433,15 @@ impl OAuth {
             binding.insert(ATTR_CNF.to_owned(), t);
         }
         let grant = Grant { resource, action };
+        let asked = super::credentials::Issuance {
+            grant,
+            ttl_s: ttl,
+            idempotency_key: None,
+            not_after,
+            binding,
+        };
         self.credentials
-            .issue_for_task(
-                u, owner, task_id, spec, grant, ttl, None, not_after, binding,
-            )
+            .issue_for_task(u, owner, task_id, spec, asked)
             .await
     }
 

@@ -368,11 +368,16 @@ impl ToolCalls {
                         &principal,
                         &task,
                         spec,
-                        &grant,
-                        expires_at,
-                        None,
-                        approval,
-                        BTreeMap::from([(VIA_ATTRIBUTE.to_owned(), VIA_GATEWAY.to_owned())]),
+                        super::credentials::Minting {
+                            grant: &grant,
+                            expires_at,
+                            idempotency_key: None,
+                            approval,
+                            binding: BTreeMap::from([(
+                                VIA_ATTRIBUTE.to_owned(),
+                                VIA_GATEWAY.to_owned(),
+                            )]),
+                        },
                     )
                     .await;
                 let issued = match issued {
