@@ -5,7 +5,6 @@ mod common;
 
 use common::*;
 use jitbroker::api::pb;
-use jitbroker::server::Options;
 use tonic::Code;
 
 #[tokio::test]
@@ -19,19 +18,12 @@ async fn a_block_holds_for_every_role() {
             &format!("admin_ids = [\"{OPERATOR}\", \"{OPERATOR_2}\"]"),
         )
     });
-    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let r = spawn_default(&cfg).await;
     let mut op = clients(&r, OPERATOR).await;
     let mut op2 = clients(&r, OPERATOR_2).await;
     let mut approver = clients(&r, APPROVER).await;
     for target in [OPERATOR, APPROVER] {
-        op2.admin
-            .revoke_identity(pb::RevokeIdentityRequest {
-                spiffe_id: target.into(),
-                reason: "compromised".into(),
-                block: true,
-            })
-            .await
-            .unwrap();
+        op2.block(target, "compromised").await.unwrap();
     }
     // The blocked operator can neither undo its block nor act as an operator.
     let s = op
@@ -57,14 +49,7 @@ async fn a_block_holds_for_every_role() {
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
-    let s = approver
-        .admin
-        .approve(pb::ApproveRequest {
-            approval_id: "x".into(),
-            reason: "ok".into(),
-        })
-        .await
-        .unwrap_err();
+    let s = approver.approve("x", "ok").await.unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
     // Another operator lifts the block.
     op2.admin
@@ -83,64 +68,24 @@ async fn a_block_holds_for_every_role() {
 
 #[tokio::test]
 async fn revoke_identity_with_block_kills_everything_until_unblocked() {
-    let dir = dev_dir();
-    let cfg = config(dir.path(), |t| t);
-    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let (_dir, cfg, r) = start_dev().await;
     let mut a = clients(&r, AGENT).await;
     let mut b = clients(&r, AGENT_B).await;
     let mut op = clients(&r, OPERATOR).await;
     let mut tool = clients(&r, TOOL).await;
     let mut secrets = Vec::new();
     for _ in 0..3 {
-        let t = a
-            .broker
-            .start_task(start_req(
-                vec![grant("demo-token", "read"), grant("demo-jwt", "read")],
-                600,
-            ))
-            .await
-            .unwrap()
-            .into_inner();
+        let t = a.start(both_demos(), 600).await;
         for res in ["demo-token", "demo-jwt"] {
-            secrets.push((
-                res,
-                a.broker
-                    .issue_credential(issue_req(&t.task_id, res, 300))
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .secret,
-            ));
+            secrets.push((res, a.issue(&t.task_id, res, 300).await.secret));
         }
     }
-    let tb = b
-        .broker
-        .start_task(start_req(vec![grant("demo-token", "read")], 600))
-        .await
-        .unwrap()
-        .into_inner();
-    let sb = b
-        .broker
-        .issue_credential(issue_req(&tb.task_id, "demo-token", 300))
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
+    let tb = b.start(vec![grant("demo-token", "read")], 600).await;
+    let sb = b.issue(&tb.task_id, "demo-token", 300).await.secret;
 
     // An operator ends one task of another agent: its credential dies, the rest stays.
-    let tb2 = b
-        .broker
-        .start_task(start_req(vec![grant("demo-token", "read")], 600))
-        .await
-        .unwrap()
-        .into_inner();
-    let sb2 = b
-        .broker
-        .issue_credential(issue_req(&tb2.task_id, "demo-token", 300))
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
+    let tb2 = b.start(vec![grant("demo-token", "read")], 600).await;
+    let sb2 = b.issue(&tb2.task_id, "demo-token", 300).await.secret;
     let mut opr = clients(&r, OPERATOR).await;
     let rt = opr
         .admin
@@ -153,7 +98,7 @@ async fn revoke_identity_with_block_kills_everything_until_unblocked() {
         .into_inner();
     assert_eq!(rt.revoked_tasks, vec![tb2.task_id.clone()]);
     assert_eq!(rt.revoked_credential_ids.len(), 1);
-    assert!(!introspect(&mut tool, &sb2, "demo-token").await.active);
+    assert!(!active(&mut tool, &sb2, "demo-token").await);
     let unknown = "tsk_00000000000000000000000000000000";
     assert_eq!(
         opr.admin
@@ -169,15 +114,7 @@ async fn revoke_identity_with_block_kills_everything_until_unblocked() {
     drop(opr);
 
     // An agent calling Admin is refused.
-    let s = a
-        .admin
-        .revoke_identity(pb::RevokeIdentityRequest {
-            spiffe_id: AGENT_B.into(),
-            reason: "x".into(),
-            block: true,
-        })
-        .await
-        .unwrap_err();
+    let s = a.block(AGENT_B, "x").await.unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied);
     assert_eq!(
         a.admin
@@ -188,23 +125,14 @@ async fn revoke_identity_with_block_kills_everything_until_unblocked() {
         Code::PermissionDenied
     );
 
-    let out = op
-        .admin
-        .revoke_identity(pb::RevokeIdentityRequest {
-            spiffe_id: AGENT.into(),
-            reason: "compromised".into(),
-            block: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let out = op.block(AGENT, "compromised").await.unwrap();
     assert_eq!(out.revoked_credential_ids.len(), 6);
     assert_eq!(out.revoked_tasks.len(), 3);
     for (res, s) in &secrets {
-        assert!(!introspect(&mut tool, s, res).await.active);
+        assert!(!active(&mut tool, s, res).await);
     }
     assert!(
-        introspect(&mut tool, &sb, "demo-token").await.active,
+        active(&mut tool, &sb, "demo-token").await,
         "other identities untouched"
     );
     let s = a
@@ -215,29 +143,9 @@ async fn revoke_identity_with_block_kills_everything_until_unblocked() {
     assert_eq!(s.code(), Code::PermissionDenied);
     assert!(s.message().contains("blocked"));
 
-    let list = op
-        .admin
-        .list_tasks(pb::ListTasksRequest {
-            spiffe_id: AGENT.into(),
-            state: pb::TaskState::Revoked as i32,
-            page_size: 2,
-            page_token: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let list = revoked_page(&mut op, String::new()).await;
     assert_eq!(list.tasks.len(), 2);
-    let rest = op
-        .admin
-        .list_tasks(pb::ListTasksRequest {
-            spiffe_id: AGENT.into(),
-            state: pb::TaskState::Revoked as i32,
-            page_size: 2,
-            page_token: list.next_page_token,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let rest = revoked_page(&mut op, list.next_page_token).await;
     assert_eq!(rest.tasks.len(), 1);
 
     let u = op
@@ -250,23 +158,13 @@ async fn revoke_identity_with_block_kills_everything_until_unblocked() {
         .unwrap()
         .into_inner();
     assert!(u.was_blocked);
-    a.broker
-        .start_task(start_req(vec![grant("demo-token", "read")], 600))
-        .await
-        .unwrap();
+    a.start(vec![grant("demo-token", "read")], 600).await;
 
     // The block survives a restart.
-    op.admin
-        .revoke_identity(pb::RevokeIdentityRequest {
-            spiffe_id: AGENT_B.into(),
-            reason: "x".into(),
-            block: true,
-        })
-        .await
-        .unwrap();
+    op.block(AGENT_B, "x").await.unwrap();
     drop((a, b, op, tool));
     r.stop().await;
-    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let r = spawn_default(&cfg).await;
     let mut b = clients(&r, AGENT_B).await;
     assert_eq!(
         b.broker
@@ -280,6 +178,20 @@ async fn revoke_identity_with_block_kills_everything_until_unblocked() {
     r.stop().await;
 }
 
+/// A page of two of `AGENT`'s revoked tasks, as the operator `op` lists them.
+async fn revoked_page(op: &mut Clients, page_token: String) -> pb::ListTasksResponse {
+    op.admin
+        .list_tasks(pb::ListTasksRequest {
+            spiffe_id: AGENT.into(),
+            state: pb::TaskState::Revoked as i32,
+            page_size: 2,
+            page_token,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// `Admin.VerifyAudit` on a running broker, as the operator.
 async fn verify_live(r: &Running) -> pb::VerifyAuditResponse {
     let mut op = clients(r, OPERATOR).await;
@@ -290,44 +202,28 @@ async fn verify_live(r: &Running) -> pb::VerifyAuditResponse {
         .into_inner()
 }
 
+/// Read grants on both demo resources.
+fn both_demos() -> Vec<pb::Grant> {
+    vec![grant("demo-token", "read"), grant("demo-jwt", "read")]
+}
+
 async fn busy_broker(dir: &std::path::Path) -> (Running, Vec<String>) {
     let cfg = config(dir, |t| t);
-    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let r = spawn_default(&cfg).await;
     let mut a = clients(&r, AGENT).await;
     let mut tool = clients(&r, TOOL).await;
     let mut secrets = Vec::new();
     for i in 0..10 {
-        let t = a
-            .broker
-            .start_task(start_req(
-                vec![grant("demo-token", "read"), grant("demo-jwt", "read")],
-                600,
-            ))
-            .await
-            .unwrap()
-            .into_inner();
+        let t = a.start(both_demos(), 600).await;
         for res in ["demo-token", "demo-jwt"] {
-            let c = a
-                .broker
-                .issue_credential(issue_req(&t.task_id, res, 300))
-                .await
-                .unwrap()
-                .into_inner();
-            assert!(introspect(&mut tool, &c.secret, res).await.active);
+            let c = a.issue(&t.task_id, res, 300).await;
+            assert!(active(&mut tool, &c.secret, res).await);
             if i % 3 == 0 {
-                a.broker
-                    .revoke_credential(pb::RevokeCredentialRequest {
-                        credential_id: c.credential_id,
-                    })
-                    .await
-                    .unwrap();
+                a.revoke(&c.credential_id).await;
             }
             secrets.push(c.secret);
         }
-        a.broker
-            .complete_task(pb::CompleteTaskRequest { task_id: t.task_id })
-            .await
-            .unwrap();
+        a.complete(&t.task_id).await;
     }
     let _ = tool
         .broker
@@ -348,9 +244,7 @@ async fn audit_chain_detects_tampering_through_admin_and_offline() {
     let cfg = config(dir.path(), |t| t);
     let db_path = dir.path().join("db");
     let offline = |cfg: &jitbroker::config::Config| {
-        let kek = jitbroker::store::crypto::Kek::load(&cfg.kek_file).unwrap();
-        let store = jitbroker::store::SledStore::open(&cfg.data_dir.join("db"), &kek).unwrap();
-        futures::executor::block_on(jitbroker::audit::verify(&store, None)).unwrap()
+        futures::executor::block_on(jitbroker::audit::verify(&open_store(cfg), None)).unwrap()
     };
     assert!(offline(&cfg).ok);
 
@@ -374,11 +268,7 @@ async fn audit_chain_detects_tampering_through_admin_and_offline() {
     };
     for (name, tamper) in [("flip", flip), ("delete", delete), ("swap", swap)] {
         let copy = tempfile::tempdir().unwrap();
-        for (p, bytes) in all_bytes(dir.path()) {
-            let dst = copy.path().join(p.strip_prefix(dir.path()).unwrap());
-            std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
-            std::fs::write(dst, bytes).unwrap();
-        }
+        copy_dir(dir.path(), copy.path());
         {
             let db = sled::open(copy.path().join("db")).unwrap();
             tamper(&db.open_tree("audit").unwrap());
@@ -390,7 +280,7 @@ async fn audit_chain_detects_tampering_through_admin_and_offline() {
         assert!(!v.ok, "{name} not detected");
         assert_eq!(v.first_bad_seq, 17, "{name}: {}", v.reason);
         // And through the live Admin API.
-        let r = spawn(&c, Options::default()).await.unwrap();
+        let r = spawn_default(&c).await;
         let v = verify_live(&r).await;
         assert!(!v.ok);
         assert_eq!(v.first_bad_seq, 17, "{name}: {}", v.reason);
@@ -403,7 +293,7 @@ async fn audit_chain_detects_tampering_through_admin_and_offline() {
 async fn no_secret_in_audit_export_or_metrics_and_counters_move() {
     let dir = dev_dir();
     let (r, secrets) = busy_broker(dir.path()).await;
-    let metrics = reqwest_get(r.ops_addr, "/metrics").await;
+    let metrics = ops_get(r.ops_addr, "/metrics").await;
     assert!(
         metrics.contains("jitbroker_credentials_issued_total{kind=\"token\"} 10"),
         "{metrics}"
@@ -425,17 +315,11 @@ async fn no_secret_in_audit_export_or_metrics_and_counters_move() {
         "{metrics}"
     );
     assert!(metrics.contains("jitbroker_request_duration_seconds_bucket{method=\"jitbroker.v1.Broker/IssueCredential\",le=\"+Inf\"} 20"));
-    assert!(reqwest_get(r.ops_addr, "/readyz").await.contains("ready"));
+    assert!(ops_get(r.ops_addr, "/readyz").await.contains("ready"));
     r.stop().await;
 
-    let cfg = config(dir.path(), |t| t);
-    let kek = jitbroker::store::crypto::Kek::load(&cfg.kek_file).unwrap();
-    let store = jitbroker::store::SledStore::open(&cfg.data_dir.join("db"), &kek).unwrap();
-    let mut export = Vec::new();
-    let n =
-        futures::executor::block_on(jitbroker::audit::export(&store, None, &mut export)).unwrap();
+    let (n, text) = audit_export(&config(dir.path(), |t| t));
     assert!(n > 80);
-    let text = String::from_utf8(export).unwrap();
     assert!(text.contains("\"kind\":\"credential_issued\""));
     assert!(text.contains("\"purpose\":\"summarise ticket 42\""));
     assert!(text.contains("\"reason\":\"revoked\""));
@@ -444,18 +328,6 @@ async fn no_secret_in_audit_export_or_metrics_and_counters_move() {
         assert!(!text.contains(tail), "secret in the audit export");
         assert!(!metrics.contains(tail), "secret in the metrics");
     }
-}
-
-/// A plain HTTP/1 GET on the ops port.
-async fn reqwest_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 #[tokio::test]
@@ -469,7 +341,7 @@ async fn archived_audit_entries_stay_one_verifiable_chain() {
     // The archiver's first pass runs as the broker starts.
     let cfg = config(dir.path(), |t| t);
     let archive = cfg.audit_archive_dir();
-    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let r = spawn_default(&cfg).await;
     eventually("segments archived", || async {
         jitbroker::audit::archive::segments(&archive).is_ok_and(|s| s.len() >= 4)
     })
@@ -477,7 +349,7 @@ async fn archived_audit_entries_stay_one_verifiable_chain() {
     let v = verify_live(&r).await;
     assert!(v.ok, "{}", v.reason);
     assert!(v.entries > 80, "{} entries", v.entries);
-    let metrics = reqwest_get(r.ops_addr, "/metrics").await;
+    let metrics = ops_get(r.ops_addr, "/metrics").await;
     assert!(
         metrics
             .lines()
@@ -486,8 +358,7 @@ async fn archived_audit_entries_stay_one_verifiable_chain() {
     );
     r.stop().await;
 
-    let kek = jitbroker::store::crypto::Kek::load(&cfg.kek_file).unwrap();
-    let store = jitbroker::store::SledStore::open(&cfg.data_dir.join("db"), &kek).unwrap();
+    let store = open_store(&cfg);
     use jitbroker::store::Store;
     let in_store = futures::executor::block_on(store.audit_scan(0, usize::MAX))
         .unwrap()
@@ -508,14 +379,6 @@ async fn archived_audit_entries_stay_one_verifiable_chain() {
     assert_eq!(v.first_bad_seq, 1, "{}", v.reason);
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    for (path, bytes) in all_bytes(from) {
-        let dest = to.join(path.strip_prefix(from).unwrap());
-        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-        std::fs::write(dest, bytes).unwrap();
-    }
-}
-
 #[tokio::test]
 async fn a_restore_from_an_older_backup_says_what_it_rolls_back_and_blocks_again() {
     let dir = dev_dir();
@@ -527,28 +390,18 @@ async fn a_restore_from_an_older_backup_says_what_it_rolls_back_and_blocks_again
             anchor_file.display().to_string()
         )
     });
-    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let r = spawn_default(&cfg).await;
     let mut a = clients(&r, AGENT).await;
-    a.broker
-        .start_task(start_req(vec![grant("demo-token", "read")], 600))
-        .await
-        .unwrap();
+    a.start(vec![grant("demo-token", "read")], 600).await;
     drop(a);
     r.stop().await;
     let backup = tempfile::tempdir().unwrap();
     copy_dir(&dir.path().join("db"), backup.path());
 
     // After the backup: the agent is blocked.
-    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let r = spawn_default(&cfg).await;
     let mut op = clients(&r, OPERATOR).await;
-    op.admin
-        .revoke_identity(pb::RevokeIdentityRequest {
-            spiffe_id: AGENT.into(),
-            reason: "compromised".into(),
-            block: true,
-        })
-        .await
-        .unwrap();
+    op.block(AGENT, "compromised").await.unwrap();
     drop(op);
     r.stop().await;
     let anchor: serde_json::Value =
@@ -558,7 +411,7 @@ async fn a_restore_from_an_older_backup_says_what_it_rolls_back_and_blocks_again
     // The store comes back from the backup: the block is in the anchor, not in the store.
     std::fs::remove_dir_all(dir.path().join("db")).unwrap();
     copy_dir(backup.path(), &dir.path().join("db"));
-    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let r = spawn_default(&cfg).await;
     let mut a = clients(&r, AGENT).await;
     let s = a
         .broker

@@ -9,41 +9,52 @@ use jitbroker::api::pb;
 use jitbroker::server::Options;
 use tonic::Code;
 
+/// The published JWKS, as the verifier `c` gets it.
+async fn jwks(c: &mut Clients) -> String {
+    c.verifier
+        .get_jwks(pb::GetJwksRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .jwks_json
+}
+
+/// The code a GetTask call gets over a new channel with `tls` (`Unavailable` when the channel
+/// cannot be made).
+async fn get_task_code(r: &Running, tls: rustls::ClientConfig) -> Code {
+    match channel(r.addr, tls).await {
+        Ok(ch) => BrokerClient::new(ch)
+            .get_task(pb::GetTaskRequest {
+                task_id: "x".into(),
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .code(),
+        Err(_) => Code::Unavailable,
+    }
+}
+
 #[tokio::test]
 async fn full_lifecycle_token_and_jwt() {
-    let dir = dev_dir();
-    let cfg = config(dir.path(), |t| t);
-    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let (_dir, _cfg, r) = start_dev().await;
     let mut agent = clients(&r, AGENT).await;
     let mut tool = clients(&r, TOOL).await;
 
     let task = agent
-        .broker
-        .start_task(start_req(
+        .start(
             vec![grant("demo-token", "read"), grant("demo-jwt", "read")],
             600,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+        )
+        .await;
     assert_eq!(task.state, pb::TaskState::Active as i32);
     assert_eq!(task.spiffe_id, AGENT);
     assert!(task.grants.iter().all(
         |g| g.decision == pb::Decision::Allowed as i32 && g.reason.contains("dev-agents-demo")
     ));
 
-    let tok = agent
-        .broker
-        .issue_credential(issue_req(&task.task_id, "demo-token", 60))
-        .await
-        .unwrap()
-        .into_inner();
-    let jwt = agent
-        .broker
-        .issue_credential(issue_req(&task.task_id, "demo-jwt", 60))
-        .await
-        .unwrap()
-        .into_inner();
+    let tok = agent.issue(&task.task_id, "demo-token", 60).await;
+    let jwt = agent.issue(&task.task_id, "demo-jwt", 60).await;
     assert!(tok.secret.starts_with("jbt_"));
     assert_eq!(jwt.kind, "jwt");
 
@@ -52,9 +63,9 @@ async fn full_lifecycle_token_and_jwt() {
     assert_eq!(i.spiffe_id, AGENT);
     assert_eq!(i.task_id, task.task_id);
     assert_eq!(i.credential_id, tok.credential_id);
-    assert!(introspect(&mut tool, &jwt.secret, "demo-jwt").await.active);
+    assert!(active(&mut tool, &jwt.secret, "demo-jwt").await);
     // A credential is only active for its own resource.
-    assert!(!introspect(&mut tool, &tok.secret, "demo-jwt").await.active);
+    assert!(!active(&mut tool, &tok.secret, "demo-jwt").await);
     // An agent is no verifier.
     let err = agent
         .verifier
@@ -67,13 +78,7 @@ async fn full_lifecycle_token_and_jwt() {
     assert_eq!(err.code(), Code::PermissionDenied);
 
     // Offline JWT verification with the published keys.
-    let jwks_json = tool
-        .verifier
-        .get_jwks(pb::GetJwksRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .jwks_json;
+    let jwks_json = jwks(&mut tool).await;
     let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&jwks_json).unwrap();
     let header = jsonwebtoken::decode_header(&jwt.secret).unwrap();
     let kid = header.kid.clone().unwrap();
@@ -93,34 +98,16 @@ async fn full_lifecycle_token_and_jwt() {
     wrong_aud.set_audience(&["demo-token"]);
     assert!(jsonwebtoken::decode::<serde_json::Value>(&jwt.secret, &key, &wrong_aud).is_err());
 
-    let done = agent
-        .broker
-        .complete_task(pb::CompleteTaskRequest {
-            task_id: task.task_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let done = agent.complete(&task.task_id).await;
     let mut revoked = done.revoked_credential_ids.clone();
     revoked.sort();
     let mut want = vec![tok.credential_id.clone(), jwt.credential_id.clone()];
     want.sort();
     assert_eq!(revoked, want);
     assert_eq!(done.revoked_tasks, vec![task.task_id.clone()]);
-    assert!(
-        !introspect(&mut tool, &tok.secret, "demo-token")
-            .await
-            .active
-    );
-    assert!(!introspect(&mut tool, &jwt.secret, "demo-jwt").await.active);
-    let t = agent
-        .broker
-        .get_task(pb::GetTaskRequest {
-            task_id: task.task_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    assert!(!active(&mut tool, &tok.secret, "demo-token").await);
+    assert!(!active(&mut tool, &jwt.secret, "demo-jwt").await);
+    let t = agent.task(&task.task_id).await;
     assert_eq!(t.state, pb::TaskState::Completed as i32);
     let err = agent
         .broker
@@ -138,28 +125,14 @@ async fn credential_is_inactive_at_its_ttl_without_the_reaper() {
     let (r, clock) = spawn_manual(dir.path()).await;
     let mut agent = clients(&r, AGENT).await;
     let mut tool = clients(&r, TOOL).await;
-    let task = agent
-        .broker
-        .start_task(start_req(vec![grant("demo-token", "read")], 600))
-        .await
-        .unwrap()
-        .into_inner();
-    let c = agent
-        .broker
-        .issue_credential(issue_req(&task.task_id, "demo-token", 2))
-        .await
-        .unwrap()
-        .into_inner();
+    let task = agent.start(vec![grant("demo-token", "read")], 600).await;
+    let c = agent.issue(&task.task_id, "demo-token", 2).await;
     clock.advance(Duration::from_millis(1999));
-    assert!(introspect(&mut tool, &c.secret, "demo-token").await.active);
+    assert!(active(&mut tool, &c.secret, "demo-token").await);
     clock.advance(Duration::from_millis(1));
-    assert!(!introspect(&mut tool, &c.secret, "demo-token").await.active);
+    assert!(!active(&mut tool, &c.secret, "demo-token").await);
     // The task outlives it and can still issue.
-    agent
-        .broker
-        .issue_credential(issue_req(&task.task_id, "demo-token", 2))
-        .await
-        .unwrap();
+    agent.issue(&task.task_id, "demo-token", 2).await;
     drop((agent, tool));
     r.stop().await;
 }
@@ -169,143 +142,45 @@ async fn restart_keeps_state() {
     let dir = dev_dir();
     let (r, clock) = spawn_manual(dir.path()).await;
     let mut agent = clients(&r, AGENT).await;
-    let start = |ttl| {
-        start_req(
-            vec![grant("demo-token", "read"), grant("demo-jwt", "read")],
-            ttl,
-        )
-    };
-    let live_task = agent
-        .broker
-        .start_task(start(600))
-        .await
-        .unwrap()
-        .into_inner();
-    let done_task = agent
-        .broker
-        .start_task(start(600))
-        .await
-        .unwrap()
-        .into_inner();
-    let live = agent
-        .broker
-        .issue_credential(issue_req(&live_task.task_id, "demo-token", 600))
-        .await
-        .unwrap()
-        .into_inner();
-    let live_jwt = agent
-        .broker
-        .issue_credential(issue_req(&live_task.task_id, "demo-jwt", 600))
-        .await
-        .unwrap()
-        .into_inner();
-    let short = agent
-        .broker
-        .issue_credential(issue_req(&live_task.task_id, "demo-token", 5))
-        .await
-        .unwrap()
-        .into_inner();
-    let revoked = agent
-        .broker
-        .issue_credential(issue_req(&live_task.task_id, "demo-token", 600))
-        .await
-        .unwrap()
-        .into_inner();
-    agent
-        .broker
-        .revoke_credential(pb::RevokeCredentialRequest {
-            credential_id: revoked.credential_id.clone(),
-        })
-        .await
-        .unwrap();
-    let of_done = agent
-        .broker
-        .issue_credential(issue_req(&done_task.task_id, "demo-token", 600))
-        .await
-        .unwrap()
-        .into_inner();
-    agent
-        .broker
-        .complete_task(pb::CompleteTaskRequest {
-            task_id: done_task.task_id.clone(),
-        })
-        .await
-        .unwrap();
+    let grants = || vec![grant("demo-token", "read"), grant("demo-jwt", "read")];
+    let live_task = agent.start(grants(), 600).await;
+    let done_task = agent.start(grants(), 600).await;
+    let live = agent.issue(&live_task.task_id, "demo-token", 600).await;
+    let live_jwt = agent.issue(&live_task.task_id, "demo-jwt", 600).await;
+    let short = agent.issue(&live_task.task_id, "demo-token", 5).await;
+    let revoked = agent.issue(&live_task.task_id, "demo-token", 600).await;
+    agent.revoke(&revoked.credential_id).await;
+    let of_done = agent.issue(&done_task.task_id, "demo-token", 600).await;
+    agent.complete(&done_task.task_id).await;
     drop(agent);
     r.stop().await;
 
     clock.advance(Duration::from_secs(10));
     let cfg = config(dir.path(), |t| t);
-    let r = spawn(
-        &cfg,
-        Options {
-            clock: std::sync::Arc::new(clock.clone()),
-            reaper: true,
-        },
-    )
-    .await
-    .unwrap();
+    let r = spawn(&cfg, clock_options(&clock, true)).await.unwrap();
     let mut agent = clients(&r, AGENT).await;
     let mut tool = clients(&r, TOOL).await;
+    assert!(active(&mut tool, &live.secret, "demo-token").await);
+    assert!(active(&mut tool, &live_jwt.secret, "demo-jwt").await);
     assert!(
-        introspect(&mut tool, &live.secret, "demo-token")
-            .await
-            .active
-    );
-    assert!(
-        introspect(&mut tool, &live_jwt.secret, "demo-jwt")
-            .await
-            .active
-    );
-    assert!(
-        !introspect(&mut tool, &short.secret, "demo-token")
-            .await
-            .active,
+        !active(&mut tool, &short.secret, "demo-token").await,
         "expired stays dead"
     );
     assert!(
-        !introspect(&mut tool, &revoked.secret, "demo-token")
-            .await
-            .active,
+        !active(&mut tool, &revoked.secret, "demo-token").await,
         "revoked stays dead"
     );
-    assert!(
-        !introspect(&mut tool, &of_done.secret, "demo-token")
-            .await
-            .active
-    );
-    let state = |t: pb::Task| t.state;
-    let get = |id: String| pb::GetTaskRequest { task_id: id };
+    assert!(!active(&mut tool, &of_done.secret, "demo-token").await);
     assert_eq!(
-        state(
-            agent
-                .broker
-                .get_task(get(live_task.task_id.clone()))
-                .await
-                .unwrap()
-                .into_inner()
-        ),
+        agent.task(&live_task.task_id).await.state,
         pb::TaskState::Active as i32
     );
     assert_eq!(
-        state(
-            agent
-                .broker
-                .get_task(get(done_task.task_id.clone()))
-                .await
-                .unwrap()
-                .into_inner()
-        ),
+        agent.task(&done_task.task_id).await.state,
         pb::TaskState::Completed as i32
     );
     // The JWT signing key survived the restart: the old JWT still verifies with the new JWKS.
-    let jwks_json = tool
-        .verifier
-        .get_jwks(pb::GetJwksRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .jwks_json;
+    let jwks_json = jwks(&mut tool).await;
     let kid = jsonwebtoken::decode_header(&live_jwt.secret)
         .unwrap()
         .kid
@@ -317,22 +192,10 @@ async fn restart_keeps_state() {
 
 #[tokio::test]
 async fn wrong_kek_fails_clearly_and_overwrites_nothing() {
-    let dir = dev_dir();
-    let cfg = config(dir.path(), |t| t);
-    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let (dir, cfg, r) = start_dev().await;
     let mut agent = clients(&r, AGENT).await;
-    let task = agent
-        .broker
-        .start_task(start_req(vec![grant("demo-token", "read")], 600))
-        .await
-        .unwrap()
-        .into_inner();
-    let c = agent
-        .broker
-        .issue_credential(issue_req(&task.task_id, "demo-token", 600))
-        .await
-        .unwrap()
-        .into_inner();
+    let task = agent.start(vec![grant("demo-token", "read")], 600).await;
+    let c = agent.issue(&task.task_id, "demo-token", 600).await;
     drop(agent);
     r.stop().await;
 
@@ -357,71 +220,40 @@ async fn wrong_kek_fails_clearly_and_overwrites_nothing() {
     after.sort();
     assert!(before == after, "nothing under the data directory changed");
 
-    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let r = spawn_default(&cfg).await;
     let mut tool = clients(&r, TOOL).await;
-    assert!(introspect(&mut tool, &c.secret, "demo-token").await.active);
+    assert!(active(&mut tool, &c.secret, "demo-token").await);
     drop(tool);
     r.stop().await;
 }
 
 #[tokio::test]
 async fn bad_input_gets_the_designed_status() {
-    let dir = dev_dir();
-    let cfg = config(dir.path(), |t| t);
-    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let (_dir, _cfg, r) = start_dev().await;
     let mut a = clients(&r, AGENT).await;
     let mut b = clients(&r, AGENT_B).await;
 
-    // No client certificate: the handshake is refused (mTLS is mandatory).
+    // No client certificate: the handshake is refused (mTLS is mandatory); nor does a
+    // certificate from another CA get in.
     let (_, _, bundle) = mint(&r.data_dir, AGENT);
-    let anon = match channel(r.addr, tls_config(&bundle, None)).await {
-        Ok(ch) => BrokerClient::new(ch)
-            .get_task(pb::GetTaskRequest {
-                task_id: "x".into(),
-            })
-            .await
-            .map(|_| ())
-            .unwrap_err()
-            .code(),
-        Err(_) => Code::Unavailable,
-    };
-    assert!(
-        matches!(
-            anon,
-            Code::Unavailable | Code::Unauthenticated | Code::Unknown
-        ),
-        "{anon:?}"
-    );
-
-    // A certificate from another CA.
     let other = tempfile::tempdir().unwrap();
     let (chain, key, _) = mint(other.path(), AGENT);
-    let foreign = match channel(r.addr, tls_config(&bundle, Some((&chain, &key)))).await {
-        Ok(ch) => BrokerClient::new(ch)
-            .get_task(pb::GetTaskRequest {
-                task_id: "x".into(),
-            })
-            .await
-            .map(|_| ())
-            .unwrap_err()
-            .code(),
-        Err(_) => Code::Unavailable,
-    };
-    assert!(
-        matches!(
-            foreign,
-            Code::Unavailable | Code::Unauthenticated | Code::Unknown
-        ),
-        "{foreign:?}"
-    );
+    for (who, tls) in [
+        ("anonymous", tls_config(&bundle, None)),
+        ("foreign", tls_config(&bundle, Some((&chain, &key)))),
+    ] {
+        let code = get_task_code(&r, tls).await;
+        assert!(
+            matches!(
+                code,
+                Code::Unavailable | Code::Unauthenticated | Code::Unknown
+            ),
+            "{who}: {code:?}"
+        );
+    }
 
     // Another agent's task reads as unknown.
-    let task = a
-        .broker
-        .start_task(start_req(vec![grant("demo-token", "read")], 600))
-        .await
-        .unwrap()
-        .into_inner();
+    let task = a.start(vec![grant("demo-token", "read")], 600).await;
     for code in [
         b.broker
             .get_task(pb::GetTaskRequest {
@@ -523,10 +355,7 @@ async fn bad_input_gets_the_designed_status() {
     assert_eq!(s.code(), Code::PermissionDenied);
 
     // The broker is still fine after all that.
-    a.broker
-        .issue_credential(issue_req(&task.task_id, "demo-token", 60))
-        .await
-        .unwrap();
+    a.issue(&task.task_id, "demo-token", 60).await;
     drop((a, b, tool));
     r.stop().await;
 }
@@ -535,27 +364,14 @@ async fn bad_input_gets_the_designed_status() {
 /// parse) do not stop the reaper: the credential behind them still expires and is ended.
 #[tokio::test]
 async fn corrupt_expiry_entries_do_not_stop_the_reaper() {
-    use jitbroker::broker::{Clock, ManualClock};
-    use std::sync::Arc;
     let dir = dev_dir();
     let cfg = config(dir.path(), |t| t);
-    let clock = ManualClock::new();
-    let opts = || Options {
-        clock: Arc::new(clock.clone()) as Arc<dyn Clock>,
-        reaper: true,
-    };
+    let clock = jitbroker::broker::ManualClock::new();
+    let opts = || clock_options(&clock, true);
     let r = spawn(&cfg, opts()).await.unwrap();
     let mut c = clients(&r, AGENT).await;
-    let task = c
-        .broker
-        .start_task(start_req(vec![grant("demo-token", "read")], 600))
-        .await
-        .unwrap()
-        .into_inner();
-    c.broker
-        .issue_credential(issue_req(&task.task_id, "demo-token", 60))
-        .await
-        .unwrap();
+    let task = c.start(vec![grant("demo-token", "read")], 600).await;
+    c.issue(&task.task_id, "demo-token", 60).await;
     drop(c);
     r.stop().await;
     {

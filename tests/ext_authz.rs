@@ -7,14 +7,18 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::gateway::{GATEWAY, TASK_HEADER, authz_client, configure};
+use common::gateway::{
+    GATEWAY, TASK_HEADER, authz_client, configure, mcp_call, ticket_and_mcp_grants, tickets_task,
+};
 use common::*;
 use envoy_types::pb::envoy::config::core::v3::{Metadata, SocketAddress, address::Address};
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use jitbroker::api::pb;
+use tonic::transport::Channel;
 
 /// A check request for `agent` calling `method host path` with `headers` and `body`.
 fn check(
@@ -53,14 +57,6 @@ fn check(
             ..Default::default()
         }),
     }
-}
-
-fn mcp_call(id: i64, tool: &str, args: serde_json::Value) -> String {
-    serde_json::json!({
-        "jsonrpc": "2.0", "id": id, "method": "tools/call",
-        "params": {"name": tool, "arguments": args}
-    })
-    .to_string()
 }
 
 /// (allowed, injected headers, headers to remove, denial body)
@@ -113,32 +109,29 @@ fn answer(r: CheckResponse) -> Answer {
     }
 }
 
+/// The gateway's answer to `req` (the call itself must succeed).
+async fn decide(gw: &mut AuthorizationClient<Channel>, req: CheckRequest) -> Answer {
+    answer(gw.check(req).await.unwrap().into_inner())
+}
+
+/// An MCP call by `AGENT` under `task` with `body`.
+fn mcp_post(task: &str, body: &str) -> CheckRequest {
+    check(AGENT, "POST", "/mcp", &[(TASK_HEADER, task)], Some(body))
+}
+
 async fn start_task(c: &mut Clients, grants: Vec<pb::Grant>) -> String {
-    c.broker
-        .start_task(start_req(grants, 600))
-        .await
-        .expect("start task")
-        .into_inner()
-        .task_id
+    c.start(grants, 600).await.task_id
 }
 
 #[tokio::test]
 async fn tool_calls_are_decided_injected_and_audited() {
     let dir = dev_dir();
     let cfg = configure(dir.path());
-    let r = spawn(&cfg, Default::default()).await.expect("spawn");
+    let r = spawn_default(&cfg).await;
     let mut gw = authz_client(&r, GATEWAY).await;
     let mut agent = clients(&r, AGENT).await;
     let mut tool = clients(&r, TOOL).await;
-    let task = start_task(
-        &mut agent,
-        vec![
-            grant("tickets", "read"),
-            grant("helpdesk-mcp", "list"),
-            grant("helpdesk-mcp", "call"),
-        ],
-    )
-    .await;
+    let task = start_task(&mut agent, ticket_and_mcp_grants()).await;
 
     // Allowed: the credential is injected over the agent's own header, the task header and the
     // agent's authorization are removed, and the credential introspects as the agent's.
@@ -149,7 +142,7 @@ async fn tool_calls_are_decided_injected_and_audited() {
         &[(TASK_HEADER, &task), ("authorization", "Bearer agent-own")],
         None,
     );
-    let a = answer(gw.check(req.clone()).await.unwrap().into_inner());
+    let a = decide(&mut gw, req.clone()).await;
     assert!(a.allowed, "{}", a.body);
     let value = a.set.get("authorization").expect("injected authorization");
     let secret = value.strip_prefix("Bearer ").expect("Bearer format");
@@ -163,7 +156,7 @@ async fn tool_calls_are_decided_injected_and_audited() {
 
     // A burst under one task reuses the credential instead of minting one per call.
     for _ in 0..20 {
-        let again = answer(gw.check(req.clone()).await.unwrap().into_inner());
+        let again = decide(&mut gw, req.clone()).await;
         assert_eq!(again.set.get("authorization"), Some(value));
     }
 
@@ -179,33 +172,11 @@ async fn tool_calls_are_decided_injected_and_audited() {
     // MCP: an allowed tool passes with the JWT in x-api-key; a forbidden tool is denied by name
     // as a JSON-RPC tool error; tools/list goes by its own route.
     let body = mcp_call(7, "lookup_ticket", serde_json::json!({"id": 42}));
-    let ok = answer(
-        gw.check(check(
-            AGENT,
-            "POST",
-            "/mcp",
-            &[(TASK_HEADER, &task)],
-            Some(&body),
-        ))
-        .await
-        .unwrap()
-        .into_inner(),
-    );
+    let ok = decide(&mut gw, mcp_post(&task, &body)).await;
     assert!(ok.allowed, "{}", ok.body);
     assert_eq!(ok.set.get("x-api-key").unwrap().split('.').count(), 3);
     let body = mcp_call(8, "delete_ticket", serde_json::json!({"id": 42}));
-    let no = answer(
-        gw.check(check(
-            AGENT,
-            "POST",
-            "/mcp",
-            &[(TASK_HEADER, &task)],
-            Some(&body),
-        ))
-        .await
-        .unwrap()
-        .into_inner(),
-    );
+    let no = decide(&mut gw, mcp_post(&task, &body)).await;
     assert!(!no.allowed);
     assert_eq!(no.status, 403);
     let v: serde_json::Value = serde_json::from_str(&no.body).unwrap();
@@ -222,39 +193,17 @@ async fn tool_calls_are_decided_injected_and_audited() {
         serde_json::json!(["no-ticket-deletion"])
     );
     let list = r#"{"jsonrpc":"2.0","id":9,"method":"tools/list"}"#;
-    let l = answer(
-        gw.check(check(
-            AGENT,
-            "POST",
-            "/mcp",
-            &[(TASK_HEADER, &task)],
-            Some(list),
-        ))
-        .await
-        .unwrap()
-        .into_inner(),
-    );
+    let l = decide(&mut gw, mcp_post(&task, list)).await;
     assert!(l.allowed, "{}", l.body);
     let unrouted = r#"{"jsonrpc":"2.0","id":10,"method":"resources/read","params":{}}"#;
-    let u = answer(
-        gw.check(check(
-            AGENT,
-            "POST",
-            "/mcp",
-            &[(TASK_HEADER, &task)],
-            Some(unrouted),
-        ))
-        .await
-        .unwrap()
-        .into_inner(),
-    );
+    let u = decide(&mut gw, mcp_post(&task, unrouted)).await;
     assert!(!u.allowed);
     assert!(u.body.contains("no route takes MCP method"), "{}", u.body);
 
     // Denied: no task, an unknown task, another agent's task, no route, a method the route
     // does not take, a path that could mean something else upstream, a truncated MCP body.
     let mut other = clients(&r, AGENT_B).await;
-    let others = start_task(&mut other, vec![grant("tickets", "read")]).await;
+    let others = tickets_task(&mut other).await;
     let unknown = "tsk_0000000000000000000000000000000a";
     for (req, why) in [
         (check(AGENT, "GET", "/tickets/1", &[], None), "no task"),
@@ -304,16 +253,13 @@ async fn tool_calls_are_decided_injected_and_audited() {
             ),
             "truncated",
         ),
-        (
-            check(AGENT, "POST", "/mcp", &[(TASK_HEADER, &task)], Some("[{}]")),
-            "batches",
-        ),
+        (mcp_post(&task, "[{}]"), "batches"),
         (
             check("", "GET", "/tickets/1", &[(TASK_HEADER, &task)], None),
             "no verified agent",
         ),
     ] {
-        let a = answer(gw.check(req).await.unwrap().into_inner());
+        let a = decide(&mut gw, req).await;
         assert!(!a.allowed, "{why}");
         assert_eq!(a.status, 403);
         let b = a.body.replace("only part of the body", "truncated");
@@ -321,14 +267,8 @@ async fn tool_calls_are_decided_injected_and_audited() {
     }
 
     // After CompleteTask the same call is denied at once, and the credential is dead.
-    agent
-        .broker
-        .complete_task(pb::CompleteTaskRequest {
-            task_id: task.clone(),
-        })
-        .await
-        .unwrap();
-    let a = answer(gw.check(req.clone()).await.unwrap().into_inner());
+    agent.complete(&task).await;
+    let a = decide(&mut gw, req.clone()).await;
     assert!(!a.allowed);
     assert!(a.body.contains("COMPLETED"), "{}", a.body);
     assert!(!introspect(&mut tool, secret, "tickets").await.active);
@@ -339,7 +279,7 @@ async fn tool_calls_are_decided_injected_and_audited() {
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
 
     // Metrics and audit: every decision counted and recorded, no secret in either.
-    let metrics = http_get(&r.ops_addr.to_string(), "/metrics").await.unwrap();
+    let metrics = ops_get(r.ops_addr, "/metrics").await;
     assert!(
         metrics.contains("jitbroker_tool_calls_total{decision=\"allowed\"} 23"),
         "{metrics}"
@@ -352,11 +292,7 @@ async fn tool_calls_are_decided_injected_and_audited() {
     assert!(!metrics.contains(distinctive_part(secret)));
     r.stop().await;
 
-    let kek = jitbroker::store::crypto::Kek::load(&cfg.kek_file).unwrap();
-    let store = jitbroker::store::SledStore::open(&cfg.data_dir.join("db"), &kek).unwrap();
-    let mut export = Vec::new();
-    futures::executor::block_on(jitbroker::audit::export(&store, None, &mut export)).unwrap();
-    let text = String::from_utf8(export).unwrap();
+    let (_, text) = audit_export(&cfg);
     assert!(
         !text.contains(distinctive_part(secret)),
         "secret in the audit trail"
@@ -388,19 +324,7 @@ async fn tool_calls_are_decided_injected_and_audited() {
 async fn tool_arguments_and_approvals_decide_each_call() {
     let dir = dev_dir();
     let cfg = configure(dir.path());
-    let (r, clock) = {
-        let clock = jitbroker::broker::ManualClock::new();
-        let r = spawn(
-            &cfg,
-            jitbroker::server::Options {
-                clock: std::sync::Arc::new(clock.clone()),
-                reaper: false,
-            },
-        )
-        .await
-        .unwrap();
-        (r, clock)
-    };
+    let (r, clock) = spawn_manual_cfg(&cfg).await;
     let mut gw = authz_client(&r, GATEWAY).await;
     let mut agent = clients(&r, AGENT).await;
     let mut approver = clients(&r, "spiffe://jitbroker.dev/approver").await;
@@ -419,9 +343,9 @@ async fn tool_arguments_and_approvals_decide_each_call() {
         )
     };
 
-    let small = answer(gw.check(call(40.into())).await.unwrap().into_inner());
+    let small = decide(&mut gw, call(40.into())).await;
     assert!(small.allowed, "{}", small.body);
-    let wrong_type = answer(gw.check(call("forty".into())).await.unwrap().into_inner());
+    let wrong_type = decide(&mut gw, call("forty".into())).await;
     assert!(!wrong_type.allowed);
     assert!(
         wrong_type.body.contains("amount is not a whole number"),
@@ -430,7 +354,7 @@ async fn tool_arguments_and_approvals_decide_each_call() {
     );
 
     // A large refund waits for a human; once approved it passes once, with its own credential.
-    let big = answer(gw.check(call(500.into())).await.unwrap().into_inner());
+    let big = decide(&mut gw, call(500.into())).await;
     assert!(!big.allowed);
     let v: serde_json::Value = serde_json::from_str(&big.body).unwrap();
     let meta = &v["result"]["_meta"]["jitbroker"];
@@ -442,40 +366,36 @@ async fn tool_arguments_and_approvals_decide_each_call() {
         meta["policies"],
         serde_json::json!(["large-refunds-need-approval"])
     );
-    let again = answer(gw.check(call(500.into())).await.unwrap().into_inner());
+    let again = decide(&mut gw, call(500.into())).await;
     assert!(
         again.body.contains(&approval),
         "the same request stays pending"
     );
     approver
-        .admin
-        .approve(pb::ApproveRequest {
-            approval_id: approval.clone(),
-            reason: "customer verified".into(),
-        })
+        .approve(&approval, "customer verified")
         .await
         .unwrap();
-    let approved = answer(gw.check(call(500.into())).await.unwrap().into_inner());
+    let approved = decide(&mut gw, call(500.into())).await;
     assert!(approved.allowed, "{}", approved.body);
     assert_ne!(
         approved.set.get("authorization"),
         small.set.get("authorization")
     );
-    let next = answer(gw.check(call(500.into())).await.unwrap().into_inner());
+    let next = decide(&mut gw, call(500.into())).await;
     assert!(!next.allowed, "an approval is used by one call");
     assert!(!next.body.contains(&approval));
 
     // Expiry on the broker's clock: the reused credential is replaced once it runs low, and
     // the task's end denies at once.
     clock.advance(Duration::from_secs(250));
-    let later = answer(gw.check(call(10.into())).await.unwrap().into_inner());
+    let later = decide(&mut gw, call(10.into())).await;
     assert!(later.allowed);
     assert_ne!(
         later.set.get("authorization"),
         small.set.get("authorization")
     );
     clock.advance(Duration::from_secs(400));
-    let expired = answer(gw.check(call(10.into())).await.unwrap().into_inner());
+    let expired = decide(&mut gw, call(10.into())).await;
     assert!(!expired.allowed);
     assert!(expired.body.contains("EXPIRED"), "{}", expired.body);
     r.stop().await;
@@ -488,7 +408,7 @@ async fn tool_arguments_and_approvals_decide_each_call() {
 async fn agentgateway_shaped_request_is_decided() {
     let dir = dev_dir();
     let cfg = configure(dir.path());
-    let r = spawn(&cfg, Default::default()).await.unwrap();
+    let r = spawn_default(&cfg).await;
     let mut gw = authz_client(&r, GATEWAY).await;
     let mut agent = clients(&r, AGENT).await;
     let task = start_task(&mut agent, vec![grant("helpdesk-mcp", "call")]).await;
@@ -542,16 +462,12 @@ async fn agentgateway_shaped_request_is_decided() {
             ..Default::default()
         }),
     };
-    let a = answer(gw.check(req).await.unwrap().into_inner());
+    let a = decide(&mut gw, req).await;
     assert!(a.allowed, "{}", a.body);
     assert!(a.set.contains_key("x-api-key"));
     r.stop().await;
 
-    let kek = jitbroker::store::crypto::Kek::load(&cfg.kek_file).unwrap();
-    let store = jitbroker::store::SledStore::open(&cfg.data_dir.join("db"), &kek).unwrap();
-    let mut export = Vec::new();
-    futures::executor::block_on(jitbroker::audit::export(&store, None, &mut export)).unwrap();
-    let text = String::from_utf8(export).unwrap();
+    let (_, text) = audit_export(&cfg);
     assert!(
         text.contains(traceparent),
         "the trace id is in the audit entry"
@@ -564,11 +480,11 @@ async fn agentgateway_shaped_request_is_decided() {
 async fn delegated_tasks_and_blocked_agents() {
     let dir = dev_dir();
     let cfg = configure(dir.path());
-    let r = spawn(&cfg, Default::default()).await.unwrap();
+    let r = spawn_default(&cfg).await;
     let mut gw = authz_client(&r, GATEWAY).await;
     let mut agent = clients(&r, AGENT).await;
     let mut operator = clients(&r, OPERATOR).await;
-    let parent = start_task(&mut agent, vec![grant("tickets", "read")]).await;
+    let parent = tickets_task(&mut agent).await;
     let child = agent
         .broker
         .delegate_task(pb::DelegateTaskRequest {
@@ -584,23 +500,15 @@ async fn delegated_tasks_and_blocked_agents() {
         .task_id;
     let get =
         |who: &str, task: &str| check(who, "GET", "/tickets/42", &[(TASK_HEADER, task)], None);
-    let a = answer(gw.check(get(AGENT_B, &child)).await.unwrap().into_inner());
+    let a = decide(&mut gw, get(AGENT_B, &child)).await;
     assert!(a.allowed, "{}", a.body);
-    let a = answer(gw.check(get(AGENT, &child)).await.unwrap().into_inner());
+    let a = decide(&mut gw, get(AGENT, &child)).await;
     assert!(!a.allowed, "the delegator cannot use the delegate's task");
-    let a = answer(gw.check(get(AGENT_B, &parent)).await.unwrap().into_inner());
+    let a = decide(&mut gw, get(AGENT_B, &parent)).await;
     assert!(!a.allowed, "the delegate cannot use the parent task");
 
-    operator
-        .admin
-        .revoke_identity(pb::RevokeIdentityRequest {
-            spiffe_id: AGENT_B.into(),
-            reason: "incident".into(),
-            block: true,
-        })
-        .await
-        .unwrap();
-    let a = answer(gw.check(get(AGENT_B, &child)).await.unwrap().into_inner());
+    operator.block(AGENT_B, "incident").await.unwrap();
+    let a = decide(&mut gw, get(AGENT_B, &child)).await;
     assert!(!a.allowed);
     assert!(a.body.contains("blocked"), "{}", a.body);
     r.stop().await;
@@ -615,21 +523,12 @@ async fn agents_behind_the_gateway_are_rate_limited_not_the_gateway() {
     let cfg = config(dir.path(), |t| {
         format!("{t}\n[server]\nrequests_per_identity_per_second = 2\n")
     });
-    let clock = jitbroker::broker::ManualClock::new();
-    let r = spawn(
-        &cfg,
-        jitbroker::server::Options {
-            clock: std::sync::Arc::new(clock.clone()),
-            reaper: false,
-        },
-    )
-    .await
-    .unwrap();
+    let (r, _clock) = spawn_manual_cfg(&cfg).await;
     let mut gw = authz_client(&r, GATEWAY).await;
     let mut a = clients(&r, AGENT).await;
     let mut b = clients(&r, AGENT_B).await;
-    let task_a = start_task(&mut a, vec![grant("tickets", "read")]).await;
-    let task_b = start_task(&mut b, vec![grant("tickets", "read")]).await;
+    let task_a = tickets_task(&mut a).await;
+    let task_b = tickets_task(&mut b).await;
     let call =
         |who: &str, task: &str| check(who, "GET", "/tickets/1", &[(TASK_HEADER, task)], None);
     // The broker's clock stands still: no budget comes back during the burst.
@@ -650,7 +549,7 @@ async fn agents_behind_the_gateway_are_rate_limited_not_the_gateway() {
     }
     assert!((1..30).contains(&allowed), "allowed {allowed}");
     assert_eq!(allowed + limited, 30);
-    let other = answer(gw.check(call(AGENT_B, &task_b)).await.unwrap().into_inner());
+    let other = decide(&mut gw, call(AGENT_B, &task_b)).await;
     assert!(
         other.allowed,
         "another agent keeps its own budget: {}",

@@ -7,7 +7,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use jitbroker::server::Options;
 
 const PARTNER: &str = "spiffe://partner.example/agent/p";
 
@@ -18,11 +17,10 @@ fn setup(
     jwt: bool,
 ) -> (tempfile::TempDir, jitbroker::config::Config) {
     let dir = dev_dir();
-    let mut policy = std::fs::read_to_string(dir.path().join("policy.cedar")).unwrap();
-    policy.push_str(
+    append_policy(
+        dir.path(),
         "\n@id(\"partner-agents\")\npermit(principal, action == Action::\"read\", resource == Resource::\"demo-token\")\nwhen { principal.trust_domain == \"partner.example\" };\n",
     );
-    std::fs::write(dir.path().join("policy.cedar"), policy).unwrap();
     let tds = authorized
         .iter()
         .map(|t| format!("{t:?}"))
@@ -41,11 +39,7 @@ fn setup(
             "trust_domain = \"jitbroker.dev\"\n",
             &format!("trust_domain = \"jitbroker.dev\"\nauthorized_trust_domains = [{tds}]\n{fed}"),
         );
-        if jwt {
-            t.replace("# jwt_audience = ", "jwt_audience = ")
-        } else {
-            t
-        }
+        if jwt { enable_jwt_svids(t) } else { t }
     });
     (dir, cfg)
 }
@@ -59,7 +53,7 @@ async fn partner_gets_in(
 ) -> Result<String, String> {
     let partner_ca = partner_dir.join("dev/ca.pem");
     let (dir, cfg) = setup(authorized, with_bundle.then_some(partner_ca.as_path()), jwt);
-    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let r = spawn_default(&cfg).await;
     // The partner's SVID, from the partner's CA; the broker is trusted through its own bundle.
     let partner = jitbroker::identity::dev::ensure_dev_ca(partner_dir, "partner.example").unwrap();
     let svid = partner

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use common::*;
 use jitbroker::identity::{DevCa, DevJwtKey};
-use jitbroker::server::Options;
 
 const SERVER_ID: &str = "spiffe://jitbroker.dev/jitbroker";
 
@@ -36,28 +35,21 @@ async fn files_source_reloads_svid_and_jwt_bundle_without_restart() {
     std::fs::create_dir_all(&helper).unwrap();
     let ca = jitbroker::identity::dev::ensure_dev_ca(d, "jitbroker.dev").unwrap();
     write_server_svid(&ca, &helper);
-    let key1 = DevJwtKey::new(
-        p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng),
-        "jitbroker.dev",
-    );
-    let key2 = DevJwtKey::new(
-        p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng),
-        "jitbroker.dev",
-    );
+    let key1 = random_jwt_key("jitbroker.dev");
+    let key2 = random_jwt_key("jitbroker.dev");
     let jwt_file = helper.join("jwt_bundle.json");
     std::fs::write(&jwt_file, key1.bundle_json().to_string()).unwrap();
     let h = helper.display();
     let cfg = config(d, |t| {
-        t.replace(
+        enable_jwt_svids(t.replace(
             "source = \"dev\"\n",
             &format!(
                 "source = \"files\"\nsvid_file = \"{h}/svid.pem\"\nsvid_key_file = \"{h}/svid_key.pem\"\n\
                  bundle_file = \"{h}/svid_bundle.pem\"\njwt_bundle_file = \"{h}/jwt_bundle.json\"\n"
             ),
-        )
-        .replace("# jwt_audience = ", "jwt_audience = ")
+        ))
     });
-    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let r = spawn_default(&cfg).await;
     let (chain, key, bundle) = mint(d, AGENT);
     let tls = tls_config(&bundle, Some((&chain, &key)));
     let first = server_cert_serial(r.addr, tls.clone()).await;

@@ -6,13 +6,16 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::envoy::https;
-use common::gateway::{GATEWAY, TASK_HEADER, configure};
+use common::envoy::{
+    assert_denied_completed, borrowed, first_allowed_call, https, tool_behind_gateway,
+    with_own_authorization,
+};
+use common::gateway::{GATEWAY, TASK_HEADER, configure, tickets_task};
+use common::tools::{self, KillOnDrop, docs_block, replace_all};
 use common::*;
-use jitbroker::api::pb;
 
 /// The agent's certificate as nginx's `$ssl_client_escaped_cert` passes it.
 fn escaped(pem: &str) -> String {
@@ -36,13 +39,7 @@ fn leaf(chain: &str) -> String {
 
 async fn task_for(r: &Running, who: &str) -> (Clients, String) {
     let mut c = clients(r, who).await;
-    let t = c
-        .broker
-        .start_task(start_req(vec![grant("tickets", "read")], 600))
-        .await
-        .unwrap()
-        .into_inner()
-        .task_id;
+    let t = tickets_task(&mut c).await;
     (c, t)
 }
 
@@ -50,17 +47,15 @@ async fn task_for(r: &Running, who: &str) -> (Clients, String) {
 async fn forward_auth_decides_as_proxies_ask() {
     let dir = dev_dir();
     let cfg = configure(dir.path());
-    let r = spawn(&cfg, Default::default()).await.unwrap();
+    let r = spawn_default(&cfg).await;
     let fa = r.forward_auth_addr.expect("forward-auth listener");
-    let (gw_chain, gw_key, bundle) = mint(&r.data_dir, GATEWAY);
-    let gw_tls = tls_config(&bundle, Some((&gw_chain, &gw_key)));
+    let gw_tls = tls_as(&r.data_dir, GATEWAY);
     let (agent_chain, _, _) = mint(&r.data_dir, AGENT);
     let agent_cert = leaf(&agent_chain);
     let (mut agent, task) = task_for(&r, AGENT).await;
     let mut tool = clients(&r, TOOL).await;
     let ask = |headers: Vec<(&'static str, String)>, tls: rustls::ClientConfig| async move {
-        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        https(fa, tls, "GET", "/forward-auth", &h, "")
+        https(fa, tls, "GET", "/forward-auth", &borrowed(&headers), "")
             .await
             .unwrap()
     };
@@ -75,10 +70,16 @@ async fn forward_auth_decides_as_proxies_ask() {
     let resp = ask(nginx.clone(), gw_tls.clone()).await;
     assert_eq!(resp.status, 200, "{resp:?}");
     // Only the configured path ([gateway] forward_auth_path) answers.
-    let h: Vec<(&str, &str)> = nginx.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let elsewhere = https(fa, gw_tls.clone(), "GET", "/forward-auth/x", &h, "")
-        .await
-        .unwrap();
+    let elsewhere = https(
+        fa,
+        gw_tls.clone(),
+        "GET",
+        "/forward-auth/x",
+        &borrowed(&nginx),
+        "",
+    )
+    .await
+    .unwrap();
     assert_eq!(elsewhere.status, 404, "{elsewhere:?}");
     assert!(
         elsewhere.body.contains("forward_auth_path"),
@@ -134,21 +135,12 @@ async fn forward_auth_decides_as_proxies_ask() {
     let mut two_families = nginx.clone();
     two_families.push(("x-forwarded-uri", "/billing".to_owned()));
     assert_eq!(ask(two_families, gw_tls.clone()).await.status, 400);
-    let (a_chain, a_key, _) = mint(&r.data_dir, AGENT);
-    let not_gateway = tls_config(&bundle, Some((&a_chain, &a_key)));
+    let not_gateway = tls_as(&r.data_dir, AGENT);
     assert_eq!(ask(nginx.clone(), not_gateway).await.status, 403);
 
     // After CompleteTask: denied at once.
-    agent
-        .broker
-        .complete_task(pb::CompleteTaskRequest {
-            task_id: task.clone(),
-        })
-        .await
-        .unwrap();
-    let resp = ask(nginx, gw_tls).await;
-    assert_eq!(resp.status, 403);
-    assert!(resp.body.contains("COMPLETED"), "{}", resp.body);
+    agent.complete(&task).await;
+    assert_denied_completed(&ask(nginx, gw_tls).await, "");
     r.stop().await;
 }
 
@@ -160,17 +152,7 @@ async fn raw_header(
     name: &str,
 ) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tls = tls;
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut s = connector
-        .connect(
-            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
+    let mut s = tls_connect(addr, http1(tls)).await.unwrap();
     let mut req = "GET /forward-auth HTTP/1.1\r\nhost: x\r\nconnection: close\r\n".to_owned();
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
@@ -191,33 +173,11 @@ async fn raw_header(
 /// nginx: `JITBROKER_NGINX`, then `nginx` on PATH, then `/usr/sbin/nginx`. Skips when absent
 /// unless `JITBROKER_REQUIRE_NGINX=1`.
 fn nginx_binary() -> Option<PathBuf> {
-    let found = std::env::var_os("JITBROKER_NGINX")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("PATH").and_then(|p| {
-                std::env::split_paths(&p)
-                    .map(|d| d.join("nginx"))
-                    .find(|f| f.is_file())
-            })
-        })
-        .or_else(|| Some(PathBuf::from("/usr/sbin/nginx")).filter(|p| p.is_file()));
-    if found.is_none() {
-        assert!(
-            std::env::var("JITBROKER_REQUIRE_NGINX").as_deref() != Ok("1"),
-            "JITBROKER_REQUIRE_NGINX=1 but no nginx (apt-get install nginx-light)"
-        );
-        eprintln!("skipping: no nginx");
-    }
-    found
-}
-
-struct Nginx(Child);
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    tools::binary(
+        "nginx",
+        Some(PathBuf::from("/usr/sbin/nginx")),
+        "apt-get install nginx-light",
+    )
 }
 
 /// The nginx configuration of docs/gateways.md with the test's addresses and files.
@@ -228,15 +188,6 @@ fn nginx_config(
     tool: SocketAddr,
     files: &[(&str, PathBuf)],
 ) -> String {
-    let page =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/gateways.md"))
-            .unwrap();
-    let start = page
-        .find("<!-- nginx-config -->\n```nginx\n")
-        .expect("marked nginx config");
-    let rest = &page[start..];
-    let body = &rest[rest.find("```nginx\n").unwrap() + 9..];
-    let mut server = body[..body.find("```").unwrap()].to_owned();
     let mut subst = vec![
         (
             "listen 443 ssl;".to_owned(),
@@ -258,13 +209,7 @@ fn nginx_config(
     for (from, to) in files {
         subst.push(((*from).to_owned(), to.display().to_string()));
     }
-    for (from, to) in subst {
-        assert!(
-            server.contains(&from),
-            "docs/gateways.md nginx config lost {from:?}"
-        );
-        server = server.replace(&from, &to);
-    }
+    let server = replace_all(docs_block("nginx-config", "nginx"), "nginx config", &subst);
     let d = dir.display();
     let root = Command::new("id")
         .arg("-u")
@@ -284,14 +229,11 @@ async fn nginx_auth_request_injects_the_credential_and_fails_closed() {
     let Some(bin) = nginx_binary() else { return };
     let dir = dev_dir();
     let cfg = configure(dir.path());
-    let r = spawn(&cfg, Default::default()).await.unwrap();
+    let r = spawn_default(&cfg).await;
     let fa = r.forward_auth_addr.unwrap();
-    let tool = clients(&r, TOOL).await;
-    let (tool_addr, seen) = common::envoy::tool_server(tool.verifier.clone()).await;
-    let (mut agent, task) = task_for(&r, AGENT).await;
-
     let work = tempfile::tempdir().unwrap();
-    let files = common::gateway::gateway_files(&r.data_dir, work.path());
+    let (tool_addr, seen, files) = tool_behind_gateway(&r, work.path()).await;
+    let (mut agent, task) = task_for(&r, AGENT).await;
     let port = free_port();
     let conf = nginx_config(
         work.path(),
@@ -316,42 +258,27 @@ async fn nginx_auth_request_injects_the_credential_and_fails_closed() {
         .stderr(Stdio::null())
         .spawn()
         .expect("start nginx");
-    let _nginx = Nginx(child);
+    let _nginx = KillOnDrop(child);
     let listen = SocketAddr::from(([127, 0, 0, 1], port));
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(listen).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let (chain, akey, abundle) = mint(&r.data_dir, AGENT);
-    let agent_tls = tls_config(&abundle, Some((&chain, &akey)));
+    poll_until(100, Duration::from_millis(50), || async {
+        tokio::net::TcpStream::connect(listen).await.is_ok()
+    })
+    .await;
+    let agent_tls = tls_as(&r.data_dir, AGENT);
     let call = |headers: Vec<(&'static str, String)>| {
         let tls = agent_tls.clone();
         async move {
-            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            https(listen, tls, "GET", "/tickets/42", &h, "")
+            https(listen, tls, "GET", "/tickets/42", &borrowed(&headers), "")
                 .await
                 .unwrap()
         }
     };
     let log = || std::fs::read_to_string(work.path().join("error.log")).unwrap_or_default();
 
-    let resp = call(vec![
-        (TASK_HEADER, task.clone()),
-        ("authorization", "Bearer agent-own-token".into()),
-    ])
-    .await;
+    let resp = call(with_own_authorization(&task)).await;
     assert_eq!(resp.status, 200, "{resp:?}\n{}", log());
-    let v: serde_json::Value = serde_json::from_str(&resp.body).unwrap();
-    assert_eq!(v["active"], true, "{v}");
-    assert_eq!(v["spiffe_id"], AGENT);
-    assert_eq!(v["task_id"], task.as_str());
-    let got = seen.all();
-    assert_eq!(got.len(), 1);
-    let auth = got[0].get("authorization").expect("injected").clone();
+    let auth = first_allowed_call(&resp, &seen, &task);
     assert!(auth.starts_with("Bearer jbt_"), "{auth}");
-    assert!(!got[0].contains_key(TASK_HEADER), "task header removed");
     let secret = auth.trim_start_matches("Bearer ");
     assert!(!resp.head.contains(&secret.to_lowercase()) && !resp.body.contains(secret));
 
@@ -387,13 +314,7 @@ async fn nginx_auth_request_injects_the_credential_and_fails_closed() {
     }
     assert_eq!(seen.all().len(), 1, "denied calls never reach the tool");
 
-    agent
-        .broker
-        .complete_task(pb::CompleteTaskRequest {
-            task_id: task.clone(),
-        })
-        .await
-        .unwrap();
+    agent.complete(&task).await;
     assert_eq!(call(vec![(TASK_HEADER, task.clone())]).await.status, 403);
 
     let (_c, task2) = task_for(&r, AGENT).await;

@@ -5,11 +5,13 @@
 
 mod common;
 
-use common::envoy::tool_server;
-use common::gateway::{TASK_HEADER, configure};
-use common::proxies::{self, Kind, https};
+use common::envoy::{
+    assert_denied, assert_denied_completed, borrowed, https_to_host, replaced_by_broker_token,
+    tool_behind_gateway, with_own_authorization,
+};
+use common::gateway::{TASK_HEADER, configure, mcp_call, ticket_and_mcp_grants, tickets_task};
+use common::proxies::{self, HOST, Kind};
 use common::*;
-use jitbroker::api::pb;
 
 /// The base64 DER of the leaf in `chain_pem` (what a proxy passes for a verified agent).
 fn leaf_b64(chain_pem: &str) -> String {
@@ -25,18 +27,14 @@ async fn forward_auth_through(kind: Kind) {
     let Some(bin) = kind.binary() else { return };
     let dir = dev_dir();
     let cfg = configure(dir.path());
-    let r = spawn(&cfg, Default::default()).await.expect("spawn");
+    let r = spawn_default(&cfg).await;
     let fa = r.forward_auth_addr.expect("a forward-auth listener");
     let mut agent = clients(&r, AGENT).await;
     let mut other = clients(&r, AGENT_B).await;
-    let tool = clients(&r, TOOL).await;
-    let (tool_addr, seen) = tool_server(tool.verifier.clone()).await;
-
     let files_dir = tempfile::tempdir().unwrap();
-    let files = common::gateway::gateway_files(&r.data_dir, files_dir.path());
+    let (tool_addr, seen, files) = tool_behind_gateway(&r, files_dir.path()).await;
 
-    let (chain, key, bundle) = mint(&r.data_dir, AGENT);
-    let agent_tls = tls_config(&bundle, Some((&chain, &key)));
+    let agent_tls = tls_as(&r.data_dir, AGENT);
     let proxy = proxies::start(
         kind,
         &bin,
@@ -54,8 +52,7 @@ async fn forward_auth_through(kind: Kind) {
                 body: String| {
         let tls = agent_tls.clone();
         async move {
-            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            https(listen, tls, method, path, &h, &body)
+            https_to_host(listen, tls, HOST, method, path, &borrowed(&headers), &body)
                 .await
                 .expect("call through the proxy")
         }
@@ -63,54 +60,18 @@ async fn forward_auth_through(kind: Kind) {
     let call = |method: &'static str, headers: Vec<(&'static str, String)>| {
         send(method, "/tickets/42", headers, String::new())
     };
-    let task = agent
-        .broker
-        .start_task(start_req(
-            vec![
-                grant("tickets", "read"),
-                grant("helpdesk-mcp", "list"),
-                grant("helpdesk-mcp", "call"),
-            ],
-            600,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .task_id;
+    let task = agent.start(ticket_and_mcp_grants(), 600).await.task_id;
 
     // Allowed: the tool gets a live credential bound to the agent and the task, never the
     // agent's own authorization nor the task header; the agent's response holds no credential.
-    let resp = call(
-        "GET",
-        vec![
-            (TASK_HEADER, task.clone()),
-            ("authorization", "Bearer agent-own-token".into()),
-        ],
-    )
-    .await;
+    let resp = call("GET", with_own_authorization(&task)).await;
     assert_eq!(resp.status, 200, "{kind:?}: {resp:?}\n{}", proxy.log_text());
-    let v: serde_json::Value = serde_json::from_str(&resp.body).unwrap();
-    assert_eq!(v["active"], true, "{kind:?}: {v}");
-    assert_eq!(v["spiffe_id"], AGENT);
-    assert_eq!(v["task_id"], task.as_str());
-    let got = seen.all();
-    assert_eq!(got.len(), 1);
-    let auth = got[0].get("authorization").expect("injected").clone();
-    let secret = auth.strip_prefix("Bearer jbt_").expect("a broker token");
-    assert!(!got[0].contains_key(TASK_HEADER), "task header stripped");
-    assert!(!auth.contains("agent-own-token"));
-    assert!(!resp.head.contains(secret) && !resp.body.contains(secret));
+    replaced_by_broker_token(&resp, &seen, &task);
 
     // Denied before the tool: another agent's task, also with that agent's certificate in the
     // headers the broker reads the agent from (the proxy sets or drops them), and a POST that
     // claims to be a GET.
-    let others = other
-        .broker
-        .start_task(start_req(vec![grant("tickets", "read")], 600))
-        .await
-        .unwrap()
-        .into_inner()
-        .task_id;
+    let others = tickets_task(&mut other).await;
     let (b_chain, _, _) = mint(&r.data_dir, AGENT_B);
     let b_cert = leaf_b64(&b_chain);
     for (method, headers) in [
@@ -133,9 +94,7 @@ async fn forward_auth_through(kind: Kind) {
         ),
     ] {
         let resp = call(method, headers.clone()).await;
-        assert_eq!(resp.status, 403, "{kind:?} {method} {headers:?}: {resp:?}");
-        let v: serde_json::Value = serde_json::from_str(&resp.body).expect("JSON denial");
-        assert_eq!(v["error"], "denied");
+        assert_denied(&resp, &format!("{kind:?} {method} {headers:?}"));
     }
     assert_eq!(seen.all().len(), 1, "denied calls never reach the tool");
     let mut reached = 1;
@@ -143,11 +102,7 @@ async fn forward_auth_through(kind: Kind) {
     // MCP through Traefik, which forwards the body (forwardBody): an allowed tool passes with the
     // JWT in x-api-key; a forbidden one gets a JSON-RPC tool error naming the policy.
     if kind == Kind::Traefik {
-        let mcp = |id: u32, tool: &str| {
-            serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
-                "params": {"name": tool, "arguments": {"id": 42}}})
-            .to_string()
-        };
+        let mcp = |id, tool| mcp_call(id, tool, serde_json::json!({"id": 42}));
         let headers = vec![
             (TASK_HEADER, task.clone()),
             ("content-type", "application/json".to_owned()),
@@ -176,25 +131,12 @@ async fn forward_auth_through(kind: Kind) {
     }
 
     // After CompleteTask the same call is denied at once.
-    agent
-        .broker
-        .complete_task(pb::CompleteTaskRequest {
-            task_id: task.clone(),
-        })
-        .await
-        .unwrap();
+    agent.complete(&task).await;
     let resp = call("GET", vec![(TASK_HEADER, task.clone())]).await;
-    assert_eq!(resp.status, 403, "{kind:?}: {resp:?}");
-    assert!(resp.body.contains("COMPLETED"), "{}", resp.body);
+    assert_denied_completed(&resp, &format!("{kind:?}: "));
 
     // The broker down means failed tool calls that never reach the tool.
-    let task2 = agent
-        .broker
-        .start_task(start_req(vec![grant("tickets", "read")], 600))
-        .await
-        .unwrap()
-        .into_inner()
-        .task_id;
+    let task2 = tickets_task(&mut agent).await;
     r.stop().await;
     let resp = call("GET", vec![(TASK_HEADER, task2)]).await;
     assert!(

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use common::*;
 use jitbroker::api::pb;
-use jitbroker::server::Options;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
@@ -82,15 +81,9 @@ async fn hostile_table(logs: &LogCapture, jwt: bool) {
     let dir = dev_dir();
     let other = tempfile::tempdir().unwrap();
     jitbroker::identity::dev::ensure_dev_ca(other.path(), "jitbroker.dev").unwrap();
-    let cfg = config(dir.path(), |t| {
-        if jwt {
-            t.replace("# jwt_audience = ", "jwt_audience = ")
-        } else {
-            t
-        }
-    });
+    let cfg = config(dir.path(), |t| if jwt { enable_jwt_svids(t) } else { t });
     assert_eq!(cfg.identity.jwt_audience.is_some(), jwt);
-    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let r = spawn_default(&cfg).await;
     let now = time::OffsetDateTime::now_utc();
     let cases = vec![
         Case {
@@ -184,10 +177,7 @@ async fn hostile_table(logs: &LogCapture, jwt: bool) {
     }
     // A well-formed SVID still works after all that.
     let mut ok = clients(&r, AGENT).await;
-    ok.broker
-        .start_task(start_req(vec![grant("demo-token", "read")], 60))
-        .await
-        .unwrap();
+    ok.start(vec![grant("demo-token", "read")], 60).await;
     drop(ok);
     r.stop().await;
 }

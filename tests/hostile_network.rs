@@ -32,10 +32,7 @@ async fn call_path(ch: &tonic::transport::Channel, path: &str) -> tonic::Code {
 async fn crafted_paths_neither_break_the_exposition_nor_add_series() {
     let dir = dev_dir();
     let (r, _clock) = spawn_manual(dir.path()).await;
-    let (chain, key, bundle) = mint(&r.data_dir, AGENT);
-    let ch = channel(r.addr, tls_config(&bundle, Some((&chain, &key))))
-        .await
-        .unwrap();
+    let ch = channel_as(&r, AGENT).await;
     let series = |samples: &[Sample]| {
         let mut v: Vec<String> = samples
             .iter()
@@ -67,59 +64,69 @@ async fn crafted_paths_neither_break_the_exposition_nor_add_series() {
     let after = scrape(&r).await;
     assert_eq!(series(&after), before, "the set of series changed");
     let count = |method: &str| {
-        after
-            .iter()
-            .find(|(n, l, _)| {
-                n == "jitbroker_request_duration_seconds_count"
-                    && l == &[("method".to_owned(), method.to_owned())]
-            })
-            .map(|s| s.2)
+        labelled(
+            &after,
+            "jitbroker_request_duration_seconds_count",
+            "method",
+            method,
+        )
     };
     assert_eq!(count("other"), Some(203.0));
     assert_eq!(count("jitbroker.v1.Broker/GetTask"), Some(1.0));
     r.stop().await;
 }
 
-/// A broker on a fresh dev dir whose `[server]` section is `server`.
-async fn spawn_limited(dir: &std::path::Path, server: &str) -> Running {
-    let cfg = config(dir, |t| format!("{t}\n[server]\n{server}\n"));
-    spawn(&cfg, jitbroker::server::Options::default())
-        .await
-        .expect("spawn")
+/// A broker on a fresh dev dir whose `[server]` section is `server`: (dir, broker).
+async fn spawn_limited(server: &str) -> (tempfile::TempDir, Running) {
+    let dir = dev_dir();
+    let cfg = config(dir.path(), |t| format!("{t}\n[server]\n{server}\n"));
+    let r = spawn_default(&cfg).await;
+    (dir, r)
 }
 
-type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+/// The value of the series `name{label="value"}` among `samples`.
+fn labelled(samples: &[Sample], name: &str, label: &str, value: &str) -> Option<f64> {
+    samples
+        .iter()
+        .find(|(n, l, _)| n == name && l == &[(label.to_owned(), value.to_owned())])
+        .map(|s| s.2)
+}
+
+/// Asserts that the broker still answers an empty GetTask on `ch` on its merits.
+async fn assert_still_served(ch: tonic::transport::Channel) {
+    let code = BrokerClient::new(ch)
+        .get_task(pb::GetTaskRequest::default())
+        .await
+        .unwrap_err()
+        .code();
+    assert_eq!(code, tonic::Code::InvalidArgument);
+}
 
 /// A TLS connection as `AGENT` from the local address `from` (any 127.x.y.z is loopback).
-async fn tls_from(r: &Running, from: [u8; 4]) -> std::io::Result<Tls> {
+async fn tls_from(r: &Running, from: [u8; 4]) -> std::io::Result<TlsStream> {
     tls_to(r.addr, &r.data_dir, from).await
 }
 
 /// A TLS connection as `AGENT` to `addr` from the local address `from`.
-async fn tls_connect(
+async fn tls_connect_from(
     addr: std::net::SocketAddr,
     data_dir: &std::path::Path,
     from: [u8; 4],
-) -> std::io::Result<Tls> {
-    let (chain, key, bundle) = mint(data_dir, AGENT);
+) -> std::io::Result<TlsStream> {
     let sock = tokio::net::TcpSocket::new_v4()?;
     sock.bind((std::net::Ipv4Addr::from(from), 0).into())?;
     let tcp = sock.connect(addr).await?;
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls_config(
-        &bundle,
-        Some((&chain, &key)),
-    )));
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    connector.connect(name, tcp).await
+    tls_over(tcp, tls_as(data_dir, AGENT)).await
 }
 
-/// [`tls_connect`] and the HTTP/2 preface, once the server has answered it with its SETTINGS.
+/// [`tls_connect_from`] and the HTTP/2 preface, once the server has answered it with its
+/// SETTINGS.
 async fn tls_to(
     addr: std::net::SocketAddr,
     data_dir: &std::path::Path,
     from: [u8; 4],
-) -> std::io::Result<Tls> {
-    let mut tls = tls_connect(addr, data_dir, from).await?;
+) -> std::io::Result<TlsStream> {
+    let mut tls = tls_connect_from(addr, data_dir, from).await?;
     // TLS 1.3: the server's verdict on the client certificate, or its close, arrives after the
     // client's Finished. An HTTP/2 preface makes the server answer with its SETTINGS.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -144,12 +151,7 @@ fn metric(samples: &[Sample], name: &str) -> f64 {
 
 #[tokio::test]
 async fn connections_beyond_the_caps_are_refused_or_wait() {
-    let dir = dev_dir();
-    let r = spawn_limited(
-        dir.path(),
-        "max_connections = 3\nmax_connections_per_remote = 2",
-    )
-    .await;
+    let (_dir, r) = spawn_limited("max_connections = 3\nmax_connections_per_remote = 2").await;
     let a1 = tls_from(&r, [127, 0, 0, 1]).await.expect("first");
     let _a2 = tls_from(&r, [127, 0, 0, 1]).await.expect("second");
     // A third from the same address is closed at once.
@@ -206,7 +208,10 @@ fn grpc_headers(stream: u32, path: &str) -> Vec<u8> {
 
 /// Every frame the server sends until it closes the connection (or `bound` passes): (type,
 /// stream, payload).
-async fn frames_until_close(tls: &mut Tls, bound: std::time::Duration) -> Vec<(u8, u32, Vec<u8>)> {
+async fn frames_until_close(
+    tls: &mut TlsStream,
+    bound: std::time::Duration,
+) -> Vec<(u8, u32, Vec<u8>)> {
     use tokio::io::AsyncReadExt;
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(bound, async {
@@ -243,8 +248,7 @@ fn goaway(frames: &[(u8, u32, Vec<u8>)]) -> Option<u32> {
 
 #[tokio::test]
 async fn a_reset_flood_closes_the_connection_and_others_are_served() {
-    let dir = dev_dir();
-    let r = spawn_limited(dir.path(), "max_pending_reset_streams = 5").await;
+    let (_dir, r) = spawn_limited("max_pending_reset_streams = 5").await;
     use tokio::io::AsyncWriteExt;
     let mut tls = tls_from(&r, [127, 0, 0, 1]).await.unwrap();
     let mut flood = Vec::new();
@@ -261,25 +265,13 @@ async fn a_reset_flood_closes_the_connection_and_others_are_served() {
         "ENHANCE_YOUR_CALM expected: {got:?}"
     );
     // The broker still serves everyone else.
-    let mut c = clients(&r, AGENT).await;
-    let code = c
-        .broker
-        .get_task(pb::GetTaskRequest::default())
-        .await
-        .unwrap_err()
-        .code();
-    assert_eq!(code, tonic::Code::InvalidArgument);
+    assert_still_served(channel_as(&r, AGENT).await).await;
     r.stop().await;
 }
 
 #[tokio::test]
 async fn streams_beyond_the_per_connection_limit_are_refused() {
-    let dir = dev_dir();
-    let r = spawn_limited(
-        dir.path(),
-        "max_concurrent_streams = 3\nrequest_timeout_ms = 1000",
-    )
-    .await;
+    let (_dir, r) = spawn_limited("max_concurrent_streams = 3\nrequest_timeout_ms = 1000").await;
     use tokio::io::AsyncWriteExt;
     let mut tls = tls_from(&r, [127, 0, 0, 1]).await.unwrap();
     // The client ignores the advertised limit and opens five streams whose bodies never end.
@@ -323,7 +315,7 @@ async fn stalled_call(
 /// client that leaves the deadline to the server: (grpc-status, grpc-message).
 async fn call_with_grpc_timeout(r: &Running, timeout: &str) -> (String, String) {
     use http_body_util::Full;
-    let tls = tls_connect(r.addr, &r.data_dir, [127, 0, 0, 3])
+    let tls = tls_connect_from(r.addr, &r.data_dir, [127, 0, 0, 3])
         .await
         .unwrap();
     let (mut send, conn) = hyper::client::conn::http2::handshake(
@@ -349,18 +341,10 @@ async fn call_with_grpc_timeout(r: &Running, timeout: &str) -> (String, String) 
     (h("grpc-status"), h("grpc-message"))
 }
 
-async fn agent_channel(r: &Running) -> tonic::transport::Channel {
-    let (chain, key, bundle) = mint(&r.data_dir, AGENT);
-    channel(r.addr, tls_config(&bundle, Some((&chain, &key))))
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_request_not_answered_in_time_gets_deadline_exceeded() {
-    let dir = dev_dir();
-    let r = spawn_limited(dir.path(), "request_timeout_ms = 400").await;
-    let ch = agent_channel(&r).await;
+    let (_dir, r) = spawn_limited("request_timeout_ms = 400").await;
+    let ch = channel_as(&r, AGENT).await;
     let s = tokio::time::timeout(
         std::time::Duration::from_secs(20),
         stalled_call(ch.clone(), None),
@@ -369,12 +353,7 @@ async fn a_request_not_answered_in_time_gets_deadline_exceeded() {
     .expect("the server answers a stalled request");
     assert_eq!(s.code(), tonic::Code::DeadlineExceeded, "{s:?}");
     assert!(s.message().contains("request_timeout_ms"), "{s:?}");
-    let code = BrokerClient::new(ch)
-        .get_task(pb::GetTaskRequest::default())
-        .await
-        .unwrap_err()
-        .code();
-    assert_eq!(code, tonic::Code::InvalidArgument);
+    assert_still_served(ch).await;
     assert_eq!(
         metric(&scrape(&r).await, "jitbroker_api_requests_timed_out_total"),
         1.0
@@ -384,13 +363,8 @@ async fn a_request_not_answered_in_time_gets_deadline_exceeded() {
 
 #[tokio::test]
 async fn a_request_finding_every_slot_busy_is_refused_then_served_once_one_frees() {
-    let dir = dev_dir();
-    let r = spawn_limited(
-        dir.path(),
-        "max_concurrent_requests = 2\nrequest_timeout_ms = 3000",
-    )
-    .await;
-    let ch = agent_channel(&r).await;
+    let (_dir, r) = spawn_limited("max_concurrent_requests = 2\nrequest_timeout_ms = 3000").await;
+    let ch = channel_as(&r, AGENT).await;
     let holders: Vec<_> = (0..2)
         .map(|_| tokio::spawn(stalled_call(ch.clone(), None)))
         .collect();
@@ -410,12 +384,7 @@ async fn a_request_finding_every_slot_busy_is_refused_then_served_once_one_frees
     for h in holders {
         assert_eq!(h.await.unwrap().code(), tonic::Code::DeadlineExceeded);
     }
-    let code = BrokerClient::new(ch)
-        .get_task(pb::GetTaskRequest::default())
-        .await
-        .unwrap_err()
-        .code();
-    assert_eq!(code, tonic::Code::InvalidArgument);
+    assert_still_served(ch).await;
     assert!(
         metric(
             &scrape(&r).await,
@@ -427,8 +396,7 @@ async fn a_request_finding_every_slot_busy_is_refused_then_served_once_one_frees
 
 #[tokio::test]
 async fn an_oversized_message_is_refused_before_it_is_decoded() {
-    let dir = dev_dir();
-    let r = spawn_limited(dir.path(), "").await;
+    let (_dir, r) = spawn_limited("").await;
     let mut c = clients(&r, AGENT).await;
     let mut req = start_req(vec![grant("demo-token", "read")], 60);
     req.purpose = "x".repeat(100_000);
@@ -449,12 +417,7 @@ async fn an_oversized_message_is_refused_before_it_is_decoded() {
 
 #[tokio::test]
 async fn an_idle_connection_is_closed_but_not_one_with_a_request_in_progress() {
-    let dir = dev_dir();
-    let r = spawn_limited(
-        dir.path(),
-        "idle_timeout_ms = 300\nrequest_timeout_ms = 1500",
-    )
-    .await;
+    let (_dir, r) = spawn_limited("idle_timeout_ms = 300\nrequest_timeout_ms = 1500").await;
     let mut idle = tls_from(&r, [127, 0, 0, 1]).await.unwrap();
     let started = std::time::Instant::now();
     let got = frames_until_close(&mut idle, std::time::Duration::from_secs(20)).await;
@@ -481,12 +444,8 @@ async fn junk_and_unauthenticated_floods_leave_the_agent_served_and_the_disk_bou
     let dir = dev_dir();
     // JWT-SVIDs on: a client certificate becomes optional, so unauthenticated requests reach
     // the gRPC layer instead of stopping at the handshake.
-    let cfg = config(dir.path(), |t| {
-        t.replace("# jwt_audience = ", "jwt_audience = ")
-    });
-    let r = spawn(&cfg, jitbroker::server::Options::default())
-        .await
-        .unwrap();
+    let cfg = config(dir.path(), enable_jwt_svids);
+    let r = spawn_default(&cfg).await;
     let mut agent = clients(&r, AGENT).await;
     let (_, _, bundle) = mint(&r.data_dir, AGENT);
     let bytes_before = dir_bytes(&r.data_dir);
@@ -611,9 +570,7 @@ async fn under_the_disk_floor_writes_are_refused_naming_the_disk_and_readiness_f
     let cfg = config(dir.path(), |t| {
         format!("{t}\n[store]\nmin_free_mb = 1000000000\n")
     });
-    let r = spawn(&cfg, jitbroker::server::Options::default())
-        .await
-        .unwrap();
+    let r = spawn_default(&cfg).await;
     let mut agent = clients(&r, AGENT).await;
     let s = agent
         .broker
@@ -626,15 +583,7 @@ async fn under_the_disk_floor_writes_are_refused_naming_the_disk_and_readiness_f
         "{s:?}"
     );
     let mut op = clients(&r, OPERATOR).await;
-    let s = op
-        .admin
-        .revoke_identity(pb::RevokeIdentityRequest {
-            spiffe_id: AGENT.into(),
-            reason: "x".into(),
-            block: true,
-        })
-        .await
-        .unwrap_err();
+    let s = op.block(AGENT, "x").await.unwrap_err();
     assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
     // Reads still answer.
     let s = agent
@@ -654,19 +603,10 @@ async fn under_the_disk_floor_writes_are_refused_naming_the_disk_and_readiness_f
 #[tokio::test]
 async fn a_caller_over_its_rate_is_refused_until_its_budget_refills() {
     let dir = dev_dir();
-    let clock = jitbroker::broker::ManualClock::new();
     let cfg = config(dir.path(), |t| {
         format!("{t}\n[server]\nrequests_per_identity_per_second = 1\n")
     });
-    let r = spawn(
-        &cfg,
-        jitbroker::server::Options {
-            clock: std::sync::Arc::new(clock.clone()),
-            reaper: false,
-        },
-    )
-    .await
-    .unwrap();
+    let (r, clock) = spawn_manual_cfg(&cfg).await;
     let mut a = clients(&r, AGENT).await;
     let mut b = clients(&r, AGENT_B).await;
     let get = pb::GetTaskRequest::default;
@@ -689,12 +629,12 @@ async fn a_caller_over_its_rate_is_refused_until_its_budget_refills() {
     let s = a.broker.get_task(get()).await.unwrap_err();
     assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
     assert_eq!(
-        scrape(&r)
-            .await
-            .iter()
-            .find(|(n, l, _)| n == "jitbroker_rate_limited_total"
-                && l == &[("scope".to_owned(), "identity".to_owned())])
-            .map(|s| s.2),
+        labelled(
+            &scrape(&r).await,
+            "jitbroker_rate_limited_total",
+            "scope",
+            "identity"
+        ),
         Some(1.0)
     );
     r.stop().await;

@@ -10,15 +10,10 @@ use std::time::Duration;
 use common::*;
 use jitbroker::api::pb;
 use jitbroker::identity::DevJwtKey;
-use jitbroker::server::Options;
 use serde_json::json;
 use tonic::transport::Channel;
 
 const AUD: &str = "jitbroker";
-
-fn with_jwt(t: String) -> String {
-    t.replace("# jwt_audience = ", "jwt_audience = ")
-}
 
 fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
@@ -46,12 +41,12 @@ async fn jwt_svids_authenticate_and_hostile_tokens_are_refused_with_a_logged_rea
     let logs = LogCapture::install();
     let dir = dev_dir();
     let cfg = config(dir.path(), |t| {
-        with_jwt(t).replace(
+        enable_jwt_svids(t).replace(
             "trust_domain = \"jitbroker.dev\"\n",
             "trust_domain = \"jitbroker.dev\"\nauthorized_trust_domains = [\"jitbroker.dev\", \"partner.example\"]\n",
         )
     });
-    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let r = spawn_default(&cfg).await;
     let key = jitbroker::identity::dev::ensure_dev_jwt_key(dir.path(), "jitbroker.dev").unwrap();
     let (chain, pkey, bundle) = mint(dir.path(), AGENT);
     // A channel without a client certificate: allowed at TLS because JWT-SVIDs are enabled.
@@ -76,18 +71,9 @@ async fn jwt_svids_authenticate_and_hostile_tokens_are_refused_with_a_logged_rea
         .await
         .expect("JWT-SVID and X.509-SVID naming the same ID");
 
-    let stranger = DevJwtKey::new(
-        p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng),
-        "jitbroker.dev",
-    );
-    let partner = DevJwtKey::new(
-        p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng),
-        "partner.example",
-    );
-    let elsewhere = DevJwtKey::new(
-        p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng),
-        "elsewhere.example",
-    );
+    let stranger = random_jwt_key("jitbroker.dev");
+    let partner = random_jwt_key("partner.example");
+    let elsewhere = random_jwt_key("elsewhere.example");
     let claims = |sub: &str, aud: &str, exp: i64| json!({"sub": sub, "aud": [aud], "exp": exp});
     let alg_none = format!(
         "{}.{}.",
@@ -277,7 +263,7 @@ async fn without_jwt_svids_mtls_stays_mandatory() {
     let dir = dev_dir();
     let cfg = config(dir.path(), |t| t);
     assert!(cfg.identity.jwt_audience.is_none());
-    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let r = spawn_default(&cfg).await;
     let key = jitbroker::identity::dev::ensure_dev_jwt_key(dir.path(), "jitbroker.dev").unwrap();
     let good = key.mint(AGENT, AUD, Duration::from_secs(300));
     let (chain, pkey, bundle) = mint(dir.path(), AGENT);

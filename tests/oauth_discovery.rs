@@ -8,12 +8,12 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::envoy::https_to_host;
+use common::tools::KillOnDrop;
 use common::*;
-use jitbroker::api::pb;
 use jitbroker::broker::clock::{Clock, ManualClock, SystemClock};
 
 const RESOURCE: &str = "https://tickets.test/mcp";
@@ -60,6 +60,21 @@ oauth_resource = \"{OTHER_RESOURCE}\"
 "
         )
     })
+}
+
+/// A dev dir with the OAuth surface on a free port: (dir, config, the OAuth listener's address,
+/// the trust bundle to reach it with).
+fn oauth_dev() -> (
+    tempfile::TempDir,
+    jitbroker::config::Config,
+    SocketAddr,
+    String,
+) {
+    let dir = dev_dir();
+    let port = free_port();
+    let cfg = configure(dir.path(), port);
+    let (_, _, bundle) = mint(dir.path(), AGENT);
+    (dir, cfg, SocketAddr::from(([127, 0, 0, 1], port)), bundle)
 }
 
 fn form(pairs: &[(&str, &str)]) -> String {
@@ -121,12 +136,8 @@ async fn token_for(
 
 #[tokio::test]
 async fn token_endpoint_introspection_and_task_end() {
-    let dir = dev_dir();
-    let port = free_port();
-    let cfg = configure(dir.path(), port);
-    let r = spawn(&cfg, Default::default()).await.expect("spawn");
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let (_, _, bundle) = mint(dir.path(), AGENT);
+    let (dir, cfg, addr, bundle) = oauth_dev();
+    let r = spawn_default(&cfg).await;
 
     // Discovery over HTTPS, without a client certificate.
     let meta = https_to_host(
@@ -223,13 +234,7 @@ async fn token_endpoint_introspection_and_task_end() {
 
     // Completing the task ends the token at once.
     let mut agent = clients(&r, AGENT).await;
-    agent
-        .broker
-        .complete_task(pb::CompleteTaskRequest {
-            task_id: task_id.clone(),
-        })
-        .await
-        .expect("complete");
+    agent.complete(&task_id).await;
     for t in [&access, &exchanged] {
         let (_, after) = post(
             addr,
@@ -262,10 +267,7 @@ async fn token_endpoint_introspection_and_task_end() {
 fn bao_binary() -> Option<PathBuf> {
     let p = std::env::var_os("JITBROKER_BAO")
         .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/jitbroker/tools/bin/bao"))
-        })
+        .or_else(|| common::tools::tools_cache("bao"))
         .filter(|p| p.is_file());
     if p.is_none() {
         assert!(
@@ -278,17 +280,10 @@ fn bao_binary() -> Option<PathBuf> {
 }
 
 struct Bao {
-    child: Child,
+    _child: KillOnDrop,
     addr: String,
     bin: PathBuf,
     _home: tempfile::TempDir,
-}
-
-impl Drop for Bao {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Bao {
@@ -326,7 +321,7 @@ async fn start_bao(bin: PathBuf) -> Bao {
         .spawn()
         .expect("start bao");
     let bao = Bao {
-        child,
+        _child: KillOnDrop(child),
         addr,
         bin,
         _home: home,
@@ -347,15 +342,11 @@ async fn start_bao(bin: PathBuf) -> Bao {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openbao_trusts_the_broker_through_discovery() {
     let Some(bin) = bao_binary() else { return };
-    let dir = dev_dir();
-    let port = free_port();
-    let cfg = configure(dir.path(), port);
+    let (dir, cfg, addr, bundle) = oauth_dev();
     // The broker's clock starts two hours back: a token it issues then has expired on the real
     // clock OpenBao checks with, without the test waiting for anything.
     let clock = ManualClock::starting_at(SystemClock.now() - 2 * 3600 * 1000);
     let r = spawn_on(&cfg, &clock).await;
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let (_, _, bundle) = mint(dir.path(), AGENT);
 
     let (status, old) = token_for(dir.path(), addr, &bundle, RESOURCE).await;
     assert_eq!(status, 200, "{old}");
@@ -418,15 +409,11 @@ async fn openbao_trusts_the_broker_through_discovery() {
 
 #[tokio::test]
 async fn the_oauth_port_meters_each_address() {
-    let dir = dev_dir();
-    let port = free_port();
-    let mut cfg = configure(dir.path(), port);
+    let (_dir, mut cfg, addr, bundle) = oauth_dev();
     cfg.server.requests_per_remote_per_second = 5;
     // The broker's clock stands still: the bucket refills only when the test says so.
     let clock = ManualClock::new();
     let r = spawn_on(&cfg, &clock).await;
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let (_, _, bundle) = mint(dir.path(), AGENT);
     // A burst of twice the rate passes, then unauthenticated junk is refused before it is read,
     // with the time to wait.
     let mut statuses = Vec::new();
@@ -459,12 +446,8 @@ async fn silent_connection_lasts(
 ) -> Option<Duration> {
     use tokio::io::AsyncReadExt;
     let started = std::time::Instant::now();
-    let mut tls = tls;
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
     let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let Ok(mut s) = connector.connect(name, tcp).await else {
+    let Ok(mut s) = tls_over(tcp, http1(tls)).await else {
         // Refused at the handshake.
         return Some(Duration::ZERO);
     };
@@ -477,14 +460,10 @@ async fn silent_connection_lasts(
 
 #[tokio::test]
 async fn idle_and_piled_up_connections_are_closed() {
-    let dir = dev_dir();
-    let port = free_port();
-    let mut cfg = configure(dir.path(), port);
+    let (_dir, mut cfg, addr, bundle) = oauth_dev();
     cfg.server.idle_timeout_ms = 1000;
     cfg.server.max_connections_per_remote = 2;
-    let r = spawn(&cfg, Default::default()).await.expect("spawn");
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let (_, _, bundle) = mint(dir.path(), AGENT);
+    let r = spawn_default(&cfg).await;
     // A connection that never asks anything is closed once idle (a bound, not a timing).
     let closed =
         silent_connection_lasts(addr, tls_config(&bundle, None), Duration::from_secs(20)).await;
@@ -495,12 +474,9 @@ async fn idle_and_piled_up_connections_are_closed() {
     // Two open connections from one address hold its quota; a third is refused at its
     // handshake, long before the idle close could end it.
     let open = |b: String| async move {
-        let mut tls = tls_config(&b, None);
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        connector.connect(name, tcp).await.expect("handshake")
+        tls_connect(addr, http1(tls_config(&b, None)))
+            .await
+            .expect("handshake")
     };
     let held = (open(bundle.clone()).await, open(bundle.clone()).await);
     let third =

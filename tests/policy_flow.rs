@@ -26,9 +26,12 @@ forbid(principal, action == Action::"read", resource == Resource::"demo-jwt")
 when { context.labels.contains("data=customer") };
 "#;
 
-fn setup(dir: &std::path::Path) -> jitbroker::config::Config {
-    std::fs::write(dir.join("policy.cedar"), POLICY).unwrap();
-    config(dir, |t| {
+/// A dev dir with the test's policy, approvers, delegation depth and `payments` resource:
+/// (dir, config).
+fn setup() -> (tempfile::TempDir, jitbroker::config::Config) {
+    let dir = dev_dir();
+    std::fs::write(dir.path().join("policy.cedar"), POLICY).unwrap();
+    let cfg = config(dir.path(), |t| {
         let t = t.replace(
             "approver_ids = [\"spiffe://jitbroker.dev/approver\"]",
             &format!("approver_ids = [\"spiffe://jitbroker.dev/approver\", \"{AGENT}\"]"),
@@ -36,7 +39,8 @@ fn setup(dir: &std::path::Path) -> jitbroker::config::Config {
         format!(
             "max_delegation_depth = 2\napproval_ttl_seconds = 60\n{t}\n[resources.payments]\nkind = \"token\"\nactions = [\"refund:issue\"]\nverifiers = [\"{TOOL}\"]\n"
         )
-    })
+    });
+    (dir, cfg)
 }
 
 async fn start(
@@ -60,15 +64,72 @@ async fn start(
         .map(|r| r.into_inner())
 }
 
-fn refund(task: &str) -> pb::IssueCredentialRequest {
-    pb::IssueCredentialRequest {
-        task_id: task.into(),
-        resource: "payments".into(),
-        action: "refund:issue".into(),
-        ttl_seconds: 60,
-        idempotency_key: String::new(),
-    }
+/// Asks `c` for a refund credential under `task`.
+async fn refund(c: &mut Clients, task: &str) -> Result<pb::Credential, tonic::Status> {
+    c.broker
+        .issue_credential(pb::IssueCredentialRequest {
+            task_id: task.into(),
+            resource: "payments".into(),
+            action: "refund:issue".into(),
+            ttl_seconds: 60,
+            idempotency_key: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner())
 }
+
+/// The approvals in `state`, as the operator `c` lists them.
+async fn approvals(c: &mut Clients, state: &str) -> Vec<pb::Approval> {
+    c.admin
+        .list_approvals(pb::ListApprovalsRequest {
+            state: state.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .approvals
+}
+
+/// `c` delegates the `grants` of its task `parent` to `to` for `ttl` seconds.
+async fn delegate(
+    c: &mut Clients,
+    parent: &str,
+    to: &str,
+    grants: Vec<pb::Grant>,
+    ttl: u32,
+) -> Result<pb::Task, tonic::Status> {
+    c.broker
+        .delegate_task(pb::DelegateTaskRequest {
+            parent_task_id: parent.into(),
+            delegate_spiffe_id: to.into(),
+            purpose: "sub-task".into(),
+            grants,
+            ttl_seconds: ttl,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// The policy digest the broker reports to the operator `c`.
+async fn policy_digest(c: &mut Clients) -> String {
+    c.admin
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .policy_digest
+}
+
+/// `Admin.ReloadPolicy` as `c`.
+async fn reload(c: &mut Clients) -> Result<pb::ReloadPolicyResponse, tonic::Status> {
+    c.admin
+        .reload_policy(pb::ReloadPolicyRequest {})
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// A policy set of one policy that lets anyone write demo-token.
+const WRITERS: &str = "@id(\"writers\") permit(principal, action == Action::\"write\", resource == Resource::\"demo-token\");";
 
 fn approval_id(msg: &str) -> String {
     msg.split("approval_id=")
@@ -82,21 +143,8 @@ fn approval_id(msg: &str) -> String {
 
 #[tokio::test]
 async fn each_decision_kind_and_the_approval_flow() {
-    let dir = dev_dir();
-    let cfg = setup(dir.path());
-    let (r, clock) = {
-        let clock = jitbroker::broker::ManualClock::new();
-        let r = spawn(
-            &cfg,
-            jitbroker::server::Options {
-                clock: std::sync::Arc::new(clock.clone()),
-                reaper: false,
-            },
-        )
-        .await
-        .unwrap();
-        (r, clock)
-    };
+    let (_dir, cfg) = setup();
+    let (r, clock) = spawn_manual_cfg(&cfg).await;
     let mut agent = clients(&r, AGENT).await;
     let mut approver = clients(&r, APPROVER).await;
     let mut operator = clients(&r, OPERATOR).await;
@@ -131,124 +179,58 @@ async fn each_decision_kind_and_the_approval_flow() {
     assert!(s.message().contains("no-exports"), "{}", s.message());
 
     // Needs approval: issuance is refused with the approval id.
-    let s = agent
-        .broker
-        .issue_credential(refund(&task.task_id))
-        .await
-        .unwrap_err();
+    let s = refund(&mut agent, &task.task_id).await.unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition);
     assert_eq!(approval_id(s.message()), first_id);
 
     // The requester cannot approve its own request, although it is an approver here.
-    let s = agent
-        .admin
-        .approve(pb::ApproveRequest {
-            approval_id: first_id.clone(),
-            reason: "me".into(),
-        })
-        .await
-        .unwrap_err();
+    let s = agent.approve(&first_id, "me").await.unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied);
     assert!(s.message().contains("may not decide"), "{}", s.message());
     // A tool is no approver at all.
     let mut tool = clients(&r, TOOL).await;
     assert_eq!(
-        tool.admin
-            .approve(pb::ApproveRequest {
-                approval_id: first_id.clone(),
-                reason: String::new()
-            })
-            .await
-            .unwrap_err()
-            .code(),
+        tool.approve(&first_id, "").await.unwrap_err().code(),
         Code::PermissionDenied
     );
     drop(tool);
 
-    let pending = operator
-        .admin
-        .list_approvals(pb::ListApprovalsRequest {
-            state: "PENDING".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let pending = approvals(&mut operator, "PENDING").await;
     assert!(
         pending
-            .approvals
             .iter()
             .any(|a| a.approval_id == first_id && a.requester == AGENT)
     );
 
     let a = approver
-        .admin
-        .approve(pb::ApproveRequest {
-            approval_id: first_id.clone(),
-            reason: "ticket 7 checked".into(),
-        })
+        .approve(&first_id, "ticket 7 checked")
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(a.state, "APPROVED");
     assert_eq!(a.decided_by, APPROVER);
     // Approving twice is refused.
     assert_eq!(
-        approver
-            .admin
-            .approve(pb::ApproveRequest {
-                approval_id: first_id.clone(),
-                reason: String::new()
-            })
-            .await
-            .unwrap_err()
-            .code(),
+        approver.approve(&first_id, "").await.unwrap_err().code(),
         Code::FailedPrecondition
     );
 
     // Issued once…
-    let c = agent
-        .broker
-        .issue_credential(refund(&task.task_id))
-        .await
-        .unwrap()
-        .into_inner();
+    let c = refund(&mut agent, &task.task_id).await.unwrap();
     assert!(c.secret.starts_with("jbt_"));
     // …and the second issuance needs a new approval.
-    let s = agent
-        .broker
-        .issue_credential(refund(&task.task_id))
-        .await
-        .unwrap_err();
+    let s = refund(&mut agent, &task.task_id).await.unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition);
     let second_id = approval_id(s.message());
     assert_ne!(second_id, first_id);
 
     // An approval that expires before use is refused.
-    approver
-        .admin
-        .approve(pb::ApproveRequest {
-            approval_id: second_id.clone(),
-            reason: "ok".into(),
-        })
-        .await
-        .unwrap();
+    approver.approve(&second_id, "ok").await.unwrap();
     clock.advance(Duration::from_secs(61));
-    let s = agent
-        .broker
-        .issue_credential(refund(&task.task_id))
-        .await
-        .unwrap_err();
+    let s = refund(&mut agent, &task.task_id).await.unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition);
     assert_ne!(approval_id(s.message()), second_id);
-    let expired = operator
-        .admin
-        .list_approvals(pb::ListApprovalsRequest {
-            state: "EXPIRED".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(expired.approvals.iter().any(|a| a.approval_id == second_id));
+    let expired = approvals(&mut operator, "EXPIRED").await;
+    assert!(expired.iter().any(|a| a.approval_id == second_id));
 
     // A denied request stays denied.
     let third = approval_id(s.message());
@@ -268,9 +250,8 @@ async fn each_decision_kind_and_the_approval_flow() {
 
 #[tokio::test]
 async fn injected_purpose_and_labels_change_nothing() {
-    let dir = dev_dir();
-    let cfg = setup(dir.path());
-    let r = spawn(&cfg, Default::default()).await.unwrap();
+    let (_dir, cfg) = setup();
+    let r = spawn_default(&cfg).await;
     let mut agent = clients(&r, AGENT).await;
     let grants = || {
         vec![
@@ -311,9 +292,8 @@ async fn injected_purpose_and_labels_change_nothing() {
 
 #[tokio::test]
 async fn delegation_narrows_and_completion_revokes_the_tree() {
-    let dir = dev_dir();
-    let cfg = setup(dir.path());
-    let r = spawn(&cfg, Default::default()).await.unwrap();
+    let (_dir, cfg) = setup();
+    let r = spawn_default(&cfg).await;
     let mut a = clients(&r, AGENT).await;
     let mut b = clients(&r, AGENT_B).await;
     let c_id = "spiffe://jitbroker.dev/agent/c";
@@ -329,63 +309,28 @@ async fn delegation_narrows_and_completion_revokes_the_tree() {
     )
     .await
     .unwrap();
-    let delegate =
-        |parent: &str, to: &str, grants: Vec<pb::Grant>, ttl: u32| pb::DelegateTaskRequest {
-            parent_task_id: parent.into(),
-            delegate_spiffe_id: to.into(),
-            purpose: "sub-task".into(),
-            grants,
-            ttl_seconds: ttl,
-        };
+    let token = || vec![grant("demo-token", "read")];
     // Not a grant of the parent.
-    let s = a
-        .broker
-        .delegate_task(delegate(
-            &root.task_id,
-            AGENT_B,
-            vec![grant("payments", "refund:issue")],
-            60,
-        ))
+    let refunds = vec![grant("payments", "refund:issue")];
+    let s = delegate(&mut a, &root.task_id, AGENT_B, refunds, 60)
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied);
     // Longer than the parent's remaining life.
-    let s = a
-        .broker
-        .delegate_task(delegate(
-            &root.task_id,
-            AGENT_B,
-            vec![grant("demo-token", "read")],
-            3600,
-        ))
+    let s = delegate(&mut a, &root.task_id, AGENT_B, token(), 3600)
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument);
     assert!(s.message().starts_with("ttl_seconds"));
     // Someone else's task reads as unknown.
-    let s = b
-        .broker
-        .delegate_task(delegate(
-            &root.task_id,
-            c_id,
-            vec![grant("demo-token", "read")],
-            60,
-        ))
+    let s = delegate(&mut b, &root.task_id, c_id, token(), 60)
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::NotFound);
 
-    let child = a
-        .broker
-        .delegate_task(delegate(
-            &root.task_id,
-            AGENT_B,
-            vec![grant("demo-token", "read")],
-            300,
-        ))
+    let child = delegate(&mut a, &root.task_id, AGENT_B, token(), 300)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(child.spiffe_id, AGENT_B);
     assert_eq!(child.parent_task_id, root.task_id);
     assert_eq!(
@@ -401,49 +346,19 @@ async fn delegation_narrows_and_completion_revokes_the_tree() {
             .code(),
         Code::PermissionDenied
     );
-    let grandchild = b
-        .broker
-        .delegate_task(delegate(
-            &child.task_id,
-            c_id,
-            vec![grant("demo-token", "read")],
-            200,
-        ))
+    let grandchild = delegate(&mut b, &child.task_id, c_id, token(), 200)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     // Depth 2 is the configured maximum.
-    let s = c
-        .broker
-        .delegate_task(delegate(
-            &grandchild.task_id,
-            d_id,
-            vec![grant("demo-token", "read")],
-            100,
-        ))
+    let s = delegate(&mut c, &grandchild.task_id, d_id, token(), 100)
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied);
     assert!(s.message().contains("depth"), "{}", s.message());
 
-    let ca = a
-        .broker
-        .issue_credential(issue_req(&root.task_id, "demo-token", 60))
-        .await
-        .unwrap()
-        .into_inner();
-    let cb = b
-        .broker
-        .issue_credential(issue_req(&child.task_id, "demo-token", 60))
-        .await
-        .unwrap()
-        .into_inner();
-    let cc = c
-        .broker
-        .issue_credential(issue_req(&grandchild.task_id, "demo-token", 60))
-        .await
-        .unwrap()
-        .into_inner();
+    let ca = a.issue(&root.task_id, "demo-token", 60).await;
+    let cb = b.issue(&child.task_id, "demo-token", 60).await;
+    let cc = c.issue(&grandchild.task_id, "demo-token", 60).await;
     let i = introspect(&mut tool, &cc.secret, "demo-token").await;
     assert!(i.active);
     assert_eq!(
@@ -454,23 +369,16 @@ async fn delegation_narrows_and_completion_revokes_the_tree() {
     let root2 = start(&mut a, vec![grant("demo-jwt", "read")], "jwt", &[])
         .await
         .unwrap();
-    let child2 = a
-        .broker
-        .delegate_task(delegate(
-            &root2.task_id,
-            AGENT_B,
-            vec![grant("demo-jwt", "read")],
-            60,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let jwt = b
-        .broker
-        .issue_credential(issue_req(&child2.task_id, "demo-jwt", 60))
-        .await
-        .unwrap()
-        .into_inner();
+    let child2 = delegate(
+        &mut a,
+        &root2.task_id,
+        AGENT_B,
+        vec![grant("demo-jwt", "read")],
+        60,
+    )
+    .await
+    .unwrap();
+    let jwt = b.issue(&child2.task_id, "demo-jwt", 60).await;
     let payload = jwt.secret.split('.').nth(1).unwrap();
     use base64::Engine;
     let claims: serde_json::Value = serde_json::from_slice(
@@ -482,14 +390,7 @@ async fn delegation_narrows_and_completion_revokes_the_tree() {
     assert_eq!(claims["sub"], AGENT_B);
     assert_eq!(claims["act"]["sub"], AGENT);
 
-    let done = a
-        .broker
-        .complete_task(pb::CompleteTaskRequest {
-            task_id: root.task_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let done = a.complete(&root.task_id).await;
     let mut tasks = done.revoked_tasks.clone();
     tasks.sort();
     let mut want = vec![
@@ -502,14 +403,7 @@ async fn delegation_narrows_and_completion_revokes_the_tree() {
     for s in [&ca.secret, &cb.secret, &cc.secret] {
         assert!(!introspect(&mut tool, s, "demo-token").await.active);
     }
-    let g = c
-        .broker
-        .get_task(pb::GetTaskRequest {
-            task_id: grandchild.task_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let g = c.task(&grandchild.task_id).await;
     assert_eq!(g.state, pb::TaskState::Revoked as i32);
     drop((a, b, c, tool));
     r.stop().await;
@@ -517,28 +411,18 @@ async fn delegation_narrows_and_completion_revokes_the_tree() {
 
 #[tokio::test]
 async fn policy_reload_keeps_old_set_on_error_and_applies_good_one() {
-    let dir = dev_dir();
-    let cfg = setup(dir.path());
-    let r = spawn(&cfg, Default::default()).await.unwrap();
+    let (dir, cfg) = setup();
+    let r = spawn_default(&cfg).await;
     let mut agent = clients(&r, AGENT).await;
     let mut op = clients(&r, OPERATOR).await;
-    let before = op
-        .admin
-        .status(pb::StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let before = policy_digest(&mut op).await;
 
     std::fs::write(
         dir.path().join("policy.cedar"),
         "permit(principal, action == Action::\"fly\", resource);",
     )
     .unwrap();
-    let s = op
-        .admin
-        .reload_policy(pb::ReloadPolicyRequest {})
-        .await
-        .unwrap_err();
+    let s = reload(&mut op).await.unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition);
     assert!(s.message().contains("fly"), "{}", s.message());
     assert!(
@@ -547,27 +431,10 @@ async fn policy_reload_keeps_old_set_on_error_and_applies_good_one() {
             .is_ok(),
         "old set still serves"
     );
-    assert_eq!(
-        op.admin
-            .status(pb::StatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .policy_digest,
-        before.policy_digest
-    );
+    assert_eq!(policy_digest(&mut op).await, before);
 
-    std::fs::write(
-        dir.path().join("policy.cedar"),
-        "@id(\"writers\") permit(principal, action == Action::\"write\", resource == Resource::\"demo-token\");",
-    )
-    .unwrap();
-    let ok = op
-        .admin
-        .reload_policy(pb::ReloadPolicyRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    std::fs::write(dir.path().join("policy.cedar"), WRITERS).unwrap();
+    let ok = reload(&mut op).await.unwrap();
     assert_eq!(ok.policy_count, 1);
     let s = start(&mut agent, vec![grant("demo-token", "read")], "t", &[])
         .await
@@ -579,12 +446,7 @@ async fn policy_reload_keeps_old_set_on_error_and_applies_good_one() {
     assert!(t.grants[0].reason.contains("writers"));
     // An agent is no operator.
     assert_eq!(
-        agent
-            .admin
-            .reload_policy(pb::ReloadPolicyRequest {})
-            .await
-            .unwrap_err()
-            .code(),
+        reload(&mut agent).await.unwrap_err().code(),
         Code::PermissionDenied
     );
     drop((agent, op));
@@ -593,31 +455,15 @@ async fn policy_reload_keeps_old_set_on_error_and_applies_good_one() {
 
 #[tokio::test]
 async fn reloads_by_the_file_watcher_are_audited() {
-    let dir = dev_dir();
-    let cfg = setup(dir.path());
-    let r = spawn(&cfg, Default::default()).await.unwrap();
+    let (dir, cfg) = setup();
+    let r = spawn_default(&cfg).await;
     let mut op = clients(&r, OPERATOR).await;
-    let digest = |op: &mut Clients| {
-        let mut admin = op.admin.clone();
-        async move {
-            admin
-                .status(pb::StatusRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .policy_digest
-        }
-    };
-    let before = digest(&mut op).await;
-    std::fs::write(
-        dir.path().join("policy.cedar"),
-        "@id(\"writers\") permit(principal, action == Action::\"write\", resource == Resource::\"demo-token\");",
-    )
-    .unwrap();
+    let before = policy_digest(&mut op).await;
+    std::fs::write(dir.path().join("policy.cedar"), WRITERS).unwrap();
     eventually("the watcher loads the new policy", || {
         let mut op = op.clone();
         let before = before.clone();
-        async move { digest(&mut op).await != before }
+        async move { policy_digest(&mut op).await != before }
     })
     .await;
     std::fs::write(dir.path().join("policy.cedar"), "permit(oops").unwrap();

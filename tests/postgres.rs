@@ -8,20 +8,20 @@ mod common;
 use std::collections::HashSet;
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::pg::Pg;
 use common::*;
 use jitbroker::api::pb;
 use jitbroker::broker::{Clock, ManualClock};
-use jitbroker::server::Options;
 use jitbroker::store::Store;
 
 const PREFIX: &str = "jb_";
 
-/// Test tables: `orders` is granted to the `read` action, `payroll` is not.
-async fn seed(pg: &Pg) {
+/// A throwaway PostgreSQL (`None`: skip the test) with the test tables: `orders` is granted to
+/// the `read` action, `payroll` is not.
+async fn seeded() -> Option<Pg> {
+    let pg = Pg::start()?;
     pg.admin()
         .await
         .batch_execute(
@@ -32,16 +32,16 @@ async fn seed(pg: &Pg) {
         )
         .await
         .unwrap();
+    Some(pg)
 }
 
 /// The dev config plus an `orders-db` postgres resource and fast revocation retries.
 fn pg_config(dir: &Path, pg: &Pg) -> jitbroker::config::Config {
     let dsn = pg.write_admin_dsn(dir);
-    let mut policy = std::fs::read_to_string(dir.join("policy.cedar")).unwrap();
-    policy.push_str(
+    append_policy(
+        dir,
         "\n@id(\"agents-read-orders\")\npermit(principal, action == Action::\"read\", resource == Resource::\"orders-db\")\nwhen { principal.path like \"/agent/*\" };\n",
     );
-    std::fs::write(dir.join("policy.cedar"), policy).unwrap();
     config(dir, |t| {
         format!(
             "{t}
@@ -68,9 +68,7 @@ reconcile_interval_seconds = 1
 }
 
 async fn metrics(addr: std::net::SocketAddr) -> String {
-    http_get(&addr.to_string(), "/metrics")
-        .await
-        .expect("the ops port answers")
+    ops_get(addr, "/metrics").await
 }
 
 fn db_msg(e: &tokio_postgres::Error) -> String {
@@ -84,46 +82,47 @@ fn pg_issue(task_id: &str, ttl: u32) -> pb::IssueCredentialRequest {
 }
 
 /// A task granted `orders-db` read (10 minutes).
-async fn orders_task(b: &mut BrokerClient<tonic::transport::Channel>) -> pb::Task {
-    b.start_task(start_req(vec![grant("orders-db", "read")], 600))
-        .await
-        .unwrap()
-        .into_inner()
+async fn orders_task(c: &mut Clients) -> pb::Task {
+    c.start(vec![grant("orders-db", "read")], 600).await
 }
 
 /// An `orders-db` credential (a real role) for the task.
-async fn orders_credential(
-    b: &mut BrokerClient<tonic::transport::Channel>,
-    task_id: &str,
-    ttl: u32,
-) -> pb::Credential {
-    b.issue_credential(pg_issue(task_id, ttl))
+async fn orders_credential(c: &mut Clients, task_id: &str, ttl: u32) -> pb::Credential {
+    c.issue(task_id, "orders-db", ttl).await
+}
+
+/// The agent's clients of `r`, a task granted `orders-db` read and a credential of it (300 s).
+async fn agent_with_role(r: &Running) -> (Clients, pb::Task, pb::Credential) {
+    let mut c = clients(r, AGENT).await;
+    let task = orders_task(&mut c).await;
+    let cred = orders_credential(&mut c, &task.task_id, 300).await;
+    (c, task, cred)
+}
+
+/// The rows of `orders`, as `session` counts them.
+async fn count_orders(session: &tokio_postgres::Client) -> i64 {
+    session
+        .query_one("SELECT count(*) FROM orders", &[])
         .await
         .unwrap()
-        .into_inner()
+        .get(0)
+}
+
+/// Waits until no role with the broker's prefix is left.
+async fn no_roles_left(pg: &Pg, what: &str) {
+    eventually(what, || async { pg.roles(PREFIX).await.is_empty() }).await;
 }
 
 #[tokio::test]
 async fn role_reads_what_it_was_granted_and_dies_with_its_task_or_ttl() {
-    let Some(pg) = Pg::start() else { return };
-    seed(&pg).await;
+    let Some(pg) = seeded().await else { return };
     let dir = dev_dir();
     let cfg = pg_config(dir.path(), &pg);
     let clock = ManualClock::new();
-    let r = spawn(
-        &cfg,
-        Options {
-            clock: Arc::new(clock.clone()) as Arc<dyn Clock>,
-            reaper: true,
-        },
-    )
-    .await
-    .unwrap();
-    let mut c = clients(&r, AGENT).await;
+    let r = spawn(&cfg, clock_options(&clock, true)).await.unwrap();
 
     // Issue: a DSN as the secret, the parts as attributes.
-    let task = orders_task(&mut c.broker).await;
-    let cred = orders_credential(&mut c.broker, &task.task_id, 300).await;
+    let (mut c, task, cred) = agent_with_role(&r).await;
     let user = cred.attributes["user"].clone();
     assert!(user.starts_with(PREFIX), "{user}");
     assert_eq!(cred.attributes["port"], pg.port.to_string());
@@ -146,12 +145,7 @@ async fn role_reads_what_it_was_granted_and_dies_with_its_task_or_ttl() {
     let session = Pg::connect(&cred.secret)
         .await
         .expect("login with the issued DSN");
-    let n: i64 = session
-        .query_one("SELECT count(*) FROM orders", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 2);
+    assert_eq!(count_orders(&session).await, 2);
     let denied = session
         .query_one("SELECT count(*) FROM payroll", &[])
         .await
@@ -164,16 +158,8 @@ async fn role_reads_what_it_was_granted_and_dies_with_its_task_or_ttl() {
     assert!(db_msg(&write).contains("permission denied"), "{write:?}");
 
     // CompleteTask: the role is dropped and its open session is cut.
-    c.broker
-        .complete_task(pb::CompleteTaskRequest {
-            task_id: task.task_id.clone(),
-        })
-        .await
-        .unwrap();
-    eventually("the role is dropped after CompleteTask", || async {
-        pg.roles(PREFIX).await.is_empty()
-    })
-    .await;
+    c.complete(&task.task_id).await;
+    no_roles_left(&pg, "the role is dropped after CompleteTask").await;
     assert!(
         session.query_one("SELECT 1", &[]).await.is_err(),
         "the open session survived revocation"
@@ -184,17 +170,12 @@ async fn role_reads_what_it_was_granted_and_dies_with_its_task_or_ttl() {
     );
 
     // TTL: the credential expires on the broker's clock; the reaper ends it and the role goes.
-    let t2 = orders_task(&mut c.broker).await;
-    let cred2 = orders_credential(&mut c.broker, &t2.task_id, 60).await;
+    let t2 = orders_task(&mut c).await;
+    let cred2 = orders_credential(&mut c, &t2.task_id, 60).await;
     let s2 = Pg::connect(&cred2.secret).await.unwrap();
-    s2.query_one("SELECT count(*) FROM orders", &[])
-        .await
-        .unwrap();
+    count_orders(&s2).await;
     clock.advance(Duration::from_secs(61));
-    eventually("the role is dropped after its TTL", || async {
-        pg.roles(PREFIX).await.is_empty()
-    })
-    .await;
+    no_roles_left(&pg, "the role is dropped after its TTL").await;
     assert!(s2.query_one("SELECT 1", &[]).await.is_err());
     assert!(Pg::connect(&cred2.secret).await.is_err());
     // Nothing left queued.
@@ -227,26 +208,16 @@ async fn role_reads_what_it_was_granted_and_dies_with_its_task_or_ttl() {
 #[tokio::test]
 async fn revocation_waits_out_a_database_outage_without_giving_up() {
     let logs = LogCapture::shared();
-    let Some(pg) = Pg::start() else { return };
-    seed(&pg).await;
+    let Some(pg) = seeded().await else { return };
     let dir = dev_dir();
     let cfg = pg_config(dir.path(), &pg);
-    let r = spawn(&cfg, Options::default()).await.unwrap();
-    let mut c = clients(&r, AGENT).await;
-    let task = orders_task(&mut c.broker).await;
-    let cred = orders_credential(&mut c.broker, &task.task_id, 300).await;
+    let r = spawn_default(&cfg).await;
+    let (mut c, task, cred) = agent_with_role(&r).await;
     let user = cred.attributes["user"].clone();
 
     // The database goes away; completion still succeeds and the revocation is queued.
     pg.stop_server();
-    let done = c
-        .broker
-        .complete_task(pb::CompleteTaskRequest {
-            task_id: task.task_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let done = c.complete(&task.task_id).await;
     assert_eq!(
         done.revoked_credential_ids,
         vec![cred.credential_id.clone()]
@@ -254,7 +225,7 @@ async fn revocation_waits_out_a_database_outage_without_giving_up() {
     let m = metrics(r.ops_addr).await;
     assert!(m.contains("jitbroker_revocation_debt 1"), "{m}");
     // Issuance while it is down fails cleanly (and queues the cleanup of the half-made name).
-    let t2 = orders_task(&mut c.broker).await;
+    let t2 = orders_task(&mut c).await;
     let e = c
         .broker
         .issue_credential(pg_issue(&t2.task_id, 300))
@@ -278,11 +249,7 @@ async fn revocation_waits_out_a_database_outage_without_giving_up() {
 
     // The database returns: the role is gone within moments, and the queue is empty.
     pg.start_server();
-    eventually(
-        "the queued revocation runs once PostgreSQL is back",
-        || async { pg.roles(PREFIX).await.is_empty() },
-    )
-    .await;
+    no_roles_left(&pg, "the queued revocation runs once PostgreSQL is back").await;
     eventually("the revocation debt is paid", || async {
         metrics(r.ops_addr)
             .await
@@ -301,8 +268,7 @@ async fn revocation_waits_out_a_database_outage_without_giving_up() {
 
 #[tokio::test]
 async fn reconciler_removes_hand_made_roles_with_the_prefix() {
-    let Some(pg) = Pg::start() else { return };
-    seed(&pg).await;
+    let Some(pg) = seeded().await else { return };
     let admin = pg.admin().await;
     admin
         .batch_execute(
@@ -313,10 +279,8 @@ async fn reconciler_removes_hand_made_roles_with_the_prefix() {
         .unwrap();
     let dir = dev_dir();
     let cfg = pg_config(dir.path(), &pg);
-    let r = spawn(&cfg, Options::default()).await.unwrap();
-    let mut c = clients(&r, AGENT).await;
-    let task = orders_task(&mut c.broker).await;
-    let cred = orders_credential(&mut c.broker, &task.task_id, 300).await;
+    let r = spawn_default(&cfg).await;
+    let (c, _task, cred) = agent_with_role(&r).await;
     let mine = cred.attributes["user"].clone();
     eventually("the hand-made role is removed", || async {
         pg.roles(PREFIX).await == vec![mine.clone()]
@@ -334,9 +298,7 @@ async fn reconciler_removes_hand_made_roles_with_the_prefix() {
     assert_eq!(pg.roles("app_").await, vec!["app_owner".to_owned()]);
     // The live credential was never touched.
     let s = Pg::connect(&cred.secret).await.unwrap();
-    s.query_one("SELECT count(*) FROM orders", &[])
-        .await
-        .unwrap();
+    count_orders(&s).await;
     drop(c);
     r.stop().await;
 }
@@ -432,15 +394,7 @@ fn scopeguard_log(p: std::path::PathBuf) -> LogOnPanic {
 impl Proc {
     #[cfg(feature = "failpoints")]
     async fn clients(&self, dir: &Path) -> Clients {
-        let (chain, key, bundle) = mint(dir, AGENT);
-        let ch = channel(self.addr, tls_config(&bundle, Some((&chain, &key))))
-            .await
-            .unwrap();
-        Clients {
-            broker: BrokerClient::new(ch.clone()),
-            verifier: VerifierClient::new(ch.clone()),
-            admin: AdminClient::new(ch),
-        }
+        clients_at(self.addr, dir, AGENT).await
     }
 
     /// Waits until the process reports the crash point, then kills it with SIGKILL.
@@ -501,8 +455,7 @@ fn ledger(dir: &Path) -> (Vec<String>, usize) {
 #[cfg(feature = "failpoints")]
 #[tokio::test]
 async fn crash_at_every_step_leaves_no_unknown_role_and_loses_no_credential() {
-    let Some(pg) = Pg::start() else { return };
-    seed(&pg).await;
+    let Some(pg) = seeded().await else { return };
     for (n, point) in [
         "issue-after-intent",
         "issue-after-create",
@@ -519,11 +472,11 @@ async fn crash_at_every_step_leaves_no_unknown_role_and_loses_no_credential() {
         // An acknowledged credential that must survive everything, issued before the crash.
         let p = start_proc(d, Some(point), 0).await;
         let mut c = p.clients(d).await;
-        let keep_task = orders_task(&mut c.broker).await;
+        let keep_task = orders_task(&mut c).await;
         let kept = if point.starts_with("issue") {
             None
         } else {
-            Some(orders_credential(&mut c.broker, &keep_task.task_id, 300).await)
+            Some(orders_credential(&mut c, &keep_task.task_id, 300).await)
         };
         if point.starts_with("issue") {
             // The issuance that crashes: its reply never comes.
@@ -534,17 +487,9 @@ async fn crash_at_every_step_leaves_no_unknown_role_and_loses_no_credential() {
             });
         } else {
             // Complete a second task whose revocation crashes midway.
-            let t = orders_task(&mut c.broker).await;
-            c.broker
-                .issue_credential(pg_issue(&t.task_id, 300))
-                .await
-                .unwrap();
-            c.broker
-                .complete_task(pb::CompleteTaskRequest {
-                    task_id: t.task_id.clone(),
-                })
-                .await
-                .unwrap();
+            let t = orders_task(&mut c).await;
+            orders_credential(&mut c, &t.task_id, 300).await;
+            c.complete(&t.task_id).await;
         }
         drop(c);
         p.kill_at(point).await;
@@ -573,9 +518,7 @@ async fn crash_at_every_step_leaves_no_unknown_role_and_loses_no_credential() {
             let s = Pg::connect(&k.secret)
                 .await
                 .unwrap_or_else(|e| panic!("[{point}] acknowledged credential lost: {e}"));
-            s.query_one("SELECT count(*) FROM orders", &[])
-                .await
-                .unwrap();
+            count_orders(&s).await;
             let mut c = p.clients(d).await;
             let r = c
                 .verifier
@@ -626,9 +569,8 @@ async fn crash_at_every_step_leaves_no_unknown_role_and_loses_no_credential() {
 /// server certificate from another CA is refused, and issuance fails closed.
 #[tokio::test]
 async fn admin_connection_uses_verified_tls_when_a_ca_is_configured() {
-    let Some(pg) = Pg::start() else { return };
+    let Some(pg) = seeded().await else { return };
     let logs = LogCapture::shared();
-    seed(&pg).await;
     for trusted in [true, false] {
         let dir = dev_dir();
         let d = dir.path();
@@ -655,9 +597,9 @@ async fn admin_connection_uses_verified_tls_when_a_ca_is_configured() {
                 &format!("role_prefix = \"jb_\"\nca_file = \"{}\"\n", ca.display()),
             )
         });
-        let r = spawn(&cfg, Options::default()).await.unwrap();
+        let r = spawn_default(&cfg).await;
         let mut c = clients(&r, AGENT).await;
-        let task = orders_task(&mut c.broker).await;
+        let task = orders_task(&mut c).await;
         let issued = c
             .broker
             .issue_credential(pg_issue(&task.task_id, 300))
@@ -679,12 +621,7 @@ async fn admin_connection_uses_verified_tls_when_a_ca_is_configured() {
                 rows.iter().all(|r| r.get::<_, bool>(0)),
                 "a broker admin session without TLS"
             );
-            c.broker
-                .complete_task(pb::CompleteTaskRequest {
-                    task_id: task.task_id.clone(),
-                })
-                .await
-                .unwrap();
+            c.complete(&task.task_id).await;
             let user = cred.attributes["user"].clone();
             eventually("the role is dropped over TLS", || async {
                 !pg.roles(PREFIX).await.contains(&user)
@@ -726,8 +663,7 @@ async fn admin_connection_uses_verified_tls_when_a_ca_is_configured() {
 /// what to grant.
 #[tokio::test]
 async fn least_privilege_admin_issues_and_revokes() {
-    let Some(pg) = Pg::start() else { return };
-    seed(&pg).await;
+    let Some(pg) = seeded().await else { return };
     pg.admin()
         .await
         .batch_execute(
@@ -759,16 +695,13 @@ async fn least_privilege_admin_issues_and_revokes() {
     )
     .unwrap();
 
-    std::fs::write(
-        cfg.resources["orders-db"]
-            .postgres
-            .as_ref()
-            .unwrap()
-            .admin_dsn_file
-            .clone(),
-        least("powerless", "powerless-pw"),
-    )
-    .unwrap();
+    let admin_dsn_file = cfg.resources["orders-db"]
+        .postgres
+        .as_ref()
+        .unwrap()
+        .admin_dsn_file
+        .clone();
+    std::fs::write(&admin_dsn_file, least("powerless", "powerless-pw")).unwrap();
     let cfg = config(dir.path(), |t| t);
     let err = spawn(&cfg, Default::default())
         .await
@@ -780,37 +713,13 @@ async fn least_privilege_admin_issues_and_revokes() {
         "the error says what to grant: {err}"
     );
 
-    std::fs::write(
-        cfg.resources["orders-db"]
-            .postgres
-            .as_ref()
-            .unwrap()
-            .admin_dsn_file
-            .clone(),
-        least("broker_admin", "broker-admin-pw"),
-    )
-    .unwrap();
-    let r = spawn(&cfg, Default::default()).await.unwrap();
-    let mut c = clients(&r, AGENT).await;
-    let task = orders_task(&mut c.broker).await;
-    let cred = orders_credential(&mut c.broker, &task.task_id, 300).await;
+    std::fs::write(&admin_dsn_file, least("broker_admin", "broker-admin-pw")).unwrap();
+    let r = spawn_default(&cfg).await;
+    let (mut c, task, cred) = agent_with_role(&r).await;
     let session = Pg::connect(&cred.secret).await.expect("login");
-    let n: i64 = session
-        .query_one("SELECT count(*) FROM orders", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 2);
-    c.broker
-        .complete_task(pb::CompleteTaskRequest {
-            task_id: task.task_id.clone(),
-        })
-        .await
-        .unwrap();
-    eventually("the role is dropped by a non-superuser admin", || async {
-        pg.roles(PREFIX).await.is_empty()
-    })
-    .await;
+    assert_eq!(count_orders(&session).await, 2);
+    c.complete(&task.task_id).await;
+    no_roles_left(&pg, "the role is dropped by a non-superuser admin").await;
     assert!(
         session.query_one("SELECT 1", &[]).await.is_err(),
         "the open session was terminated"
@@ -910,8 +819,7 @@ fn now_ms() -> i64 {
 /// 100 and prints the figures).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_loop_under_load_keeps_every_promise() {
-    let Some(pg) = Pg::start() else { return };
-    seed(&pg).await;
+    let Some(pg) = seeded().await else { return };
     let dir = dev_dir();
     let _ = pg_config(dir.path(), &pg);
     let kills: usize = std::env::var("JITBROKER_KILL_LOOP_KILLS")
@@ -928,14 +836,7 @@ async fn kill_loop_under_load_keeps_every_promise() {
         let p = start_proc(dir.path(), None, n).await;
         restarts_ms.push(t0.elapsed().as_millis() as u64);
         // After each restart: every promise made before the kill holds.
-        let (_, _, bundle) = mint(dir.path(), TOOL);
-        let mut tool = {
-            let (chain, key, _) = mint(dir.path(), TOOL);
-            let ch = channel(p.addr, tls_config(&bundle, Some((&chain, &key))))
-                .await
-                .unwrap();
-            VerifierClient::new(ch)
-        };
+        let mut tool = clients_at(p.addr, dir.path(), TOOL).await.verifier;
         for a in acked.iter().filter(|a| a.kind == "token") {
             let now = now_ms();
             let active = tool
@@ -971,15 +872,7 @@ async fn kill_loop_under_load_keeps_every_promise() {
                 let dir = dir.path().to_path_buf();
                 let addr = p.addr;
                 tokio::spawn(async move {
-                    let (chain, key, bundle) = mint(&dir, if i == 0 { AGENT } else { AGENT_B });
-                    let ch = channel(addr, tls_config(&bundle, Some((&chain, &key))))
-                        .await
-                        .unwrap();
-                    let c = Clients {
-                        broker: BrokerClient::new(ch.clone()),
-                        verifier: VerifierClient::new(ch.clone()),
-                        admin: AdminClient::new(ch),
-                    };
+                    let c = clients_at(addr, &dir, if i == 0 { AGENT } else { AGENT_B }).await;
                     agent_load(c, 0x9e37_79b9 + i).await
                 })
             })
@@ -1040,8 +933,7 @@ async fn kill_loop_under_load_keeps_every_promise() {
 /// kill loop found it, killing its load generator).
 #[tokio::test]
 async fn an_issuance_the_caller_abandons_completes_and_ends_with_its_task() {
-    let Some(pg) = Pg::start() else { return };
-    seed(&pg).await;
+    let Some(pg) = seeded().await else { return };
     let dir = dev_dir();
     pg_config(dir.path(), &pg);
     // Creation takes a second and a half: long after the caller has gone.
@@ -1052,9 +944,9 @@ async fn an_issuance_the_caller_abandons_completes_and_ends_with_its_task() {
             "statements = [\"GRANT SELECT ON orders TO {role}\", \"SELECT pg_sleep(1.5) WHERE '{role}' <> ''\"]",
         );
     let cfg = jitbroker::config::Config::from_toml(&text, "test", |_| None).unwrap();
-    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let r = spawn_default(&cfg).await;
     let mut c = clients(&r, AGENT).await;
-    let task = orders_task(&mut c.broker).await;
+    let task = orders_task(&mut c).await;
     let mut req = tonic::Request::new(pg_issue(&task.task_id, 300));
     req.set_timeout(Duration::from_millis(300));
     let e = c.broker.issue_credential(req).await.unwrap_err();
@@ -1074,19 +966,9 @@ async fn an_issuance_the_caller_abandons_completes_and_ends_with_its_task() {
     .await;
     assert_eq!(pg.roles(PREFIX).await.len(), 1);
     // It belongs to the task like any other: completing the task revokes it and drops its role.
-    let done = c
-        .broker
-        .complete_task(pb::CompleteTaskRequest {
-            task_id: task.task_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let done = c.complete(&task.task_id).await;
     assert_eq!(done.revoked_credential_ids.len(), 1);
-    eventually("its role is dropped with the task", || async {
-        pg.roles(PREFIX).await.is_empty()
-    })
-    .await;
+    no_roles_left(&pg, "its role is dropped with the task").await;
     drop(c);
     r.stop().await;
 }

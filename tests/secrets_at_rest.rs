@@ -3,28 +3,21 @@
 mod common;
 
 use common::*;
-use jitbroker::api::pb;
-use jitbroker::server::Options;
 
 #[tokio::test]
 async fn no_plaintext_secret_on_disk_or_in_logs() {
     let logs = LogCapture::install();
-    let dir = dev_dir();
-    let cfg = config(dir.path(), |t| t);
-    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let (dir, _cfg, r) = start_dev().await;
     let mut agent = clients(&r, AGENT).await;
     let mut tool = clients(&r, TOOL).await;
     let mut secrets = Vec::new();
     for i in 0..20 {
         let task = agent
-            .broker
-            .start_task(start_req(
+            .start(
                 vec![grant("demo-token", "read"), grant("demo-jwt", "read")],
                 600,
-            ))
-            .await
-            .unwrap()
-            .into_inner();
+            )
+            .await;
         for res in ["demo-token", "demo-jwt"] {
             let mut req = issue_req(&task.task_id, res, 300);
             req.idempotency_key = format!("k{i}-{res}");
@@ -34,17 +27,11 @@ async fn no_plaintext_secret_on_disk_or_in_logs() {
                 .await
                 .unwrap()
                 .into_inner();
-            assert!(introspect(&mut tool, &c.secret, res).await.active);
+            assert!(active(&mut tool, &c.secret, res).await);
             secrets.push(c.secret);
         }
         if i % 2 == 0 {
-            agent
-                .broker
-                .complete_task(pb::CompleteTaskRequest {
-                    task_id: task.task_id,
-                })
-                .await
-                .unwrap();
+            agent.complete(&task.task_id).await;
         }
     }
     drop((agent, tool));

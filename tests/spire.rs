@@ -45,17 +45,8 @@ impl Spire {
     }
 
     async fn cli(&self, tool: &str, args: &[&str]) -> String {
-        let out = Command::new(self.bin.join(tool))
-            .args(args)
-            .output()
-            .await
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "{tool} {args:?} failed: {text}");
+        let (ok, text) = self.try_cli(tool, args).await;
+        assert!(ok, "{tool} {args:?} failed: {text}");
         text
     }
 
@@ -210,15 +201,13 @@ plugins {{
                 .unwrap(),
         );
         let sock = self.agent_sock().display().to_string();
-        for _ in 0..300 {
-            if self
-                .try_cli("spire-agent", &["healthcheck", "-socketPath", &sock])
+        let healthy = || async {
+            self.try_cli("spire-agent", &["healthcheck", "-socketPath", &sock])
                 .await
                 .0
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if poll_until(300, Duration::from_millis(100), healthy).await {
+            return;
         }
         panic!(
             "spire-agent did not become healthy:\n{}",
@@ -272,6 +261,13 @@ impl Drop for Spire {
             let _ = a.start_kill();
         }
     }
+}
+
+/// Whether the broker's `/readyz` on `ops_addr` answers with `status` (e.g. `" 200 "`).
+async fn readyz_says(ops_addr: &str, status: &str) -> bool {
+    http_get(ops_addr, "/readyz")
+        .await
+        .is_some_and(|r| r.contains(status))
 }
 
 fn pem_of(svid: &spiffe::X509Svid) -> (String, String) {
@@ -378,10 +374,7 @@ verifiers = ["spiffe://{TD}/agent/test"]
         let ops_addr = format!("127.0.0.1:{ops}");
         let mut ready = false;
         for _ in 0..150 {
-            if http_get(&ops_addr, "/readyz")
-                .await
-                .is_some_and(|r| r.contains(" 200 "))
-            {
+            if readyz_says(&ops_addr, " 200 ").await {
                 ready = true;
                 break;
             }
@@ -439,10 +432,9 @@ verifiers = ["spiffe://{TD}/agent/test"]
     let ch = channel(addr, tls.clone())
         .await
         .expect("mTLS to the SPIRE-identified broker");
-    let mut b = BrokerClient::new(ch.clone());
-    let mut v = VerifierClient::new(ch.clone());
-    let mut admin = AdminClient::new(ch.clone());
-    let status = admin
+    let mut agent = Clients::new(ch.clone());
+    let status = agent
+        .admin
         .status(pb::StatusRequest {})
         .await
         .unwrap()
@@ -451,40 +443,12 @@ verifiers = ["spiffe://{TD}/agent/test"]
     assert_eq!(status.identity_source, "spire");
 
     // Full lifecycle.
-    let t = b
-        .start_task(start_req(vec![grant("demo-token", "read")], 600))
-        .await
-        .unwrap()
-        .into_inner();
+    let t = agent.start(vec![grant("demo-token", "read")], 600).await;
     assert_eq!(t.spiffe_id, format!("spiffe://{TD}/agent/test"));
-    let c = b
-        .issue_credential(issue_req(&t.task_id, "demo-token", 300))
-        .await
-        .unwrap()
-        .into_inner();
-    let active = |s: &str| pb::IntrospectRequest {
-        secret: s.into(),
-        resource: "demo-token".into(),
-    };
-    assert!(
-        v.introspect(active(&c.secret))
-            .await
-            .unwrap()
-            .into_inner()
-            .active
-    );
-    b.complete_task(pb::CompleteTaskRequest {
-        task_id: t.task_id.clone(),
-    })
-    .await
-    .unwrap();
-    assert!(
-        !v.introspect(active(&c.secret))
-            .await
-            .unwrap()
-            .into_inner()
-            .active
-    );
+    let c = agent.issue(&t.task_id, "demo-token", 300).await;
+    assert!(active(&mut agent, &c.secret, "demo-token").await);
+    agent.complete(&t.task_id).await;
+    assert!(!active(&mut agent, &c.secret, "demo-token").await);
 
     // JWT-SVIDs from the real agent: one for the broker's audience is an identity on its own (on
     // a channel without a client certificate); one for another audience is refused.
@@ -526,7 +490,9 @@ verifiers = ["spiffe://{TD}/agent/test"]
     let mut rotated = false;
     for _ in 0..60 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        b.start_task(start_req(vec![grant("demo-token", "read")], 60))
+        agent
+            .broker
+            .start_task(start_req(vec![grant("demo-token", "read")], 60))
             .await
             .expect("requests keep working across rotation");
         if server_cert_serial(addr, tls.clone()).await != first {
@@ -548,39 +514,24 @@ verifiers = ["spiffe://{TD}/agent/test"]
     // The agent goes away: requests keep working with the current SVID; readiness drops once
     // the source notices; it recovers when the agent returns.
     spire.stop_agent().await;
-    b.start_task(start_req(vec![grant("demo-token", "read")], 60))
+    agent
+        .broker
+        .start_task(start_req(vec![grant("demo-token", "read")], 60))
         .await
         .expect("serving without the agent");
     let ops_addr = format!("127.0.0.1:{ops}");
-    let mut went_unready = false;
-    for _ in 0..100 {
-        if http_get(&ops_addr, "/readyz")
-            .await
-            .is_some_and(|r| r.contains(" 503 "))
-        {
-            went_unready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let every = Duration::from_millis(200);
+    let went_unready = poll_until(100, every, || readyz_says(&ops_addr, " 503 ")).await;
     assert!(went_unready, "readiness did not report the lost agent");
-    b.start_task(start_req(vec![grant("demo-token", "read")], 60))
+    agent
+        .broker
+        .start_task(start_req(vec![grant("demo-token", "read")], 60))
         .await
         .expect("still serving while not ready");
     spire.start_agent(None).await;
-    let mut back = false;
-    for _ in 0..150 {
-        if http_get(&ops_addr, "/readyz")
-            .await
-            .is_some_and(|r| r.contains(" 200 "))
-        {
-            back = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let back = poll_until(150, every, || readyz_says(&ops_addr, " 200 ")).await;
     assert!(back, "readiness did not recover with the agent");
-    drop((b, v, admin, ch));
+    drop((agent, ch));
     let _ = broker.kill().await;
     let _ = spire.port;
 }

@@ -11,35 +11,56 @@ use std::time::Duration;
 use common::*;
 use jitbroker::api::pb;
 use jitbroker::broker::ManualClock;
-use jitbroker::server::Options;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use tonic::Code;
 
 fn with_x509(dir: &std::path::Path) -> jitbroker::config::Config {
-    let mut policy = std::fs::read_to_string(dir.join("policy.cedar")).unwrap();
-    policy.push_str(
+    append_policy(
+        dir,
         "\n@id(\"agents-client-certs\")\npermit(principal, action == Action::\"connect\", resource == Resource::\"payments-mtls\")\nwhen { principal.path like \"/agent/*\" };\n",
     );
-    std::fs::write(dir.join("policy.cedar"), policy).unwrap();
     config(dir, |t| {
         format!("{t}\n[resources.payments-mtls]\nkind = \"x509\"\nactions = [\"connect\"]\n")
     })
+}
+
+/// A client certificate verifier trusting the CAs in `ca_pem`.
+fn client_verifier(ca_pem: &str) -> Arc<dyn rustls::server::danger::ClientCertVerifier> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    WebPkiClientVerifier::builder(Arc::new(roots))
+        .build()
+        .unwrap()
+}
+
+/// The URI SANs of `x` (none when it has no SAN extension).
+fn uri_sans(x: &x509_parser::certificate::X509Certificate) -> Vec<String> {
+    x.subject_alternative_name()
+        .unwrap()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[tokio::test]
 async fn x509_credentials_verify_against_the_published_ca_and_expire_with_the_task() {
     let dir = dev_dir();
     let cfg = with_x509(dir.path());
-    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let r = spawn_default(&cfg).await;
     let mut c = clients(&r, AGENT).await;
-    let task = c
-        .broker
-        .start_task(start_req(vec![grant("payments-mtls", "connect")], 120))
-        .await
-        .unwrap()
-        .into_inner();
+    let task = c.start(vec![grant("payments-mtls", "connect")], 120).await;
     // Asking for longer than the task has left gives the task's end, not more.
     let cred = c
         .broker
@@ -74,13 +95,7 @@ async fn x509_credentials_verify_against_the_published_ca_and_expire_with_the_ta
     let key = rcgen::KeyPair::from_pem(&cred.secret[key_at..]).expect("the key parses");
 
     // Chain: verifies against the published root as a TLS client certificate, given the chain.
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(ca.unwrap()).unwrap();
-    }
-    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
-        .build()
-        .unwrap();
+    let verifier = client_verifier(&ca_pem);
     verifier
         .verify_client_cert(&leaf, &chain[1..], UnixTime::now())
         .expect("the credential verifies against the published root");
@@ -93,20 +108,8 @@ async fn x509_credentials_verify_against_the_published_ca_and_expire_with_the_ta
 
     // Contents: the SPIFFE ID and the task, the credential id, the key that came with it.
     let (_, x) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
-    let uris: Vec<String> = x
-        .subject_alternative_name()
-        .unwrap()
-        .unwrap()
-        .value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
-            _ => None,
-        })
-        .collect();
     assert_eq!(
-        uris,
+        uri_sans(&x),
         vec![
             AGENT.to_owned(),
             format!("urn:jitbroker:task:{}", task.task_id),
@@ -190,31 +193,11 @@ fn relying_party(
     presented: &[CertificateDer<'static>],
     now: UnixTime,
 ) -> Result<(), String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(trusted_ca_pem.as_bytes()) {
-        roots.add(ca.unwrap()).unwrap();
-    }
-    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
-        .build()
-        .unwrap();
-    verifier
+    client_verifier(trusted_ca_pem)
         .verify_client_cert(&presented[0], &presented[1..], now)
         .map_err(|e| format!("chain: {e}"))?;
     let (_, x) = x509_parser::parse_x509_certificate(presented[0].as_ref()).unwrap();
-    let uris: Vec<String> = x
-        .subject_alternative_name()
-        .unwrap()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let uris = uri_sans(&x);
     let only = |prefix: &str| -> Result<String, String> {
         let found: Vec<&String> = uris.iter().filter(|u| u.starts_with(prefix)).collect();
         match found.as_slice() {
@@ -283,20 +266,9 @@ async fn a_certificate_is_bound_to_its_resource_and_action_and_its_revocation_is
     let mut agent = clients(&r, AGENT).await;
     let mut tool = clients(&r, TOOL).await;
     let task = agent
-        .broker
-        .start_task(start_req(
-            vec![grant("staging", "read"), grant("prod", "read")],
-            600,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let staging_read = agent
-        .broker
-        .issue_credential(issue_req(&task.task_id, "staging", 60))
-        .await
-        .unwrap()
-        .into_inner();
+        .start(vec![grant("staging", "read"), grant("prod", "read")], 600)
+        .await;
+    let staging_read = agent.issue(&task.task_id, "staging", 60).await;
     let (presented, serial) = leaf_and_serial(&staging_read.secret);
 
     // One issuing CA per resource under one root; each resource's CA is only its own.
@@ -377,18 +349,7 @@ async fn a_certificate_is_bound_to_its_resource_and_action_and_its_revocation_is
     assert!(e.message().starts_with("serial"), "{e:?}");
 
     // A second credential, left to expire: EXPIRED once its time has passed, reaper or not.
-    let short = agent
-        .broker
-        .issue_credential(pb::IssueCredentialRequest {
-            task_id: task.task_id.clone(),
-            resource: "prod".into(),
-            action: "read".into(),
-            ttl_seconds: 30,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let short = agent.issue(&task.task_id, "prod", 30).await;
     let (_, short_serial) = leaf_and_serial(&short.secret);
     assert_eq!(
         status(&mut tool, "prod", &short_serial)
@@ -415,13 +376,7 @@ async fn a_certificate_is_bound_to_its_resource_and_action_and_its_revocation_is
     );
 
     // Completing the task revokes the staging certificate, and the verifier sees it at once.
-    agent
-        .broker
-        .complete_task(pb::CompleteTaskRequest {
-            task_id: task.task_id.clone(),
-        })
-        .await
-        .unwrap();
+    agent.complete(&task.task_id).await;
     let s = status(&mut tool, "staging", &serial).await.unwrap();
     assert_eq!(s.status(), pb::X509CertStatus::X509CertRevoked);
     assert_eq!(s.reason, "completed");
@@ -432,7 +387,7 @@ async fn a_certificate_is_bound_to_its_resource_and_action_and_its_revocation_is
     // The CAs survive a restart: the same authorities, so issued certificates keep verifying.
     drop((agent, tool));
     r.stop().await;
-    let r = spawn(&cfg, Options::default()).await.unwrap();
+    let r = spawn_default(&cfg).await;
     let mut agent = clients(&r, AGENT).await;
     assert_eq!(authorities(&mut agent, "").await.unwrap(), root);
     assert_eq!(

@@ -5,57 +5,32 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jitbroker::api::pb;
 use jitbroker::api::pb::verifier_client::VerifierClient;
-
-use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::free_port;
+use super::tools::{self, KillOnDrop};
 
 /// The Envoy binary: `JITBROKER_ENVOY`, then `envoy` on PATH, then the tools cache. `None`
 /// skips the test unless `JITBROKER_REQUIRE_ENVOY=1` (the test script sets it).
 pub fn binary() -> Option<PathBuf> {
-    let found = std::env::var_os("JITBROKER_ENVOY")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("PATH").and_then(|p| {
-                std::env::split_paths(&p)
-                    .map(|d| d.join("envoy"))
-                    .find(|f| f.is_file())
-            })
-        })
-        .or_else(|| {
-            let home = std::env::var_os("HOME")?;
-            let f = Path::new(&home).join(".cache/jitbroker/tools/bin/envoy");
-            f.is_file().then_some(f)
-        });
-    if found.is_none() {
-        assert!(
-            std::env::var("JITBROKER_REQUIRE_ENVOY").as_deref() != Ok("1"),
-            "JITBROKER_REQUIRE_ENVOY=1 but no envoy binary (scripts/tools.sh install envoy)"
-        );
-        eprintln!("skipping: no envoy binary (scripts/tools.sh install envoy)");
-    }
-    found
+    tools::binary(
+        "envoy",
+        tools::tools_cache("envoy"),
+        "scripts/tools.sh install envoy",
+    )
 }
 
 /// A running Envoy, killed on drop.
 pub struct Envoy {
-    child: Child,
+    _child: KillOnDrop,
     pub listen: SocketAddr,
     pub log: PathBuf,
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Files Envoy reads: the gateway's SVID and the trust bundle.
@@ -74,61 +49,49 @@ pub fn config_from_docs(
     tool: SocketAddr,
     f: &GatewayFiles,
 ) -> String {
-    let page =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/gateways.md"))
-            .unwrap();
-    let start = page
-        .find("<!-- envoy-config -->\n```yaml\n")
-        .expect("marked Envoy config");
-    let rest = &page[start..];
-    let body = &rest[rest.find("```yaml\n").unwrap() + 8..];
-    let mut yaml = body[..body.find("```").unwrap()].to_owned();
     let sock = |a: SocketAddr| format!("address: {}, port_value: {}", a.ip(), a.port());
-    for (from, to) in [
-        (
-            "address: 127.0.0.1, port_value: 9901".to_owned(),
-            sock(admin),
-        ),
-        (
-            "address: 0.0.0.0, port_value: 10443".to_owned(),
-            sock(listen),
-        ),
-        (
-            "address: jitbroker.jitbroker.svc.cluster.local, port_value: 8443".to_owned(),
-            sock(broker),
-        ),
-        (
-            "address: tickets.tools.svc.cluster.local, port_value: 8080".to_owned(),
-            sock(tool),
-        ),
-        (
-            "/etc/envoy/svid/svid.pem".to_owned(),
-            f.cert.display().to_string(),
-        ),
-        (
-            "/etc/envoy/svid/svid.key".to_owned(),
-            f.key.display().to_string(),
-        ),
-        (
-            "/etc/envoy/svid/bundle.pem".to_owned(),
-            f.bundle.display().to_string(),
-        ),
-        (
-            "spiffe://example.org/ns/agents/".to_owned(),
-            "spiffe://jitbroker.dev/agent/".to_owned(),
-        ),
-        (
-            "spiffe://example.org/ns/jitbroker/sa/jitbroker".to_owned(),
-            "spiffe://jitbroker.dev/jitbroker".to_owned(),
-        ),
-    ] {
-        assert!(
-            yaml.contains(&from),
-            "docs/gateways.md Envoy config lost {from:?}"
-        );
-        yaml = yaml.replace(&from, &to);
-    }
-    yaml
+    tools::replace_all(
+        tools::docs_block("envoy-config", "yaml"),
+        "Envoy config",
+        &[
+            (
+                "address: 127.0.0.1, port_value: 9901".to_owned(),
+                sock(admin),
+            ),
+            (
+                "address: 0.0.0.0, port_value: 10443".to_owned(),
+                sock(listen),
+            ),
+            (
+                "address: jitbroker.jitbroker.svc.cluster.local, port_value: 8443".to_owned(),
+                sock(broker),
+            ),
+            (
+                "address: tickets.tools.svc.cluster.local, port_value: 8080".to_owned(),
+                sock(tool),
+            ),
+            (
+                "/etc/envoy/svid/svid.pem".to_owned(),
+                f.cert.display().to_string(),
+            ),
+            (
+                "/etc/envoy/svid/svid.key".to_owned(),
+                f.key.display().to_string(),
+            ),
+            (
+                "/etc/envoy/svid/bundle.pem".to_owned(),
+                f.bundle.display().to_string(),
+            ),
+            (
+                "spiffe://example.org/ns/agents/".to_owned(),
+                "spiffe://jitbroker.dev/agent/".to_owned(),
+            ),
+            (
+                "spiffe://example.org/ns/jitbroker/sa/jitbroker".to_owned(),
+                "spiffe://jitbroker.dev/jitbroker".to_owned(),
+            ),
+        ],
+    )
 }
 
 /// Starts Envoy with the YAML `cfg` (listening on `listen`, admin on `admin`) and waits until
@@ -162,17 +125,17 @@ pub async fn start(
         .spawn()
         .expect("start envoy");
     let envoy = Envoy {
-        child,
+        _child: KillOnDrop(child),
         listen,
         log: log.clone(),
     };
-    for _ in 0..300 {
-        if let Some(r) = super::http_get(&admin, "/ready").await
-            && r.contains("LIVE")
-        {
-            return envoy;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let live = || async {
+        super::http_get(&admin, "/ready")
+            .await
+            .is_some_and(|r| r.contains("LIVE"))
+    };
+    if super::poll_until(300, Duration::from_millis(50), live).await {
+        return envoy;
     }
     panic!(
         "envoy did not become ready; its log:\n{}",
@@ -219,13 +182,7 @@ pub async fn https_to_host(
     body: &str,
 ) -> std::io::Result<HttpResponse> {
     // This client speaks HTTP/1.1, and says so (servers may refuse another protocol).
-    let mut tls = tls;
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let mut s = connector
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await?;
+    let mut s = super::tls_connect(addr, super::http1(tls)).await?;
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\ncontent-length: {}\r\n",
         body.len()
@@ -276,6 +233,59 @@ fn unchunk(mut s: &str) -> String {
     out
 }
 
+/// `headers` with borrowed values, as [`https`] takes them.
+pub fn borrowed<'a>(headers: &'a [(&'a str, String)]) -> Vec<(&'a str, &'a str)> {
+    headers.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// Checks the first call that reached the tool, made by `AGENT` under `task`: the tool answered
+/// that the credential it got is live for the agent and the task, and it saw one request, without
+/// the task header. Returns the `authorization` the gateway injected.
+pub fn first_allowed_call(resp: &HttpResponse, seen: &Seen, task: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(&resp.body).unwrap();
+    assert_eq!(v["active"], true, "{v}");
+    assert_eq!(v["spiffe_id"], super::AGENT);
+    assert_eq!(v["task_id"], task);
+    let got = seen.all();
+    assert_eq!(got.len(), 1);
+    assert!(
+        !got[0].contains_key(super::gateway::TASK_HEADER),
+        "task header removed"
+    );
+    got[0].get("authorization").expect("injected").clone()
+}
+
+/// The headers of an agent's call under `task` that also carries the agent's own
+/// `authorization` (which must never reach the tool).
+pub fn with_own_authorization(task: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (super::gateway::TASK_HEADER, task.to_owned()),
+        ("authorization", "Bearer agent-own-token".into()),
+    ]
+}
+
+/// [`first_allowed_call`] for a call with [`with_own_authorization`]: the the agent's own `Bearer agent-own-token`: the
+/// gateway replaced it with a broker token, which the agent's response does not show.
+pub fn replaced_by_broker_token(resp: &HttpResponse, seen: &Seen, task: &str) {
+    let auth = first_allowed_call(resp, seen, task);
+    let secret = auth.strip_prefix("Bearer jbt_").expect("a broker token");
+    assert!(!auth.contains("agent-own-token"));
+    assert!(!resp.head.contains(secret) && !resp.body.contains(secret));
+}
+
+/// The broker's denial of a call under a completed task.
+pub fn assert_denied_completed(resp: &HttpResponse, context: &str) {
+    assert_eq!(resp.status, 403, "{context}{resp:?}");
+    assert!(resp.body.contains("COMPLETED"), "{}", resp.body);
+}
+
+/// A denial answered by the broker: 403 with its JSON body.
+pub fn assert_denied(resp: &HttpResponse, context: &str) {
+    assert_eq!(resp.status, 403, "{context}: {resp:?}");
+    let v: serde_json::Value = serde_json::from_str(&resp.body).expect("JSON denial");
+    assert_eq!(v["error"], "denied");
+}
+
 /// What the tool saw: the headers of each request that reached it, and what introspecting the
 /// credential it carried said.
 #[derive(Clone, Default)]
@@ -285,6 +295,17 @@ impl Seen {
     pub fn all(&self) -> Vec<HashMap<String, String>> {
         self.0.lock().unwrap().clone()
     }
+}
+
+/// A tool of the test's own (see [`tool_server`]) that introspects as `TOOL` on the broker `r`,
+/// and the gateway's SVID files, written to `dir`: (the tool's address, what it saw, the files).
+pub async fn tool_behind_gateway(
+    r: &super::Running,
+    dir: &Path,
+) -> (SocketAddr, Seen, GatewayFiles) {
+    let tool = super::clients(r, super::TOOL).await;
+    let (addr, seen) = tool_server(tool.verifier.clone()).await;
+    (addr, seen, super::gateway::gateway_files(&r.data_dir, dir))
 }
 
 /// A small HTTP tool: records each request and introspects the credential the gateway put in

@@ -6,7 +6,7 @@ use std::path::Path;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use tonic::transport::Channel;
 
-use super::{Running, channel, mint, tls_config};
+use super::{Running, channel_as};
 
 pub const GATEWAY: &str = "spiffe://jitbroker.dev/gateway/envoy";
 pub const TASK_HEADER: &str = "x-jitbroker-task";
@@ -104,22 +104,40 @@ when {
 };
 "#;
 
+/// Every grant an agent needs for the tickets and helpdesk-mcp routes.
+pub fn ticket_and_mcp_grants() -> Vec<jitbroker::api::pb::Grant> {
+    vec![
+        super::grant("tickets", "read"),
+        super::grant("helpdesk-mcp", "list"),
+        super::grant("helpdesk-mcp", "call"),
+    ]
+}
+
+/// A task of `c` granted `tickets` read (10 minutes): its id.
+pub async fn tickets_task(c: &mut super::Clients) -> String {
+    c.start(vec![super::grant("tickets", "read")], 600)
+        .await
+        .task_id
+}
+
+/// An MCP `tools/call` of `tool` with `args`, as JSON-RPC request `id`.
+pub fn mcp_call(id: i64, tool: &str, args: serde_json::Value) -> String {
+    serde_json::json!({
+        "jsonrpc": "2.0", "id": id, "method": "tools/call",
+        "params": {"name": tool, "arguments": args}
+    })
+    .to_string()
+}
+
 /// Adds the gateway configuration and policies to a dev dir.
 pub fn configure(dir: &Path) -> jitbroker::config::Config {
-    let policy = dir.join("policy.cedar");
-    let mut text = std::fs::read_to_string(&policy).unwrap();
-    text.push_str(POLICY);
-    std::fs::write(&policy, text).unwrap();
+    super::append_policy(dir, POLICY);
     super::config(dir, |t| format!("{t}{CONFIG}"))
 }
 
 /// An ext_authz client presenting `id`'s SVID.
 pub async fn authz_client(r: &Running, id: &str) -> AuthorizationClient<Channel> {
-    let (chain, key, bundle) = mint(&r.data_dir, id);
-    let ch = channel(r.addr, tls_config(&bundle, Some((&chain, &key))))
-        .await
-        .expect("connect");
-    AuthorizationClient::new(ch)
+    AuthorizationClient::new(channel_as(r, id).await)
 }
 
 /// The gateway's own SVID (serving agents as `localhost`, calling the broker as a client) and

@@ -6,6 +6,7 @@ pub mod envoy;
 pub mod gateway;
 pub mod pg;
 pub mod proxies;
+pub mod tools;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -62,6 +63,19 @@ pub fn dev_dir() -> tempfile::TempDir {
     dir
 }
 
+/// Appends `policy` to the Cedar policy of the dev dir `dir`.
+pub fn append_policy(dir: &Path, policy: &str) {
+    let path = dir.join("policy.cedar");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(policy);
+    std::fs::write(&path, text).unwrap();
+}
+
+/// The dev config text with JWT-SVIDs enabled (the client certificate becomes optional).
+pub fn enable_jwt_svids(t: String) -> String {
+    t.replace("# jwt_audience = ", "jwt_audience = ")
+}
+
 /// Loads the dev config of `dir`, letting the test edit its text first.
 pub fn config(dir: &Path, edit: impl FnOnce(String) -> String) -> Config {
     let path = dir.join("jitbroker.toml");
@@ -92,25 +106,44 @@ pub async fn spawn(cfg: &Config, options: Options) -> jitbroker::error::Result<R
     })
 }
 
+/// Starts a broker for `cfg` with the default options (system clock, reaper on).
+pub async fn spawn_default(cfg: &Config) -> Running {
+    spawn(cfg, Options::default()).await.expect("spawn")
+}
+
+/// A broker on a fresh dev dir with its config as prepared: (dir, config, broker).
+pub async fn start_dev() -> (tempfile::TempDir, Config, Running) {
+    let dir = dev_dir();
+    let cfg = config(dir.path(), |t| t);
+    let r = spawn_default(&cfg).await;
+    (dir, cfg, r)
+}
+
 /// Starts a broker on a fresh dev dir with a manual clock and no reaper.
 pub async fn spawn_manual(dir: &Path) -> (Running, ManualClock) {
+    spawn_manual_cfg(&config(dir, |t| t)).await
+}
+
+/// Starts a broker for `cfg` on a new manual clock, without the reaper.
+pub async fn spawn_manual_cfg(cfg: &Config) -> (Running, ManualClock) {
     let clock = ManualClock::new();
-    let cfg = config(dir, |t| t);
-    let r = spawn_on(&cfg, &clock).await;
+    let r = spawn_on(cfg, &clock).await;
     (r, clock)
+}
+
+/// Options for a broker on `clock`, with or without the reaper.
+pub fn clock_options(clock: &ManualClock, reaper: bool) -> Options {
+    Options {
+        clock: Arc::new(clock.clone()) as Arc<dyn Clock>,
+        reaper,
+    }
 }
 
 /// Starts a broker for `cfg` on `clock`, without the reaper (the test moves time itself).
 pub async fn spawn_on(cfg: &Config, clock: &ManualClock) -> Running {
-    spawn(
-        cfg,
-        Options {
-            clock: Arc::new(clock.clone()) as Arc<dyn Clock>,
-            reaper: false,
-        },
-    )
-    .await
-    .expect("spawn")
+    spawn(cfg, clock_options(clock, false))
+        .await
+        .expect("spawn")
 }
 
 /// Mints an SVID for `id` from the dev CA of `dir` and returns (chain PEM, key PEM, bundle PEM).
@@ -159,24 +192,59 @@ pub fn tls_config(bundle_pem: &str, identity: Option<(&str, &str)>) -> rustls::C
     cfg
 }
 
+/// A TLS client config presenting the SVID of `id` minted from the dev CA of `dir`, trusting
+/// that CA's bundle.
+pub fn tls_as(dir: &Path, id: &str) -> rustls::ClientConfig {
+    let (chain, key, bundle) = mint(dir, id);
+    tls_config(&bundle, Some((&chain, &key)))
+}
+
+/// `tls` offering HTTP/1.1 only (for the plain HTTP clients of the tests).
+pub fn http1(mut tls: rustls::ClientConfig) -> rustls::ClientConfig {
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tls
+}
+
+/// A client TLS stream.
+pub type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// TLS over `tcp` with `tls`, verifying the server as `localhost`.
+pub async fn tls_over(
+    tcp: tokio::net::TcpStream,
+    tls: rustls::ClientConfig,
+) -> std::io::Result<TlsStream> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let name = ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await
+}
+
+/// A new TCP connection to `addr` and [`tls_over`] it.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    tls: rustls::ClientConfig,
+) -> std::io::Result<TlsStream> {
+    tls_over(tokio::net::TcpStream::connect(addr).await?, tls).await
+}
+
 /// A gRPC channel to `addr` over TLS with `tls`, verifying the server as `localhost`.
 pub async fn channel(
     addr: SocketAddr,
     tls: rustls::ClientConfig,
 ) -> Result<Channel, tonic::transport::Error> {
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
     Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let connector = connector.clone();
-            async move {
-                let tcp = tokio::net::TcpStream::connect(addr).await?;
-                let name = ServerName::try_from("localhost").unwrap();
-                let tls = connector.connect(name, tcp).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(tls))
-            }
+            let tls = tls.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tls_connect(addr, tls).await?)) }
         }))
         .await
+}
+
+/// A gRPC channel to the broker `r` as `id`.
+pub async fn channel_as(r: &Running, id: &str) -> Channel {
+    channel(r.addr, tls_as(&r.data_dir, id))
+        .await
+        .expect("connect")
 }
 
 /// Adds `authorization` metadata to every call.
@@ -197,16 +265,8 @@ pub fn authed(ch: Channel, value: String) -> Authed {
 }
 
 /// The serial number of the certificate the server presents on a new TLS connection.
-pub async fn server_cert_serial(addr: std::net::SocketAddr, tls: rustls::ClientConfig) -> Vec<u8> {
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let s = connector
-        .connect(
-            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
+pub async fn server_cert_serial(addr: SocketAddr, tls: rustls::ClientConfig) -> Vec<u8> {
+    let s = tls_connect(addr, tls).await.unwrap();
     let cert = s.get_ref().1.peer_certificates().unwrap()[0].clone();
     let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).unwrap();
     c.raw_serial().to_vec()
@@ -214,18 +274,29 @@ pub async fn server_cert_serial(addr: std::net::SocketAddr, tls: rustls::ClientC
 
 /// Polls (bounded, 30 s) until `f` holds; panics with `what` otherwise. For waiting on real
 /// processes (a file watcher, PostgreSQL, a child broker), never for asserting a time.
-pub async fn eventually<F, Fut>(what: &str, mut f: F)
+pub async fn eventually<F, Fut>(what: &str, f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    for _ in 0..300 {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    if !poll_until(300, Duration::from_millis(100), f).await {
+        panic!("timed out waiting until {what}");
     }
-    panic!("timed out waiting until {what}");
+}
+
+/// Polls (bounded: `tries` times, `every` apart) until `f` holds; whether it did.
+pub async fn poll_until<F, Fut>(tries: usize, every: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..tries {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(every).await;
+    }
+    false
 }
 
 /// A free TCP port on 127.0.0.1 (for servers started as separate processes).
@@ -249,6 +320,13 @@ pub async fn http_get(addr: &str, path: &str) -> Option<String> {
     Some(out)
 }
 
+/// `GET path` on the ops port at `addr`: the whole response (panics if it does not answer).
+pub async fn ops_get(addr: SocketAddr, path: &str) -> String {
+    http_get(&addr.to_string(), path)
+        .await
+        .expect("the ops port answers")
+}
+
 /// Clients for one identity.
 #[derive(Clone)]
 pub struct Clients {
@@ -257,16 +335,106 @@ pub struct Clients {
     pub admin: AdminClient<Channel>,
 }
 
-pub async fn clients(r: &Running, id: &str) -> Clients {
-    let (chain, key, bundle) = mint(&r.data_dir, id);
-    let ch = channel(r.addr, tls_config(&bundle, Some((&chain, &key))))
-        .await
-        .expect("connect");
-    Clients {
-        broker: BrokerClient::new(ch.clone()),
-        verifier: VerifierClient::new(ch.clone()),
-        admin: AdminClient::new(ch),
+impl Clients {
+    /// The clients of one channel.
+    pub fn new(ch: Channel) -> Self {
+        Clients {
+            broker: BrokerClient::new(ch.clone()),
+            verifier: VerifierClient::new(ch.clone()),
+            admin: AdminClient::new(ch),
+        }
     }
+
+    /// Starts a task with `grants` for `ttl` seconds ([`start_req`]); panics if refused.
+    pub async fn start(&mut self, grants: Vec<pb::Grant>, ttl: u32) -> pb::Task {
+        self.broker
+            .start_task(start_req(grants, ttl))
+            .await
+            .expect("start task")
+            .into_inner()
+    }
+
+    /// Issues a credential to read `resource` under `task_id` for `ttl` seconds
+    /// ([`issue_req`]); panics if refused.
+    pub async fn issue(&mut self, task_id: &str, resource: &str, ttl: u32) -> pb::Credential {
+        self.broker
+            .issue_credential(issue_req(task_id, resource, ttl))
+            .await
+            .expect("issue credential")
+            .into_inner()
+    }
+
+    /// Completes `task_id`; panics if refused.
+    pub async fn complete(&mut self, task_id: &str) -> pb::CompleteTaskResponse {
+        self.broker
+            .complete_task(pb::CompleteTaskRequest {
+                task_id: task_id.into(),
+            })
+            .await
+            .expect("complete task")
+            .into_inner()
+    }
+
+    /// `GetTask` for `task_id`; panics if refused.
+    pub async fn task(&mut self, task_id: &str) -> pb::Task {
+        self.broker
+            .get_task(pb::GetTaskRequest {
+                task_id: task_id.into(),
+            })
+            .await
+            .expect("get task")
+            .into_inner()
+    }
+
+    /// Revokes `credential_id`; panics if refused.
+    pub async fn revoke(&mut self, credential_id: &str) {
+        self.broker
+            .revoke_credential(pb::RevokeCredentialRequest {
+                credential_id: credential_id.into(),
+            })
+            .await
+            .expect("revoke credential");
+    }
+
+    /// `Admin.Approve` of `approval_id`, for `reason`.
+    pub async fn approve(
+        &mut self,
+        approval_id: &str,
+        reason: &str,
+    ) -> Result<pb::Approval, tonic::Status> {
+        self.admin
+            .approve(pb::ApproveRequest {
+                approval_id: approval_id.into(),
+                reason: reason.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// `Admin.RevokeIdentity` of `id` with `block` set, for `reason`.
+    pub async fn block(
+        &mut self,
+        id: &str,
+        reason: &str,
+    ) -> Result<pb::RevokeIdentityResponse, tonic::Status> {
+        self.admin
+            .revoke_identity(pb::RevokeIdentityRequest {
+                spiffe_id: id.into(),
+                reason: reason.into(),
+                block: true,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+}
+
+/// Clients as `id` of the broker at `addr` whose dev dir is `dir`.
+pub async fn clients_at(addr: SocketAddr, dir: &Path, id: &str) -> Clients {
+    Clients::new(channel(addr, tls_as(dir, id)).await.expect("connect"))
+}
+
+pub async fn clients(r: &Running, id: &str) -> Clients {
+    clients_at(r.addr, &r.data_dir, id).await
 }
 
 pub fn grant(resource: &str, action: &str) -> pb::Grant {
@@ -304,6 +472,11 @@ pub async fn introspect(c: &mut Clients, secret: &str, resource: &str) -> pb::In
         .await
         .expect("introspect")
         .into_inner()
+}
+
+/// Whether `secret` introspects as active for `resource`, asked by the verifier `c`.
+pub async fn active(c: &mut Clients, secret: &str, resource: &str) -> bool {
+    introspect(c, secret, resource).await.active
 }
 
 /// A `tracing` writer that keeps everything logged, so tests can scan the logs.
@@ -457,26 +630,51 @@ pub fn parse_exposition(text: &str) -> Result<Vec<Sample>, String> {
 
 /// The ops port's `/metrics`, parsed (panics naming the bad line if it does not parse).
 pub async fn scrape(r: &Running) -> Vec<Sample> {
-    let resp = http_get(&r.ops_addr.to_string(), "/metrics")
-        .await
-        .expect("ops port reachable");
+    let resp = ops_get(r.ops_addr, "/metrics").await;
     let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     parse_exposition(body).unwrap_or_else(|e| panic!("/metrics does not parse: {e}"))
 }
 
-/// Every audit entry of the stopped broker whose dev dir is `dir`, as JSON, in order.
-pub fn audit_entries(dir: &Path) -> Vec<serde_json::Value> {
-    let cfg = config(dir, |t| t);
+/// The store of the stopped broker of `cfg`, opened offline.
+pub fn open_store(cfg: &Config) -> jitbroker::store::SledStore {
     let kek = jitbroker::store::crypto::Kek::load(&cfg.kek_file).unwrap();
-    let store = jitbroker::store::SledStore::open(&cfg.data_dir.join("db"), &kek).unwrap();
+    jitbroker::store::SledStore::open(&cfg.data_dir.join("db"), &kek).unwrap()
+}
+
+/// The audit export (JSON lines) of the stopped broker of `cfg`: (entries, text).
+pub fn audit_export(cfg: &Config) -> (u64, String) {
+    let store = open_store(cfg);
     let mut export = Vec::new();
     // The engine's futures are ready at once: no runtime needed.
-    futures::executor::block_on(jitbroker::audit::export(&store, None, &mut export)).unwrap();
-    String::from_utf8(export)
-        .unwrap()
+    let n =
+        futures::executor::block_on(jitbroker::audit::export(&store, None, &mut export)).unwrap();
+    (n, String::from_utf8(export).unwrap())
+}
+
+/// Every audit entry of the stopped broker whose dev dir is `dir`, as JSON, in order.
+pub fn audit_entries(dir: &Path) -> Vec<serde_json::Value> {
+    audit_export(&config(dir, |t| t))
+        .1
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// Copies every file under `from` to the same place under `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    for (path, bytes) in all_bytes(from) {
+        let dest = to.join(path.strip_prefix(from).unwrap());
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::write(dest, bytes).unwrap();
+    }
+}
+
+/// A dev JWT signing key of its own (one the broker does not know) for `trust_domain`.
+pub fn random_jwt_key(trust_domain: &str) -> jitbroker::identity::DevJwtKey {
+    jitbroker::identity::DevJwtKey::new(
+        p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng),
+        trust_domain,
+    )
 }
 
 /// Bytes under `dir`, recursively.

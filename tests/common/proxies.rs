@@ -6,11 +6,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::envoy::{GatewayFiles, HttpResponse};
+use super::envoy::{GatewayFiles, https_to_host};
 use super::free_port;
+use super::tools::{self, KillOnDrop, docs_block, replace_all};
 
 /// The proxies under test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,37 +33,17 @@ impl Kind {
     /// (scripts/test.sh sets them).
     pub fn binary(self) -> Option<PathBuf> {
         let name = self.name();
-        let upper = name.to_ascii_uppercase();
-        let found = std::env::var_os(format!("JITBROKER_{upper}"))
-            .map(PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("PATH").and_then(|p| {
-                    std::env::split_paths(&p)
-                        .map(|d| d.join(name))
-                        .find(|f| f.is_file())
-                })
-            })
-            .or_else(|| {
-                let home = std::env::var_os("HOME")?;
-                let f = Path::new(&home)
-                    .join(".cache/jitbroker/tools/bin")
-                    .join(name);
-                f.is_file().then_some(f)
-            });
-        if found.is_none() {
-            assert!(
-                std::env::var(format!("JITBROKER_REQUIRE_{upper}")).as_deref() != Ok("1"),
-                "JITBROKER_REQUIRE_{upper}=1 but no {name} binary (scripts/tools.sh install {name})"
-            );
-            eprintln!("skipping: no {name} binary (scripts/tools.sh install {name})");
-        }
-        found
+        tools::binary(
+            name,
+            tools::tools_cache(name),
+            &format!("scripts/tools.sh install {name}"),
+        )
     }
 }
 
 /// A running proxy, killed on drop.
 pub struct Proxy {
-    child: Child,
+    child: KillOnDrop,
     pub kind: Kind,
     pub listen: SocketAddr,
     pub log: PathBuf,
@@ -73,38 +54,6 @@ impl Proxy {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The fenced block after `<!-- marker -->` in docs/gateways.md.
-fn docs_block(marker: &str, lang: &str) -> String {
-    let page =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/gateways.md"))
-            .unwrap();
-    let fence = format!("<!-- {marker} -->\n```{lang}\n");
-    let start = page
-        .find(&fence)
-        .unwrap_or_else(|| panic!("docs/gateways.md has no {fence:?}"));
-    let body = &page[start + fence.len()..];
-    body[..body.find("```").unwrap()].to_owned()
-}
-
-/// Replaces each `from` (which must be there) by `to`.
-fn replace_all(mut text: String, what: &str, pairs: &[(String, String)]) -> String {
-    for (from, to) in pairs {
-        assert!(
-            text.contains(from.as_str()),
-            "docs/gateways.md {what} lost {from:?}"
-        );
-        text = text.replace(from.as_str(), to);
-    }
-    text
 }
 
 /// The replacements both proxies share: the SVID files, the broker and the tool.
@@ -228,7 +177,7 @@ pub async fn start(
         .spawn()
         .unwrap_or_else(|e| panic!("start {}: {e}", kind.name()));
     let mut proxy = Proxy {
-        child,
+        child: KillOnDrop(child),
         kind,
         listen,
         log,
@@ -237,11 +186,11 @@ pub async fn start(
     // listener is up and the route (Traefik loads it after listening) goes through forward auth.
     let mut last = None;
     for _ in 0..300 {
-        match https(listen, agent_tls.clone(), "GET", "/", &[], "").await {
+        match https_to_host(listen, agent_tls.clone(), HOST, "GET", "/", &[], "").await {
             Ok(r) if r.status == 403 && r.body.contains("\"denied\"") => return proxy,
             r => last = Some(r),
         }
-        if let Ok(Some(status)) = proxy.child.try_wait() {
+        if let Ok(Some(status)) = proxy.child.0.try_wait() {
             panic!("{} exited ({status}):\n{}", kind.name(), proxy.log_text());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -253,16 +202,6 @@ pub async fn start(
     );
 }
 
-/// One HTTP/1.1 request over TLS to `addr`, with `localhost` as both the server name and the
-/// `host` header (Caddy refuses a host that differs from the SNI when it verifies client
-/// certificates).
-pub async fn https(
-    addr: SocketAddr,
-    tls: rustls::ClientConfig,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> std::io::Result<HttpResponse> {
-    super::envoy::https_to_host(addr, tls, "localhost", method, path, headers, body).await
-}
+/// The `host` header of requests through the proxies: `localhost`, the server name too (Caddy
+/// refuses a host that differs from the SNI when it verifies client certificates).
+pub const HOST: &str = "localhost";
