@@ -434,7 +434,8 @@ async fn fuzz_request_decoding_and_validation() {
             if let Ok(r) = pb::IssueCredentialRequest::decode(&input[..]) {
                 dec += 1;
                 let _ = b
-                    .credentials.issue_credential(
+                    .credentials
+                    .issue_credential(
                         &agent,
                         broker::IssueCredential {
                             task_id: r.task_id,
@@ -448,12 +449,16 @@ async fn fuzz_request_decoding_and_validation() {
             }
             if let Ok(r) = pb::IntrospectRequest::decode(&input[..]) {
                 dec += 1;
-                let _ = b.credentials.introspect(&agent, &r.secret, &r.resource).await;
+                let _ = b
+                    .credentials
+                    .introspect(&agent, &r.secret, &r.resource)
+                    .await;
             }
             if let Ok(r) = pb::DelegateTaskRequest::decode(&input[..]) {
                 dec += 1;
                 let _ = b
-                    .tasks.delegate_task(
+                    .tasks
+                    .delegate_task(
                         &agent,
                         broker::delegation::DelegateTask {
                             parent_task_id: r.parent_task_id,
