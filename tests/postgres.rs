@@ -360,14 +360,17 @@ async fn start_proc(dir: &Path, failpoint: Option<&str>, n: usize) -> Proc {
 }
 
 /// Prints the tail of a broker's log if the waiting below panics (a crash point never reached).
+#[cfg(feature = "failpoints")]
 struct LogOnPanic(Option<std::path::PathBuf>);
 
+#[cfg(feature = "failpoints")]
 impl LogOnPanic {
     fn disarm(mut self) {
         self.0 = None;
     }
 }
 
+#[cfg(feature = "failpoints")]
 impl Drop for LogOnPanic {
     fn drop(&mut self) {
         if let Some(p) = &self.0
@@ -387,6 +390,7 @@ impl Drop for LogOnPanic {
     }
 }
 
+#[cfg(feature = "failpoints")]
 fn scopeguard_log(p: std::path::PathBuf) -> LogOnPanic {
     LogOnPanic(Some(p))
 }
