@@ -17,11 +17,19 @@
 #   6. the OAuth surface (config.oauth): off by default; on, its port in both Services, the pod
 #      and the NetworkPolicy, [oauth] and oauth_resource rendered, no jwt_issuer, the issuer's
 #      host in the ClusterSPIFFEID, NOTES.txt; these checks must catch broken charts too
-#   7. jitbroker check-config on every rendered jitbroker.toml + policy.cedar, the OAuth one
-#      included (when JITBROKER_BIN is set; skipped otherwise)
+#   7. several replicas on PostgreSQL (storage.engine postgres): lint; strict schemas, restricted
+#      Pod Security, no secret material and labels for each Kubernetes version (the checker's
+#      other checks, which assume one sled replica, are replaced by these); a PodDisruptionBudget,
+#      soft anti-affinity by hostname, the DSN and CA Secret mounted read-only, the [store] keys,
+#      /readyz, the audit archive's volume; variants (CloudNativePG-style Secrets, a shared archive
+#      claim, loopback without a CA, one replica); the sled defaults unchanged; NOTES.txt; these
+#      checks must catch broken charts too
+#   8. jitbroker check-config on every rendered jitbroker.toml + policy.cedar, the OAuth one
+#      included (when JITBROKER_BIN is set; skipped otherwise; not the PostgreSQL renders, whose
+#      dsn_file exists only in a pod)
 #
 # Environment:
-#   JITBROKER_BIN           path of a jitbroker binary (step 7)
+#   JITBROKER_BIN           path of a jitbroker binary (step 8)
 #   JITBROKER_KUBE_VERSIONS Kubernetes versions (major.minor) to validate against (default "1.29 1.31 latest",
 #                           latest = the newest kubernetes-validate bundles)
 #   JITBROKER_TOOLS_DIR     tools cache (see scripts/tools.sh)
@@ -217,7 +225,19 @@ expect_refused() {
 	fi
 }
 K=(--set "kek.existingSecret=$KEK_SECRET")
-expect_refused "replicaCount=2 with sled storage" "replicaCount" "${K[@]}" --set replicaCount=2
+expect_refused "replicaCount=2 with sled storage" 'replicaCount \(2\) must be 0 or 1 with storage.engine "sled".*storage.engine "postgres"' "${K[@]}" --set replicaCount=2
+expect_refused "an unknown storage engine (schema)" "storage.engine" "${K[@]}" --set storage.engine=mysql
+PGV=(--set storage.engine=postgres --set replicaCount=3 --set storage.postgres.existingSecret=jitbroker-pg)
+expect_refused "storage.engine postgres without storage.postgres.existingSecret" "storage.postgres.existingSecret is required with storage.engine \"postgres\"" "${K[@]}" "${PGV[@]:0:4}"
+expect_refused "an empty storage.postgres.dsnKey" "dsnKey" "${K[@]}" "${PGV[@]}" --set storage.postgres.dsnKey=
+expect_refused "a postgres poolSize of 0" "poolSize" "${K[@]}" "${PGV[@]}" --set storage.postgres.poolSize=0
+expect_refused "a postgres leaseTtlSeconds under 5" "leaseTtlSeconds" "${K[@]}" "${PGV[@]}" --set storage.postgres.leaseTtlSeconds=2
+expect_refused "a string maxClockSkewMs" "maxClockSkewMs" "${K[@]}" "${PGV[@]}" --set-string storage.postgres.maxClockSkewMs=1000
+expect_refused "a database password as a value" "propert(y|ies) '?password'? (is )?not allowed" "${K[@]}" "${PGV[@]}" --set storage.postgres.password=hunter2
+expect_refused "storage.postgres.caSecret without caKey" "caSecret is set but storage.postgres.caKey is empty" "${K[@]}" "${PGV[@]}" --set storage.postgres.caSecret=pg-ca --set storage.postgres.caKey=
+expect_refused "podDisruptionBudget.minAvailable not below replicaCount" "podDisruptionBudget.minAvailable \(3\) must be below replicaCount \(3\)" "${K[@]}" "${PGV[@]}" --set podDisruptionBudget.minAvailable=3
+expect_refused "a podDisruptionBudget.minAvailable that is neither a count nor a percentage" "minAvailable" "${K[@]}" "${PGV[@]}" --set podDisruptionBudget.minAvailable=half
+expect_refused "an unknown unhealthyPodEvictionPolicy" "unhealthyPodEvictionPolicy" "${K[@]}" "${PGV[@]}" --set podDisruptionBudget.unhealthyPodEvictionPolicy=Never
 expect_refused "a missing kek.existingSecret" "existingSecret"
 expect_refused "an empty kek.existingSecret" "existingSecret" --set kek.existingSecret=
 expect_refused "a string API port" "apiPort" "${K[@]}" --set-string service.apiPort=8443
@@ -518,7 +538,272 @@ oauth_broken listen 's/(int .Values.service.oauthPort)/(int .Values.service.apiP
 oauth_broken dns 's/{{- \$names = append \$names \$host }}//' _helpers.tpl \
 	"a ClusterSPIFFEID without the issuer's host" "DNS names include the issuer"
 
-# ---- 7. jitbroker check-config -------------------------------------------------------------------
+# ---- 7. several replicas on PostgreSQL ----------------------------------------------------------
+
+section "several replicas on PostgreSQL (storage.engine postgres)"
+# The checker's broker contract assumes the single sled replica (one replica, the store's keys);
+# a PostgreSQL render goes through its other checks (pg_validate) and through pg_check, which holds
+# the PostgreSQL contract and, for the defaults, what the sled render must keep.
+PG_SECRET=jitbroker-pg
+PG=(--set storage.engine=postgres --set replicaCount=3 --set "storage.postgres.existingSecret=$PG_SECRET")
+# CloudNativePG-style: the DSN under "uri" of the application Secret, the CA from "<cluster>-ca",
+# other pool and lease values, minAvailable, a shared archive claim and an affinity of one's own.
+PG_AFFINITY='{"podAntiAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":[{"topologyKey":"topology.kubernetes.io/zone","labelSelector":{"matchLabels":{"app.kubernetes.io/name":"jitbroker"}}}]}}'
+PG_CNPG=(--set storage.engine=postgres --set replicaCount=3 --set storage.postgres.existingSecret=pg-app
+	--set storage.postgres.dsnKey=uri --set storage.postgres.caSecret=pg-ca
+	--set storage.postgres.poolSize=8 --set storage.postgres.leaseTtlSeconds=30 --set storage.postgres.maxClockSkewMs=500
+	--set podDisruptionBudget.minAvailable=2 --set storage.postgres.auditArchive.existingClaim=jitbroker-audit
+	--set-json "affinity=$PG_AFFINITY")
+# The database on loopback (a proxy sidecar): no CA; one replica, so no PodDisruptionBudget.
+PG_LOCAL=(--set storage.engine=postgres --set replicaCount=1 --set "storage.postgres.existingSecret=$PG_SECRET" --set storage.postgres.caKey=)
+PG_STORE='{"engine": "postgres", "dsn_file": "/etc/jitbroker/store/dsn", "ca_file": "/etc/jitbroker/store/ca.crt", "pool_size": 16, "lease_ttl_seconds": 15, "max_clock_skew_ms": 1000}'
+PG_EXPECT='{"replicas": 3, "pdb": {"maxUnavailable": 1, "unhealthyPodEvictionPolicy": "AlwaysAllow"}, "affinity": "default",
+ "store": '"$PG_STORE"',
+ "files": {"/etc/jitbroker/store/dsn": ["secret", "'"$PG_SECRET"'", "dsn"], "/etc/jitbroker/store/ca.crt": ["secret", "'"$PG_SECRET"'", "ca.crt"]},
+ "archive": "per-replica"}'
+PG_CNPG_EXPECT='{"replicas": 3, "pdb": {"minAvailable": 2, "unhealthyPodEvictionPolicy": "AlwaysAllow"}, "affinity": '"$PG_AFFINITY"',
+ "store": {"engine": "postgres", "dsn_file": "/etc/jitbroker/store/dsn", "ca_file": "/etc/jitbroker/store/ca.crt", "pool_size": 8, "lease_ttl_seconds": 30, "max_clock_skew_ms": 500},
+ "files": {"/etc/jitbroker/store/dsn": ["secret", "pg-app", "uri"], "/etc/jitbroker/store/ca.crt": ["secret", "pg-ca", "ca.crt"]},
+ "archive": "jitbroker-audit"}'
+PG_LOCAL_EXPECT='{"replicas": 1, "pdb": null, "affinity": "default",
+ "store": {"engine": "postgres", "dsn_file": "/etc/jitbroker/store/dsn", "pool_size": 16, "lease_ttl_seconds": 15, "max_clock_skew_ms": 1000},
+ "files": {"/etc/jitbroker/store/dsn": ["secret", "'"$PG_SECRET"'", "dsn"]}, "archive": "per-replica"}'
+SLED_EXPECT='{"replicas": 1, "pdb": null, "affinity": null, "store": {"cache_mb": 256, "min_free_mb": 64}, "files": {},
+ "archive": "per-replica"}'
+
+# pg_validate RENDER KUBE-VERSION NAME: the checks of tests/chart/validate_manifests.py that hold
+# for any number of replicas: strict Kubernetes schemas, restricted Pod Security, no secret
+# material, the standard labels.
+pg_validate() {
+	"$PY" - "$CHECKER" "$@" <<-'PYEOF'
+		import importlib.util, sys, yaml
+		checker, render, version, name = sys.argv[1:5]
+		spec = importlib.util.spec_from_file_location("validate_manifests", checker)
+		vm = importlib.util.module_from_spec(spec)
+		spec.loader.exec_module(vm)
+		docs = [d for d in yaml.safe_load_all(open(render)) if isinstance(d, dict) and "kind" in d]
+		rep = vm.Report(name)
+		vm.check_schemas(docs, [version], rep)
+		for d in docs:
+		    pod = vm.pod_spec(d)
+		    if pod is not None:
+		        vm.check_pod_security(d, pod, False, rep)
+		vm.check_secrets(docs, [], rep)
+		vm.check_labels(docs, rep)
+		print(f"{name}: {len(docs)} objects: {', '.join(sorted({d['kind'] for d in docs}))}")
+		for e in rep.errors:
+		    print(f"  ERROR {e}")
+		sys.exit(1 if rep.errors else 0)
+	PYEOF
+}
+# pg_check RENDER EXPECT-JSON: one "PASS|what|" or "FAIL|what|why" line per part of the contract:
+# replicas, the PodDisruptionBudget (or none), the affinity ("default": soft anti-affinity by
+# hostname; null: none; else verbatim), [store], the files under /etc/jitbroker/store (Secret, key,
+# read-only), kek_file, the readiness probe, and where the audit archive lives ("per-replica":
+# data_dir on the volumeClaimTemplate; else the name of a shared claim).
+pg_check() {
+	"$PY" - "$1" "$2" <<-'PYEOF'
+		import json, os, sys, yaml
+		try:
+		    import tomllib
+		except ModuleNotFoundError:
+		    import tomli as tomllib
+		render, want = sys.argv[1], json.loads(sys.argv[2])
+		docs = [d for d in yaml.safe_load_all(open(render)) if isinstance(d, dict)]
+		def check(what, ok, why=""):
+		    print(f"{'PASS' if ok else 'FAIL'}|{what}|{why}")
+		def kind(k):
+		    return [d for d in docs if d.get("kind") == k]
+		sts = kind("StatefulSet")[0]
+		spec = sts["spec"]
+		pod = spec["template"]["spec"]
+		ctr = next(c for c in pod["containers"] if c["name"] == "jitbroker")
+		sel = spec["selector"]["matchLabels"]
+		check(f"StatefulSet replicas = {want['replicas']}", spec.get("replicas") == want["replicas"], f"replicas {spec.get('replicas')}")
+		pdbs = kind("PodDisruptionBudget")
+		if want["pdb"] is None:
+		    check("no PodDisruptionBudget", not pdbs, f"{len(pdbs)} rendered")
+		else:
+		    p = pdbs[0] if len(pdbs) == 1 else {}
+		    body = {k: v for k, v in (p.get("spec") or {}).items() if k != "selector"}
+		    ok = p.get("apiVersion") == "policy/v1" and body == want["pdb"] and (p.get("spec") or {}).get("selector") == {"matchLabels": sel}
+		    check(f"a PodDisruptionBudget {want['pdb']} over the broker pods", ok, f"{len(pdbs)} rendered: {p.get('spec')}")
+		aff = pod.get("affinity")
+		if want["affinity"] == "default":
+		    anti = (aff or {}).get("podAntiAffinity") or {}
+		    terms = anti.get("preferredDuringSchedulingIgnoredDuringExecution") or []
+		    ok = (set(aff or {}) == {"podAntiAffinity"} and set(anti) == {"preferredDuringSchedulingIgnoredDuringExecution"}
+		          and len(terms) == 1 and terms[0]["podAffinityTerm"].get("topologyKey") == "kubernetes.io/hostname"
+		          and terms[0]["podAffinityTerm"].get("labelSelector") == {"matchLabels": sel})
+		    check("soft pod anti-affinity by kubernetes.io/hostname over the broker pods", ok, f"affinity {aff}")
+		elif want["affinity"] is None:
+		    check("no affinity", aff is None, f"affinity {aff}")
+		else:
+		    check("the affinity value verbatim, no default anti-affinity", aff == want["affinity"], f"affinity {aff}")
+		mounts = {m["mountPath"]: m for m in ctr.get("volumeMounts") or []}
+		vols = {v["name"]: v for v in pod.get("volumes") or []}
+		files = {}
+		for mpath, m in mounts.items():
+		    for src in ((vols.get(m["name"]) or {}).get("projected") or {}).get("sources") or []:
+		        for k, obj in src.items():
+		            for it in (obj or {}).get("items") or []:
+		                files[os.path.join(mpath, it["path"])] = ([k, obj.get("name"), it["key"]], m.get("readOnly") is True)
+		cm = next(d for d in kind("ConfigMap") if "jitbroker.toml" in (d.get("data") or {}))
+		cfg = tomllib.loads(cm["data"]["jitbroker.toml"])
+		store = cfg.get("store")
+		check(f"[store] is {want['store']}", store == want["store"], f"[store] {store}")
+		for path, src in want["files"].items():
+		    got, ro = files.get(path, (None, False))
+		    check(f"{path} from {src[0]} {src[1]} key {src[2]}, read-only", got == src and ro, f"got {got}, readOnly {ro}")
+		extra = sorted(p for p in files if p.startswith("/etc/jitbroker/store/") and p not in want["files"])
+		check("nothing else under /etc/jitbroker/store", not extra, f"also {extra}")
+		for key in ("dsn_file", "ca_file"):
+		    if key in (store or {}):
+		        got, ro = files.get(store[key], (None, False))
+		        check(f"[store] {key} is a Secret key mounted read-only", bool(got) and got[0] == "secret" and ro, f"{store[key]}: {got}")
+		got, _ = files.get(cfg.get("kek_file", ""), (None, False))
+		check("kek_file from the KEK Secret (the same on every replica)", bool(got) and got[0] == "secret", f"{cfg.get('kek_file')}: {got}")
+		hg = (ctr.get("readinessProbe") or {}).get("httpGet") or {}
+		check("readiness probe: /readyz on the ops port", hg.get("path") == "/readyz" and hg.get("port") == "ops", f"httpGet {hg}")
+		vcts = [v["metadata"]["name"] for v in spec.get("volumeClaimTemplates") or []]
+		data = mounts.get("/var/lib/jitbroker") or {}
+		arch = mounts.get("/var/lib/jitbroker/audit-archive")
+		if want["archive"] == "per-replica":
+		    check("data_dir (audit-archive/ included) on the per-replica volumeClaimTemplate",
+		          cfg.get("data_dir") == "/var/lib/jitbroker" and data.get("name") in vcts and arch is None,
+		          f"data_dir {cfg.get('data_dir')}, mount {data}, claims {vcts}, archive mount {arch}")
+		else:
+		    av = vols.get((arch or {}).get("name")) or {}
+		    ok = (not vcts and "emptyDir" in (vols.get(data.get("name")) or {})
+		          and (av.get("persistentVolumeClaim") or {}).get("claimName") == want["archive"])
+		    check(f"audit-archive/ on the shared claim {want['archive']}, no claim per replica", ok,
+		          f"claims {vcts}, data {vols.get(data.get('name'))}, archive {av}")
+	PYEOF
+}
+# run_pg_check LABEL RENDER EXPECT-JSON: a pass or a fail for each line of pg_check.
+run_pg_check() {
+	local label=$1 st what why n=0
+	while IFS='|' read -r st what why; do
+		n=$((n + 1))
+		if [[ "$st" == PASS ]]; then pass "$label: $what"; else fail "$label: $what ($why)"; fi
+	done < <(pg_check "$2" "$3" 2>&1 | sed -E '/^(PASS|FAIL)\|/!s/^/FAIL|pg_check: /')
+	[[ $n -gt 0 ]] || fail "$label: pg_check printed nothing"
+}
+# pg_render NAME KUBE-VERSION HELM-ARGS...: renders into $WORK/render-pg-NAME-VERSION.yaml, then
+# pg_validate; a pass or a fail either way. Returns non-zero when it did not render.
+pg_render() {
+	local name=$1 v=$2 out log
+	shift 2
+	out="$WORK/render-pg-$name-$v.yaml"
+	log="$out.log"
+	if ! "$HELM" template jitbroker "$CHART" --namespace jitbroker --kube-version "$v.0" "$@" >"$out" 2>"$log"; then
+		fail "render $name (k8s $v)"
+		show "$log"
+		return 1
+	fi
+	if pg_validate "$out" "$v" "$name @ k8s $v" >"$log.check" 2>&1; then
+		pass "validate $name (k8s $v: $(sed -n 's/^.*: \([0-9]*\) objects: \(.*\)$/\1 objects: \2/p' "$log.check" | head -n1))"
+	else
+		fail "validate $name (k8s $v)"
+		show "$log.check" 40
+	fi
+}
+
+for args in PG PG_CNPG; do
+	declare -n hargs=$args
+	log="$WORK/lint-pg-$args.log"
+	if "$HELM" lint --strict "${K[@]}" "${hargs[@]}" "$CHART" >"$log" 2>&1; then
+		pass "lint postgres ($args)"
+	else
+		fail "lint postgres ($args)"
+		show "$log"
+	fi
+	unset -n hargs
+done
+for v in "${KUBE_VERSIONS[@]}"; do
+	pg_render "postgres-3-replicas" "$v" "${K[@]}" "${PG[@]}"
+done
+pg_render "postgres-cnpg" "$V0" "${K[@]}" "${PG_CNPG[@]}"
+pg_render "postgres-loopback" "$V0" "${K[@]}" "${PG_LOCAL[@]}"
+pg_render "postgres-min-available-percent" "$V0" "${K[@]}" "${PG[@]}" --set podDisruptionBudget.minAvailable=50%
+
+R="$WORK/render-pg-postgres-3-replicas-$V0.yaml"
+[[ -s "$R" ]] && run_pg_check "postgres, 3 replicas" "$R" "$PG_EXPECT"
+R="$WORK/render-pg-postgres-cnpg-$V0.yaml"
+[[ -s "$R" ]] && run_pg_check "postgres, CloudNativePG Secrets, shared archive" "$R" "$PG_CNPG_EXPECT"
+R="$WORK/render-pg-postgres-loopback-$V0.yaml"
+[[ -s "$R" ]] && run_pg_check "postgres on loopback, 1 replica" "$R" "$PG_LOCAL_EXPECT"
+R="$WORK/render-pg-postgres-min-available-percent-$V0.yaml"
+[[ -s "$R" ]] && run_pg_check "postgres, minAvailable 50%" "$R" \
+	"$(sed 's/"pdb": {"maxUnavailable": 1,/"pdb": {"minAvailable": "50%",/' <<<"$PG_EXPECT")"
+if [[ -s "$WORK/render-0-$V0.yaml" ]]; then
+	run_pg_check "defaults (sled, unchanged)" "$WORK/render-0-$V0.yaml" "$SLED_EXPECT"
+else
+	fail "defaults (sled): the defaults did not render"
+fi
+
+log="$WORK/notes-pg.log"
+if "$HELM" template jitbroker "$NOTES_CHART" --namespace jitbroker "${K[@]}" "${PG[@]}" \
+	--show-only templates/zz-notes-check.yaml >"$log" 2>&1 &&
+	"$PY" - "$log" "$PG_SECRET" >"$log.txt" 2>&1 <<-'PYEOF'; then
+		import sys, yaml
+		notes = yaml.safe_load(open(sys.argv[1]))["data"]["notes"]
+		assert "PostgreSQL, 3 replica(s)" in notes, "no store line naming PostgreSQL and the replicas"
+		assert f"jitbroker/{sys.argv[2]}, key \"dsn\"" in notes, "the DSN Secret is not named"
+		print(notes)
+	PYEOF
+	pass "NOTES.txt with storage.engine postgres names the store, its Secret and the replicas"
+else
+	fail "NOTES.txt with storage.engine postgres"
+	show "$log"
+	show "$log.txt"
+fi
+
+# These checks must be able to fail: pg_check must catch each broken chart.
+# pg_broken NAME SED-EXPR FILE DESCRIPTION EXPECTED-REGEX EXPECT-JSON HELM-ARGS...
+pg_broken() {
+	local d out name=$1 expr=$2 file=$3 desc=$4 want=$5 expect=$6
+	shift 6
+	if ! d=$(broken_copy "pg-$name" "$expr" "$file"); then
+		fail "prepare the broken chart 'pg-$name'"
+		return
+	fi
+	out="$WORK/broken-pg-$name.yaml"
+	if ! "$HELM" template jitbroker "$d" --namespace jitbroker "$@" >"$out" 2>"$out.log"; then
+		fail "catch $desc: the broken chart does not render"
+		show "$out.log" 10
+		return
+	fi
+	pg_check "$out" "$expect" >"$out.check" 2>&1
+	if grep -Eq -- "^FAIL\|.*$want" "$out.check"; then
+		pass "catch $desc ($(grep -E -m1 -- "^FAIL\|.*$want" "$out.check" | cut -d'|' -f2 | cut -c1-90))"
+	else
+		fail "catch $desc: pg_check did not report '$want'"
+		show "$out.check" 10
+	fi
+}
+pg_broken pdb 's/gt (int .Values.replicaCount) 1/gt (int .Values.replicaCount) 5/' poddisruptionbudget.yaml \
+	"no PodDisruptionBudget for 3 replicas" "a PodDisruptionBudget" "$PG_EXPECT" "${K[@]}" "${PG[@]}"
+pg_broken zone 's|topologyKey: kubernetes.io/hostname|topologyKey: topology.kubernetes.io/zone|' _helpers.tpl \
+	"an anti-affinity by zone instead of hostname" "anti-affinity by kubernetes.io/hostname" "$PG_EXPECT" "${K[@]}" "${PG[@]}"
+pg_broken hard 's/preferredDuringSchedulingIgnoredDuringExecution:/requiredDuringSchedulingIgnoredDuringExecution:/' _helpers.tpl \
+	"a hard anti-affinity (3 replicas need 3 nodes)" "anti-affinity" "$PG_EXPECT" "${K[@]}" "${PG[@]}"
+pg_broken dsn 's|path: store/dsn|path: store/dsn.txt|' statefulset.yaml \
+	"the DSN mounted at another path than dsn_file" "dsn_file is a Secret key" "$PG_EXPECT" "${K[@]}" "${PG[@]}"
+pg_broken rw '0,/readOnly: true/{/readOnly: true/d}' statefulset.yaml \
+	"the Secrets mounted writable" "read-only" "$PG_EXPECT" "${K[@]}" "${PG[@]}"
+pg_broken engine '/^engine = "postgres"$/d' configmap.yaml \
+	"[store] without engine = \"postgres\"" "\\[store\\] is" "$PG_EXPECT" "${K[@]}" "${PG[@]}"
+pg_broken skew 's/^max_clock_skew_ms = .*$/max_clock_skew_ms = 1000000/' configmap.yaml \
+	"[store] max_clock_skew_ms not from the values" "\\[store\\] is" "$PG_EXPECT" "${K[@]}" "${PG[@]}"
+pg_broken claim 's/{{- if not $sharedArchive }}/{{- if true }}/' statefulset.yaml \
+	"a claim per replica beside the shared archive claim" "shared claim" "$PG_CNPG_EXPECT" "${K[@]}" "${PG_CNPG[@]}"
+pg_broken sledaff 's/else if eq .Values.storage.engine "postgres"/else if true/' _helpers.tpl \
+	"the anti-affinity rendered for sled too (sled's render changed)" "no affinity" "$SLED_EXPECT" "${K[@]}"
+pg_broken sledstore 's/^{{- if eq .Values.storage.engine "postgres" }}$/{{- if true }}/' configmap.yaml \
+	"[store] of postgres rendered for sled" "\\[store\\] is" "$SLED_EXPECT" "${K[@]}"
+
+# ---- 8. jitbroker check-config -------------------------------------------------------------------
 
 section "jitbroker check-config"
 if [[ -z "${JITBROKER_BIN:-}" ]]; then

@@ -239,6 +239,50 @@ Cross-field checks the JSON schema cannot express.
 {{- fail "service.apiPort and service.opsPort must differ" }}
 {{- end }}
 {{- if and (eq .Values.storage.engine "sled") (gt (int .Values.replicaCount) 1) }}
-{{- fail "replicaCount must be 0 or 1 with storage.engine \"sled\": sled is single-writer" }}
+{{- fail (printf "replicaCount (%d) must be 0 or 1 with storage.engine \"sled\": sled is single-writer. Several replicas need storage.engine \"postgres\" (docs/ha.md)" (int .Values.replicaCount)) }}
+{{- end }}
+{{- if eq .Values.storage.engine "postgres" }}
+{{- $pg := .Values.storage.postgres }}
+{{- if not $pg.existingSecret }}
+{{- fail "storage.postgres.existingSecret is required with storage.engine \"postgres\": create a Secret holding the connection string (key storage.postgres.dsnKey, default \"dsn\") and the server's CA (key \"ca.crt\") and name it here (docs/ha.md)" }}
+{{- end }}
+{{- if and $pg.caSecret (not $pg.caKey) }}
+{{- fail "storage.postgres.caSecret is set but storage.postgres.caKey is empty: name the key of the CA certificate in that Secret" }}
+{{- end }}
+{{- end }}
+{{- $pdb := .Values.podDisruptionBudget }}
+{{- if and $pdb.enabled (gt (int .Values.replicaCount) 1) (or (kindIs "int64" $pdb.minAvailable) (kindIs "float64" $pdb.minAvailable)) }}
+{{- if ge (int $pdb.minAvailable) (int .Values.replicaCount) }}
+{{- fail (printf "podDisruptionBudget.minAvailable (%d) must be below replicaCount (%d): otherwise no node drain could ever evict a broker pod" (int $pdb.minAvailable) (int .Values.replicaCount)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The affinity of the broker pod: .Values.affinity when set; otherwise, with several replicas
+possible (engine postgres), a soft anti-affinity that spreads them over nodes.
+*/}}
+{{- define "jitbroker.affinity" -}}
+{{- if .Values.affinity }}
+{{- toYaml .Values.affinity }}
+{{- else if eq .Values.storage.engine "postgres" }}
+podAntiAffinity:
+  preferredDuringSchedulingIgnoredDuringExecution:
+    - weight: 100
+      podAffinityTerm:
+        topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels:
+            {{- include "jitbroker.selectorLabels" . | nindent 12 }}
+{{- end }}
+{{- end }}
+
+{{/*
+With engine postgres and storage.postgres.auditArchive.existingClaim: the shared claim holding the
+audit archive of every replica ("" otherwise).
+*/}}
+{{- define "jitbroker.sharedArchiveClaim" -}}
+{{- if eq .Values.storage.engine "postgres" }}
+{{- ((.Values.storage.postgres).auditArchive).existingClaim }}
 {{- end }}
 {{- end }}
