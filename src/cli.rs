@@ -220,6 +220,13 @@ pub async fn run(cli: Cli) -> Result<()> {
                     cfg.kek_file.display()
                 )));
             }
+            if cfg.store.engine != crate::config::StoreEngine::Sled {
+                return Err(Error::Config(
+                    "rotate-kek re-wraps a sled store; with [store] engine = \"postgres\" it is \
+                     not available yet (the data keys live in the database)"
+                        .into(),
+                ));
+            }
             let (id, n) =
                 crate::store::SledStore::rotate_kek(&cfg.data_dir.join("db"), &old, &new)?;
             println!(
@@ -239,19 +246,17 @@ pub async fn run(cli: Cli) -> Result<()> {
             let anchor = anchor.map(crate::audit::Anchor::parse).transpose()?;
             let cfg = Config::load(cfg_path)?;
             let kek = Kek::load(&cfg.kek_file)?;
-            let store = crate::store::SledStore::open_with_cache(
-                &cfg.data_dir.join("db"),
-                &kek,
-                cfg.store.cache_bytes(),
-            )?;
+            // The configured engine: the database for `postgres`, the local store for sled.
+            let engine = server::open_engine(&cfg, &kek).await?;
+            let store = engine.as_ref();
             let archive = cfg.audit_archive_dir();
             match out {
                 None => {
-                    let v = crate::audit::verify(&store, Some(&archive)).await?;
+                    let v = crate::audit::verify(store, Some(&archive)).await?;
                     if let Some(a) = &anchor
                         && v.ok
                         && let Err(why) =
-                            crate::audit::check_anchor(&store, Some(&archive), a).await?
+                            crate::audit::check_anchor(store, Some(&archive), a).await?
                     {
                         return Err(Error::Config(format!(
                             "audit chain does not hold the anchor {a}: {why}"
@@ -279,11 +284,11 @@ pub async fn run(cli: Cli) -> Result<()> {
                             let mut f = std::fs::File::create(&p).map_err(|e| {
                                 Error::Config(format!("cannot create {}: {e}", p.display()))
                             })?;
-                            crate::audit::export(&store, Some(&archive), &mut f).await?
+                            crate::audit::export(store, Some(&archive), &mut f).await?
                         }
                         None => {
                             let mut out = std::io::BufWriter::new(std::io::stdout());
-                            let n = crate::audit::export(&store, Some(&archive), &mut out).await?;
+                            let n = crate::audit::export(store, Some(&archive), &mut out).await?;
                             std::io::Write::flush(&mut out).map_err(|e| {
                                 Error::Config(format!("cannot write the export: {e}"))
                             })?;
@@ -365,6 +370,9 @@ async fn serve(cfg: Config, dev_dir: Option<PathBuf>) -> Result<()> {
     let cache_bytes = cfg.store.cache_bytes();
     server::run(api, ops, app, shutdown_signal()).await?;
     // Everything is flushed and closed: record where it all is, for a fast next start.
+    if cfg.store.engine != crate::config::StoreEngine::Sled {
+        return Ok(());
+    }
     match crate::store::SledStore::refresh_snapshot(&store_dir, cache_bytes) {
         Ok(took) => tracing::info!(
             ms = took.as_millis() as u64,

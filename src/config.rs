@@ -266,6 +266,38 @@ pub struct StoreConfig {
     /// with `UNAVAILABLE` naming the disk, and `/readyz` fails, until space is freed.
     #[serde(default = "default_min_free_mb")]
     pub min_free_mb: u64,
+    /// `sled` (embedded, the default: one replica) or `postgres` (several replicas share one
+    /// database; docs/ha.md).
+    #[serde(default)]
+    pub engine: StoreEngine,
+    /// `postgres`: a file holding the connection string (libpq `key=value` or a
+    /// `postgresql://` URL; several hosts with `target_session_attrs=read-write` follow a
+    /// failover).
+    #[serde(default)]
+    pub dsn_file: Option<PathBuf>,
+    /// `postgres`: CA certificates (PEM) of the server's certificate; the connection then uses
+    /// verified TLS. Required unless every host is on loopback.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// `postgres`: connections per replica in each of its two pools (units of work, reads).
+    #[serde(default = "default_store_pool")]
+    pub pool_size: usize,
+    /// How long a lease on singleton work (audit archival) lasts unless renewed.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_seconds: u64,
+    /// `postgres`: `/readyz` fails while this replica's clock and the database's differ by
+    /// more (replicas judge expiry by their own clocks).
+    #[serde(default = "default_max_clock_skew")]
+    pub max_clock_skew_ms: u64,
+}
+
+/// The storage engine (`[store] engine`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreEngine {
+    #[default]
+    Sled,
+    Postgres,
 }
 
 impl Default for StoreConfig {
@@ -273,6 +305,12 @@ impl Default for StoreConfig {
         Self {
             cache_mb: default_cache_mb(),
             min_free_mb: default_min_free_mb(),
+            engine: StoreEngine::default(),
+            dsn_file: None,
+            ca_file: None,
+            pool_size: default_store_pool(),
+            lease_ttl_seconds: default_lease_ttl(),
+            max_clock_skew_ms: default_max_clock_skew(),
         }
     }
 }
@@ -516,6 +554,9 @@ serde_defaults! {
     default_min_free_mb: u64 = 64;
     default_cache_mb: u64 = crate::store::sled_store::DEFAULT_CACHE_BYTES >> 20;
     default_pg_pool: usize = 8;
+    default_store_pool: usize = 16;
+    default_lease_ttl: u64 = 15;
+    default_max_clock_skew: u64 = 1_000;
     default_role_prefix: String = "jb_".to_owned();
     default_ended_records: u64 = 86_400;
     // A short tail: the store is for what changes; the archive is where the trail is kept.
@@ -846,6 +887,33 @@ impl Config {
                 "[store] cache_mb = {} must be between 16 and 65536",
                 self.store.cache_mb
             ));
+        }
+        let st = &self.store;
+        match st.engine {
+            StoreEngine::Postgres if st.dsn_file.is_none() => {
+                return bad(
+                    "[store] engine = \"postgres\" needs dsn_file (a file holding the \
+                     connection string)"
+                        .into(),
+                );
+            }
+            StoreEngine::Sled if st.dsn_file.is_some() || st.ca_file.is_some() => {
+                return bad(
+                    "[store] dsn_file and ca_file are for engine = \"postgres\"; the \
+                     engine is sled"
+                        .into(),
+                );
+            }
+            _ => {}
+        }
+        for (key, v, lo, hi) in [
+            ("pool_size", st.pool_size as u64, 1, 1024),
+            ("lease_ttl_seconds", st.lease_ttl_seconds, 5, 3600),
+            ("max_clock_skew_ms", st.max_clock_skew_ms, 1, 60_000),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                return bad(format!("[store] {key} = {v} must be between {lo} and {hi}"));
+            }
         }
         let sv = &self.server;
         let positive = [

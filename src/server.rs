@@ -22,6 +22,7 @@ mod limits;
 
 use crate::api::{AdminApi, BrokerApi, ExtAuthzApi, PeerInfo, ServerFacts, VerifierApi, pb};
 use crate::broker::{AuditArchive, Broker, Clock, Core, Limits, SystemClock};
+use crate::config::StoreEngine;
 use crate::config::{Config, ServerConfig, SourceKind};
 use crate::error::{Error, Result};
 use crate::identity::{self, Identity, IdentitySource};
@@ -207,6 +208,29 @@ pub fn load_policy(cfg: &Config) -> Result<PolicyEngine> {
     )
 }
 
+/// Opens the storage engine `[store] engine` names.
+pub async fn open_engine(cfg: &Config, kek: &Kek) -> Result<Arc<dyn crate::store::Store>> {
+    Ok(match cfg.store.engine {
+        StoreEngine::Sled => Arc::new(SledStore::open_with_cache(
+            &cfg.data_dir.join("db"),
+            kek,
+            cfg.store.cache_bytes(),
+        )?),
+        StoreEngine::Postgres => {
+            let dsn_file = cfg.store.dsn_file.as_deref().ok_or_else(|| {
+                Error::Config("[store] engine = \"postgres\" needs dsn_file".into())
+            })?;
+            let settings = crate::store::PgSettings::from_files(
+                "[store]",
+                dsn_file,
+                cfg.store.ca_file.as_deref(),
+                cfg.store.pool_size,
+            )?;
+            Arc::new(crate::store::PgStore::connect(settings).await?)
+        }
+    })
+}
+
 impl App {
     /// Opens the store (the KEK must open it), loads policy, starts the identity source.
     pub async fn build(
@@ -221,11 +245,7 @@ impl App {
             ))
         })?;
         let kek = Kek::load(&cfg.kek_file)?;
-        let engine: Arc<dyn crate::store::Store> = Arc::new(SledStore::open_with_cache(
-            &cfg.data_dir.join("db"),
-            &kek,
-            cfg.store.cache_bytes(),
-        )?);
+        let engine = open_engine(cfg, &kek).await?;
         let store = Arc::new(crate::store::Storage::open(engine, &kek).await?);
         drop(kek);
         let policy = Arc::new(load_policy(cfg)?);
@@ -245,6 +265,7 @@ impl App {
             .await?
             .with_upstreams(ups, cfg.revocation.clone())
             .with_identity_rate(cfg.server.requests_per_identity_per_second)
+            .with_max_clock_skew_ms(cfg.store.max_clock_skew_ms as i64)
             .with_disk_floor(crate::store::disk::DiskFloor::new(
                 cfg.data_dir.clone(),
                 cfg.store.min_free_mb,
@@ -253,6 +274,7 @@ impl App {
                 dir: cfg.audit_archive_dir(),
                 keep: cfg.retention.audit_entries_in_store,
                 segment: cfg.retention.audit_segment_entries,
+                lease_ms: (cfg.store.lease_ttl_seconds as i64).saturating_mul(1000),
             }),
         ));
         if let Some(file) = &cfg.retention.audit_anchor_file {
@@ -932,7 +954,7 @@ async fn serve_ops(
     let mut watch_stop = stop.clone();
     let watcher = tokio::spawn(async move {
         loop {
-            let status = if ready_identity.is_ready() && ready_broker.writable().is_ok() {
+            let status = if ready_identity.is_ready() && ready_broker.ready().await.is_ok() {
                 tonic_health::ServingStatus::Serving
             } else {
                 tonic_health::ServingStatus::NotServing
@@ -969,7 +991,7 @@ async fn ops_response(
                     503,
                     "not ready: no usable SVID from the identity source\n".into(),
                 )
-            } else if let Err(e) = broker.writable() {
+            } else if let Err(e) = broker.ready().await {
                 (503, format!("not ready: {e}\n"))
             } else {
                 (200, "ready\n".into())

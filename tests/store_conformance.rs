@@ -16,6 +16,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
 use futures::future::join_all;
 use jitbroker::audit::{self, Entry, Event};
 use jitbroker::model::{
@@ -24,7 +26,8 @@ use jitbroker::model::{
     UnixMillis, UpstreamObject, UpstreamState,
 };
 use jitbroker::store::{
-    Change, Counts, Expiring, Inserted, Kek, MemoryStore, SledStore, Storage, Store, Uow,
+    Change, Counts, Expiring, Inserted, Kek, MemoryStore, PgSettings, PgStore, SledStore, Storage,
+    Store, Uow,
 };
 use tempfile::TempDir;
 
@@ -41,13 +44,19 @@ const LATER: UnixMillis = NOW + 3_600_000;
 pub struct Env {
     pub dir: TempDir,
     pub kek: Kek,
+    /// What an engine needs kept alive until the case ends (a database server).
+    pub keep: std::sync::Mutex<Vec<Box<dyn std::any::Any + Send>>>,
 }
 
 impl Env {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let kek = Kek::create(&dir.path().join("kek")).unwrap();
-        Self { dir, kek }
+        Self {
+            dir,
+            kek,
+            keep: std::sync::Mutex::default(),
+        }
     }
 
     /// The same KEK again (a `Kek` is not `Clone`).
@@ -59,6 +68,9 @@ impl Env {
 /// A fresh engine for one case. The engine is dropped before its directory.
 pub struct Fixture {
     engine: Arc<dyn Store>,
+    /// A second handle on the same data: another replica for an engine several replicas share,
+    /// the same engine again for an in-process one.
+    other: Arc<dyn Store>,
     env: Env,
 }
 
@@ -68,6 +80,15 @@ impl Fixture {
         Storage::open(self.engine.clone(), &self.env.kek)
             .await
             .unwrap()
+    }
+
+    /// Racer `i`'s handle: the two handles in turn.
+    fn handle(&self, i: usize) -> Arc<dyn Store> {
+        if i.is_multiple_of(2) {
+            self.engine.clone()
+        } else {
+            self.other.clone()
+        }
     }
 }
 
@@ -890,7 +911,7 @@ pub mod cases {
         const RACERS: usize = 16;
         let owners: Vec<SpiffeId> = (0..RACES).map(|i| owner(&format!("a{i}"))).collect();
         let got = race(RACES * RACERS, |i| {
-            let engine = fx.engine.clone();
+            let engine = fx.handle(i);
             let owner = owners[i % RACES].clone();
             async move {
                 let mut u = engine.begin().await.unwrap();
@@ -949,13 +970,16 @@ pub mod cases {
     ///     written.
     pub async fn credential_idempotency_under_concurrency(fx: Fixture) {
         const RACERS: usize = 16;
-        let storage = Arc::new(fx.storage().await);
+        let storages = [
+            Arc::new(fx.storage().await),
+            Arc::new(Storage::open(fx.other.clone(), &fx.env.kek).await.unwrap()),
+        ];
         let tasks: Vec<Task> = (0..RACES)
             .map(|_| task(&owner("alice"), None, LATER))
             .collect();
         create_tasks(&*fx.engine, &tasks).await;
         let got = race(RACES * RACERS, |i| {
-            let storage = storage.clone();
+            let storage = storages[i % 2].clone();
             let t = tasks[i % RACES].clone();
             async move {
                 let secret = random_secret();
@@ -1002,11 +1026,14 @@ pub mod cases {
                 vec![id.clone()]
             );
             assert_eq!(
-                storage.credential_secret(&id).await.unwrap().as_ref(),
+                storages[0].credential_secret(&id).await.unwrap().as_ref(),
                 Some(winner_secret)
             );
             for (g, secret) in got {
-                let found = storage.credential_by_secret(secret.expose()).await.unwrap();
+                let found = storages[1]
+                    .credential_by_secret(secret.expose())
+                    .await
+                    .unwrap();
                 if matches!(g, Got::New(_)) {
                     assert_eq!(found, Some(id.clone()));
                 } else {
@@ -1024,7 +1051,7 @@ pub mod cases {
         const RACERS: usize = 32;
         let owners: Vec<SpiffeId> = (0..RACES).map(|i| owner(&format!("a{i}"))).collect();
         let inserted = race(RACES * RACERS, |i| {
-            let engine = fx.engine.clone();
+            let engine = fx.handle(i);
             let owner = owners[i % RACES].clone();
             async move {
                 let mut u = engine.begin().await.unwrap();
@@ -1083,7 +1110,7 @@ pub mod cases {
             commit(u).await;
         }
         let won = race(APPROVALS * RACERS, |i| {
-            let engine = fx.engine.clone();
+            let engine = fx.handle(i);
             let id = all[i % APPROVALS].id.clone();
             async move {
                 let mut u = engine.begin().await.unwrap();
@@ -1177,7 +1204,7 @@ pub mod cases {
                 }
             };
             let completer = {
-                let engine = fx.engine.clone();
+                let engine = fx.other.clone();
                 let id = t.id.clone();
                 async move {
                     start.wait().await;
@@ -1265,7 +1292,7 @@ pub mod cases {
         let tasks = Arc::new(tasks);
         // Per unit: whether it committed, how many events, the sequence numbers it got.
         let results = race(UNITS, |i| {
-            let engine = fx.engine.clone();
+            let engine = fx.handle(i);
             let tasks = tasks.clone();
             async move {
                 let events = 1 + i % 3;
@@ -1371,7 +1398,7 @@ pub mod cases {
         drop(d);
 
         let per_reaper = race(2, |r| {
-            let engine = fx.engine.clone();
+            let engine = fx.handle(r);
             async move {
                 let mut handled = Vec::new();
                 loop {
@@ -1457,8 +1484,8 @@ pub mod cases {
 
         // Each worker: claim a batch in one unit, then (the upstream work, then) remove each
         // revocation in a unit of its own.
-        let per_worker = race(2, |_| {
-            let engine = fx.engine.clone();
+        let per_worker = race(2, |w| {
+            let engine = fx.handle(w);
             async move {
                 let (mut claimed, mut removed) = (Vec::new(), Vec::new());
                 loop {
@@ -1546,7 +1573,7 @@ pub mod cases {
         const KEY: &str = "conformance/bootstrap";
         let values: Vec<Vec<u8>> = (0..3).map(|i| format!("value-{i}").into_bytes()).collect();
         let winners = race(3, |i| {
-            let engine = fx.engine.clone();
+            let engine = fx.handle(i);
             let value = values[i].clone();
             async move { engine.meta_put_if_absent(KEY, value).await.unwrap() }
         })
@@ -1610,7 +1637,7 @@ pub mod cases {
         );
         // Racing swaps from one version: one wins.
         let swapped = race(8, |i| {
-            let engine = fx.engine.clone();
+            let engine = fx.handle(i);
             async move {
                 engine
                     .meta_cas(
@@ -1631,8 +1658,8 @@ pub mod cases {
         );
 
         // Replicas opening sealing at once on an empty engine agree on the keys.
-        let storages = race(4, |_| {
-            let engine = fx.engine.clone();
+        let storages = race(4, |i| {
+            let engine = fx.handle(i);
             let kek = fx.env.kek();
             async move { Storage::open(engine, &kek).await.unwrap() }
         })
@@ -1769,7 +1796,7 @@ pub mod cases {
         assert!(!a.lock_identity(&id).await.unwrap().blocked);
         // A unit that asks for the identity while `a` holds it.
         let waiter = tokio::spawn({
-            let engine = fx.engine.clone();
+            let engine = fx.other.clone();
             let id = id.clone();
             async move {
                 let mut u = engine.begin().await.unwrap();
@@ -1783,9 +1810,13 @@ pub mod cases {
         commit(a).await;
 
         assert!(engine.is_blocked(&id).await.unwrap());
+        assert!(
+            fx.other.is_blocked(&id).await.unwrap(),
+            "seen by another handle"
+        );
         assert!(!engine.is_blocked(&other).await.unwrap());
         assert_eq!(engine.blocked_identities().await.unwrap(), vec![id.clone()]);
-        let mut u = engine.begin().await.unwrap();
+        let mut u = fx.other.begin().await.unwrap();
         assert!(u.lock_identity(&id).await.unwrap().blocked);
         drop(u);
         assert!(waiter.await.unwrap(), "the waiting unit sees the block");
@@ -1827,7 +1858,7 @@ pub mod cases {
         create_tasks(engine, std::slice::from_ref(&t)).await;
         let mut a = engine.begin().await.unwrap();
         assert!(a.lock_task(&t.id).await.unwrap().is_some());
-        let mut b = engine.begin().await.unwrap();
+        let mut b = fx.other.begin().await.unwrap();
         assert!(b.try_lock_task(&t.id).await.unwrap().is_none(), "held by a");
         let unknown = TaskId::generate();
         assert!(
@@ -1839,12 +1870,13 @@ pub mod cases {
         assert_same(&got.unwrap(), &t);
         let mut c = engine.begin().await.unwrap();
         assert!(c.try_lock_task(&t.id).await.unwrap().is_none(), "held by b");
-        drop(b);
-        assert!(
-            c.try_lock_task(&t.id).await.unwrap().is_some(),
-            "b was dropped"
-        );
         drop(c);
+        // A dropped unit's locks end (an engine across a network rolls back on its own time,
+        // so a waiting lock is what shows it).
+        drop(b);
+        let mut d = engine.begin().await.unwrap();
+        assert!(d.lock_task(&t.id).await.unwrap().is_some(), "b was dropped");
+        drop(d);
     }
 }
 
@@ -1857,13 +1889,20 @@ pub mod cases {
 /// directory and a KEK in `env`).
 macro_rules! conformance {
     ($name:ident, $make:expr) => {
+        conformance!($name, handles: async |env: &Env| {
+            let engine: Arc<dyn Store> = ($make)(env).await;
+            Some((engine.clone(), engine))
+        });
+    };
+    ($name:ident, handles: $make:expr) => {
         mod $name {
             use super::*;
 
-            async fn fixture() -> Fixture {
+            /// `None`: the engine's server is not installed here (the case is skipped).
+            async fn fixture() -> Option<Fixture> {
                 let env = Env::new();
-                let engine: Arc<dyn Store> = ($make)(&env).await;
-                Fixture { engine, env }
+                let (engine, other): (Arc<dyn Store>, Arc<dyn Store>) = ($make)(&env).await?;
+                Some(Fixture { engine, other, env })
             }
 
             conformance!(@cases
@@ -1890,7 +1929,9 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             $(#[$attr])*
             async fn $case() {
-                cases::$case(fixture().await).await;
+                if let Some(fx) = fixture().await {
+                    cases::$case(fx).await;
+                }
             }
         )*
     };
@@ -1899,6 +1940,23 @@ macro_rules! conformance {
 conformance!(memory, async |_env: &Env| Arc::new(MemoryStore::new()));
 conformance!(sled, async |env: &Env| {
     Arc::new(SledStore::open(&env.dir.path().join("db"), &env.kek).unwrap())
+});
+// Two handles on one database: two replicas. A throwaway server per case (tests/common/pg.rs);
+// skipped when PostgreSQL is not installed, unless JITBROKER_REQUIRE_POSTGRES=1.
+conformance!(postgres, handles: async |env: &Env| {
+    let pg = tokio::task::block_in_place(common::pg::Pg::start)?;
+    let handle = async || -> Arc<dyn Store> {
+        let settings = PgSettings {
+            dsn: pg.admin_dsn().into(),
+            tls: None,
+            pool_size: 16,
+        };
+        let store: Arc<dyn Store> = Arc::new(PgStore::connect(settings).await.unwrap());
+        store
+    };
+    let (a, b) = (handle().await, handle().await);
+    env.keep.lock().unwrap().push(Box::new(pg));
+    Some((a, b))
 });
 
 // ---------------------------------------------------------------------------------------------

@@ -129,6 +129,16 @@ impl Head {
         Ok(Self { next, prev })
     }
 
+    /// A head kept by an engine as (next sequence number, hash of the last entry).
+    pub fn from_parts(next: u64, prev: [u8; 32]) -> Self {
+        Self { next, prev }
+    }
+
+    /// What [`Head::from_parts`] takes back.
+    pub fn parts(&self) -> (u64, [u8; 32]) {
+        (self.next, self.prev)
+    }
+
     /// The next entry for `event` at `time`: its sequence number, its bytes, and its hash (pass
     /// it to [`Head::advance`] once the entry is stored).
     pub fn entry(&self, time: UnixMillis, event: Event) -> Result<(u64, Vec<u8>, [u8; 32])> {

@@ -317,6 +317,8 @@ pub struct Core {
     auth_failures: FailureSummaries,
     /// Writes are refused while the data directory's disk is under its free-space floor.
     disk: Option<DiskFloor>,
+    /// Readiness fails while the engine's clock and ours differ by more (`[store]`).
+    max_clock_skew_ms: i64,
     /// Who this process is when it holds a lease on singleton work.
     holder: String,
 }
@@ -328,6 +330,8 @@ pub struct AuditArchive {
     pub dir: std::path::PathBuf,
     pub keep: u64,
     pub segment: u64,
+    /// How long the archiver's lease lasts without renewal (another replica takes over after).
+    pub lease_ms: i64,
 }
 
 fn secs_to_ms(s: u64) -> i64 {
@@ -393,6 +397,7 @@ impl Core {
             identity_rate: RateLimiter::new(u32::MAX, u32::MAX),
             auth_failures: FailureSummaries::default(),
             disk: None,
+            max_clock_skew_ms: 1_000,
             holder: format!(
                 "{}-{}",
                 std::process::id(),
@@ -411,6 +416,22 @@ impl Core {
     pub fn with_disk_floor(mut self, floor: DiskFloor) -> Self {
         self.disk = Some(floor);
         self
+    }
+
+    /// Readiness fails while the storage engine's clock and this process's differ by more than
+    /// `ms` (an engine other replicas share; replicas judge expiry by their own clocks).
+    pub fn with_max_clock_skew_ms(mut self, ms: i64) -> Self {
+        self.max_clock_skew_ms = ms;
+        self
+    }
+
+    /// `Ok` when this replica can serve: writes accepted ([`Core::writable`]) and the storage
+    /// engine reachable with its clock within the allowed skew.
+    pub async fn ready(&self) -> Result<()> {
+        self.writable()?;
+        self.store
+            .check_ready(self.now(), self.max_clock_skew_ms)
+            .await
     }
 
     /// `Ok` while writes are accepted; `UNAVAILABLE` naming the disk under its floor.

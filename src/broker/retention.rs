@@ -173,7 +173,10 @@ impl Retention {
         };
         // Archival is singleton work: whoever holds the lease archives; another holder (a second
         // process on a shared engine) waits until it lapses.
-        let lease_ms = (ARCHIVE_EVERY.as_millis() as i64).saturating_mul(6);
+        // Renewed every pass, so at least a few passes long.
+        let lease_ms = a
+            .lease_ms
+            .max((ARCHIVE_EVERY.as_millis() as i64).saturating_mul(3));
         if self
             .store
             .try_lease(ARCHIVER_LEASE, self.holder(), self.now(), lease_ms)

@@ -113,6 +113,7 @@ async fn fixture_opts(upstream: Option<Arc<dyn Upstream>>, archive: Option<(u64,
             dir: dir.path().join("audit-archive"),
             keep,
             segment,
+            lease_ms: 30_000,
         }),
         None => core,
     };

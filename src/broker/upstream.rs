@@ -305,14 +305,16 @@ impl Revocations {
     pub(super) async fn queue_dead_ledger_entries(
         &self,
         u: &mut Tx<'_>,
-        creating_too: bool,
+        creating_before: Option<UnixMillis>,
         who: &str,
     ) -> Result<usize> {
         let now = self.now();
         let mut n = 0;
         for o in self.store.upstream_objects().await? {
             let why = match o.state {
-                UpstreamState::Creating if creating_too => "creation interrupted",
+                UpstreamState::Creating if creating_before.is_some_and(|t| o.created_at < t) => {
+                    "creation interrupted"
+                }
                 UpstreamState::Creating => continue,
                 UpstreamState::Live
                     if self
@@ -339,13 +341,29 @@ impl Revocations {
         Ok(n)
     }
 
-    /// Queues what a crash left in the ledger: `Creating` entries (no issuance is in flight
-    /// before the server accepts calls) and `Live` entries whose credential has ended. Runs
-    /// before serving; needs only the store, so it works while the upstream is down.
+    /// On an engine other replicas share: `Creating` entries made before this time belong to a
+    /// creation that cannot still be running anywhere (two attempt timeouts). Alone on its
+    /// engine the broker knows its own creations, so `None`.
+    fn stale_creations(&self) -> Option<UnixMillis> {
+        self.store.shared().then(|| {
+            let grace = i64::try_from(self.attempt_timeout().as_millis())
+                .unwrap_or(i64::MAX)
+                .saturating_mul(2);
+            self.now().saturating_sub(grace)
+        })
+    }
+
+    /// Queues what a crash left in the ledger: `Creating` entries and `Live` entries whose
+    /// credential has ended. Alone on its engine, no issuance is in flight before the server
+    /// accepts calls, so every `Creating` entry was interrupted; on an engine other replicas
+    /// share, only those older than two attempt timeouts are (younger ones may be in creation
+    /// elsewhere right now; the reconciler finds them later if not). Runs before serving;
+    /// needs only the store, so it works while the upstream is down.
     pub async fn recover_upstream_ledger(&self) -> Result<usize> {
+        let before = self.stale_creations().unwrap_or(UnixMillis::MAX);
         let mut u = self.store.begin().await?;
         let n = self
-            .queue_dead_ledger_entries(&mut u, true, "recovery")
+            .queue_dead_ledger_entries(&mut u, Some(before), "recovery")
             .await;
         self.finish(u, n).await
     }
@@ -410,7 +428,7 @@ impl Revocations {
             }
         }
         n += self
-            .queue_dead_ledger_entries(u, false, "reconciler")
+            .queue_dead_ledger_entries(u, self.stale_creations(), "reconciler")
             .await?;
         Ok(n)
     }

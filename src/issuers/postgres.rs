@@ -70,7 +70,7 @@ fn upstream_err(resource: &str, what: &str, e: impl std::fmt::Display) -> Error 
 
 /// The causes of an error, for messages (a TLS failure hides behind "error performing TLS
 /// handshake").
-fn source_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn source_chain(e: &dyn std::error::Error) -> String {
     let mut out = Vec::new();
     let mut cur = e.source();
     while let Some(s) = cur {
@@ -80,18 +80,14 @@ fn source_chain(e: &dyn std::error::Error) -> String {
     out.join(": ")
 }
 
-/// A TLS connector that trusts only the CA certificates in `ca`.
-fn tls_connector(
-    resource: &str,
+/// A TLS connector that trusts only the CA certificates in `ca`; errors name `section`'s
+/// `ca_file` (e.g. `[store]`).
+pub(crate) fn tls_connector(
+    section: &str,
     ca: &std::path::Path,
 ) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
     use rustls_pki_types::pem::PemObject;
-    let bad = |why: String| {
-        Error::Config(format!(
-            "[resources.{resource}.postgres] ca_file {}: {why}",
-            ca.display()
-        ))
-    };
+    let bad = |why: String| Error::Config(format!("{section} ca_file {}: {why}", ca.display()));
     let pem = std::fs::read(ca).map_err(|e| bad(e.to_string()))?;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
@@ -112,8 +108,29 @@ fn tls_connector(
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(cfg))
 }
 
+/// Whether every host of a connection string is this machine (loopback or a unix socket):
+/// the only case where a plaintext connection is accepted.
+pub(crate) fn only_loopback(parsed: &tokio_postgres::Config) -> bool {
+    parsed.get_hosts().iter().all(|h| match h {
+        tokio_postgres::config::Host::Tcp(h) => {
+            h == "localhost"
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        #[allow(
+            unreachable_patterns,
+            reason = "the host enum has a Unix-socket variant on Unix only"
+        )]
+        _ => true, // a unix socket
+    }) && parsed
+        .get_hostaddrs()
+        .iter()
+        // `hostaddr` is where the connection really goes when it is set.
+        .all(std::net::IpAddr::is_loopback)
+}
+
 /// The server's own message and SQLSTATE, which tokio-postgres' Display leaves out.
-fn pg_err(e: &tokio_postgres::Error) -> String {
+pub(crate) fn pg_err(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(d) => format!("{} (SQLSTATE {})", d.message(), d.code().code()),
         None => e.to_string(),
@@ -181,27 +198,14 @@ impl PostgresIssuer {
             .or_else(|| parsed.get_dbname().map(str::to_owned))
             .unwrap_or_else(|| "postgres".into());
         let tls = match &cfg.ca_file {
-            Some(ca) => Some(tls_connector(resource, ca)?),
+            Some(ca) => Some(tls_connector(
+                &format!("[resources.{resource}.postgres]"),
+                ca,
+            )?),
             None => {
                 // Fail closed: the admin password and every role's verifier would cross the
                 // network in plaintext.
-                let local = parsed.get_hosts().iter().all(|h| match h {
-                    tokio_postgres::config::Host::Tcp(h) => {
-                        h == "localhost"
-                            || h.parse::<std::net::IpAddr>()
-                                .is_ok_and(|ip| ip.is_loopback())
-                    }
-                    #[allow(
-                        unreachable_patterns,
-                        reason = "the host enum has a Unix-socket variant on Unix only"
-                    )]
-                    _ => true, // a unix socket
-                }) && parsed
-                    .get_hostaddrs()
-                    .iter()
-                    // `hostaddr` is where the connection really goes when it is set.
-                    .all(std::net::IpAddr::is_loopback);
-                if !local {
+                if !only_loopback(&parsed) {
                     return Err(Error::Config(format!(
                         "[resources.{resource}.postgres] the admin connection goes to a host that \
                          is not loopback: set ca_file (the CA of the server's certificate) so \

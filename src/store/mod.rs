@@ -47,6 +47,7 @@ pub mod crypto;
 pub mod disk;
 pub mod local;
 pub mod memory;
+pub mod postgres;
 pub mod sled_store;
 #[cfg(test)]
 mod test_records;
@@ -64,6 +65,7 @@ use crate::model::{
 
 pub use crypto::{Kek, Sealer};
 pub use memory::MemoryStore;
+pub use postgres::{PgSettings, PgStore};
 pub use sled_store::SledStore;
 
 /// A boxed future: the engine interface is object safe.
@@ -198,6 +200,18 @@ pub trait Store: Send + Sync + 'static {
     ) -> Fut<'_, Option<Lease>>;
     /// Committed changes worth a cache's attention.
     fn changes(&self) -> tokio::sync::broadcast::Receiver<Change>;
+
+    /// Whether other processes may share this engine (other replicas): work that an
+    /// in-process engine may assume is its own (e.g. start-up recovery) must then not be.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Fails `UNAVAILABLE` when the engine cannot serve now (readiness): unreachable, or its
+    /// clock and `now` more than `max_skew_ms` apart (replicas judge expiry by their own clocks).
+    fn check_ready(&self, _now: UnixMillis, _max_skew_ms: i64) -> Fut<'_, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 /// One unit of work (see the module documentation). Writes are queued or applied as the engine
