@@ -51,6 +51,13 @@ export JITBROKER_BAO JITBROKER_REQUIRE_OPENBAO=1
 step "cargo test"
 cargo test --all-targets --locked --features failpoints
 
+step "the broker's integration tests again, on the PostgreSQL engine (JITBROKER_TEST_ENGINE=postgres)"
+# Every broker these tests start keeps its store in a throwaway PostgreSQL server instead of sled
+# (tests/common: with_test_engine). Tests about sled's own files skip themselves there.
+JITBROKER_TEST_ENGINE=postgres cargo test --locked --features failpoints \
+  --test broker_core --test policy_flow --test admin_audit --test ext_authz \
+  --test x509_credentials --test jwt_svid --test federation --test secrets_at_rest --test postgres
+
 step "release build (the README's run command)"
 cargo build --release --locked --bins
 if [ ! -x target/release/jitbroker ]; then

@@ -85,7 +85,62 @@ pub fn config(dir: &Path, edit: impl FnOnce(String) -> String) -> Config {
     Config::from_toml(&text, "test", |_| None).expect("config")
 }
 
+std::thread_local! {
+    /// Databases of brokers started on this thread under `JITBROKER_TEST_ENGINE=postgres`, by
+    /// data directory (a broker restarted on its directory finds its data again); stopped when
+    /// the test's thread ends.
+    static TEST_DATABASES: std::cell::RefCell<std::collections::HashMap<PathBuf, pg::Pg>> =
+        std::cell::RefCell::default();
+}
+
+/// The engine the tests run on: `JITBROKER_TEST_ENGINE=postgres` puts the store of every broker
+/// these helpers start into a throwaway PostgreSQL server (one per data directory), so the same
+/// tests prove both engines; unset (or `sled`), the configuration's own engine.
+fn with_test_engine(cfg: &Config) -> Config {
+    let mut cfg = cfg.clone();
+    let wanted = std::env::var("JITBROKER_TEST_ENGINE").unwrap_or_default();
+    if wanted != "postgres" || cfg.store.engine != jitbroker::config::StoreEngine::Sled {
+        return cfg;
+    }
+    let dsn = TEST_DATABASES.with(|dbs| {
+        let mut dbs = dbs.borrow_mut();
+        let pg = dbs.entry(cfg.data_dir.clone()).or_insert_with(|| {
+            pg::Pg::start().expect("JITBROKER_TEST_ENGINE=postgres needs PostgreSQL installed")
+        });
+        pg.admin_dsn()
+    });
+    let file = cfg.data_dir.join("store.dsn");
+    std::fs::write(&file, dsn).unwrap();
+    cfg.store.engine = jitbroker::config::StoreEngine::Postgres;
+    cfg.store.dsn_file = Some(file);
+    cfg
+}
+
+/// Whether `JITBROKER_TEST_ENGINE=postgres` moves the brokers' stores into PostgreSQL. A test
+/// that works on sled's files themselves (offline tampering, restoring a copy of the data
+/// directory) skips itself then, saying so; the sled run covers it.
+pub fn sled_only(what: &str) -> bool {
+    let pg = std::env::var("JITBROKER_TEST_ENGINE").is_ok_and(|v| v == "postgres");
+    if pg {
+        eprintln!("SKIP under JITBROKER_TEST_ENGINE=postgres: {what} works on sled's files");
+    }
+    pg
+}
+
+/// Where the stores of the brokers with data directory `dir` keep their files: `dir` itself,
+/// and its database's data directory under `JITBROKER_TEST_ENGINE=postgres`.
+pub fn store_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    TEST_DATABASES.with(|dbs| {
+        if let Some(pg) = dbs.borrow().get(dir) {
+            out.push(pg.data_dir());
+        }
+    });
+    out
+}
+
 pub async fn spawn(cfg: &Config, options: Options) -> jitbroker::error::Result<Running> {
+    let cfg = &with_test_engine(cfg);
     let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = api.local_addr().unwrap();
@@ -641,10 +696,33 @@ pub fn open_store(cfg: &Config) -> jitbroker::store::SledStore {
     jitbroker::store::SledStore::open(&cfg.data_dir.join("db"), &kek).unwrap()
 }
 
-/// The audit export (JSON lines) of the stopped broker of `cfg`: (entries, text).
+/// The audit export (JSON lines) of the stopped broker of `cfg`: (entries, text). From its
+/// database under `JITBROKER_TEST_ENGINE=postgres`.
 pub fn audit_export(cfg: &Config) -> (u64, String) {
-    let store = open_store(cfg);
     let mut export = Vec::new();
+    let cfg = with_test_engine(cfg);
+    if cfg.store.engine == jitbroker::config::StoreEngine::Postgres {
+        // A runtime of its own on a thread of its own: callers may be inside one.
+        let n = std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let kek = jitbroker::store::crypto::Kek::load(&cfg.kek_file).unwrap();
+                    let engine = jitbroker::server::open_engine(&cfg, &kek).await.unwrap();
+                    jitbroker::audit::export(engine.as_ref(), None, &mut export)
+                        .await
+                        .unwrap()
+                })
+            })
+            .join()
+            .unwrap()
+        });
+        return (n, String::from_utf8(export).unwrap());
+    }
+    let store = open_store(&cfg);
     // The engine's futures are ready at once: no runtime needed.
     let n =
         futures::executor::block_on(jitbroker::audit::export(&store, None, &mut export)).unwrap();

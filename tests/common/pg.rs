@@ -155,6 +155,11 @@ impl Pg {
         Some(pg)
     }
 
+    /// The server's data directory (its files, for tests that read what is on disk).
+    pub fn data_dir(&self) -> PathBuf {
+        self.data()
+    }
+
     fn data(&self) -> PathBuf {
         self.dir.path().join("data")
     }
