@@ -42,6 +42,11 @@ struct Key {
     signing: SigningKey,
 }
 
+/// A new signing key signs only this long after it was made: every replica reloads the key set
+/// on each reaper pass (at least once a second) and publishes it in its JWKS, so a JWT signed
+/// by any replica verifies against the JWKS of any replica.
+pub const SIGN_AFTER_MS: i64 = 5_000;
+
 /// The JWT issuer: signing keys plus the `iss` to stamp.
 pub struct JwtIssuer {
     issuer: String,
@@ -107,13 +112,15 @@ impl JwtIssuer {
         };
         let newest = keys.iter().map(|k| k.created_at).max();
         let need_new = newest.is_none_or(|t| now - t >= self.rotate_after_ms);
-        // A key retired at time R (when its successor was made) signs nothing after R.
+        // A key retired at time R (when its successor was made) signs nothing after
+        // R + SIGN_AFTER_MS, so it stays published until then plus the longest TTL.
         let mut sorted: Vec<&Key> = keys.iter().collect();
         sorted.sort_by_key(|k| k.created_at);
         let mut keep: Vec<Key> = Vec::new();
         for (i, k) in sorted.iter().enumerate() {
             let retired_at = sorted.get(i + 1).map(|n| n.created_at);
-            let alive = retired_at.is_none_or(|r| now - r < self.publish_for_ms);
+            let alive = retired_at
+                .is_none_or(|r| now - r < self.publish_for_ms.saturating_add(SIGN_AFTER_MS));
             if alive {
                 keep.push(Key {
                     kid: k.kid.clone(),
@@ -164,12 +171,15 @@ impl JwtIssuer {
         Ok(false)
     }
 
-    /// Signs a credential JWT with the newest key.
+    /// Signs a credential JWT with the newest key every replica can have published by now
+    /// ([`SIGN_AFTER_MS`]); the oldest key while none is that old (the first key).
     pub fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued> {
         let keys = self.current();
         let key = keys
             .iter()
+            .filter(|k| req.issued_at.saturating_sub(k.created_at) >= SIGN_AFTER_MS)
             .max_by_key(|k| k.created_at)
+            .or_else(|| keys.iter().min_by_key(|k| k.created_at))
             .ok_or_else(|| Error::Internal("no JWT signing key".into()))?;
         let typ = if req.access_token { "at+jwt" } else { "JWT" };
         let header = json!({"alg": "ES256", "typ": typ, "kid": key.kid});
@@ -282,7 +292,99 @@ pub(crate) fn kid_of(vk: &VerifyingKey) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::model::{CredentialId, TaskId};
+
+    fn kid_of_jwt(token: &str) -> String {
+        let head = token.split('.').next().unwrap();
+        let head = URL_SAFE_NO_PAD.decode(head).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&head).unwrap()["kid"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    fn published(jwks: &str) -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(jwks).unwrap();
+        v["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    fn sign(issuer: &JwtIssuer, at: UnixMillis) -> String {
+        let (id, task, owner) = (
+            CredentialId::generate(),
+            TaskId::generate(),
+            SpiffeId::parse("x", "spiffe://td/agent").unwrap(),
+        );
+        let binding = BTreeMap::new();
+        let req = IssueRequest {
+            credential_id: &id,
+            task_id: &task,
+            owner: &owner,
+            resource: "r",
+            action: "read",
+            issued_at: at,
+            expires_at: at + 60_000,
+            delegation_chain: &[],
+            audience: "r",
+            access_token: false,
+            binding: &binding,
+        };
+        kid_of_jwt(issuer.issue(&req).unwrap().secret.expose())
+    }
+
+    /// Two replicas on one store: one rotates; the other publishes the new key at its next
+    /// reload (each reaper pass), and no JWT is signed with the new key before
+    /// `SIGN_AFTER_MS`, so every JWT verifies against either replica's JWKS at any time.
+    #[tokio::test]
+    async fn a_rotated_key_signs_only_once_every_replica_can_publish_it() {
+        let kek_dir = tempfile::tempdir().unwrap();
+        let kek = crate::store::Kek::create(&kek_dir.path().join("kek")).unwrap();
+        let engine: std::sync::Arc<dyn crate::store::Store> =
+            std::sync::Arc::new(crate::store::MemoryStore::new());
+        let store = Storage::open(engine, &kek).await.unwrap();
+        const ROTATE: i64 = 3_600_000;
+        let t0 = 1_700_000_000_000;
+        let a = JwtIssuer::load(&store, "iss".into(), ROTATE, 600_000, t0)
+            .await
+            .unwrap();
+        let b = JwtIssuer::load(&store, "iss".into(), ROTATE, 600_000, t0)
+            .await
+            .unwrap();
+        let first = published(&a.jwks_json());
+        assert_eq!(first, published(&b.jwks_json()), "one key set");
+        assert_eq!(sign(&a, t0), first[0], "the first key signs at once");
+
+        // A rotates; B has not reloaded yet.
+        let t1 = t0 + ROTATE;
+        assert!(a.rotate_if_due(&store, t1).await.unwrap());
+        assert_eq!(
+            published(&b.jwks_json()),
+            first,
+            "B still publishes the old set"
+        );
+        for at in [t1, t1 + SIGN_AFTER_MS - 1] {
+            assert_eq!(sign(&a, at), first[0], "the old key still signs at {at}");
+        }
+        // B reloads on its next pass and publishes both keys.
+        b.rotate_if_due(&store, t1 + 1_000).await.unwrap();
+        let both = published(&b.jwks_json());
+        assert_eq!(both.len(), 2);
+        let new = both.iter().find(|k| **k != first[0]).unwrap().clone();
+        assert_eq!(
+            sign(&a, t1 + SIGN_AFTER_MS),
+            new,
+            "the new key signs after the delay"
+        );
+        assert_eq!(sign(&b, t1 + SIGN_AFTER_MS), new, "on every replica");
+        assert!(published(&a.jwks_json()).contains(&new));
+    }
 
     #[test]
     fn act_claim_nests_nearest_first() {
