@@ -5,6 +5,7 @@
 pub mod envoy;
 pub mod gateway;
 pub mod pg;
+pub mod procs;
 pub mod proxies;
 pub mod tools;
 

@@ -155,6 +155,76 @@ impl Pg {
         Some(pg)
     }
 
+    /// A streaming standby of this server (`pg_basebackup -R`), on a port of its own, named
+    /// `name` (its `application_name`, for `synchronous_standby_names`), started.
+    pub fn start_standby(&self, name: &str) -> Pg {
+        let dir = tempfile::tempdir().unwrap();
+        if self.as_root {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown of the standby's dir to the postgres user");
+        }
+        let standby = Pg {
+            port: free_port(),
+            password: self.password.clone(),
+            ca_pem: self.ca_pem.clone(),
+            dir,
+            bin: self.bin.clone(),
+            as_root: self.as_root,
+        };
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user={ADMIN} password={} application_name={name}",
+            self.port, self.password
+        );
+        standby.run(
+            "pg_basebackup",
+            &[
+                "-D",
+                &standby.data().display().to_string(),
+                "-d",
+                &conninfo,
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ],
+        );
+        let auto = standby.data().join("postgresql.auto.conf");
+        let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
+        text.push_str(&format!(
+            "\nport = {}\nprimary_conninfo = '{conninfo}'\n",
+            standby.port
+        ));
+        std::fs::write(&auto, text).unwrap();
+        standby.start_server();
+        standby
+    }
+
+    /// Makes commits on this server wait for the standby named `name`.
+    pub async fn require_sync_standby(&self, name: &str) {
+        let c = self.admin().await;
+        // One statement per call: ALTER SYSTEM refuses to run in the implicit transaction of a
+        // multi-statement query.
+        c.batch_execute(&format!(
+            "ALTER SYSTEM SET synchronous_standby_names = '{name}'"
+        ))
+        .await
+        .unwrap();
+        c.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    }
+
+    /// Promotes this standby to primary (waits until it accepts writes).
+    pub fn promote(&self) {
+        self.run(
+            "pg_ctl",
+            &["-D", &self.data().display().to_string(), "-w", "promote"],
+        );
+    }
+
     /// The server's data directory (its files, for tests that read what is on disk).
     pub fn data_dir(&self) -> PathBuf {
         self.data()
