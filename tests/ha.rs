@@ -658,3 +658,97 @@ async fn a_database_failover_loses_no_acknowledged_credential() {
         r.stop().await;
     }
 }
+
+/// Proof 3: PostgreSQL credentials ended while a replica is killed in the middle of revoking
+/// them (after dropping a role, before recording it): every role is gone, the queue is empty,
+/// and each credential has exactly one `upstream_revoked` entry.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_happens_once_when_a_replica_dies_mid_revocation() {
+    let _one = SERIAL.lock().await;
+    let Some(pg) = Pg::start() else { return };
+    pg.admin()
+        .await
+        .batch_execute("CREATE TABLE orders (id int, item text)")
+        .await
+        .unwrap();
+    let admin_dsn = pg.admin_dsn();
+    let dir = ha_dir(
+        &admin_dsn,
+        "",
+        "[resources.orders-db]\nkind = \"postgres\"\nactions = [\"read\"]\n\n\
+             [resources.orders-db.postgres]\nadmin_dsn_file = \"ADMIN_DSN\"\n\n\
+             [resources.orders-db.postgres.grants.read]\n\
+             statements = [\"GRANT SELECT ON orders TO {role}\"]\n\n\
+             [revocation]\nbackoff_initial_ms = 50\nbackoff_max_ms = 400\n\
+             attempt_timeout_ms = 1000\nreconcile_interval_seconds = 3600\n",
+    );
+    let dsn_file = dir.path().join("store.dsn");
+    let toml = dir.path().join("jitbroker.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(
+        &toml,
+        text.replace("ADMIN_DSN", &dsn_file.display().to_string()),
+    )
+    .unwrap();
+    append_policy(
+        dir.path(),
+        "\n@id(\"agents-read-orders\")\npermit(principal, action == Action::\"read\", resource == Resource::\"orders-db\")\nwhen { principal.path like \"/agent/*\" };\n",
+    );
+    let mut reps = replicas(dir.path(), 2).await;
+    let n = 60 * scale();
+    let mut c = clients_at(reps[0].addr, dir.path(), &agent(600)).await;
+    let mut tasks = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..n.div_ceil(10) {
+        let t = c.start(vec![grant("orders-db", "read")], 600).await;
+        for _ in 0..10.min(n - i * 10) {
+            ids.push(c.issue(&t.task_id, "orders-db", 300).await.credential_id);
+        }
+        tasks.push(t.task_id);
+    }
+    assert_eq!(pg.roles("jb_").await.len(), n);
+    // A third replica that stops after its first drop, before recording it.
+    let doomed = BrokerProc::start(
+        &toml,
+        dir.path().join("doomed.log"),
+        Some("revoke-after-drop"),
+    )
+    .await;
+    for t in &tasks {
+        c.complete(t).await;
+    }
+    eventually("a replica reaches revoke-after-drop", || {
+        let log = doomed.log.clone();
+        async move {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("FAILPOINT revoke-after-drop reached")
+        }
+    })
+    .await;
+    doomed.kill().await;
+    let db = pg.admin().await;
+    eventually("every role is dropped and the queue is empty", || {
+        let db = &db;
+        let pg = &pg;
+        async move {
+            let queued: i64 = db
+                .query_one("SELECT count(*) FROM revocations", &[])
+                .await
+                .unwrap()
+                .get(0);
+            queued == 0 && pg.roles("jb_").await.is_empty()
+        }
+    })
+    .await;
+    let revoked = per_credential(&audit_rows(&pg).await, "upstream_revoked");
+    for id in &ids {
+        assert_eq!(revoked.get(id), Some(&1), "one upstream_revoked for {id}");
+    }
+    assert_eq!(revoked.len(), n, "and none for anything else");
+    verify_everywhere(dir.path(), &reps.iter().collect::<Vec<_>>()).await;
+    for r in reps.drain(..) {
+        r.stop().await;
+    }
+}
