@@ -33,7 +33,8 @@
 //! - [`store`]: the engine interface (async, unit of work, locks, claims, compare-and-swap,
 //!   leases; its guarantees are in the module's documentation), `Storage` (sealing above the
 //!   engine, [`store::crypto`]), in-process engines ([`store::local`]: sled, the embedded
-//!   default, and an in-memory engine), the free-disk floor.
+//!   default, and an in-memory engine), the PostgreSQL engine several replicas share
+//!   ([`store::postgres`], docs/ha.md), the free-disk floor.
 //! - [`audit`]: the tamper-evident hash chain, its verification, export, archival and anchors.
 //! - [`ratelimit`]: token buckets by caller and by remote address, summaries of refused
 //!   authentications; bounded whatever keys a client makes up.
@@ -50,10 +51,17 @@
 //!   `mint_credential`) gateway tool calls (`broker/tool_calls.rs`).
 //! - Policy decisions: `Core::evaluate` (`broker/tool_calls.rs`) is pure; callers record the
 //!   decision in the unit of work of the action it decided (`Core::record_decision`).
-//! - Durability: `Uow::commit` (`store/local.rs` for in-process engines); the sled group commit
-//!   is `store/sled_store.rs` (`flusher`).
+//! - Durability: `Uow::commit` (`store/local.rs` for in-process engines, `store/postgres.rs`
+//!   for PostgreSQL: the transaction's commit); the sled group commit is
+//!   `store/sled_store.rs` (`flusher`). The engine is chosen by `[store] engine` in
+//!   `server::open_engine`.
 //! - Audit entries are appended by the commit of the unit that recorded them, as its last step
-//!   (`store/local.rs`, chain head `audit::Head`).
+//!   (`store/local.rs`, chain head `audit::Head`; on PostgreSQL the head is a row locked by the
+//!   committing transaction).
+//! - Several replicas: everything they share is in the engine (row locks, claims, leases); what
+//!   assumes one process is asked of `Store::shared` (start-up recovery in
+//!   `broker/upstream.rs`); readiness checks the engine and clock skew (`Core::ready`); a new
+//!   JWT key signs only after every replica can publish it (`issuers/jwt.rs`).
 //! - Credentials end in `Credentials::end_credential`; tasks in `Tasks::end_task`
 //!   (`broker/tasks.rs`); descendants in `Tasks::revoke_descendants` (`broker/delegation.rs`).
 //! - Expiry: the reaper (`broker/reaper.rs`) claims due entries and ends them a batch per unit.
