@@ -718,16 +718,7 @@ async fn revocation_happens_once_when_a_replica_dies_mid_revocation() {
     for t in &tasks {
         c.complete(t).await;
     }
-    eventually("a replica reaches revoke-after-drop", || {
-        let log = doomed.log.clone();
-        async move {
-            std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .contains("FAILPOINT revoke-after-drop reached")
-        }
-    })
-    .await;
-    doomed.kill().await;
+    doomed.kill_at("revoke-after-drop").await;
     let db = pg.admin().await;
     eventually("every role is dropped and the queue is empty", || {
         let db = &db;

@@ -7,10 +7,10 @@ mod common;
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::pg::Pg;
+use common::procs::BrokerProc;
 use common::*;
 use jitbroker::api::pb;
 use jitbroker::broker::{Clock, ManualClock};
@@ -303,134 +303,14 @@ async fn reconciler_removes_hand_made_roles_with_the_prefix() {
     r.stop().await;
 }
 
-/// A broker process for the crash tests.
-struct Proc {
-    child: tokio::process::Child,
-    #[cfg_attr(
-        not(feature = "failpoints"),
-        expect(dead_code, reason = "read by the crash-point test")
-    )]
-    log: std::path::PathBuf,
-    addr: std::net::SocketAddr,
-    ops: std::net::SocketAddr,
-}
-
-async fn start_proc(dir: &Path, failpoint: Option<&str>, n: usize) -> Proc {
-    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let ops = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let (a, o) = (api.local_addr().unwrap(), ops.local_addr().unwrap());
-    drop((api, ops));
-    let log = dir.join(format!("broker-{n}.log"));
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_jitbroker"));
-    cmd.args(["serve", "--config"])
-        .arg(dir.join("jitbroker.toml"))
-        .env("JITBROKER_LISTEN", a.to_string())
-        .env("JITBROKER_OPS_LISTEN", o.to_string())
-        .env("JITBROKER_LOG_FORMAT", "plain")
-        .env_remove("JITBROKER_FAILPOINT")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .kill_on_drop(true);
-    if let Some(f) = failpoint {
-        cmd.env("JITBROKER_FAILPOINT", f);
-    }
-    let child = cmd.spawn().unwrap();
-    let mut ready = false;
-    for _ in 0..200 {
-        if http_get(&o.to_string(), "/readyz")
-            .await
-            .is_some_and(|r| r.contains(" 200 "))
-        {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        ready,
-        "broker not ready: {}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
-    Proc {
-        child,
-        log,
-        addr: a,
-        ops: o,
-    }
-}
-
-/// Prints the tail of a broker's log if the waiting below panics (a crash point never reached).
-#[cfg(feature = "failpoints")]
-struct LogOnPanic(Option<std::path::PathBuf>);
-
-#[cfg(feature = "failpoints")]
-impl LogOnPanic {
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-#[cfg(feature = "failpoints")]
-impl Drop for LogOnPanic {
-    fn drop(&mut self) {
-        if let Some(p) = &self.0
-            && std::thread::panicking()
-        {
-            let text = std::fs::read_to_string(p).unwrap_or_default();
-            let tail: String = text
-                .chars()
-                .rev()
-                .take(4000)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
-            eprintln!("--- broker log {} (tail) ---\n{tail}", p.display());
-        }
-    }
-}
-
-#[cfg(feature = "failpoints")]
-fn scopeguard_log(p: std::path::PathBuf) -> LogOnPanic {
-    LogOnPanic(Some(p))
-}
-
-impl Proc {
-    #[cfg(feature = "failpoints")]
-    async fn clients(&self, dir: &Path) -> Clients {
-        clients_at(self.addr, dir, AGENT).await
-    }
-
-    /// Waits until the process reports the crash point, then kills it with SIGKILL.
-    #[cfg(feature = "failpoints")]
-    async fn kill_at(mut self, point: &str) {
-        let marker = format!("FAILPOINT {point} reached");
-        let log = self.log.clone();
-        let shown = log.clone();
-        let show = scopeguard_log(shown);
-        eventually(&format!("the broker reaches {point}"), || {
-            let log = log.clone();
-            let marker = marker.clone();
-            async move {
-                std::fs::read_to_string(&log)
-                    .unwrap_or_default()
-                    .contains(&marker)
-            }
-        })
-        .await;
-        show.disarm();
-        self.child.start_kill().unwrap(); // SIGKILL
-        let _ = self.child.wait().await;
-    }
-
-    async fn stop(mut self) {
-        if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-        }
-        let _ = self.child.wait().await;
-    }
+/// A broker process for the crash tests, on the dev dir `dir` (its log `broker-N.log` there).
+async fn start_proc(dir: &Path, failpoint: Option<&str>, n: usize) -> BrokerProc {
+    BrokerProc::start(
+        &dir.join("jitbroker.toml"),
+        dir.join(format!("broker-{n}.log")),
+        failpoint,
+    )
+    .await
 }
 
 /// The ledger's view, read offline from the stopped broker's store: (roles of live postgres
@@ -475,7 +355,7 @@ async fn crash_at_every_step_leaves_no_unknown_role_and_loses_no_credential() {
         pg_config(d, &pg);
         // An acknowledged credential that must survive everything, issued before the crash.
         let p = start_proc(d, Some(point), 0).await;
-        let mut c = p.clients(d).await;
+        let mut c = clients_at(p.addr, d, AGENT).await;
         let keep_task = orders_task(&mut c).await;
         let kept = if point.starts_with("issue") {
             None
@@ -523,7 +403,7 @@ async fn crash_at_every_step_leaves_no_unknown_role_and_loses_no_credential() {
                 .await
                 .unwrap_or_else(|e| panic!("[{point}] acknowledged credential lost: {e}"));
             count_orders(&s).await;
-            let mut c = p.clients(d).await;
+            let mut c = clients_at(p.addr, d, AGENT).await;
             let r = c
                 .verifier
                 .introspect(pb::IntrospectRequest {
@@ -733,14 +613,6 @@ async fn least_privilege_admin_issues_and_revokes() {
     assert!(m.contains("jitbroker_revocation_debt 0"), "{m}");
     drop(c);
     r.stop().await;
-}
-
-impl Proc {
-    /// SIGKILL, now.
-    async fn kill(mut self) {
-        self.child.start_kill().unwrap();
-        let _ = self.child.wait().await;
-    }
 }
 
 /// A credential the broker acknowledged, and what the client knows about it.

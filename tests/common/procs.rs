@@ -73,6 +73,34 @@ impl BrokerProc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits (bounded: 30 s) until the process reports the crash point `point`, then kills it
+    /// with SIGKILL. A point never reached fails with the tail of the process's log.
+    pub async fn kill_at(self, point: &str) {
+        let marker = format!("FAILPOINT {point} reached");
+        let reached = super::poll_until(300, Duration::from_millis(100), || {
+            let text = self.log_text();
+            let marker = marker.clone();
+            async move { text.contains(&marker) }
+        })
+        .await;
+        if !reached {
+            let text = self.log_text();
+            let tail: String = text
+                .chars()
+                .rev()
+                .take(4000)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            panic!(
+                "the broker never reached {point}; its log {} ends:\n{tail}",
+                self.log.display()
+            );
+        }
+        self.kill().await;
+    }
+
     /// SIGKILL.
     pub async fn kill(mut self) {
         self.child.start_kill().unwrap();
