@@ -350,6 +350,7 @@ impl Pool {
             permit: Some(permit),
             broken: false,
             in_txn: false,
+            begin_pending: false,
         })
     }
 }
@@ -362,6 +363,8 @@ struct Conn {
     permit: Option<OwnedSemaphorePermit>,
     broken: bool,
     in_txn: bool,
+    /// `BEGIN` not sent yet: it goes out with the next statement, in the same round trip.
+    begin_pending: bool,
 }
 
 impl Conn {
@@ -394,7 +397,15 @@ impl Conn {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>> {
         let st = self.statement(sql).await?;
-        let r = self.session()?.client.query(&st, params).await;
+        let begin = std::mem::take(&mut self.begin_pending);
+        let client = &self.session()?.client;
+        let r = if begin {
+            // Pipelined: both requests are sent before either answer is awaited.
+            let (b, q) = tokio::join!(client.batch_execute("BEGIN"), client.query(&st, params));
+            b.and(q)
+        } else {
+            client.query(&st, params).await
+        };
         r.map_err(|e| {
             self.broken = true;
             db_err("query", &e)
@@ -411,7 +422,14 @@ impl Conn {
 
     async fn exec(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
         let st = self.statement(sql).await?;
-        let r = self.session()?.client.execute(&st, params).await;
+        let begin = std::mem::take(&mut self.begin_pending);
+        let client = &self.session()?.client;
+        let r = if begin {
+            let (b, q) = tokio::join!(client.batch_execute("BEGIN"), client.execute(&st, params));
+            b.and(q)
+        } else {
+            client.execute(&st, params).await
+        };
         r.map_err(|e| {
             self.broken = true;
             db_err("write", &e)
@@ -437,7 +455,7 @@ impl Drop for Conn {
         }
         let pool = self.pool.clone();
         let permit = self.permit.take();
-        if !self.in_txn {
+        if !self.in_txn || self.begin_pending {
             pool.idle
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -1061,8 +1079,9 @@ impl PgUow<'_> {
     /// The transaction, begun on first use.
     async fn tx(&mut self) -> Result<&mut Conn> {
         if !self.conn.in_txn {
+            // Sent with the unit's first statement (Conn::query, Conn::exec).
             self.conn.in_txn = true;
-            self.conn.simple("BEGIN").await?;
+            self.conn.begin_pending = true;
         }
         Ok(&mut self.conn)
     }
@@ -1541,6 +1560,11 @@ impl<'s> Uow<'s> for PgUow<'s> {
 
     fn commit(mut self: Box<Self>) -> Fut<'s, Vec<u64>> {
         Box::pin(async move {
+            if self.conn.in_txn && self.conn.begin_pending {
+                // Begun but nothing sent: nothing to commit on the server.
+                self.conn.in_txn = false;
+                self.conn.begin_pending = false;
+            }
             if !self.conn.in_txn {
                 if self.audit.is_empty() && self.fences.is_empty() {
                     return Ok(Vec::new());
@@ -1553,7 +1577,9 @@ impl<'s> Uow<'s> for PgUow<'s> {
             }
             let mut seqs = Vec::with_capacity(self.audit.len());
             let mut lines = Vec::with_capacity(self.audit.len());
-            if !self.audit.is_empty() {
+            if self.audit.is_empty() {
+                self.conn.simple("COMMIT").await?;
+            } else {
                 let events = std::mem::take(&mut self.audit);
                 let c = &mut self.conn;
                 // The chain's head row: held from here to the commit, the last step.
@@ -1565,27 +1591,35 @@ impl<'s> Uow<'s> for PgUow<'s> {
                     .await?
                     .ok_or_else(|| Error::Storage("the audit head row is missing".into()))?;
                 let mut head = head_of(&row)?;
+                let mut numbers = Vec::with_capacity(events.len());
                 for (time, event) in events {
                     let (seq, bytes, hash) = head.entry(time, event)?;
-                    let s = as_i64(seq, "audit seq")?;
-                    c.exec(
-                        "INSERT INTO audit (seq, entry) VALUES ($1, $2)",
-                        &[&s, &bytes],
-                    )
-                    .await?;
+                    numbers.push(as_i64(seq, "audit seq")?);
                     head.advance(hash);
                     seqs.push(seq);
                     lines.push(bytes);
                 }
                 let (next, prev) = head.parts();
                 let next = as_i64(next, "audit seq")?;
-                c.exec(
-                    "UPDATE audit_head SET next = $1, prev = $2 WHERE id = 1",
-                    &[&next, &&prev[..]],
-                )
-                .await?;
+                let st = c
+                    .statement(
+                        "WITH appended AS (INSERT INTO audit (seq, entry) \
+                           SELECT * FROM unnest($1::bigint[], $2::bytea[])) \
+                         UPDATE audit_head SET next = $3, prev = $4 WHERE id = 1",
+                    )
+                    .await?;
+                let prev: &[u8] = &prev[..];
+                let params: [&(dyn ToSql + Sync); 4] = [&numbers, &lines, &next, &prev];
+                let client = &c.session()?.client;
+                // The entries, the head and the commit in one round trip.
+                let (appended, committed) =
+                    tokio::join!(client.execute(&st, &params), client.batch_execute("COMMIT"));
+                let r = appended.and(committed);
+                if let Err(e) = r {
+                    c.broken = true;
+                    return Err(db_err("commit", &e));
+                }
             }
-            self.conn.simple("COMMIT").await?;
             self.conn.in_txn = false;
             // Logged once committed: a rolled-back unit's entries never existed.
             for bytes in lines {
