@@ -743,3 +743,47 @@ async fn revocation_happens_once_when_a_replica_dies_mid_revocation() {
         r.stop().await;
     }
 }
+
+/// Readiness and outages at the engine: a clock more than `max_clock_skew_ms` away from the
+/// database's fails readiness and says so; with the database down every call fails UNAVAILABLE
+/// (never INTERNAL); once it is back the same engine serves again without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_database_and_its_clock() {
+    use jitbroker::broker::Clock;
+    use jitbroker::store::{PgSettings, PgStore, Store};
+    let _one = SERIAL.lock().await;
+    let Some(pg) = Pg::start() else { return };
+    let store = PgStore::connect(PgSettings {
+        dsn: pg.admin_dsn().into(),
+        tls: None,
+        pool_size: 4,
+    })
+    .await
+    .unwrap();
+    let now = jitbroker::broker::SystemClock.now();
+    store.check_ready(now, 1_000).await.unwrap();
+    let e = store.check_ready(now + 10_000, 1_000).await.unwrap_err();
+    assert!(
+        matches!(e, jitbroker::error::Error::Unavailable(_)) && e.to_string().contains("clock"),
+        "{e}"
+    );
+
+    pg.stop_server();
+    let e = store.check_ready(now, 1_000).await.unwrap_err();
+    assert!(matches!(e, jitbroker::error::Error::Unavailable(_)), "{e}");
+    let id = jitbroker::model::TaskId::generate();
+    let e = store.get_task(&id).await.unwrap_err();
+    assert!(matches!(e, jitbroker::error::Error::Unavailable(_)), "{e}");
+    let e = match store.begin().await {
+        Ok(mut u) => u.lock_task(&id).await.unwrap_err(),
+        Err(e) => e,
+    };
+    assert!(matches!(e, jitbroker::error::Error::Unavailable(_)), "{e}");
+
+    pg.start_server();
+    store.check_ready(now, 60_000).await.unwrap();
+    assert!(store.get_task(&id).await.unwrap().is_none());
+    let mut u = store.begin().await.unwrap();
+    assert!(u.lock_task(&id).await.unwrap().is_none());
+    u.commit().await.unwrap();
+}
