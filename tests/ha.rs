@@ -68,6 +68,29 @@ async fn replicas(dir: &Path, n: usize) -> Vec<BrokerProc> {
     v
 }
 
+/// A database and `n` replicas on it (`top`: top-level settings); `None` without PostgreSQL.
+async fn cluster(n: usize, top: &str) -> Option<(Pg, tempfile::TempDir, Vec<BrokerProc>)> {
+    let pg = Pg::start()?;
+    let dir = ha_dir(&pg.admin_dsn(), top, "");
+    let reps = replicas(dir.path(), n).await;
+    Some((pg, dir, reps))
+}
+
+async fn stop_all(reps: Vec<BrokerProc>) {
+    for r in reps {
+        r.stop().await;
+    }
+}
+
+/// `SELECT count(*) …` on the database.
+async fn count(
+    db: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> i64 {
+    db.query_one(sql, params).await.unwrap().get(0)
+}
+
 fn agent(n: usize) -> String {
     format!("spiffe://jitbroker.dev/agent/ha-{n}")
 }
@@ -210,9 +233,9 @@ async fn agent_load(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_mid_load_loses_no_acknowledged_credential() {
     let _one = SERIAL.lock().await;
-    let Some(pg) = Pg::start() else { return };
-    let dir = ha_dir(&pg.admin_dsn(), "", "");
-    let mut reps = replicas(dir.path(), 3).await;
+    let Some((pg, dir, mut reps)) = cluster(3, "").await else {
+        return;
+    };
     let agents = 3 * scale();
     let codes = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
     let until = Instant::now() + Duration::from_secs(4);
@@ -267,15 +290,13 @@ async fn a_replica_killed_mid_load_loses_no_acknowledged_credential() {
         "one credential per idempotency key"
     );
     let db = pg.admin().await;
-    let dup: i64 = db
-        .query_one(
-            "SELECT count(*) FROM (SELECT task_id, idem_key FROM credentials \
+    let dup = count(
+        &db,
+        "SELECT count(*) FROM (SELECT task_id, idem_key FROM credentials \
              WHERE idem_key IS NOT NULL GROUP BY 1, 2 HAVING count(*) > 1) d",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        &[],
+    )
+    .await;
     assert_eq!(dup, 0, "an idempotency key names two credentials");
 
     let survivors: Vec<&BrokerProc> = reps.iter().collect();
@@ -289,9 +310,7 @@ async fn a_replica_killed_mid_load_loses_no_acknowledged_credential() {
             a.id
         );
     }
-    for r in reps {
-        r.stop().await;
-    }
+    stop_all(reps).await;
 }
 
 /// Proof 7 and quotas: a block acknowledged by one replica is refused by the others at once,
@@ -300,9 +319,9 @@ async fn a_replica_killed_mid_load_loses_no_acknowledged_credential() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_switch_and_quota_hold_across_replicas() {
     let _one = SERIAL.lock().await;
-    let Some(pg) = Pg::start() else { return };
-    let dir = ha_dir(&pg.admin_dsn(), "max_active_tasks_per_identity = 5", "");
-    let reps = replicas(dir.path(), 3).await;
+    let Some((pg, dir, reps)) = cluster(3, "max_active_tasks_per_identity = 5").await else {
+        return;
+    };
 
     // Quota: 30 StartTasks of one identity at once over three replicas: exactly 5 succeed.
     let quota_agent = agent(100);
@@ -351,35 +370,29 @@ async fn kill_switch_and_quota_hold_across_replicas() {
         assert_eq!(e.code(), Code::PermissionDenied, "{}: {e}", r.addr);
     }
     let db = pg.admin().await;
-    let live: i64 = db
-        .query_one(
-            "SELECT count(*) FROM tasks WHERE owner = $1 AND active",
-            &[&target],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let live = count(
+        &db,
+        "SELECT count(*) FROM tasks WHERE owner = $1 AND active",
+        &[&target],
+    )
+    .await;
     // Racers still in flight after the block either committed before it (and were ended by it)
     // or see the block: none is live.
     for r in racers {
         let _ = r.await.unwrap();
     }
-    let live_after: i64 = db
-        .query_one(
-            "SELECT count(*) FROM tasks WHERE owner = $1 AND active",
-            &[&target],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let live_after = count(
+        &db,
+        "SELECT count(*) FROM tasks WHERE owner = $1 AND active",
+        &[&target],
+    )
+    .await;
     assert_eq!(
         (live, live_after),
         (0, 0),
         "no task of a blocked identity is live"
     );
-    for r in reps {
-        r.stop().await;
-    }
+    stop_all(reps).await;
 }
 
 /// Proof 4: each expired credential is ended once, across replicas (one `credential_ended`
@@ -387,9 +400,9 @@ async fn kill_switch_and_quota_hold_across_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reaper_ends_each_expired_credential_once_across_replicas() {
     let _one = SERIAL.lock().await;
-    let Some(pg) = Pg::start() else { return };
-    let dir = ha_dir(&pg.admin_dsn(), "", "");
-    let reps = replicas(dir.path(), 3).await;
+    let Some((pg, dir, reps)) = cluster(3, "").await else {
+        return;
+    };
     let n = 150 * scale();
     let mut ids = Vec::new();
     for (a, r) in reps.iter().enumerate() {
@@ -403,14 +416,12 @@ async fn the_reaper_ends_each_expired_credential_once_across_replicas() {
     eventually("every credential is ended", || {
         let db = &db;
         async move {
-            let left: i64 = db
-                .query_one(
-                    "SELECT count(*) FROM credentials WHERE secret_hash IS NOT NULL",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
+            let left = count(
+                db,
+                "SELECT count(*) FROM credentials WHERE secret_hash IS NOT NULL",
+                &[],
+            )
+            .await;
             left == 0
         }
     })
@@ -436,9 +447,7 @@ async fn the_reaper_ends_each_expired_credential_once_across_replicas() {
         assert_eq!(ended.get(id), Some(&1), "one credential_ended for {id}");
     }
     verify_everywhere(dir.path(), &reps.iter().collect::<Vec<_>>()).await;
-    for r in reps {
-        r.stop().await;
-    }
+    stop_all(reps).await;
 }
 
 /// Proof 5: every replica down while credentials expire: the first Introspect after a restart
@@ -446,9 +455,9 @@ async fn the_reaper_ends_each_expired_credential_once_across_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_replicas_down_then_expired_credentials_are_inactive_at_once() {
     let _one = SERIAL.lock().await;
-    let Some(pg) = Pg::start() else { return };
-    let dir = ha_dir(&pg.admin_dsn(), "", "");
-    let reps = replicas(dir.path(), 2).await;
+    let Some((pg, dir, reps)) = cluster(2, "").await else {
+        return;
+    };
     let n = 400 * scale();
     let mut c = clients_at(reps[0].addr, dir.path(), &agent(300)).await;
     let mut secrets = Vec::new();
@@ -500,11 +509,7 @@ async fn all_replicas_down_then_expired_credentials_are_inactive_at_once() {
     eventually("the overdue credentials are reaped", || {
         let db = &db;
         async move {
-            let left: i64 = db
-                .query_one("SELECT count(*) FROM due WHERE kind = 'c'", &[])
-                .await
-                .unwrap()
-                .get(0);
+            let left = count(db, "SELECT count(*) FROM due WHERE kind = 'c'", &[]).await;
             left == 0
         }
     })
@@ -567,9 +572,7 @@ async fn replicas_cold_started_together_share_one_key_set() {
         .unwrap();
         assert_eq!(head["kid"], kids[0], "signed with the published key");
     }
-    for r in reps {
-        r.stop().await;
-    }
+    stop_all(reps).await;
 }
 
 /// Proof 6: the PostgreSQL primary is killed under load and its synchronous standby promoted
@@ -654,9 +657,7 @@ async fn a_database_failover_loses_no_acknowledged_credential() {
         );
     }
     verify_everywhere(dir.path(), &reps.iter().collect::<Vec<_>>()).await;
-    for r in reps {
-        r.stop().await;
-    }
+    stop_all(reps).await;
 }
 
 /// Proof 3: PostgreSQL credentials ended while a replica is killed in the middle of revoking
@@ -695,7 +696,7 @@ async fn revocation_happens_once_when_a_replica_dies_mid_revocation() {
         dir.path(),
         "\n@id(\"agents-read-orders\")\npermit(principal, action == Action::\"read\", resource == Resource::\"orders-db\")\nwhen { principal.path like \"/agent/*\" };\n",
     );
-    let mut reps = replicas(dir.path(), 2).await;
+    let reps = replicas(dir.path(), 2).await;
     let n = 60 * scale();
     let mut c = clients_at(reps[0].addr, dir.path(), &agent(600)).await;
     let mut tasks = Vec::new();
@@ -724,11 +725,7 @@ async fn revocation_happens_once_when_a_replica_dies_mid_revocation() {
         let db = &db;
         let pg = &pg;
         async move {
-            let queued: i64 = db
-                .query_one("SELECT count(*) FROM revocations", &[])
-                .await
-                .unwrap()
-                .get(0);
+            let queued = count(db, "SELECT count(*) FROM revocations", &[]).await;
             queued == 0 && pg.roles("jb_").await.is_empty()
         }
     })
@@ -739,9 +736,7 @@ async fn revocation_happens_once_when_a_replica_dies_mid_revocation() {
     }
     assert_eq!(revoked.len(), n, "and none for anything else");
     verify_everywhere(dir.path(), &reps.iter().collect::<Vec<_>>()).await;
-    for r in reps.drain(..) {
-        r.stop().await;
-    }
+    stop_all(reps).await;
 }
 
 /// Readiness and outages at the engine: a clock more than `max_clock_skew_ms` away from the
