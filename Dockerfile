@@ -16,11 +16,23 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin jitbroker \
-    && install -D -m 0755 target/release/jitbroker /out/usr/local/bin/jitbroker \
-    && mkdir -p /out/var/lib/jitbroker /out/etc/jitbroker
+    && mkdir -p /out/usr/local/bin /out/debug /out/var/lib/jitbroker /out/etc/jitbroker \
+    && objcopy --only-keep-debug target/release/jitbroker /out/debug/jitbroker.debug \
+    && objcopy --strip-debug --strip-unneeded \
+         --add-gnu-debuglink=/out/debug/jitbroker.debug \
+         target/release/jitbroker /out/usr/local/bin/jitbroker \
+    && chmod 0755 /out/usr/local/bin/jitbroker
 
-# Runtime stage: glibc + libgcc + CA certificates, no shell, no package manager, uid 65532.
-FROM gcr.io/distroless/cc-debian12:nonroot
+# The line tables, apart: `docker build --target debug-symbols --output type=local,dest=out .`
+# writes out/jitbroker.debug, which perf, gdb and addr2line read beside the stripped binary
+# (its .gnu_debuglink names it). The image itself ships the stripped binary (BENCHMARKS.md,
+# "What users download").
+FROM scratch AS debug-symbols
+COPY --from=builder /out/debug/jitbroker.debug /
+
+# Runtime stage (the default target): glibc + libgcc + CA certificates, no shell, no package
+# manager, uid 65532.
+FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="jitbroker" \
       org.opencontainers.image.description="SPIFFE-native just-in-time secrets broker for AI agents" \

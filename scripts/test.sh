@@ -68,6 +68,8 @@ if grep -q JITBROKER_FAILPOINT target/release/jitbroker; then
   echo "the release binary holds crash points (they need the failpoints feature)" >&2
   exit 1
 fi
+# The split the image ships (stripped binary + line tables apart) works and the binary runs.
+scripts/release-sizes.sh >/dev/null
 
 step "Python SDK: stubs, ruff, mypy, pytest against the release binary (scripts/test-python.sh)"
 JITBROKER_BIN="$root/target/release/jitbroker" scripts/test-python.sh
