@@ -9,6 +9,15 @@
 //! SVIDs are minted from the dev CA of `--data-dir`. With `--pid` of the broker it also reports
 //! the broker's CPU seconds per 1000 operations, its peak RSS, and the size of the store.
 //!
+//! Several addresses (`--addr A --addr B` or `--addr A,B`) are replicas of one broker on a shared
+//! database: agent i works with replica i mod n, over a channel to every replica made before the
+//! clock starts. A call that fails with `UNAVAILABLE`, or on its connection (no status from a
+//! server), is sent once more, unchanged, to the next replica, which the agent keeps from then
+//! on; StartTask and IssueCredential carry idempotency keys then (`--idempotency-keys` sends them
+//! with one address too), so a call sent twice makes one task or credential. The report adds
+//! `replicas=n` and a `retries:` line; with `--pid` of each replica the CPU figure is their sum
+//! and the peak RSS the largest.
+//!
 //! `--target openbao --addr 127.0.0.1:8200 --server-ca CA.pem` plays the same flow against
 //! OpenBao over HTTP/2 + TLS, one persistent connection per agent presenting the agent's SVID:
 //! cert-auth login (`POST /v1/auth/cert/login`, role `agent`; = StartTask) → k × child token
@@ -90,8 +99,11 @@ struct Args {
     /// What to load: the broker's gRPC API, or OpenBao's HTTP API.
     #[arg(long, value_enum, default_value_t = Target::Jitbroker)]
     target: Target,
-    #[arg(long, default_value = "127.0.0.1:8443")]
-    addr: SocketAddr,
+    /// The server's address. For the broker, several (repeated or comma-separated) are its
+    /// replicas on one database: agent i uses replica i mod n, and a call failing with
+    /// UNAVAILABLE or on its connection is sent once more to the next replica.
+    #[arg(long, default_value = "127.0.0.1:8443", value_delimiter = ',')]
+    addr: Vec<SocketAddr>,
     /// PEM of the CA that signed the server's certificate (openbao target; the broker's own
     /// bundle is used otherwise).
     #[arg(long)]
@@ -108,9 +120,14 @@ struct Args {
     k: usize,
     #[arg(long, default_value_t = 20)]
     seconds: u64,
-    /// The broker's process id, for CPU and memory figures.
+    /// The server's process id, for CPU and memory figures; several (repeated or
+    /// comma-separated, one per replica) add their CPU and report the largest peak RSS.
+    #[arg(long, value_delimiter = ',')]
+    pid: Vec<u32>,
+    /// Send idempotency keys with StartTask and IssueCredential (always with several --addr,
+    /// where a call may be sent twice).
     #[arg(long)]
-    pid: Option<u32>,
+    idempotency_keys: bool,
     /// Measure the no-op floor instead of the task flow.
     #[arg(long)]
     noop: bool,
@@ -168,8 +185,70 @@ fn identity_tls(args: &Args, id: &str) -> rustls::ClientConfig {
     tls(&roots, &svid.cert_chain_pem, &svid.key_pem)
 }
 
-async fn identity_channel(args: &Args, id: &str) -> Channel {
-    channel(args.addr, identity_tls(args, id)).await
+/// Channels for `id`, one to each broker replica of `--addr`, in order.
+async fn identity_channels(args: &Args, id: &str) -> Vec<Channel> {
+    let cfg = identity_tls(args, id);
+    let mut out = Vec::new();
+    for addr in &args.addr {
+        out.push(channel(*addr, cfg.clone()).await);
+    }
+    out
+}
+
+/// One agent's clients of one replica.
+#[derive(Clone)]
+struct Replica {
+    broker: pb::broker_client::BrokerClient<Channel>,
+    verifier: pb::verifier_client::VerifierClient<Channel>,
+    health: tonic_health::pb::health_client::HealthClient<Channel>,
+}
+
+/// One agent's way to the broker: its calls go to replica `home`; with several replicas, a
+/// call that fails with UNAVAILABLE or on its connection is sent once more to the next one,
+/// which becomes `home`.
+struct Route {
+    replicas: Vec<Replica>,
+    home: usize,
+    retries: u64,
+}
+
+/// Whether a failed call may go to another replica: the server answered UNAVAILABLE, or no
+/// server answered (the status is the client's own, made from a transport error: connection
+/// refused, reset or closed mid-call). Statuses sent by a server carry no source.
+fn retriable(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable || std::error::Error::source(s).is_some()
+}
+
+impl Route {
+    /// Makes the call `f` with `req` on the home replica (and once more on the next one, as
+    /// above, with a copy of `req` kept only when there is a next one); panics with `what` on
+    /// a failure that is not retried or on a second failure.
+    async fn call<Q: Clone, T>(
+        &mut self,
+        what: &str,
+        req: Q,
+        f: impl AsyncFn(&mut Replica, Q) -> Result<tonic::Response<T>, tonic::Status>,
+    ) -> T {
+        let again = (self.replicas.len() > 1).then(|| req.clone());
+        let r = match (f(&mut self.replicas[self.home], req).await, again) {
+            (Err(s), Some(req)) if retriable(&s) => {
+                self.home = (self.home + 1) % self.replicas.len();
+                self.retries += 1;
+                f(&mut self.replicas[self.home], req).await
+            }
+            (r, _) => r,
+        };
+        r.unwrap_or_else(|e| panic!("{what}: {e:?}")).into_inner()
+    }
+}
+
+/// What one agent did: its issuance (or no-op) latencies in µs, its calls, and the calls it
+/// sent a second time.
+#[derive(Default)]
+struct Tally {
+    lat: Vec<u64>,
+    ops: u64,
+    retries: u64,
 }
 
 /// One persistent HTTP/2 connection to OpenBao.
@@ -273,7 +352,7 @@ struct BaoWork {
     creds: Option<Arc<String>>,
 }
 
-/// One agent's OpenBao loop; returns the issuance latencies (µs) and the number of calls.
+/// One agent's OpenBao loop.
 async fn openbao_agent(
     mut conn: Bao,
     mut tool: Bao,
@@ -281,7 +360,7 @@ async fn openbao_agent(
     work: BaoWork,
     start: Instant,
     deadline: Duration,
-) -> (Vec<u64>, u64) {
+) -> Tally {
     use hyper::Method;
     let BaoWork { k, noop, creds } = work;
     let mut lat = Vec::new();
@@ -352,7 +431,11 @@ async fn openbao_agent(
         .await;
         ops += k as u64 + 3;
     }
-    (lat, ops)
+    Tally {
+        lat,
+        ops,
+        retries: 0,
+    }
 }
 
 fn proc_stat(pid: u32) -> Option<(f64, u64)> {
@@ -369,6 +452,18 @@ fn proc_stat(pid: u32) -> Option<(f64, u64)> {
         .parse::<u64>()
         .ok()?;
     Some((ticks / 100.0, hwm * 1024))
+}
+
+/// CPU seconds summed over `pids` and the largest peak RSS among them; None without pids or
+/// when one is gone.
+fn procs_stat(pids: &[u32]) -> Option<(f64, u64)> {
+    let mut out: Option<(f64, u64)> = None;
+    for &pid in pids {
+        let (cpu, rss) = proc_stat(pid)?;
+        let (c, r) = out.unwrap_or_default();
+        out = Some((c + cpu, r.max(rss)));
+    }
+    out
 }
 
 fn dir_bytes(p: &std::path::Path) -> u64 {
@@ -406,8 +501,12 @@ async fn main() {
     // CPU counter start.
     let mut handles = Vec::new();
     if args.target == Target::Openbao {
+        let &[addr] = args.addr.as_slice() else {
+            eprintln!("--target openbao takes one --addr");
+            std::process::exit(2);
+        };
         let mut tool = Bao::connect(
-            args.addr,
+            addr,
             identity_tls(&args, "spiffe://jitbroker.dev/tool/demo"),
         )
         .await;
@@ -415,9 +514,9 @@ async fn main() {
         let mut conns = Vec::new();
         for a in 0..args.agents {
             let id = format!("spiffe://jitbroker.dev/agent/load-{a}");
-            conns.push(Bao::connect(args.addr, identity_tls(&args, &id)).await);
+            conns.push(Bao::connect(addr, identity_tls(&args, &id)).await);
         }
-        let before = args.pid.and_then(proc_stat);
+        let before = procs_stat(&args.pid);
         let start = Instant::now();
         for conn in conns {
             handles.push(tokio::spawn(openbao_agent(
@@ -436,37 +535,56 @@ async fn main() {
         report(&args, handles, start, before).await;
         return;
     }
-    let tool = identity_channel(&args, "spiffe://jitbroker.dev/tool/demo").await;
-    let mut chans = Vec::new();
+    let tools = identity_channels(&args, "spiffe://jitbroker.dev/tool/demo").await;
+    let mut routes = Vec::new();
     for a in 0..args.agents {
-        chans
-            .push(identity_channel(&args, &format!("spiffe://jitbroker.dev/agent/load-{a}")).await);
+        let chans =
+            identity_channels(&args, &format!("spiffe://jitbroker.dev/agent/load-{a}")).await;
+        let replicas = chans
+            .into_iter()
+            .zip(&tools)
+            .map(|(ch, tool)| Replica {
+                broker: pb::broker_client::BrokerClient::new(ch.clone()),
+                verifier: pb::verifier_client::VerifierClient::new(tool.clone()),
+                health: tonic_health::pb::health_client::HealthClient::new(ch),
+            })
+            .collect::<Vec<_>>();
+        routes.push(Route {
+            home: a % replicas.len(),
+            replicas,
+            retries: 0,
+        });
     }
-    let before = args.pid.and_then(proc_stat);
+    // A run's keys: unique across runs on the same store (a StartTask key is per owner, and the
+    // agents' identities are the same every run); an IssueCredential key is per task.
+    let run_key = (args.idempotency_keys || args.addr.len() > 1)
+        .then(|| format!("{:016x}", rand::random::<u64>()));
+    let before = procs_stat(&args.pid);
     let start = Instant::now();
-    let agents = chans.len();
+    let agents = routes.len();
     // One task (k issuances) per agent every `period` on average when paced.
     let period = (args.rate > 0.0)
         .then(|| Duration::from_secs_f64(agents as f64 * args.k as f64 / args.rate));
-    for (n, ch) in chans.into_iter().enumerate() {
-        let tool = tool.clone();
+    for (n, mut route) in routes.into_iter().enumerate() {
         let (k, noop) = (args.k, args.noop);
         let resource = args.resource.clone();
         let arrivals = args.arrivals;
+        let run_key = run_key.clone();
         handles.push(tokio::spawn(async move {
             let mut pace = period.map(|p| Pacer::new(arrivals, p, start, n, agents));
             let mut lat_issue = Vec::new();
             let mut ops = 0u64;
-            let mut broker = pb::broker_client::BrokerClient::new(ch.clone());
-            let mut verifier = pb::verifier_client::VerifierClient::new(tool);
-            let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+            let mut seq = 0u64;
             while start.elapsed() < deadline {
                 if noop {
                     let t = Instant::now();
-                    health
-                        .check(tonic_health::pb::HealthCheckRequest::default())
-                        .await
-                        .expect("health");
+                    route
+                        .call(
+                            "health",
+                            tonic_health::pb::HealthCheckRequest::default(),
+                            async |r, q| r.health.check(q).await,
+                        )
+                        .await;
                     lat_issue.push(t.elapsed().as_micros() as u64);
                     ops += 1;
                     continue;
@@ -477,54 +595,71 @@ async fn main() {
                         break;
                     }
                 }
-                let task = broker
-                    .start_task(pb::StartTaskRequest {
-                        purpose: "load".into(),
-                        grants: vec![pb::Grant {
-                            resource: resource.clone(),
-                            action: "read".into(),
-                        }],
-                        ttl_seconds: 300,
-                        ..Default::default()
+                seq += 1;
+                let start_req = pb::StartTaskRequest {
+                    purpose: "load".into(),
+                    grants: vec![pb::Grant {
+                        resource: resource.clone(),
+                        action: "read".into(),
+                    }],
+                    ttl_seconds: 300,
+                    idempotency_key: run_key
+                        .as_ref()
+                        .map(|r| format!("{r}-{seq}"))
+                        .unwrap_or_default(),
+                    ..Default::default()
+                };
+                let task = route
+                    .call("start", start_req, async |r, q| {
+                        r.broker.start_task(q).await
                     })
-                    .await
-                    .expect("start")
-                    .into_inner();
+                    .await;
                 let mut last = String::new();
-                for _ in 0..k {
+                for i in 0..k {
                     let t = Instant::now();
-                    let c = broker
-                        .issue_credential(pb::IssueCredentialRequest {
-                            task_id: task.task_id.clone(),
-                            resource: resource.clone(),
-                            action: "read".into(),
-                            ttl_seconds: 120,
-                            idempotency_key: String::new(),
+                    let req = pb::IssueCredentialRequest {
+                        task_id: task.task_id.clone(),
+                        resource: resource.clone(),
+                        action: "read".into(),
+                        ttl_seconds: 120,
+                        idempotency_key: match run_key {
+                            Some(_) => i.to_string(),
+                            None => String::new(),
+                        },
+                    };
+                    let c = route
+                        .call("issue", req, async |r, q| {
+                            r.broker.issue_credential(q).await
                         })
-                        .await
-                        .expect("issue")
-                        .into_inner();
+                        .await;
                     lat_issue.push(t.elapsed().as_micros() as u64);
                     last = c.secret;
                 }
-                let i = verifier
-                    .introspect(pb::IntrospectRequest {
-                        secret: last,
-                        resource: resource.clone(),
+                let req = pb::IntrospectRequest {
+                    secret: last,
+                    resource: resource.clone(),
+                };
+                let i = route
+                    .call("introspect", req, async |r, q| {
+                        r.verifier.introspect(q).await
                     })
-                    .await
-                    .expect("introspect")
-                    .into_inner();
+                    .await;
                 assert!(i.active);
-                broker
-                    .complete_task(pb::CompleteTaskRequest {
-                        task_id: task.task_id,
+                let req = pb::CompleteTaskRequest {
+                    task_id: task.task_id,
+                };
+                route
+                    .call("complete", req, async |r, q| {
+                        r.broker.complete_task(q).await
                     })
-                    .await
-                    .expect("complete");
+                    .await;
                 ops += k as u64 + 3;
             }
-            (lat_issue, ops)
+            Tally {
+                lat: lat_issue,
+                ops,
+                retries: route.retries,
+            }
         }));
     }
     report(&args, handles, start, before).await;
@@ -532,16 +667,18 @@ async fn main() {
 
 async fn report(
     args: &Args,
-    handles: Vec<tokio::task::JoinHandle<(Vec<u64>, u64)>>,
+    handles: Vec<tokio::task::JoinHandle<Tally>>,
     start: Instant,
     before: Option<(f64, u64)>,
 ) {
     let mut lat = Vec::new();
     let mut ops = 0;
+    let mut retries = 0;
     for h in handles {
-        let (l, o) = h.await.expect("agent task");
-        lat.extend(l);
-        ops += o;
+        let t = h.await.expect("agent task");
+        lat.extend(t.lat);
+        ops += t.ops;
+        retries += t.retries;
     }
     let secs = start.elapsed().as_secs_f64();
     lat.sort_unstable();
@@ -550,8 +687,9 @@ async fn report(
     } else {
         "issuances"
     };
+    let replicas = args.addr.len();
     println!(
-        "target={} agents={} k={} seconds={:.1} mode={}",
+        "target={} agents={} k={} seconds={:.1} mode={}{}",
         match args.target {
             Target::Jitbroker => "jitbroker",
             Target::Openbao => "openbao",
@@ -559,24 +697,40 @@ async fn report(
         args.agents,
         args.k,
         secs,
-        if args.noop { "noop" } else { "flow" }
+        if args.noop { "noop" } else { "flow" },
+        if replicas > 1 {
+            format!(" replicas={replicas}")
+        } else {
+            String::new()
+        }
     );
     println!("{what}/s: {:.0}", lat.len() as f64 / secs);
     println!("all rpcs/s: {:.0}", ops as f64 / secs);
+    if replicas > 1 {
+        println!("retries: {retries}");
+    }
     println!(
         "{what} latency ms: p50 {:.3} p99 {:.3} p99.9 {:.3}",
         pct(&lat, 0.50),
         pct(&lat, 0.99),
         pct(&lat, 0.999)
     );
-    if let (Some(pid), Some((cpu0, _))) = (args.pid, before)
-        && let Some((cpu1, rss)) = proc_stat(pid)
+    if let Some((cpu0, _)) = before
+        && let Some((cpu1, rss)) = procs_stat(&args.pid)
     {
         println!(
             "server cpu seconds per 1000 rpcs: {:.3}",
             (cpu1 - cpu0) * 1000.0 / ops.max(1) as f64
         );
-        println!("server peak rss MiB: {:.1}", rss as f64 / 1048576.0);
+        if args.pid.len() > 1 {
+            println!(
+                "server peak rss MiB: {:.1} (the largest of {} processes)",
+                rss as f64 / 1048576.0,
+                args.pid.len()
+            );
+        } else {
+            println!("server peak rss MiB: {:.1}", rss as f64 / 1048576.0);
+        }
     }
     let store = args
         .store_dir
