@@ -107,13 +107,24 @@ impl BrokerProc {
         let _ = self.child.wait().await;
     }
 
-    /// SIGTERM, and waits for the exit.
+    /// SIGTERM, and waits (bounded: 30 s) for the exit; a process that does not exit by then is
+    /// killed and the test fails with its log.
     pub async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
             let _ = std::process::Command::new("kill")
                 .args(["-TERM", &pid.to_string()])
                 .status();
         }
-        let _ = self.child.wait().await;
+        if tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+            panic!(
+                "the broker did not exit within 30 s of SIGTERM; its log:\n{}",
+                self.log_text()
+            );
+        }
     }
 }
