@@ -37,6 +37,7 @@
 #   scripts/bench-ha.sh [AGENTS] [K] [SECONDS]
 #   JB_HA_STANDBY=0   skip pg-3-sync
 #   JB_HA_POOL=16     [store] pool_size of each replica (two pools of it per replica)
+#   JB_HA_REAP=10000  credentials left overdue while no replica runs, then reaped by one (0: skip)
 #
 # Prints a markdown table and writes it, followed by the raw reports, to target/bench/ha.md
 # (the raw reports also stay in target/bench/ha/). PostgreSQL runs as the `postgres` user when
@@ -219,6 +220,45 @@ pg() {
 	measure "$name" --data-dir "$work/jb" --addr "$addrs" --pid "$pids" --store-dir "$primary" "$@"
 }
 
+# reap N: every replica down while N credentials expire. A new database gets N live credentials
+# with a 1 s lifetime (jitbroker-load --prefill through the engine, as the broker writes them),
+# nothing runs for 2 s, then one replica starts: the seconds from its start to ready, and to an
+# expiry index with no credential left on it.
+reap() {
+	local n=$1 d=$work/reap api ops pid t0 ready_s done_s left=
+	jb_prepare_dev "$jb" "$d"
+	psql_primary -c 'CREATE DATABASE "reap"'
+	echo "host=127.0.0.1 port=$pgport user=jbadmin password=$pw dbname=reap" >"$d/reap.dsn"
+	{
+		cat "$d/jitbroker.toml"
+		printf '\n[store]\nengine = "postgres"\ndsn_file = "%s"\npool_size = %s\n' "$d/reap.dsn" "$pool"
+	} >"$d/reap.toml"
+	"$load" --data-dir "$d" --prefill "$n" --prefill-ttl-seconds 1 --store-config "$d/reap.toml" |
+		tee "$raw/reap-prefill.txt"
+	sleep 2
+	api=$(free_port); ops=$(free_port)
+	t0=$(date +%s.%N)
+	JITBROKER_LISTEN=127.0.0.1:$api JITBROKER_OPS_LISTEN=127.0.0.1:$ops RUST_LOG=warn \
+		"$jb" serve --config "$d/reap.toml" >"$raw/reap-broker.log" 2>&1 &
+	pid=$!
+	echo "$pid" >>"$work/pids"
+	for _ in $(seq 1 300); do
+		curl -fsS "http://127.0.0.1:$ops/readyz" 2>/dev/null | grep -q ready && break
+		sleep 0.05
+	done
+	ready_s=$(python3 -c "import time; print(f'{time.time() - $t0:.2f}')")
+	for _ in $(seq 1 1200); do
+		left=$(PGPASSWORD=$pw psql -h 127.0.0.1 -p "$pgport" -U jbadmin -d reap -qtAX \
+			-c "SELECT count(*) FROM due WHERE kind = 'c'")
+		[[ $left == 0 ]] && break
+		sleep 0.1
+	done
+	done_s=$(python3 -c "import time; print(f'{time.time() - $t0:.2f}')")
+	[[ $left == 0 ]] || { echo "$left overdue credentials left after 120 s"; return 1; }
+	echo "overdue credentials: $n; replica ready after ${ready_s} s; all ended after ${done_s} s (from its start)" |
+		tee "$raw/reap.txt"
+}
+
 start_standby() {
 	local sport state
 	sport=$(free_port)
@@ -253,6 +293,7 @@ if [[ -s $work/pg/port ]]; then
 	echo "== PostgreSQL $pg_version on port $pgport: fsync=$(psql_primary -c 'SHOW fsync'), synchronous_commit=$(psql_primary -c 'SHOW synchronous_commit')"
 	attempt pg-1 pg pg-1 1 --idempotency-keys
 	attempt pg-3 pg pg-3 3
+	if [[ ${JB_HA_REAP:-10000} != 0 ]]; then attempt reap reap "${JB_HA_REAP:-10000}"; fi
 	if [[ $with_standby == 1 ]]; then
 		attempt "the synchronous standby" start_standby
 		if [[ -f $standby/postmaster.pid && $(psql_primary -c "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'jbstandby'") == sync ]]; then
@@ -297,6 +338,10 @@ row() { # NAME DESCRIPTION REPLICAS
 	row pg-1 "PostgreSQL primary" 1
 	row pg-3 "PostgreSQL primary" 3
 	row pg-3-sync "primary + synchronous standby" 3
+	if [[ -s $raw/reap.txt ]]; then
+		echo
+		echo "Every replica down while credentials expired (JB_HA_REAP): $(cat "$raw/reap.txt")."
+	fi
 	if [[ -s $raw/skipped.txt ]]; then
 		echo
 		sed 's/^-- /- /' "$raw/skipped.txt"

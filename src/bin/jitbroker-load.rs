@@ -159,6 +159,11 @@ struct Args {
     /// With --prefill: the credentials' lifetime from now, in seconds.
     #[arg(long, default_value_t = 3600)]
     prefill_ttl_seconds: u64,
+    /// With --prefill: write into the store this configuration names (e.g. its PostgreSQL
+    /// database, `[store] engine = "postgres"`), through units of work (one per task), instead
+    /// of the sled store of --data-dir.
+    #[arg(long)]
+    store_config: Option<PathBuf>,
 }
 
 fn tls(roots_pem: &str, chain: &str, key: &str) -> rustls::ClientConfig {
@@ -743,6 +748,9 @@ async fn report(
 /// same `Store` the broker uses (so they are sealed, indexed and on the expiry index), then
 /// flushes. The broker must be stopped.
 async fn prefill(args: &Args, n: u64) {
+    if let Some(cfg) = &args.store_config {
+        return prefill_engine(args, cfg, n).await;
+    }
     use jitbroker::model::{
         CredentialId, CredentialRecord, CredentialState, Decision, Grant, GrantDecision, Secret,
         SpiffeId, Task, TaskId, TaskState,
@@ -834,4 +842,94 @@ async fn prefill(args: &Args, n: u64) {
         made as f64 / secs
     );
     println!("store bytes: {}", dir_bytes(&args.data_dir.join("db")));
+}
+
+/// `--prefill` into the engine a configuration names: one unit of work per task of 16
+/// credentials, as the broker writes them (sealed, indexed, on the expiry index).
+async fn prefill_engine(args: &Args, config: &std::path::Path, n: u64) {
+    use jitbroker::model::{
+        CredentialId, CredentialRecord, CredentialState, Decision, Grant, GrantDecision, Secret,
+        SpiffeId, Task, TaskId, TaskState,
+    };
+    let cfg = jitbroker::config::Config::load(config).expect("store config");
+    let kek = jitbroker::store::crypto::Kek::load(&cfg.kek_file).expect("kek");
+    let engine = jitbroker::server::open_engine(&cfg, &kek)
+        .await
+        .expect("open the store");
+    let storage = jitbroker::store::Storage::open(engine, &kek)
+        .await
+        .expect("data keys");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let expires_at = now + args.prefill_ttl_seconds as i64 * 1000;
+    let grant = Grant {
+        resource: args.resource.clone(),
+        action: "read".into(),
+    };
+    let start = Instant::now();
+    let (mut made, mut t) = (0u64, 0u64);
+    while made < n {
+        let owner = SpiffeId::parse(
+            "owner",
+            &format!("spiffe://jitbroker.dev/agent/fill-{}", t % 1000),
+        )
+        .expect("id");
+        t += 1;
+        let task = Task {
+            id: TaskId::generate(),
+            owner: owner.clone(),
+            purpose: "prefill".into(),
+            grants: vec![GrantDecision {
+                grant: grant.clone(),
+                decision: Decision::Allowed,
+                reason: "prefill".into(),
+                approval_id: None,
+            }],
+            labels: Default::default(),
+            state: TaskState::Active,
+            created_at: now,
+            expires_at: expires_at.max(now + 3_600_000),
+            ended_at: None,
+            purge_at: None,
+            parent: None,
+            delegation_chain: vec![owner.clone()],
+            idempotency_key: None,
+        };
+        let mut u = storage.begin().await.expect("begin");
+        u.lock_identity(&owner).await.expect("lock");
+        u.insert_task(&task).await.expect("task");
+        for _ in 0..16.min(n - made) {
+            let rec = CredentialRecord {
+                id: CredentialId::generate(),
+                task_id: task.id.clone(),
+                owner: owner.clone(),
+                resource: grant.resource.clone(),
+                action: grant.action.clone(),
+                kind: "token".into(),
+                issued_at: now,
+                expires_at,
+                state: CredentialState::Active,
+                ended_at: None,
+                end_reason: None,
+                idempotency_key: None,
+                attributes: Default::default(),
+                delegation_chain: vec![owner.clone()],
+            };
+            let secret = Secret::new(format!("jbt_prefill_{}", rec.id.as_str()));
+            let sealed = storage.seal_secret(&rec.id, &secret).expect("seal");
+            u.insert_credential(&rec, &sealed)
+                .await
+                .expect("credential");
+            made += 1;
+        }
+        u.commit().await.expect("commit");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!("prefilled credentials: {made} in {t} tasks");
+    println!(
+        "prefill seconds: {secs:.1} ({:.0} credentials/s)",
+        made as f64 / secs
+    );
 }
