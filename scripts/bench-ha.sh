@@ -182,6 +182,24 @@ start_primary() {
 	echo "$pgport" >"$work/pg/port"
 }
 
+# start_replica CONFIG LOG WHAT: `jitbroker serve` on free ports (sets api, ops, pid), listed in
+# $work/pids, ready on /readyz (polled every 50 ms, at most 30 s) or a failure naming WHAT.
+start_replica() {
+	local config=$1 log=$2 what=$3
+	api=$(free_port); ops=$(free_port)
+	JITBROKER_LISTEN=127.0.0.1:$api JITBROKER_OPS_LISTEN=127.0.0.1:$ops RUST_LOG=warn \
+		"$jb" serve --config "$config" >"$log" 2>&1 &
+	pid=$!
+	echo "$pid" >>"$work/pids"
+	for _ in $(seq 1 600); do
+		curl -fsS "http://127.0.0.1:$ops/readyz" 2>/dev/null | grep -q ready && return 0
+		kill -0 "$pid" 2>/dev/null || { tail -5 "$log"; echo "$what exited"; return 1; }
+		sleep 0.05
+	done
+	echo "$what not ready in 30 s"
+	return 1
+}
+
 # replicas NAME COUNT: a new database NAME on the primary, COUNT replicas on it (one data dir,
 # one configuration), each ready; sets addrs and pids (comma-separated).
 addrs=; pids=
@@ -196,17 +214,7 @@ replicas() {
 	} >"$d/$name.toml"
 	addrs=; pids=
 	for i in $(seq 1 "$n"); do
-		api=$(free_port); ops=$(free_port)
-		JITBROKER_LISTEN=127.0.0.1:$api JITBROKER_OPS_LISTEN=127.0.0.1:$ops RUST_LOG=warn \
-			"$jb" serve --config "$d/$name.toml" >"$raw/$name-broker-$i.log" 2>&1 &
-		pid=$!
-		echo "$pid" >>"$work/pids"
-		for _ in $(seq 1 300); do
-			curl -fsS "http://127.0.0.1:$ops/readyz" 2>/dev/null | grep -q ready && break
-			kill -0 "$pid" 2>/dev/null || { tail -5 "$raw/$name-broker-$i.log"; echo "replica $i of $name exited"; return 1; }
-			sleep 0.1
-		done
-		curl -fsS "http://127.0.0.1:$ops/readyz" 2>/dev/null | grep -q ready || { echo "replica $i of $name not ready in 30 s"; return 1; }
+		start_replica "$d/$name.toml" "$raw/$name-broker-$i.log" "replica $i of $name"
 		addrs=${addrs:+$addrs,}127.0.0.1:$api
 		pids=${pids:+$pids,}$pid
 	done
@@ -236,16 +244,8 @@ reap() {
 	"$load" --data-dir "$d" --prefill "$n" --prefill-ttl-seconds 1 --store-config "$d/reap.toml" |
 		tee "$raw/reap-prefill.txt"
 	sleep 2
-	api=$(free_port); ops=$(free_port)
 	t0=$(date +%s.%N)
-	JITBROKER_LISTEN=127.0.0.1:$api JITBROKER_OPS_LISTEN=127.0.0.1:$ops RUST_LOG=warn \
-		"$jb" serve --config "$d/reap.toml" >"$raw/reap-broker.log" 2>&1 &
-	pid=$!
-	echo "$pid" >>"$work/pids"
-	for _ in $(seq 1 300); do
-		curl -fsS "http://127.0.0.1:$ops/readyz" 2>/dev/null | grep -q ready && break
-		sleep 0.05
-	done
+	start_replica "$d/reap.toml" "$raw/reap-broker.log" "the reaping replica"
 	ready_s=$(python3 -c "import time; print(f'{time.time() - $t0:.2f}')")
 	for _ in $(seq 1 1200); do
 		left=$(PGPASSWORD=$pw psql -h 127.0.0.1 -p "$pgport" -U jbadmin -d reap -qtAX \

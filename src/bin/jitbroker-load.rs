@@ -744,67 +744,54 @@ async fn report(
     println!("store bytes: {}", dir_bytes(&store));
 }
 
-/// Writes `n` live token credentials (16 per task) into the store of `--data-dir` through the
-/// same `Store` the broker uses (so they are sealed, indexed and on the expiry index), then
-/// flushes. The broker must be stopped.
-async fn prefill(args: &Args, n: u64) {
-    if let Some(cfg) = &args.store_config {
-        return prefill_engine(args, cfg, n).await;
-    }
+/// One prefilled task (owner `fill-{t mod 1000}`, expiring at `task_expires_at`) and its first
+/// `count` live token credentials (expiring at `expires_at`), each with its secret.
+fn prefill_records(
+    args: &Args,
+    t: u64,
+    count: u64,
+    now: i64,
+    expires_at: i64,
+    task_expires_at: i64,
+) -> (
+    jitbroker::model::Task,
+    Vec<(jitbroker::model::CredentialRecord, jitbroker::model::Secret)>,
+) {
     use jitbroker::model::{
         CredentialId, CredentialRecord, CredentialState, Decision, Grant, GrantDecision, Secret,
         SpiffeId, Task, TaskId, TaskState,
     };
-    use jitbroker::store::local::LocalEngine;
-    let kek = jitbroker::store::crypto::Kek::load(&args.data_dir.join("kek")).expect("kek");
-    let store = std::sync::Arc::new(
-        jitbroker::store::SledStore::open(&args.data_dir.join("db"), &kek).expect("open store"),
-    );
-    // Sealing is above the engine: the same keys the broker loads.
-    let sealing = jitbroker::store::Storage::open(store.clone(), &kek)
-        .await
-        .expect("data keys");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as i64;
-    let expires_at = now + args.prefill_ttl_seconds as i64 * 1000;
     let grant = Grant {
         resource: args.resource.clone(),
         action: "read".into(),
     };
-    let start = Instant::now();
-    let mut made = 0u64;
-    let mut t = 0u64;
-    while made < n {
-        let owner = SpiffeId::parse(
-            "owner",
-            &format!("spiffe://jitbroker.dev/agent/fill-{}", t % 1000),
-        )
-        .expect("id");
-        t += 1;
-        let task = Task {
-            id: TaskId::generate(),
-            owner: owner.clone(),
-            purpose: "prefill".into(),
-            grants: vec![GrantDecision {
-                grant: grant.clone(),
-                decision: Decision::Allowed,
-                reason: "prefill".into(),
-                approval_id: None,
-            }],
-            labels: Default::default(),
-            state: TaskState::Active,
-            created_at: now,
-            expires_at,
-            ended_at: None,
-            purge_at: None,
-            parent: None,
-            delegation_chain: vec![owner.clone()],
-            idempotency_key: None,
-        };
-        store.create_task(&task).expect("task");
-        for _ in 0..16.min(n - made) {
+    let owner = SpiffeId::parse(
+        "owner",
+        &format!("spiffe://jitbroker.dev/agent/fill-{}", t % 1000),
+    )
+    .expect("id");
+    let task = Task {
+        id: TaskId::generate(),
+        owner: owner.clone(),
+        purpose: "prefill".into(),
+        grants: vec![GrantDecision {
+            grant: grant.clone(),
+            decision: Decision::Allowed,
+            reason: "prefill".into(),
+            approval_id: None,
+        }],
+        labels: Default::default(),
+        state: TaskState::Active,
+        created_at: now,
+        expires_at: task_expires_at,
+        ended_at: None,
+        purge_at: None,
+        parent: None,
+        delegation_chain: vec![owner.clone()],
+        idempotency_key: None,
+    };
+    let credentials = (0..count)
+        .map(|_| {
             let rec = CredentialRecord {
                 id: CredentialId::generate(),
                 task_id: task.id.clone(),
@@ -822,8 +809,56 @@ async fn prefill(args: &Args, n: u64) {
                 delegation_chain: vec![owner.clone()],
             };
             let secret = Secret::new(format!("jbt_prefill_{}", rec.id.as_str()));
-            let sealed = sealing.seal_secret(&rec.id, &secret).expect("seal");
-            store.create_credential(&rec, &sealed).expect("credential");
+            (rec, secret)
+        })
+        .collect();
+    (task, credentials)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64
+}
+
+fn print_prefilled(made: u64, tasks: u64, start: Instant) {
+    let secs = start.elapsed().as_secs_f64();
+    println!("prefilled credentials: {made} in {tasks} tasks");
+    println!(
+        "prefill seconds: {secs:.1} ({:.0} credentials/s)",
+        made as f64 / secs
+    );
+}
+
+/// Writes `n` live token credentials (16 per task) into the store of `--data-dir` through the
+/// same `Store` the broker uses (so they are sealed, indexed and on the expiry index), then
+/// flushes. The broker must be stopped.
+async fn prefill(args: &Args, n: u64) {
+    if let Some(cfg) = &args.store_config {
+        return prefill_engine(args, cfg, n).await;
+    }
+    use jitbroker::store::local::LocalEngine;
+    let kek = jitbroker::store::crypto::Kek::load(&args.data_dir.join("kek")).expect("kek");
+    let store = std::sync::Arc::new(
+        jitbroker::store::SledStore::open(&args.data_dir.join("db"), &kek).expect("open store"),
+    );
+    // Sealing is above the engine: the same keys the broker loads.
+    let sealing = jitbroker::store::Storage::open(store.clone(), &kek)
+        .await
+        .expect("data keys");
+    let now = now_ms();
+    let expires_at = now + args.prefill_ttl_seconds as i64 * 1000;
+    let start = Instant::now();
+    let (mut made, mut t) = (0u64, 0u64);
+    while made < n {
+        let (task, credentials) =
+            prefill_records(args, t, 16.min(n - made), now, expires_at, expires_at);
+        t += 1;
+        store.create_task(&task).expect("task");
+        for (rec, secret) in &credentials {
+            let sealed = sealing.seal_secret(&rec.id, secret).expect("seal");
+            store.create_credential(rec, &sealed).expect("credential");
             made += 1;
         }
         if t.is_multiple_of(4096) {
@@ -835,22 +870,14 @@ async fn prefill(args: &Args, n: u64) {
         }
     }
     store.durable().await.expect("flush");
-    let secs = start.elapsed().as_secs_f64();
-    println!("prefilled credentials: {made} in {t} tasks");
-    println!(
-        "prefill seconds: {secs:.1} ({:.0} credentials/s)",
-        made as f64 / secs
-    );
+    print_prefilled(made, t, start);
     println!("store bytes: {}", dir_bytes(&args.data_dir.join("db")));
 }
 
 /// `--prefill` into the engine a configuration names: one unit of work per task of 16
-/// credentials, as the broker writes them (sealed, indexed, on the expiry index).
+/// credentials, as the broker writes them (sealed, indexed, on the expiry index). The tasks
+/// outlive their credentials (an hour at least), so the credentials end by their own expiry.
 async fn prefill_engine(args: &Args, config: &std::path::Path, n: u64) {
-    use jitbroker::model::{
-        CredentialId, CredentialRecord, CredentialState, Decision, Grant, GrantDecision, Secret,
-        SpiffeId, Task, TaskId, TaskState,
-    };
     let cfg = jitbroker::config::Config::load(config).expect("store config");
     let kek = jitbroker::store::crypto::Kek::load(&cfg.kek_file).expect("kek");
     let engine = jitbroker::server::open_engine(&cfg, &kek)
@@ -859,77 +886,29 @@ async fn prefill_engine(args: &Args, config: &std::path::Path, n: u64) {
     let storage = jitbroker::store::Storage::open(engine, &kek)
         .await
         .expect("data keys");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as i64;
+    let now = now_ms();
     let expires_at = now + args.prefill_ttl_seconds as i64 * 1000;
-    let grant = Grant {
-        resource: args.resource.clone(),
-        action: "read".into(),
-    };
     let start = Instant::now();
     let (mut made, mut t) = (0u64, 0u64);
     while made < n {
-        let owner = SpiffeId::parse(
-            "owner",
-            &format!("spiffe://jitbroker.dev/agent/fill-{}", t % 1000),
-        )
-        .expect("id");
+        let (task, credentials) = prefill_records(
+            args,
+            t,
+            16.min(n - made),
+            now,
+            expires_at,
+            expires_at.max(now + 3_600_000),
+        );
         t += 1;
-        let task = Task {
-            id: TaskId::generate(),
-            owner: owner.clone(),
-            purpose: "prefill".into(),
-            grants: vec![GrantDecision {
-                grant: grant.clone(),
-                decision: Decision::Allowed,
-                reason: "prefill".into(),
-                approval_id: None,
-            }],
-            labels: Default::default(),
-            state: TaskState::Active,
-            created_at: now,
-            expires_at: expires_at.max(now + 3_600_000),
-            ended_at: None,
-            purge_at: None,
-            parent: None,
-            delegation_chain: vec![owner.clone()],
-            idempotency_key: None,
-        };
         let mut u = storage.begin().await.expect("begin");
-        u.lock_identity(&owner).await.expect("lock");
+        u.lock_identity(&task.owner).await.expect("lock");
         u.insert_task(&task).await.expect("task");
-        for _ in 0..16.min(n - made) {
-            let rec = CredentialRecord {
-                id: CredentialId::generate(),
-                task_id: task.id.clone(),
-                owner: owner.clone(),
-                resource: grant.resource.clone(),
-                action: grant.action.clone(),
-                kind: "token".into(),
-                issued_at: now,
-                expires_at,
-                state: CredentialState::Active,
-                ended_at: None,
-                end_reason: None,
-                idempotency_key: None,
-                attributes: Default::default(),
-                delegation_chain: vec![owner.clone()],
-            };
-            let secret = Secret::new(format!("jbt_prefill_{}", rec.id.as_str()));
-            let sealed = storage.seal_secret(&rec.id, &secret).expect("seal");
-            u.insert_credential(&rec, &sealed)
-                .await
-                .expect("credential");
+        for (rec, secret) in &credentials {
+            let sealed = storage.seal_secret(&rec.id, secret).expect("seal");
+            u.insert_credential(rec, &sealed).await.expect("credential");
             made += 1;
         }
         u.commit().await.expect("commit");
     }
-    let secs = start.elapsed().as_secs_f64();
-    println!("prefilled credentials: {made} in {t} tasks");
-    println!(
-        "prefill seconds: {secs:.1} ({:.0} credentials/s)",
-        made as f64 / secs
-    );
+    print_prefilled(made, t, start);
 }

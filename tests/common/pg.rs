@@ -47,6 +47,17 @@ fn find_bin() -> Option<PathBuf> {
     found.pop()
 }
 
+/// Hands a directory to the `postgres` user (the server runs as it when the tests run as root).
+fn give_to_postgres(dir: &Path) {
+    let ok = Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(dir)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "chown of {} to the postgres user", dir.display());
+}
+
 /// A CA and a server certificate for 127.0.0.1 / localhost signed by it: (CA, cert, key) PEM.
 fn server_tls() -> (String, String, String) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -85,13 +96,7 @@ impl Pg {
         let password = hex::encode(rand::random::<[u8; 16]>());
         std::fs::write(dir.path().join("pw"), &password).unwrap();
         if as_root {
-            let ok = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(dir.path())
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "chown of the PostgreSQL test dir to the postgres user");
+            give_to_postgres(dir.path());
         }
         let (ca_pem, cert_pem, key_pem) = server_tls();
         let pg = Pg {
@@ -160,13 +165,7 @@ impl Pg {
     pub fn start_standby(&self, name: &str) -> Pg {
         let dir = tempfile::tempdir().unwrap();
         if self.as_root {
-            let ok = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(dir.path())
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "chown of the standby's dir to the postgres user");
+            give_to_postgres(dir.path());
         }
         let standby = Pg {
             port: free_port(),
