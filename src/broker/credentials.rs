@@ -23,6 +23,10 @@ pub(crate) struct Minting<'a> {
     pub idempotency_key: Option<String>,
     pub approval: Option<crate::model::Approval>,
     pub binding: BTreeMap<String, String>,
+    /// The policy decision that allowed it, not yet recorded: the issuance's audit entry
+    /// carries it (decision, policies, reason), so an issuance is one entry, not two. If no
+    /// credential is made, it is recorded alone. `None` when the caller recorded its own.
+    pub allowed: Option<crate::policy::Verdict>,
 }
 
 component!(
@@ -142,16 +146,21 @@ impl Credentials {
             ));
         }
         let mut ctx = DecideCtx::for_task(&task, expires_at - now);
-        let mut v = self.decide(u, caller, &grant, &ctx);
+        let mut v = self.evaluate(caller, &grant, &ctx, None);
         let mut approval = None;
         if v.decision == Decision::NeedsApproval
             && let Some(a) = self.approvals.usable_approval(&task, &grant, now).await?
         {
+            self.record_decision(u, caller, &grant, &ctx, &v);
             ctx.approved = true;
-            v = self.decide(u, caller, &grant, &ctx);
+            v = self.evaluate(caller, &grant, &ctx, None);
             approval = Some(a);
         }
+        if v.decision != Decision::Allowed {
+            self.record_decision(u, caller, &grant, &ctx, &v);
+        }
         match v.decision {
+            // Recorded by `mint_credential`: in the issuance's own entry, or alone if it fails.
             Decision::Allowed => {}
             Decision::Denied => {
                 return Err(Error::PermissionDenied(format!(
@@ -179,6 +188,7 @@ impl Credentials {
             idempotency_key: idem,
             approval,
             binding,
+            allowed: Some(v),
         };
         self.mint_credential(u, caller, &task, spec, minted).await
     }
@@ -196,7 +206,30 @@ impl Credentials {
         caller: &SpiffeId,
         task: &Task,
         spec: &ResourceSpec,
+        mut minted: Minting<'_>,
+    ) -> Result<IssuedCredential> {
+        let grant = minted.grant;
+        let mut allowed = minted.allowed.take();
+        let r = self
+            .mint_in(u, caller, task, spec, minted, &mut allowed)
+            .await;
+        if let Some(v) = allowed {
+            // No issuance entry took the decision with it: it is recorded on its own.
+            let ctx = DecideCtx::for_task(task, 0);
+            self.record_decision(u, caller, grant, &ctx, &v);
+        }
+        r
+    }
+
+    /// `mint_credential`'s body; takes the decision out of `allowed` where it is recorded.
+    async fn mint_in<'s>(
+        &'s self,
+        u: &mut Tx<'s>,
+        caller: &SpiffeId,
+        task: &Task,
+        spec: &ResourceSpec,
         minted: Minting<'_>,
+        allowed: &mut Option<crate::policy::Verdict>,
     ) -> Result<IssuedCredential> {
         let Minting {
             grant,
@@ -204,6 +237,7 @@ impl Credentials {
             idempotency_key: idem,
             approval,
             binding: extra_attributes,
+            allowed: _,
         } = minted;
         let now = self.now();
         let task_id = task.id.clone();
@@ -250,6 +284,9 @@ impl Credentials {
             ResourceKind::Postgres => {
                 // A slow database must not hold up the task's other calls (a completion, the
                 // kill switch): no lock is held across the upstream's network I/O.
+                if let Some(v) = allowed.take() {
+                    self.record_decision(u, caller, grant, &DecideCtx::for_task(task, 0), &v);
+                }
                 let decided = std::mem::replace(u, self.store.begin().await?);
                 decided.commit().await?;
                 let made = self
@@ -333,10 +370,17 @@ impl Credentials {
                 .use_approval(u, a, record.id.as_str(), now)
                 .await?;
         }
+        let (decision, policies, reason) = match allowed.take() {
+            Some(v) => (decision_name(v.decision).into(), v.policy_ids, v.reason),
+            None => Default::default(),
+        };
         self.audit(
             u,
             Event {
                 kind: "credential_issued".into(),
+                decision,
+                policies,
+                reason,
                 spiffe_id: caller.to_string(),
                 task_id: record.task_id.to_string(),
                 credential_id: record.id.to_string(),

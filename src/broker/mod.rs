@@ -679,19 +679,6 @@ impl Core {
         );
     }
 
-    /// Decides `grant` now (a pure evaluation) and records the decision in `u`.
-    fn decide(
-        &self,
-        u: &mut Tx<'_>,
-        principal: &SpiffeId,
-        grant: &Grant,
-        c: &DecideCtx<'_>,
-    ) -> crate::policy::Verdict {
-        let v = self.evaluate(principal, grant, c, None);
-        self.record_decision(u, principal, grant, c, &v);
-        v
-    }
-
     /// Decides every grant of a new task (with the policy ids of each verdict), recorded in `u`.
     /// If none is allowed, nothing is created: the denials are recorded as one entry (however
     /// many grants the request named), and the caller gets `PERMISSION_DENIED` naming each

@@ -273,6 +273,55 @@ async fn idempotency_quota_and_ownership() {
     f.start(&agent, 0).await;
 }
 
+/// An issuance is one audit entry that says what was decided, by which policies, and what was
+/// issued; a decision that issues nothing (the quota is full) is still recorded, alone.
+#[tokio::test]
+async fn an_issuance_is_one_entry_carrying_its_decision() {
+    let f = fixture().await;
+    let agent = id("spiffe://td/agent/a");
+    let task = f.start(&agent, 0).await;
+    let store = f.broker.store().clone();
+    let entries = |from: u64| {
+        let store = store.clone();
+        async move {
+            let all = store.audit_scan(from, usize::MAX).await.unwrap();
+            all.iter()
+                .map(|(_, e)| serde_json::from_slice::<crate::audit::Entry>(e).unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    let before = f.broker.store().audit_head().await.unwrap().seq + 1;
+    let issued = f.issue(&agent, &task, 0, "").await.unwrap();
+    let new = entries(before).await;
+    assert_eq!(new.len(), 1, "{new:#?}");
+    let e = &new[0].event;
+    assert_eq!(e.kind, "credential_issued");
+    assert_eq!(e.credential_id, issued.record.id.to_string());
+    assert_eq!(e.task_id, task.id.to_string());
+    assert_eq!(e.decision, "ALLOWED");
+    assert_eq!(e.policies, vec!["agents".to_owned()]);
+    assert!(e.reason.contains("agents"), "{}", e.reason);
+    assert_eq!(
+        (e.resource.as_str(), e.action.as_str()),
+        ("demo-token", "read")
+    );
+    assert!(e.detail.contains("kind=token"), "{}", e.detail);
+    f.issue(&agent, &task, 0, "").await.unwrap();
+    f.issue(&agent, &task, 0, "").await.unwrap();
+    let before = f.broker.store().audit_head().await.unwrap().seq + 1;
+    let full = f.issue(&agent, &task, 0, "").await.unwrap_err();
+    assert!(matches!(full, Error::ResourceExhausted(_)), "{full:?}");
+    let new = entries(before).await;
+    assert_eq!(new.len(), 1, "{new:#?}");
+    let e = &new[0].event;
+    assert_eq!(
+        (e.kind.as_str(), e.decision.as_str()),
+        ("decision", "ALLOWED")
+    );
+    assert_eq!(e.task_id, task.id.to_string());
+    assert!(e.credential_id.is_empty());
+}
+
 #[tokio::test]
 async fn bad_input_names_the_field() {
     let f = fixture().await;

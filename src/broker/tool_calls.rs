@@ -377,6 +377,7 @@ impl ToolCalls {
                                 VIA_ATTRIBUTE.to_owned(),
                                 VIA_GATEWAY.to_owned(),
                             )]),
+                            allowed: None,
                         },
                     )
                     .await;
