@@ -98,14 +98,25 @@ struct Loaded {
     /// Per (principal, action, resource): the policies whose scope can match it. Evaluating
     /// only those keeps a decision's cost flat as per-agent policies grow; a policy whose scope
     /// cannot match is not applicable, so decisions are the same as over the full set.
-    subsets: Mutex<HashMap<(String, String, String), Arc<PolicySet>>>,
+    /// What a request needs that does not change between requests of the same (principal,
+    /// action, resource): the applicable policies and the entities, validated once.
+    prepared: Mutex<HashMap<String, Arc<Prepared>>>,
     approval_required: HashSet<PolicyId>,
     digest: String,
     count: usize,
 }
 
-/// Cached policy subsets kept at most; the cache is dropped whole when it fills.
+/// Cached (principal, action, resource) preparations kept at most; the cache is dropped whole
+/// when it fills.
 const SUBSET_CACHE: usize = 4096;
+
+/// The parts of a request that depend only on (principal, action, resource): the policies whose
+/// scope can match it, and the principal and resource entities, validated against the schema
+/// when built. Only the context is built per request.
+struct Prepared {
+    subset: PolicySet,
+    entities: Entities,
+}
 
 /// What a policy's scope says about which requests it can apply to (`None` = any).
 #[derive(Clone, Debug, Default)]
@@ -148,25 +159,65 @@ impl Scope {
 }
 
 impl Loaded {
-    fn subset(&self, principal: &str, action: &str, resource: &str) -> Result<Arc<PolicySet>> {
-        let key = (principal.to_owned(), action.to_owned(), resource.to_owned());
-        let mut cache = self.subsets.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = cache.get(&key) {
-            return Ok(s.clone());
+    /// The preparation of `req` (whose resource is of `kind`), from the cache or built now.
+    fn prepared(&self, req: &PolicyRequest<'_>, kind: &str) -> Result<Arc<Prepared>> {
+        let principal = req.principal.as_str();
+        // Names cannot contain NUL (SPIFFE ids, resource and action names are validated).
+        let mut key =
+            String::with_capacity(principal.len() + req.action.len() + req.resource.len() + 2);
+        for (i, part) in [principal, req.action, req.resource]
+            .into_iter()
+            .enumerate()
+        {
+            if i > 0 {
+                key.push('\0');
+            }
+            key.push_str(part);
         }
-        let mut set = PolicySet::new();
+        if let Some(p) = self
+            .prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Ok(p.clone());
+        }
+        let mut subset = PolicySet::new();
         for (scope, p) in &self.scoped {
-            if scope.can_match(principal, action, resource) {
-                set.add(p.clone())
+            if scope.can_match(principal, req.action, req.resource) {
+                subset
+                    .add(p.clone())
                     .map_err(|e| Error::Internal(format!("policy subset: {e}")))?;
             }
         }
-        let set = Arc::new(set);
+        let cerr = |e: &dyn std::fmt::Display| Error::Internal(format!("cedar: {e}"));
+        let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
+        let principal_entity = Entity::new(
+            uid("Agent", principal)?,
+            HashMap::from([
+                ("spiffe_id".to_owned(), s(principal)),
+                ("trust_domain".to_owned(), s(req.principal.trust_domain())),
+                ("path".to_owned(), s(req.principal.path())),
+            ]),
+            HashSet::new(),
+        )
+        .map_err(|e| cerr(&e))?;
+        let resource_entity = Entity::new(
+            uid("Resource", req.resource)?,
+            HashMap::from([("kind".to_owned(), s(kind))]),
+            HashSet::new(),
+        )
+        .map_err(|e| cerr(&e))?;
+        let entities =
+            Entities::from_entities([principal_entity, resource_entity], Some(&self.schema))
+                .map_err(|e| cerr(&e))?;
+        let p = Arc::new(Prepared { subset, entities });
+        let mut cache = self.prepared.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= SUBSET_CACHE {
             cache.clear();
         }
-        cache.insert(key, set.clone());
-        Ok(set)
+        cache.insert(key, p.clone());
+        Ok(p)
     }
 }
 
@@ -305,83 +356,22 @@ impl PolicyEngine {
         let agent = uid("Agent", req.principal.as_str())?;
         let resource = uid("Resource", req.resource)?;
         let action = uid("Action", req.action)?;
-        let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
-        let principal_entity = Entity::new(
-            agent.clone(),
-            HashMap::from([
-                ("spiffe_id".to_owned(), s(req.principal.as_str())),
-                ("trust_domain".to_owned(), s(req.principal.trust_domain())),
-                ("path".to_owned(), s(req.principal.path())),
-            ]),
-            HashSet::new(),
-        )
-        .map_err(|e| cerr(&e))?;
-        let resource_entity = Entity::new(
-            resource.clone(),
-            HashMap::from([("kind".to_owned(), s(kind))]),
-            HashSet::new(),
-        )
-        .map_err(|e| cerr(&e))?;
-        let entities =
-            Entities::from_entities([principal_entity, resource_entity], Some(&l.schema))
-                .map_err(|e| cerr(&e))?;
-        let chain: Vec<RestrictedExpression> = req
-            .delegation_chain
-            .iter()
-            .map(|id| s(id.as_str()))
-            .collect();
-        let labels: Vec<RestrictedExpression> = req
-            .labels
-            .iter()
-            .map(|(k, v)| s(&format!("{k}={v}")))
-            .collect();
-        let tool_call = req.tool_call.map(tool_call_expr).transpose()?;
-        let context = Context::from_pairs(
-            [
-                ("purpose".to_owned(), s(req.purpose)),
-                (
-                    "task_age_seconds".to_owned(),
-                    RestrictedExpression::new_long(req.task_age_seconds),
-                ),
-                (
-                    "requested_ttl_seconds".to_owned(),
-                    RestrictedExpression::new_long(req.requested_ttl_seconds),
-                ),
-                (
-                    "delegation_depth".to_owned(),
-                    RestrictedExpression::new_long(
-                        req.delegation_chain.len().saturating_sub(1) as i64
-                    ),
-                ),
-                (
-                    "delegation_chain".to_owned(),
-                    RestrictedExpression::new_set(chain),
-                ),
-                (
-                    "approved".to_owned(),
-                    RestrictedExpression::new_bool(req.approved),
-                ),
-                ("labels".to_owned(), RestrictedExpression::new_set(labels)),
-                (
-                    "now".to_owned(),
-                    RestrictedExpression::new_long(req.now_unix),
-                ),
-                ("trust_domain".to_owned(), s(req.principal.trust_domain())),
-            ]
-            .into_iter()
-            .chain(tool_call.map(|t| ("tool_call".to_owned(), t))),
-        )
-        .map_err(|e| cerr(&e))?;
-        let request = Request::new(agent, action, resource, context, Some(&l.schema))
-            .map_err(|e| cerr(&e))?;
-        let subset;
+        let prepared = l.prepared(req, kind)?;
+        let context = context(req)?;
+        // A context without a tool call is built above from typed fields alone, in the shape
+        // the schema declares (a test holds the two together), so only a tool call's context,
+        // which carries the caller's arguments, is checked against the schema per request.
+        let schema = req.tool_call.is_some().then_some(&l.schema);
+        let request =
+            Request::new(agent, action, resource, context, schema).map_err(|e| cerr(&e))?;
         let policies = if indexed {
-            subset = l.subset(req.principal.as_str(), req.action, req.resource)?;
-            subset.as_ref()
+            &prepared.subset
         } else {
             &l.policies
         };
-        let response = self.authorizer.is_authorized(&request, policies, &entities);
+        let response = self
+            .authorizer
+            .is_authorized(&request, policies, &prepared.entities);
         let diag = response.diagnostics();
         let mut ids: Vec<String> = diag.reason().map(|p| p.to_string()).collect();
         ids.sort();
@@ -414,6 +404,57 @@ impl PolicyEngine {
             CedarDecision::Deny => deny_default(req, "no policy permits it (default deny)"),
         })
     }
+}
+
+/// The request's context (`RequestContext` in the schema), built from its typed fields.
+fn context(req: &PolicyRequest<'_>) -> Result<Context> {
+    let cerr = |e: &dyn std::fmt::Display| Error::Internal(format!("cedar: {e}"));
+    let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
+    let chain: Vec<RestrictedExpression> = req
+        .delegation_chain
+        .iter()
+        .map(|id| s(id.as_str()))
+        .collect();
+    let labels: Vec<RestrictedExpression> = req
+        .labels
+        .iter()
+        .map(|(k, v)| s(&format!("{k}={v}")))
+        .collect();
+    let tool_call = req.tool_call.map(tool_call_expr).transpose()?;
+    Context::from_pairs(
+        [
+            ("purpose".to_owned(), s(req.purpose)),
+            (
+                "task_age_seconds".to_owned(),
+                RestrictedExpression::new_long(req.task_age_seconds),
+            ),
+            (
+                "requested_ttl_seconds".to_owned(),
+                RestrictedExpression::new_long(req.requested_ttl_seconds),
+            ),
+            (
+                "delegation_depth".to_owned(),
+                RestrictedExpression::new_long(req.delegation_chain.len().saturating_sub(1) as i64),
+            ),
+            (
+                "delegation_chain".to_owned(),
+                RestrictedExpression::new_set(chain),
+            ),
+            (
+                "approved".to_owned(),
+                RestrictedExpression::new_bool(req.approved),
+            ),
+            ("labels".to_owned(), RestrictedExpression::new_set(labels)),
+            (
+                "now".to_owned(),
+                RestrictedExpression::new_long(req.now_unix),
+            ),
+            ("trust_domain".to_owned(), s(req.principal.trust_domain())),
+        ]
+        .into_iter()
+        .chain(tool_call.map(|t| ("tool_call".to_owned(), t))),
+    )
+    .map_err(|e| cerr(&e))
 }
 
 fn tool_call_expr(t: &ToolCallContext) -> Result<RestrictedExpression> {
@@ -526,7 +567,7 @@ fn load(
         schema,
         policies,
         scoped,
-        subsets: Mutex::new(HashMap::new()),
+        prepared: Mutex::new(HashMap::new()),
         approval_required,
         digest: hex::encode(Sha256::digest(text.as_bytes())),
         count,
@@ -562,6 +603,48 @@ when { context.labels.contains("env=forbidden") };
             "test",
         )
         .unwrap()
+    }
+
+    /// Contexts without a tool call are not checked against the schema per request (only
+    /// their entities, once): every shape of them must be what the schema declares.
+    #[test]
+    fn contexts_without_a_tool_call_match_the_schema() {
+        let e = engine();
+        let l = e.current();
+        let agent = SpiffeId::parse("p", "spiffe://jitbroker.dev/agent/a").unwrap();
+        let parent = SpiffeId::parse("p", "spiffe://other.org/agent/p").unwrap();
+        let chain = [parent, agent.clone()];
+        let labels = BTreeMap::from([
+            ("env".to_owned(), "prod".to_owned()),
+            ("x".to_owned(), String::new()),
+        ]);
+        let none = BTreeMap::new();
+        let mut cases = vec![req(&agent, "read", "demo-token", &none)];
+        let mut full = req(&agent, "refund:issue", "payments", &labels);
+        full.delegation_chain = &chain;
+        full.approved = true;
+        full.task_age_seconds = i64::MAX;
+        full.requested_ttl_seconds = -1;
+        full.now_unix = i64::MIN;
+        full.purpose = "";
+        cases.push(full);
+        let mut empty_chain = req(&agent, "read", "payments", &labels);
+        empty_chain.delegation_chain = &[];
+        cases.push(empty_chain);
+        for r in &cases {
+            let ctx = context(r).unwrap();
+            let uid = |t: &str, v: &str| uid(t, v).unwrap();
+            Request::new(
+                uid("Agent", r.principal.as_str()),
+                uid("Action", r.action),
+                uid("Resource", r.resource),
+                ctx,
+                Some(&l.schema),
+            )
+            .unwrap_or_else(|err| panic!("{r:?}: {err}"));
+            let v = e.decide(r);
+            assert!(!v.reason.contains("could not be evaluated"), "{v:?}");
+        }
     }
 
     fn req<'a>(
