@@ -77,6 +77,15 @@ struct Flush {
     failed: watch::Sender<Option<(u64, String)>>,
     /// Tests make the next flushes fail (a full disk is hard to arrange in a test).
     fail_flushes: std::sync::atomic::AtomicBool,
+    /// Entries of `by_identity` (tasks not ended) and of `secret_index` (active credentials),
+    /// kept as each write changes them so `counts` costs nothing per metrics scrape, and saved
+    /// with each flush so a start after a crash need not count a million keys before it is
+    /// ready.
+    live_tasks: AtomicI64,
+    live_credentials: AtomicI64,
+    /// The counts were carried over a crash: they may be off by the writes made between the
+    /// last flush and the crash. The next normal close counts again.
+    approximate: std::sync::atomic::AtomicBool,
 }
 
 /// The longest a caller waits for its change to be flushed before it is told the store is
@@ -102,14 +111,14 @@ pub struct SledStore {
     local: Local,
     flush: Arc<Flush>,
     flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Entries of `by_identity` (tasks not ended) and of `secret_index` (active credentials),
-    /// kept as each write changes them so `counts` costs nothing per metrics scrape.
-    live_tasks: AtomicI64,
-    live_credentials: AtomicI64,
 }
 
 /// Key of the saved counts in `meta`: written with `clean: true` by a store that closed
-/// normally and set to `clean: false` at open, so only a start after a crash recounts.
+/// normally, and with `clean: false` at open and before every group-commit flush that follows a
+/// change of the counts. A start after a crash takes the figures of the last flush (sled
+/// recovers a prefix of its log, so they are off by at most the writes of the flush interval
+/// in which it crashed) and marks them approximate until the next normal close counts again.
+/// A store that saved without `flushed` (an older version) and crashed is counted at open.
 const COUNTS_KEY: &[u8] = b"store/counts";
 
 #[derive(Serialize, Deserialize)]
@@ -117,6 +126,10 @@ struct SavedCounts {
     tasks: u64,
     credentials: u64,
     clean: bool,
+    #[serde(default)]
+    flushed: bool,
+    #[serde(default)]
+    approximate: bool,
 }
 
 /// Key of the `upstream` and `revocations` trees: resource ‖ 0 ‖ account name.
@@ -289,15 +302,23 @@ impl SledStore {
         let saved = meta
             .get(COUNTS_KEY)
             .map_err(st)?
-            .and_then(|v| serde_json::from_slice::<SavedCounts>(&v).ok())
-            .filter(|c| c.clean);
-        let (tasks, credentials) = match saved {
-            Some(c) => (c.tasks, c.credentials),
-            // After a crash (or on a store that never saved them): count once.
-            None => (count_keys(&by_identity)?, count_keys(&secret_index)?),
+            .and_then(|v| serde_json::from_slice::<SavedCounts>(&v).ok());
+        let (tasks, credentials, approximate) = match saved {
+            Some(c) if c.clean => (c.tasks, c.credentials, c.approximate),
+            // After a crash: as of the last flush.
+            Some(c) if c.flushed => (c.tasks, c.credentials, true),
+            // On a store that never saved them as it flushed: count once.
+            _ => (count_keys(&by_identity)?, count_keys(&secret_index)?, false),
         };
+        if approximate {
+            tracing::info!(
+                tasks,
+                credentials,
+                "live counts carried over a crash (as of the last flush); counted again at the next normal close"
+            );
+        }
         // Unclean until this store closes normally.
-        put_counts(&meta, tasks, credentials, false)?;
+        put_counts(&meta, tasks, credentials, false, approximate)?;
         db.flush().map_err(st)?;
         if !check.exists() {
             write_kek_check(&check, kek)?;
@@ -312,6 +333,9 @@ impl SledStore {
             flushed,
             failed,
             fail_flushes: std::sync::atomic::AtomicBool::new(false),
+            live_tasks: AtomicI64::new(tasks as i64),
+            live_credentials: AtomicI64::new(credentials as i64),
+            approximate: std::sync::atomic::AtomicBool::new(approximate),
         });
         let store = Self {
             tasks: t("tasks")?,
@@ -332,12 +356,13 @@ impl SledStore {
             flush: flush.clone(),
             db: db.clone(),
             flusher: Mutex::new(None),
-            live_tasks: AtomicI64::new(tasks as i64),
-            live_credentials: AtomicI64::new(credentials as i64),
         };
         let handle = std::thread::Builder::new()
             .name("jitbroker-flush".into())
-            .spawn(move || flusher(db, flush))
+            .spawn({
+                let meta = store.meta.clone();
+                move || flusher(db, meta, flush)
+            })
             .map_err(Error::internal)?;
         *store.flusher.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
         Ok(store)
@@ -447,7 +472,7 @@ impl SledStore {
         {
             return Err(Error::Internal("secret index collision".into()));
         }
-        self.live_credentials.fetch_add(1, Ordering::SeqCst);
+        self.flush.live_credentials.fetch_add(1, Ordering::SeqCst);
         self.by_task
             .insert(by_task_key.as_slice(), &[] as &[u8])
             .map_err(st)?;
@@ -547,11 +572,19 @@ fn count_keys(tree: &sled::Tree) -> Result<u64> {
     })
 }
 
-fn put_counts(meta: &sled::Tree, tasks: u64, credentials: u64, clean: bool) -> Result<()> {
+fn put_counts(
+    meta: &sled::Tree,
+    tasks: u64,
+    credentials: u64,
+    clean: bool,
+    approximate: bool,
+) -> Result<()> {
     let v = enc(&SavedCounts {
         tasks,
         credentials,
         clean,
+        flushed: true,
+        approximate,
     })?;
     meta.insert(COUNTS_KEY, v).map_err(st)?;
     Ok(())
@@ -569,7 +602,8 @@ fn write_kek_check(path: &Path, kek: &Kek) -> Result<()> {
     super::crypto::write_new_private_file(path, &kek.wrap(KEK_CHECK_LABEL, &random_key())?)
 }
 
-fn flusher(db: sled::Db, f: Arc<Flush>) {
+fn flusher(db: sled::Db, meta: sled::Tree, f: Arc<Flush>) {
+    let mut saved = (-1, -1);
     loop {
         {
             let mut kicked = f.kick.lock().unwrap_or_else(|p| p.into_inner());
@@ -583,6 +617,16 @@ fn flusher(db: sled::Db, f: Arc<Flush>) {
         }
         // Every ticket taken before this load was taken after its write, so one flush covers it.
         let target = f.written.load(Ordering::SeqCst);
+        // The counts go into the log ahead of the flush, so a crash finds them as of it.
+        let counts = f.counts();
+        if counts != saved {
+            let (t, c) = counts;
+            let approximate = f.approximate.load(Ordering::SeqCst);
+            match put_counts(&meta, t.max(0) as u64, c.max(0) as u64, false, approximate) {
+                Ok(()) => saved = counts,
+                Err(e) => tracing::warn!(error = %e, "saving the live counts failed"),
+            }
+        }
         let flushed = if f.fail_flushes.load(Ordering::SeqCst) {
             Err("flush refused by the test".to_owned())
         } else {
@@ -602,6 +646,16 @@ fn flusher(db: sled::Db, f: Arc<Flush>) {
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
         }
+    }
+}
+
+impl Flush {
+    /// (live tasks, live credentials) as kept.
+    fn counts(&self) -> (i64, i64) {
+        (
+            self.live_tasks.load(Ordering::SeqCst),
+            self.live_credentials.load(Ordering::SeqCst),
+        )
     }
 }
 
@@ -635,7 +689,7 @@ impl LocalEngine for SledStore {
             .map_err(st)?
             .is_none()
         {
-            self.live_tasks.fetch_add(1, Ordering::SeqCst);
+            self.flush.live_tasks.fetch_add(1, Ordering::SeqCst);
         }
         self.expiry
             .insert(exp.as_slice(), &[] as &[u8])
@@ -665,7 +719,7 @@ impl LocalEngine for SledStore {
         if ended {
             // by_identity lists live tasks only: quotas and the kill switch scan it (and check
             // each task's state, so an entry a crash left behind is harmless).
-            self.remove_counted(&self.by_identity, &ident, Some(&self.live_tasks))?;
+            self.remove_counted(&self.by_identity, &ident, Some(&self.flush.live_tasks))?;
         }
         Ok(())
     }
@@ -698,7 +752,7 @@ impl LocalEngine for SledStore {
                 }
                 if let Some(h) = c.index.as_deref().and_then(|h| hex::decode(h).ok()) {
                     // Only an ended task is purged, so this is normally gone already.
-                    removals.push((&self.secret_index, h, Some(&self.live_credentials)));
+                    removals.push((&self.secret_index, h, Some(&self.flush.live_credentials)));
                 }
             }
             removals.push((&self.credentials, cid.as_str().as_bytes().to_vec(), None));
@@ -732,7 +786,7 @@ impl LocalEngine for SledStore {
             removals.push((
                 &self.by_identity,
                 cat(&[t.owner.as_str().as_bytes(), tid]),
-                Some(&self.live_tasks),
+                Some(&self.flush.live_tasks),
             ));
         }
         for (tree, key, live) in removals {
@@ -782,7 +836,7 @@ impl LocalEngine for SledStore {
         // a lookup by secret finds an ended credential, which is refused like no credential.
         self.credentials.insert(id, v).map_err(st)?;
         if let Some(k) = &index_key {
-            self.remove_counted(&self.secret_index, k, Some(&self.live_credentials))?;
+            self.remove_counted(&self.secret_index, k, Some(&self.flush.live_credentials))?;
         }
         Ok(())
     }
@@ -1037,8 +1091,8 @@ impl LocalEngine for SledStore {
     fn counts(&self) -> Result<Counts> {
         let n = |a: &AtomicI64| a.load(Ordering::SeqCst).max(0) as u64;
         Ok(Counts {
-            tasks: n(&self.live_tasks),
-            credentials: n(&self.live_credentials),
+            tasks: n(&self.flush.live_tasks),
+            credentials: n(&self.flush.live_credentials),
         })
     }
 
@@ -1107,9 +1161,17 @@ impl Drop for SledStore {
         {
             let _ = h.join();
         }
-        // Nothing writes any more: the counts are exact, and saved as such for the next open.
-        if let Ok(c) = self.counts() {
-            let _ = put_counts(&self.meta, c.tasks, c.credentials, true);
+        // Nothing writes any more: the counts are exact (counted again if they were carried
+        // over a crash), and saved as such for the next open.
+        let exact = if self.flush.approximate.load(Ordering::SeqCst) {
+            count_keys(&self.by_identity)
+                .and_then(|t| Ok((t, count_keys(&self.secret_index)?)))
+                .ok()
+        } else {
+            self.counts().ok().map(|c| (c.tasks, c.credentials))
+        };
+        if let Some((tasks, credentials)) = exact {
+            let _ = put_counts(&self.meta, tasks, credentials, true, false);
         }
         let _ = self.db.flush();
     }
@@ -1352,6 +1414,8 @@ mod tests {
                 tasks: 99,
                 credentials: 99,
                 clean: false,
+                flushed: false,
+                approximate: false,
             };
             db.open_tree(META)
                 .unwrap()
@@ -1361,6 +1425,48 @@ mod tests {
         }
         let store = SledStore::open(&db_dir, &kek).unwrap();
         assert_eq!(counts(&store), (2, 1));
+        drop(store);
+        // Every flush saves them (unclean); a start after a crash takes those and does not
+        // count: here they are made wrong on purpose to show that they were taken.
+        {
+            let store = SledStore::open(&db_dir, &kek).unwrap();
+            store
+                .create_task(&task("spiffe://td/agent/b", 1_000))
+                .unwrap();
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(store.durable())
+                .unwrap();
+            let saved: SavedCounts =
+                serde_json::from_slice(&store.meta.get(COUNTS_KEY).unwrap().unwrap()).unwrap();
+            assert_eq!(
+                (saved.tasks, saved.credentials, saved.clean, saved.flushed),
+                (3, 1, false, true)
+            );
+        }
+        {
+            let db = open_sled(&db_dir, DEFAULT_CACHE_BYTES).unwrap();
+            let crashed = SavedCounts {
+                tasks: 7,
+                credentials: 5,
+                clean: false,
+                flushed: true,
+                approximate: false,
+            };
+            db.open_tree(META)
+                .unwrap()
+                .insert(COUNTS_KEY, serde_json::to_vec(&crashed).unwrap())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let store = SledStore::open(&db_dir, &kek).unwrap();
+        assert_eq!(counts(&store), (7, 5), "carried over, not counted");
+        assert!(store.flush.approximate.load(Ordering::SeqCst));
+        drop(store);
+        // The normal close after it counted again.
+        let store = SledStore::open(&db_dir, &kek).unwrap();
+        assert_eq!(counts(&store), (3, 1));
+        assert!(!store.flush.approximate.load(Ordering::SeqCst));
     }
 
     #[tokio::test]
