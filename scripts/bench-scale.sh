@@ -66,6 +66,7 @@ if [[ " $parts " == *" a "* ]]; then
 d="$work/a"
 start_broker "$d" # creates the dev dir, config, KEK
 stop
+jb_prepare_dev "$jb" "$d" # the load is one address and a few identities: lift the flood limits
 # JB_SCALE_CACHE_MB: sled's page cache for this part ([store] cache_mb; default 256).
 [[ -n ${JB_SCALE_CACHE_MB:-} ]] && printf '[store]\ncache_mb = %s\n' "$JB_SCALE_CACHE_MB" >>"$d/jitbroker.toml"
 "$load" --data-dir "$d" --prefill "$n" --prefill-ttl-seconds 86400 | tee "$work/prefill-a.txt"
@@ -111,6 +112,7 @@ d="$work/c"
 live_n=${JB_CHURN_LIVE:-100000}
 start_broker "$d"
 stop
+jb_prepare_dev "$jb" "$d" # the load is one address and a few identities: lift the flood limits
 printf '[retention]\nended_records_seconds = %s\naudit_entries_in_store = %s\naudit_segment_entries = %s\n' \
 	"${JB_CHURN_RETENTION:-10}" "${JB_CHURN_AUDIT_KEEP:-100000}" "${JB_CHURN_AUDIT_SEGMENT:-50000}" >>"$d/jitbroker.toml"
 "$load" --data-dir "$d" --prefill "$live_n" --prefill-ttl-seconds 86400 >/dev/null
@@ -136,6 +138,7 @@ fi
 d="$work/b"
 start_broker "$d"
 stop
+jb_prepare_dev "$jb" "$d" # the load is one address and a few identities: lift the flood limits
 fill_s=$(python3 -c "print(int($n / max(float('$rate'), 1.0)) + 1)")
 ttl=$((fill_s + 60))
 t_fill=$(now_ms)
