@@ -45,6 +45,7 @@ RUST_LOG=warn "$jb" dev --data-dir "$d" --listen "127.0.0.1:$api" --ops-listen "
 pid=$!
 until curl -fsS "http://127.0.0.1:$ops/readyz" >/dev/null 2>&1; do sleep 0.05; done
 kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+jb_prepare_dev "$jb" "$d" # one address, a few identities: lift the flood limits
 echo "host=127.0.0.1 port=$pgport user=jbadmin password=$pw dbname=postgres" >"$d/pg-admin.dsn"
 cat >>"$d/jitbroker.toml" <<EOF
 
