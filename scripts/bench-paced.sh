@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue latency at paced rates: for each RATE (issuances/s), one 20 s task flow with Poisson
+# arrivals and one with evenly spread arrivals, each against a fresh `jitbroker dev` store on free
+# 127.0.0.1 ports (flood limits lifted: the load is one address). Prebuilt release binaries.
+#
+#   scripts/bench-paced.sh RATE [RATE ...]
+#   JB=path/to/jitbroker LOAD=path/to/jitbroker-load   other builds (default target/release)
+#   JB_PACED_AGENTS=8 JB_PACED_K=4 JB_PACED_SECONDS=20
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=ports.sh
+source "$root/scripts/ports.sh"
+jb=${JB:-$root/target/release/jitbroker}
+load=${LOAD:-$root/target/release/jitbroker-load}
+agents=${JB_PACED_AGENTS:-8}; k=${JB_PACED_K:-4}; secs=${JB_PACED_SECONDS:-20}
+[[ $# -gt 0 ]] || { echo "usage: $0 RATE [RATE ...]" >&2; exit 2; }
+work=$(mktemp -d)
+pid=
+stop() {
+	if [[ -n $pid ]]; then
+		kill "$pid" 2>/dev/null || true
+		wait "$pid" 2>/dev/null || true
+		pid=
+	fi
+}
+trap 'stop; rm -rf "$work"' EXIT
+for rate in "$@"; do
+	for arrivals in poisson even; do
+		d=$work/$rate-$arrivals
+		jb_prepare_dev "$jb" "$d"
+		api=$(free_port); ops=$(free_port)
+		RUST_LOG=warn "$jb" dev --data-dir "$d" --listen "127.0.0.1:$api" --ops-listen "127.0.0.1:$ops" >"$work/broker.log" 2>&1 &
+		pid=$!
+		jb_ready "http://127.0.0.1:$ops/readyz" ready
+		echo "== rate $rate, $arrivals arrivals, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+		"$load" --agents "$agents" --k "$k" --data-dir "$d" --addr "127.0.0.1:$api" --seconds "$secs" \
+			--pid "$pid" --rate "$rate" --arrivals "$arrivals" | grep -E '^issuances|cpu'
+		stop
+		rm -rf "$d"
+	done
+done
