@@ -22,8 +22,9 @@ def test_support_agent(capsys: object) -> None:
     started = next(e for e in audit if e["kind"] == "task_started")
     assert started["purpose"] == mod.PURPOSE
     # Decisions: reading allowed; the refund needed approval, a human granted it, it was used.
-    decisions = [(e["resource"], e["decision"], tuple(e.get("policies", [])))
-                 for e in audit if e["kind"] == "decision"]
+    # A decision that issued a credential is carried by that issuance's entry.
+    decisions = [(e["resource"], e.get("decision"), tuple(e.get("policies", [])))
+                 for e in audit if e["kind"] in ("decision", "credential_issued")]
     assert ("tickets", "ALLOWED", ("support-read-tickets",)) in decisions
     assert ("payments", "NEEDS_APPROVAL", ("refunds-need-approval",)) in decisions
     assert ("payments", "ALLOWED", ("refunds-need-approval",)) in decisions
