@@ -16,14 +16,7 @@ agents=${JB_PACED_AGENTS:-8}; k=${JB_PACED_K:-4}; secs=${JB_PACED_SECONDS:-20}
 [[ $# -gt 0 ]] || { echo "usage: $0 RATE [RATE ...]" >&2; exit 2; }
 work=$(mktemp -d)
 pid=
-stop() {
-	if [[ -n $pid ]]; then
-		kill "$pid" 2>/dev/null || true
-		wait "$pid" 2>/dev/null || true
-		pid=
-	fi
-}
-trap 'stop; rm -rf "$work"' EXIT
+trap 'jb_stop; rm -rf "$work"' EXIT
 for rate in "$@"; do
 	for arrivals in poisson even; do
 		d=$work/$rate-$arrivals
@@ -35,7 +28,7 @@ for rate in "$@"; do
 		echo "== rate $rate, $arrivals arrivals, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 		"$load" --agents "$agents" --k "$k" --data-dir "$d" --addr "127.0.0.1:$api" --seconds "$secs" \
 			--pid "$pid" --rate "$rate" --arrivals "$arrivals" | grep -E '^issuances|cpu'
-		stop
+		jb_stop
 		rm -rf "$d"
 	done
 done

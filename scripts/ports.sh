@@ -41,3 +41,12 @@ jb_prepare_dev() {
 	grep -q '^\[server\]' "$dir/jitbroker.toml" ||
 		printf '\n[server]\nrequests_per_remote_per_second = 1000000\nrequests_per_identity_per_second = 1000000\n' >>"$dir/jitbroker.toml"
 }
+
+# jb_stop: stop the process whose pid is in the caller's `pid` (if any) and clear it.
+jb_stop() {
+	if [[ -n ${pid:-} ]]; then
+		kill "$pid" 2>/dev/null || true
+		wait "$pid" 2>/dev/null || true
+		pid=
+	fi
+}

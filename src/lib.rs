@@ -50,7 +50,12 @@
 //!   (`broker/credentials.rs`): `IssueCredential`, the OAuth token endpoint and (through
 //!   `mint_credential`) gateway tool calls (`broker/tool_calls.rs`).
 //! - Policy decisions: `Core::evaluate` (`broker/tool_calls.rs`) is pure; callers record the
-//!   decision in the unit of work of the action it decided (`Core::record_decision`).
+//!   decision in the unit of work of the action it decided (`Core::record_decision`). An
+//!   allowed issuance hands its decision to `mint_credential` (`Minting::allowed`), whose
+//!   `credential_issued` entry carries it. `PolicyEngine` (`policy/mod.rs`) prepares the
+//!   applicable policies and entities once per (principal, action, resource).
+//! - Live counts (the `Status`/metrics gauges) on sled: kept in memory, saved with each group
+//!   commit (`flusher` in `store/sled_store.rs`), so a start after a crash does not count.
 //! - Durability: `Uow::commit` (`store/local.rs` for in-process engines, `store/postgres.rs`
 //!   for PostgreSQL: the transaction's commit); the sled group commit is
 //!   `store/sled_store.rs` (`flusher`). The engine is chosen by `[store] engine` in

@@ -24,6 +24,9 @@ pub const GENESIS: [u8; 32] = [0u8; 32];
 pub struct Event {
     /// `decision`, `task_started`, `credential_issued`, `credential_revoked`, `task_ended`,
     /// `approval_requested`, `approval_granted`, `approval_denied`, `admin`, `auth_failed`…
+    /// A `credential_issued` entry also carries the decision that allowed it (`decision`,
+    /// `policies`, `reason`): an issuance is one entry. A decision that issues nothing is a
+    /// `decision` entry of its own.
     pub kind: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub actor: String,
