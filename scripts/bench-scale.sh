@@ -12,6 +12,7 @@
 #       compressed (ended records kept JB_CHURN_RETENTION s, the newest JB_CHURN_AUDIT_KEEP audit
 #       entries in the store): the store's size after each round against the live data's.
 #   JB_SCALE_PARTS="a b c"                   which runs to do (default all)
+#   JB=path/to/jitbroker LOAD=path/to/jitbroker-load   prebuilt binaries instead of this tree's
 #   JB_SCALE_CACHE_MB=M                      (a) with sled's page cache set to M MiB
 # The credentials are written straight into the stopped store by `jitbroker-load --prefill`
 # (sealed, indexed, on the expiry index: the same Store the broker uses).
@@ -20,9 +21,12 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 n=${1:-1000000}
 agents=${2:-8}
 cd "$root"
-cargo build --release --locked --bin jitbroker --bin jitbroker-load >/dev/null
-jb=target/release/jitbroker
-load=target/release/jitbroker-load
+# JB=… LOAD=…: other prebuilt binaries (e.g. a before/after pair); otherwise this tree's, built now.
+if [[ -z ${JB:-} ]]; then
+	cargo build --release --locked --bin jitbroker --bin jitbroker-load >/dev/null
+fi
+jb=${JB:-target/release/jitbroker}
+load=${LOAD:-target/release/jitbroker-load}
 work=$(mktemp -d /tmp/jb-scale.XXXXXX)
 pid=
 stop() {
