@@ -273,7 +273,7 @@ async fn audit_chain_detects_tampering_through_admin_and_offline() {
         let copy = tempfile::tempdir().unwrap();
         copy_dir(dir.path(), copy.path());
         {
-            let db = sled::open(copy.path().join("db")).unwrap();
+            let db = jitbroker::store::sled_store::open_raw(&copy.path().join("db")).unwrap();
             tamper(&db.open_tree("audit").unwrap());
             db.flush().unwrap();
         }

@@ -375,7 +375,7 @@ async fn corrupt_expiry_entries_do_not_stop_the_reaper() {
     drop(c);
     r.stop().await;
     {
-        let db = sled::open(dir.path().join("db")).unwrap();
+        let db = jitbroker::store::sled_store::open_raw(&dir.path().join("db")).unwrap();
         let expiry = db.open_tree("expiry").unwrap();
         let mut bad_utf8 = 0u64.to_be_bytes().to_vec();
         bad_utf8.extend_from_slice(b"c\xff\xfe");

@@ -537,6 +537,14 @@ fn open_sled(dir: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
     }
 }
 
+/// Opens the sled database in `dir` itself, with the segment size it was made with, for tools and
+/// tests that read or change its trees directly while no broker runs. (`sled::open` would use
+/// sled's default segment size, which sled refuses for a store made with another.)
+#[doc(hidden)]
+pub fn open_raw(dir: &Path) -> sled::Result<sled::Db> {
+    open_sled(dir, DEFAULT_CACHE_BYTES)
+}
+
 /// sled's segment size (also its I/O buffer size) for a new store. sled 0.34 reuses a segment
 /// only once every page fragment in it is dead, so under churn smaller segments die sooner:
 /// 128 KiB instead of sled's 512 KiB left the store at 2.8–3.0× the live data instead of
