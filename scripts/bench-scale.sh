@@ -29,13 +29,7 @@ jb=${JB:-target/release/jitbroker}
 load=${LOAD:-target/release/jitbroker-load}
 work=$(mktemp -d /tmp/jb-scale.XXXXXX)
 pid=
-stop() {
-	if [[ -n $pid ]]; then
-		kill "$pid" 2>/dev/null || true
-		wait "$pid" 2>/dev/null || true
-		pid=
-	fi
-}
+stop() { jb_stop; } # ports.sh
 trap 'stop; rm -rf "$work"' EXIT
 # shellcheck source=ports.sh
 source "$root/scripts/ports.sh"

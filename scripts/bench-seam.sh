@@ -31,13 +31,7 @@ out=${JB_SEAM_OUT:-$(mktemp -d /tmp/bench-seam.XXXXXX)}
 mkdir -p "$out"
 work=$(mktemp -d)
 pid=
-stop() {
-	if [[ -n $pid ]]; then
-		kill "$pid" 2>/dev/null || true
-		wait "$pid" 2>/dev/null || true
-		pid=
-	fi
-}
+stop() { jb_stop; } # ports.sh
 trap 'stop; rm -rf "$work"' EXIT
 
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }

@@ -32,13 +32,7 @@ mkdir -p "$out"
 rm -f "$out"/*.txt
 work=$(mktemp -d)
 pid=
-stop() {
-	if [[ -n $pid ]]; then
-		kill "$pid" 2>/dev/null || true
-		wait "$pid" 2>/dev/null || true
-		pid=
-	fi
-}
+stop() { jb_stop; } # ports.sh
 trap 'stop; rm -rf "$work"' EXIT
 # shellcheck source=ports.sh
 source "$root/scripts/ports.sh"
