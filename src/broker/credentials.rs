@@ -213,12 +213,23 @@ impl Credentials {
         let r = self
             .mint_in(u, caller, task, spec, minted, &mut allowed)
             .await;
-        if let Some(v) = allowed {
-            // No issuance entry took the decision with it: it is recorded on its own.
-            let ctx = DecideCtx::for_task(task, 0);
-            self.record_decision(u, caller, grant, &ctx, &v);
-        }
+        // No issuance entry took the decision with it: it is recorded on its own.
+        self.record_allowed(u, caller, grant, task, &mut allowed);
         r
+    }
+
+    /// Records the decision still held in `allowed` (if any) as an entry of its own.
+    fn record_allowed(
+        &self,
+        u: &mut Tx<'_>,
+        caller: &SpiffeId,
+        grant: &Grant,
+        task: &Task,
+        allowed: &mut Option<crate::policy::Verdict>,
+    ) {
+        if let Some(v) = allowed.take() {
+            self.record_decision(u, caller, grant, &DecideCtx::for_task(task, 0), &v);
+        }
     }
 
     /// `mint_credential`'s body; takes the decision out of `allowed` where it is recorded.
@@ -284,9 +295,7 @@ impl Credentials {
             ResourceKind::Postgres => {
                 // A slow database must not hold up the task's other calls (a completion, the
                 // kill switch): no lock is held across the upstream's network I/O.
-                if let Some(v) = allowed.take() {
-                    self.record_decision(u, caller, grant, &DecideCtx::for_task(task, 0), &v);
-                }
+                self.record_allowed(u, caller, grant, task, allowed);
                 let decided = std::mem::replace(u, self.store.begin().await?);
                 decided.commit().await?;
                 let made = self

@@ -163,17 +163,7 @@ impl Loaded {
     fn prepared(&self, req: &PolicyRequest<'_>, kind: &str) -> Result<Arc<Prepared>> {
         let principal = req.principal.as_str();
         // Names cannot contain NUL (SPIFFE ids, resource and action names are validated).
-        let mut key =
-            String::with_capacity(principal.len() + req.action.len() + req.resource.len() + 2);
-        for (i, part) in [principal, req.action, req.resource]
-            .into_iter()
-            .enumerate()
-        {
-            if i > 0 {
-                key.push('\0');
-            }
-            key.push_str(part);
-        }
+        let key = format!("{principal}\0{}\0{}", req.action, req.resource);
         if let Some(p) = self
             .prepared
             .lock()

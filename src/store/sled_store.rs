@@ -635,7 +635,7 @@ fn write_kek_check(path: &Path, kek: &Kek) -> Result<()> {
 }
 
 fn flusher(db: sled::Db, meta: sled::Tree, f: Arc<Flush>) {
-    let mut saved = (-1, -1);
+    let mut saved = None;
     loop {
         {
             let mut kicked = f.kick.lock().unwrap_or_else(|p| p.into_inner());
@@ -651,11 +651,11 @@ fn flusher(db: sled::Db, meta: sled::Tree, f: Arc<Flush>) {
         let target = f.written.load(Ordering::SeqCst);
         // The counts go into the log ahead of the flush, so a crash finds them as of it.
         let counts = f.counts();
-        if counts != saved {
+        if saved != Some(counts) {
             let (t, c) = counts;
             let approximate = f.approximate.load(Ordering::SeqCst);
-            match put_counts(&meta, t.max(0) as u64, c.max(0) as u64, false, approximate) {
-                Ok(()) => saved = counts,
+            match put_counts(&meta, t, c, false, approximate) {
+                Ok(()) => saved = Some(counts),
                 Err(e) => tracing::warn!(error = %e, "saving the live counts failed"),
             }
         }
@@ -682,12 +682,10 @@ fn flusher(db: sled::Db, meta: sled::Tree, f: Arc<Flush>) {
 }
 
 impl Flush {
-    /// (live tasks, live credentials) as kept.
-    fn counts(&self) -> (i64, i64) {
-        (
-            self.live_tasks.load(Ordering::SeqCst),
-            self.live_credentials.load(Ordering::SeqCst),
-        )
+    /// (live tasks, live credentials) as kept (never below zero).
+    fn counts(&self) -> (u64, u64) {
+        let n = |a: &AtomicI64| a.load(Ordering::SeqCst).max(0) as u64;
+        (n(&self.live_tasks), n(&self.live_credentials))
     }
 }
 
@@ -1121,11 +1119,8 @@ impl LocalEngine for SledStore {
     }
 
     fn counts(&self) -> Result<Counts> {
-        let n = |a: &AtomicI64| a.load(Ordering::SeqCst).max(0) as u64;
-        Ok(Counts {
-            tasks: n(&self.flush.live_tasks),
-            credentials: n(&self.flush.live_credentials),
-        })
+        let (tasks, credentials) = self.flush.counts();
+        Ok(Counts { tasks, credentials })
     }
 
     fn durable(&self) -> Fut<'_, ()> {
@@ -1200,7 +1195,7 @@ impl Drop for SledStore {
                 .and_then(|t| Ok((t, count_keys(&self.secret_index)?)))
                 .ok()
         } else {
-            self.counts().ok().map(|c| (c.tasks, c.credentials))
+            Some(self.flush.counts())
         };
         if let Some((tasks, credentials)) = exact {
             let _ = put_counts(&self.meta, tasks, credentials, true, false);
@@ -1439,22 +1434,23 @@ mod tests {
             let store = SledStore::open(&db_dir, &kek).unwrap();
             assert_eq!(counts(&store), (2, 1));
         }
-        // A crash leaves them marked unclean (here: wrong as well): the next open recounts.
-        {
+        // What a crash leaves in `meta`, written into the stopped store.
+        let crashed_with = |saved: SavedCounts| {
             let db = open_sled(&db_dir, DEFAULT_CACHE_BYTES).unwrap();
-            let bogus = SavedCounts {
-                tasks: 99,
-                credentials: 99,
-                clean: false,
-                flushed: false,
-                approximate: false,
-            };
             db.open_tree(META)
                 .unwrap()
-                .insert(COUNTS_KEY, serde_json::to_vec(&bogus).unwrap())
+                .insert(COUNTS_KEY, serde_json::to_vec(&saved).unwrap())
                 .unwrap();
             db.flush().unwrap();
-        }
+        };
+        // A crash leaves them marked unclean (here: wrong as well): the next open recounts.
+        crashed_with(SavedCounts {
+            tasks: 99,
+            credentials: 99,
+            clean: false,
+            flushed: false,
+            approximate: false,
+        });
         let store = SledStore::open(&db_dir, &kek).unwrap();
         assert_eq!(counts(&store), (2, 1));
         drop(store);
@@ -1476,21 +1472,13 @@ mod tests {
                 (3, 1, false, true)
             );
         }
-        {
-            let db = open_sled(&db_dir, DEFAULT_CACHE_BYTES).unwrap();
-            let crashed = SavedCounts {
-                tasks: 7,
-                credentials: 5,
-                clean: false,
-                flushed: true,
-                approximate: false,
-            };
-            db.open_tree(META)
-                .unwrap()
-                .insert(COUNTS_KEY, serde_json::to_vec(&crashed).unwrap())
-                .unwrap();
-            db.flush().unwrap();
-        }
+        crashed_with(SavedCounts {
+            tasks: 7,
+            credentials: 5,
+            clean: false,
+            flushed: true,
+            approximate: false,
+        });
         let store = SledStore::open(&db_dir, &kek).unwrap();
         assert_eq!(counts(&store), (7, 5), "carried over, not counted");
         assert!(store.flush.approximate.load(Ordering::SeqCst));
