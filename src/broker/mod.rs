@@ -268,6 +268,8 @@ pub struct StatusInfo {
 #[derive(Clone, Copy)]
 struct DecideCtx<'a> {
     task: Option<&'a Task>,
+    /// The id a task being created will have, so that its grants' decisions name it.
+    new_task: Option<&'a TaskId>,
     purpose: &'a str,
     labels: &'a BTreeMap<String, String>,
     requested_ttl_ms: i64,
@@ -281,11 +283,21 @@ impl<'a> DecideCtx<'a> {
     fn for_task(task: &'a Task, requested_ttl_ms: i64) -> Self {
         Self {
             task: Some(task),
+            new_task: None,
             purpose: &task.purpose,
             labels: &task.labels,
             requested_ttl_ms,
             chain: &task.delegation_chain,
             approved: false,
+        }
+    }
+
+    /// The task the decision is about, existing or being created ("" when neither).
+    fn task_id(&self) -> String {
+        match (self.task, self.new_task) {
+            (Some(t), _) => t.id.to_string(),
+            (None, Some(id)) => id.to_string(),
+            (None, None) => String::new(),
         }
     }
 }
@@ -666,7 +678,7 @@ impl Core {
             Event {
                 kind: "decision".into(),
                 spiffe_id: principal.to_string(),
-                task_id: c.task.map(|t| t.id.to_string()).unwrap_or_default(),
+                task_id: c.task_id(),
                 resource: grant.resource.clone(),
                 action: grant.action.clone(),
                 decision: decision_name(v.decision).into(),

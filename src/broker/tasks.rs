@@ -83,8 +83,10 @@ impl Tasks {
         }
         let now = self.now();
         self.check_task_quota(owner, now, whose).await?;
+        let id = TaskId::generate();
         let ctx = DecideCtx {
             task: None,
+            new_task: Some(&id),
             purpose: &n.purpose,
             labels: &n.labels,
             requested_ttl_ms: n.ttl_ms,
@@ -103,7 +105,7 @@ impl Tasks {
             .map(|(g, ids)| (g.grant.clone(), ids.clone()))
             .collect();
         let mut task = Task {
-            id: TaskId::generate(),
+            id,
             owner: owner.clone(),
             purpose: n.purpose,
             grants: decided.into_iter().map(|(g, _)| g).collect(),

@@ -323,6 +323,38 @@ async fn an_issuance_is_one_entry_carrying_its_decision() {
 }
 
 #[tokio::test]
+async fn a_start_decision_names_the_task_it_made() {
+    let f = fixture().await;
+    let agent = id("spiffe://td/agent/a");
+    let before = f.broker.store().audit_head().await.unwrap().seq + 1;
+    let task = f.start(&agent, 0).await;
+    let all = f
+        .broker
+        .store()
+        .audit_scan(before, usize::MAX)
+        .await
+        .unwrap();
+    let events: Vec<_> = all
+        .iter()
+        .map(|(_, e)| {
+            serde_json::from_slice::<crate::audit::Entry>(e)
+                .unwrap()
+                .event
+        })
+        .collect();
+    let decisions: Vec<_> = events.iter().filter(|e| e.kind == "decision").collect();
+    assert!(!decisions.is_empty(), "{events:#?}");
+    for e in decisions {
+        assert_eq!(e.task_id, task.id.to_string(), "{e:#?}");
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "task_started" && e.task_id == task.id.to_string())
+    );
+}
+
+#[tokio::test]
 async fn bad_input_names_the_field() {
     let f = fixture().await;
     let agent = id("spiffe://td/agent/a");
