@@ -232,13 +232,19 @@ pub async fn write_segment(
     let file = out
         .into_inner()
         .map_err(|e| io_err("cannot write", &tmp, e.into_error()))?;
-    file.sync_all()
-        .map_err(|e| io_err("cannot sync", &tmp, e))?;
-    drop(file);
-    std::fs::rename(&tmp, &path).map_err(|e| io_err("cannot rename into", &path, e))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err("cannot sync", dir, e))?;
+    // Syncing tens of megabytes takes a while: on a blocking thread, not a request worker.
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        file.sync_all()
+            .map_err(|e| io_err("cannot sync", &tmp, e))?;
+        drop(file);
+        std::fs::rename(&tmp, &path).map_err(|e| io_err("cannot rename into", &path, e))?;
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err("cannot sync", &dir, e))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("the archive segment's sync stopped: {e}")))??;
     Ok(Checkpoint {
         seq: last,
         hash: hex::encode(chain.prev),

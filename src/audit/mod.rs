@@ -173,8 +173,9 @@ impl Head {
     }
 }
 
-/// Entries read from the store per page.
-const PAGE: usize = 4096;
+/// Entries read from the store per page: small enough that reading and checking one page (a
+/// few milliseconds) does not hold up the requests sharing its worker thread.
+const PAGE: usize = 512;
 
 /// Feeds every stored entry from `from` on, in order, to `f`, a page at a time.
 pub(crate) async fn scan_all(

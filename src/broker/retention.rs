@@ -25,6 +25,14 @@ struct AnchorFile {
     blocked: Vec<String>,
 }
 
+/// Archived entries leave the store this many at a time, with [`REMOVE_PAUSE`] between steps:
+/// removing a whole segment (50,000 entries by default) at once is a burst of store writes that
+/// every request's group-commit flush waits behind (BENCHMARKS.md, "Audit archival and the paced tail").
+const REMOVE_STEP: u64 = 1024;
+/// At most 20,000 entries a second leave the store, about twice what the broker appends at its
+/// peak here, so removal keeps up while its writes are spread out.
+const REMOVE_PAUSE: Duration = Duration::from_millis(50);
+
 /// The lease that makes audit archival singleton work.
 const ARCHIVER_LEASE: &str = "audit-archiver";
 
@@ -168,6 +176,16 @@ impl Retention {
 
     /// Archives every whole segment that is due. Returns the number of entries archived.
     pub async fn archive_audit(&self) -> Result<u64> {
+        let (_never, mut stop) = watch::channel(false);
+        self.archive_audit_until(&mut stop).await
+    }
+
+    /// [`Self::archive_audit`], giving up between removal steps once `stop` turns true (what was
+    /// archived but not yet removed is removed by the next pass).
+    pub(crate) async fn archive_audit_until(
+        &self,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<u64> {
         let Some(a) = self.audit_archive.clone() else {
             return Ok(0);
         };
@@ -185,18 +203,19 @@ impl Retention {
         {
             return Ok(0);
         }
-        let mut cp = {
-            let _step = self.archive_lock.lock().await;
-            let cp = archive::checkpoint(self.store.engine()).await?;
-            if let Some(cp) = &cp {
-                // Finish a step that stopped after its checkpoint: its entries are archived.
-                self.store.audit_remove_through(cp.seq).await?;
+        let mut cp = archive::checkpoint(self.store.engine()).await?;
+        if let Some(cp) = &cp {
+            // Finish a step that stopped after its checkpoint: its entries are archived.
+            if !self.remove_archived(cp.seq, stop).await? {
+                return Ok(0);
             }
-            cp
-        };
+        }
         let mut total = 0;
         loop {
-            let _step = self.archive_lock.lock().await;
+            // Readers of the whole chain (VerifyAudit) see a segment and its checkpoint together;
+            // entries the checkpoint covers are never read from the store again, so removing
+            // them needs no lock.
+            let step = self.archive_lock.lock().await;
             let (first, prev) = archive::head_of(cp.as_ref())?;
             let in_store = (self.store.audit_head().await?.seq + 1).saturating_sub(first);
             if in_store < a.keep.saturating_add(a.segment) {
@@ -207,7 +226,6 @@ impl Retention {
             let new =
                 archive::write_segment(self.store.engine(), &a.dir, first, last, prev).await?;
             archive::put_checkpoint(self.store.engine(), &new).await?;
-            self.store.audit_remove_through(last).await?;
             self.metrics.audit_archived(a.segment);
             total += a.segment;
             tracing::info!(first, last, segment = %new.segment, "audit entries archived");
@@ -225,7 +243,36 @@ impl Retention {
                 },
             );
             u.commit().await?;
+            drop(step);
             cp = Some(new);
+            if !self.remove_archived(last, stop).await? {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Removes the entries through `through` (archived: the checkpoint covers them) from the
+    /// store, [`REMOVE_STEP`] at a time from the oldest one still there, paced. `false` when
+    /// `stop` turned true first.
+    async fn remove_archived(
+        &self,
+        through: u64,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<bool> {
+        loop {
+            let oldest = match self.store.audit_scan(0, 1).await?.first() {
+                Some((seq, _)) if *seq <= through => *seq,
+                _ => return Ok(true),
+            };
+            let to = oldest.saturating_add(REMOVE_STEP - 1).min(through);
+            self.store.audit_remove_through(to).await?;
+            if to == through {
+                return Ok(true);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(REMOVE_PAUSE) => {}
+                _ = stop.wait_for(|s| *s) => return Ok(false),
+            }
         }
     }
 
@@ -235,9 +282,12 @@ impl Retention {
             return;
         }
         loop {
-            if let Err(e) = self.archive_audit().await {
+            if let Err(e) = self.archive_audit_until(&mut stop).await {
                 // Nothing is lost: the entries stay in the store until a step succeeds.
                 tracing::error!(error = %e, "audit archival failed; retrying");
+            }
+            if *stop.borrow() {
+                return;
             }
             tokio::select! {
                 _ = tokio::time::sleep(ARCHIVE_EVERY) => {}

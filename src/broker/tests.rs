@@ -541,6 +541,53 @@ async fn ended_tasks_and_their_credentials_are_purged_after_the_retention_window
 }
 
 #[tokio::test]
+async fn archived_entries_leave_the_store_in_steps_and_a_stopped_removal_is_finished_later() {
+    // keep 100, segments of 2,500: one segment is three removal steps.
+    let f = fixture_opts(None, Some((100, 2500))).await;
+    let archive_dir = f._dir.path().join("audit-archive");
+    let store = f.broker.store().clone();
+    for _ in 0..6 {
+        let mut u = store.begin().await.unwrap();
+        for i in 0..500 {
+            f.broker.core().audit(
+                &mut u,
+                crate::audit::Event {
+                    kind: "test".into(),
+                    detail: format!("entry {i}"),
+                    ..Default::default()
+                },
+            );
+        }
+        u.commit().await.unwrap();
+    }
+    let oldest = |store: Arc<crate::store::Storage>| async move {
+        store.audit_scan(0, 1).await.unwrap()[0].0
+    };
+    // Asked to stop: the segment is written and checkpointed, one step of it removed.
+    let (_tx, mut stopped) = tokio::sync::watch::channel(true);
+    let archived = f
+        .broker
+        .retention
+        .archive_audit_until(&mut stopped)
+        .await
+        .unwrap();
+    assert_eq!(archived, 2500);
+    assert_eq!(oldest(store.clone()).await, 1025);
+    let full = crate::audit::verify(store.engine(), Some(&archive_dir))
+        .await
+        .unwrap();
+    assert!(full.ok, "{}", full.reason);
+    // The next pass finishes the removal and archives nothing new.
+    assert_eq!(f.broker.retention.archive_audit().await.unwrap(), 0);
+    assert_eq!(oldest(store.clone()).await, 2501);
+    let full = crate::audit::verify(store.engine(), Some(&archive_dir))
+        .await
+        .unwrap();
+    assert!(full.ok, "{}", full.reason);
+    assert_eq!(full.entries, store.audit_head().await.unwrap().seq);
+}
+
+#[tokio::test]
 async fn audit_archival_keeps_the_store_short_and_the_whole_chain_verifiable() {
     let f = fixture_opts(None, Some((20, 10))).await;
     let archive_dir = f._dir.path().join("audit-archive");
