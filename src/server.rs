@@ -208,6 +208,31 @@ pub fn load_policy(cfg: &Config) -> Result<PolicyEngine> {
     )
 }
 
+/// How long a starting broker waits for an unreachable database before it gives up.
+const DATABASE_WAIT: Duration = Duration::from_secs(60);
+
+/// [`open_engine`] for a starting broker: a database that cannot be reached yet (started at the
+/// same time, failing over, briefly down) is tried again, at growing intervals up to 5 s, for
+/// [`DATABASE_WAIT`], each failure logged with its reason; any other error ends the start at once.
+async fn open_engine_waiting(cfg: &Config, kek: &Kek) -> Result<Arc<dyn crate::store::Store>> {
+    let deadline = tokio::time::Instant::now() + DATABASE_WAIT;
+    let mut pause = Duration::from_millis(250);
+    loop {
+        match open_engine(cfg, kek).await {
+            Err(Error::Unavailable(reason)) if tokio::time::Instant::now() + pause < deadline => {
+                tracing::warn!(
+                    error = %reason,
+                    retry_in_ms = pause.as_millis() as u64,
+                    "the store's database is not reachable yet; waiting for it"
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Opens the storage engine `[store] engine` names.
 pub async fn open_engine(cfg: &Config, kek: &Kek) -> Result<Arc<dyn crate::store::Store>> {
     Ok(match cfg.store.engine {
@@ -245,7 +270,7 @@ impl App {
             ))
         })?;
         let kek = Kek::load(&cfg.kek_file)?;
-        let engine = open_engine(cfg, &kek).await?;
+        let engine = open_engine_waiting(cfg, &kek).await?;
         let store = Arc::new(crate::store::Storage::open(engine, &kek).await?);
         drop(kek);
         let policy = Arc::new(load_policy(cfg)?);

@@ -523,6 +523,44 @@ async fn all_replicas_down_then_expired_credentials_are_inactive_at_once() {
 /// Proof 8 (cold start): replicas started together on an empty database serve one JWKS, and a
 /// JWT issued by any replica verifies against the JWKS of every replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_before_its_database_waits_for_it() {
+    let _one = SERIAL.lock().await;
+    let Some(pg) = Pg::start() else { return };
+    let dir = ha_dir(&pg.admin_dsn(), "", "");
+    pg.stop_server();
+    let r = BrokerProc::spawn(
+        &dir.path().join("jitbroker.toml"),
+        dir.path().join("early.log"),
+        None,
+    );
+    // It says why it waits (polled, bounded) and is not ready meanwhile.
+    let mut waiting = false;
+    for _ in 0..400 {
+        if r.log_text().contains("database is not reachable yet") {
+            waiting = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(waiting, "{}", r.log_text());
+    // Not ready meanwhile (its ops port may be bound and not yet answering).
+    let ready = tokio::time::timeout(Duration::from_secs(1), r.is_ready()).await;
+    assert!(!matches!(ready, Ok(true)));
+    pg.start_server();
+    r.wait_ready().await;
+    let mut c = clients_at(r.addr, dir.path(), TOOL).await;
+    let jwks = c
+        .verifier
+        .get_jwks(pb::GetJwksRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .jwks_json;
+    assert!(jwks.contains("\"kid\""), "{jwks}");
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_cold_started_together_share_one_key_set() {
     let _one = SERIAL.lock().await;
     let Some(pg) = Pg::start() else { return };
