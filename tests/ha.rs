@@ -522,6 +522,17 @@ async fn all_replicas_down_then_expired_credentials_are_inactive_at_once() {
 
 /// Proof 8 (cold start): replicas started together on an empty database serve one JWKS, and a
 /// JWT issued by any replica verifies against the JWKS of every replica.
+/// The JWKS replica `r` serves (asked as the tool).
+async fn jwks_of(r: &BrokerProc, dir: &Path) -> String {
+    let mut c = clients_at(r.addr, dir, TOOL).await;
+    c.verifier
+        .get_jwks(pb::GetJwksRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .jwks_json
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_started_before_its_database_waits_for_it() {
     let _one = SERIAL.lock().await;
@@ -534,28 +545,17 @@ async fn a_replica_started_before_its_database_waits_for_it() {
         None,
     );
     // It says why it waits (polled, bounded) and is not ready meanwhile.
-    let mut waiting = false;
-    for _ in 0..400 {
-        if r.log_text().contains("database is not reachable yet") {
-            waiting = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let waiting = poll_until(400, Duration::from_millis(50), || async {
+        r.log_text().contains("database is not reachable yet")
+    })
+    .await;
     assert!(waiting, "{}", r.log_text());
     // Not ready meanwhile (its ops port may be bound and not yet answering).
     let ready = tokio::time::timeout(Duration::from_secs(1), r.is_ready()).await;
     assert!(!matches!(ready, Ok(true)));
     pg.start_server();
     r.wait_ready().await;
-    let mut c = clients_at(r.addr, dir.path(), TOOL).await;
-    let jwks = c
-        .verifier
-        .get_jwks(pb::GetJwksRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .jwks_json;
+    let jwks = jwks_of(&r, dir.path()).await;
     assert!(jwks.contains("\"kid\""), "{jwks}");
     r.stop().await;
 }
@@ -574,15 +574,7 @@ async fn replicas_cold_started_together_share_one_key_set() {
     }
     let mut jwks = Vec::new();
     for r in &reps {
-        let mut c = clients_at(r.addr, dir.path(), TOOL).await;
-        let j = c
-            .verifier
-            .get_jwks(pb::GetJwksRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .jwks_json;
-        jwks.push(j);
+        jwks.push(jwks_of(r, dir.path()).await);
     }
     assert!(
         jwks.iter().all(|j| *j == jwks[0]),

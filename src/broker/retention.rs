@@ -259,16 +259,17 @@ impl Retention {
         through: u64,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<bool> {
+        let mut oldest = match self.store.audit_scan(0, 1).await?.first() {
+            Some((seq, _)) if *seq <= through => *seq,
+            _ => return Ok(true),
+        };
         loop {
-            let oldest = match self.store.audit_scan(0, 1).await?.first() {
-                Some((seq, _)) if *seq <= through => *seq,
-                _ => return Ok(true),
-            };
             let to = oldest.saturating_add(REMOVE_STEP - 1).min(through);
             self.store.audit_remove_through(to).await?;
             if to == through {
                 return Ok(true);
             }
+            oldest = to + 1;
             tokio::select! {
                 _ = tokio::time::sleep(REMOVE_PAUSE) => {}
                 _ = stop.wait_for(|s| *s) => return Ok(false),
